@@ -430,7 +430,9 @@ def _validate(tensors: dict[str, TensorInfo], cfg: AdapterConfig, model: ModelSp
     for key, t in tensors.items():
         if ".modules_to_save." in key or key.endswith(".weight") and ".lora_" not in key:
             raise UnsupportedAdapterError(
-                f"tensor {key!r} is a full weight (modules_to_save); only LoRA A/B tensors are supported",
+                f"tensor {key!r} is a full weight (modules_to_save, or a base embedding saved by peft's "
+                f"save_embedding_layers); only LoRA A/B tensors are supported (if the embeddings were not "
+                f"trained, save with save_pretrained(..., save_embedding_layers=False))",
                 adapter=name, path=path)
         try:
             pk = parse_peft_key(key, model.family)
@@ -495,19 +497,25 @@ def _validate(tensors: dict[str, TensorInfo], cfg: AdapterConfig, model: ModelSp
                 f"{module} layer {layer}{'' if expert is None else f' expert {expert}'}: expected A "
                 f"{list(exp_a)} and B {list(exp_b)} for model {model.name!r} at rank {r}, got A "
                 f"{a.key!r} {list(a.shape)} and B {b.key!r} {list(b.shape)}")
-        cfg_r = cfg.rank_for(pa.peft_module_path)
+        # peft matches rank/alpha patterns against the module path, or for a fused expert ParamWrapper against
+        # "<module>.<parameter>" (e.g. "model.layers.0.mlp.experts.gate_up_proj", where peft's v4->v5 MoE
+        # conversion puts a rank_pattern of 2r for targets gate_proj+up_proj)
+        pattern_path = pa.peft_module_path
+        if ne > 1:
+            pattern_path += ".gate_up_proj" if module == "experts.gate_up" else ".down_proj"
+        cfg_r = cfg.rank_for(pattern_path)
         if r != cfg_r:
             raise shape_err(f"tensor {a.key!r}: rank {r} from the tensors does not match rank {cfg_r} from "
                             f"{CONFIG_NAME} (r / rank_pattern)")
         if max_rank is not None and r > max_rank:
             raise shape_err(f"tensor {a.key!r}: rank {r} exceeds max_lora_rank={max_rank}")
-        alpha = cfg.alpha_for(pa.peft_module_path)
+        alpha = cfg.alpha_for(pattern_path)
         ident = (module, layer, expert)
         if ident in seen:
             raise shape_err(f"tensors {a.key!r} / {b.key!r}: a second LoRA pair for {module} layer {layer}"
                             f"{'' if expert is None else f' expert {expert}'} (first: {seen[ident]!r})")
         seen[ident] = a.key
         targets.append(LoRATarget(module=module, layer=layer, expert=expert, A=a, B=b, rank=r, alpha=alpha,
-                                  scaling=cfg.scaling_for(r, alpha), peft_module_path=pa.peft_module_path,
+                                  scaling=cfg.scaling_for(r, alpha), peft_module_path=pattern_path,
                                   num_experts=ne))
     return tuple(targets)

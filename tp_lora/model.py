@@ -214,14 +214,20 @@ class ModelSpec:
             rope_theta=float(c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta")
                              or 10000.0),
             qk_norm=family in ("qwen3", "qwen3_moe"),
-            attention_bias=bool(c.get("attention_bias", family in ("qwen2", "qwen2_moe"))),
+            # Qwen2 always has q/k/v biases; Qwen2-MoE calls the flag ``qkv_bias``
+            attention_bias=bool(c.get("attention_bias") if c.get("attention_bias") is not None
+                                else c.get("qkv_bias", family in ("qwen2", "qwen2_moe"))),
         )
         if family == "mixtral":
             kw.update(num_experts=int(req("num_local_experts")),
                       num_experts_per_tok=int(req("num_experts_per_tok")),
                       moe_intermediate_size=int(req("intermediate_size")), norm_topk_prob=True)
         elif family in ("qwen2_moe", "qwen3_moe"):
-            kw.update(num_experts=int(req("num_experts")),
+            # transformers 5 writes Qwen3-MoE's expert count as ``num_local_experts`` (attribute_map)
+            n_exp = c.get("num_experts") if c.get("num_experts") is not None else c.get("num_local_experts")
+            if n_exp is None:
+                req("num_experts")
+            kw.update(num_experts=int(n_exp),
                       num_experts_per_tok=int(req("num_experts_per_tok")),
                       moe_intermediate_size=int(req("moe_intermediate_size")),
                       decoder_sparse_step=int(c.get("decoder_sparse_step", 1) or 1),

@@ -23,7 +23,8 @@ class ParallelSpec:
     ep_rank: int | None = None
     """Derived from tp_rank when None; when given it must match ``tp_rank // moe_tp_size``."""
     vocab_pad_to: int = 64
-    """Vocab-parallel layers pad the vocabulary to a multiple of ``vocab_pad_to * tp_size`` (as vLLM)."""
+    """Vocab-parallel layers pad the vocabulary to a multiple of ``vocab_pad_to`` and split the padded size
+    evenly over the TP ranks (as vLLM/SGLang ``VocabParallelEmbedding``: ``pad_vocab_size(V, 64) / tp``)."""
 
     def __post_init__(self) -> None:
         for f in ("tp_size", "ep_size", "vocab_pad_to"):
@@ -110,9 +111,8 @@ class ParallelSpec:
         return index * per, (index + 1) * per
 
     def vocab_per_rank(self, model: ModelSpec) -> int:
-        quantum = self.vocab_pad_to * self.tp_size
-        padded = -(-model.vocab_size // quantum) * quantum
-        return padded // self.tp_size
+        padded = -(-model.vocab_size // self.vocab_pad_to) * self.vocab_pad_to
+        return -(-padded // self.tp_size)  # vLLM/SGLang require tp | padded; round up when it does not
 
     def vocab_range(self, model: ModelSpec) -> tuple[int, int]:
         """[start, end) of real vocabulary rows this rank holds; may be empty for the last ranks."""

@@ -1,0 +1,204 @@
+"""GpuPool: per-rank device buffers with ``max_loras`` fixed adapter slots, LRU, refcounts.
+
+Layout (docs/ARCHITECTURE.md): per pool module, A ``[S, L, (E_local,) R, in_local]`` and B
+``[S, L, (E_local,) out_local, R]`` in the serving dtype, plus float32 scalings ``[S, L, max(E_local,1)]``.
+A slot's region of each buffer is contiguous (slot is the leading dim), and a module's blocks for
+consecutive layers/experts are consecutive, so the transfer places a chunk's slices of one module with
+one strided copy. Slot allocation is a pure function of the call sequence: every rank picks the same slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from .errors import NoFreeSlotError, PoolError
+from .model import ModelSpec
+from .naming import EXPERT_MODULES, GLOBAL_MODULES, POOL_MODULES
+from .parallel import ParallelSpec
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    module: str
+    layers: int  # 1 for embed / lm_head
+    experts: int  # 0 for non-expert modules
+    a_shape: tuple[int, int]  # (R, in_local)
+    b_shape: tuple[int, int]  # (out_local, R)
+
+    @property
+    def blocks(self) -> int:
+        return self.layers * max(self.experts, 1)
+
+
+def module_shapes(model: ModelSpec, parallel: ParallelSpec, max_rank: int,
+                  modules: tuple[str, ...] | list[str] | set[str]) -> dict[str, ModuleShape]:
+    """Local buffer shapes of the pool modules that exist in this model (pure)."""
+    R, h, tp = max_rank, model.hidden_size, parallel.tp_size
+    hd = model.head_dim
+    heads = len(parallel.heads_range(model))
+    kvh = len(parallel.kv_heads_range(model))
+    L = model.num_hidden_layers
+    has_dense = any(not model.is_moe_layer(i) for i in range(L))
+    out: dict[str, ModuleShape] = {}
+    for m in POOL_MODULES:
+        if m not in modules:
+            continue
+        if m in ("gate", "up", "down") and not has_dense:
+            continue
+        if m.startswith("shared.") and not model.shared_expert_intermediate_size:
+            continue
+        if m in EXPERT_MODULES and not model.is_moe:
+            continue
+        if m == "q":
+            s = ModuleShape(m, L, 0, (R, h), (heads * hd, R))
+        elif m in ("k", "v"):
+            s = ModuleShape(m, L, 0, (R, h), (kvh * hd, R))
+        elif m == "o":
+            s = ModuleShape(m, L, 0, (R, heads * hd), (h, R))
+        elif m in ("gate", "up"):
+            s = ModuleShape(m, L, 0, (R, h), (model.intermediate_size // tp, R))
+        elif m == "down":
+            s = ModuleShape(m, L, 0, (R, model.intermediate_size // tp), (h, R))
+        elif m in ("shared.gate", "shared.up"):
+            s = ModuleShape(m, L, 0, (R, h), (model.shared_expert_intermediate_size // tp, R))
+        elif m == "shared.down":
+            s = ModuleShape(m, L, 0, (R, model.shared_expert_intermediate_size // tp), (h, R))
+        elif m in ("experts.w1", "experts.w3"):
+            e = len(parallel.local_experts(model))
+            s = ModuleShape(m, L, e, (R, h), (model.moe_intermediate_size // parallel.moe_tp_size, R))
+        elif m == "experts.w2":
+            e = len(parallel.local_experts(model))
+            s = ModuleShape(m, L, e, (R, model.moe_intermediate_size // parallel.moe_tp_size), (h, R))
+        elif m == "embed":
+            s = ModuleShape(m, 1, 0, (R, parallel.vocab_per_rank(model)), (h, R))
+        elif m == "lm_head":
+            s = ModuleShape(m, 1, 0, (R, h), (parallel.vocab_per_rank(model), R))
+        else:  # pragma: no cover
+            raise AssertionError(m)
+        out[m] = s
+    return out
+
+
+class GpuPool:
+    """Device buffers and slot bookkeeping. Not thread-safe: the manager serialises calls."""
+
+    def __init__(self, model: ModelSpec, parallel: ParallelSpec, *, max_loras: int, max_rank: int,
+                 modules: tuple[str, ...] | list[str] | set[str], dtype: torch.dtype,
+                 device: torch.device | str):
+        if max_loras < 1:
+            raise PoolError(f"max_loras must be >= 1, got {max_loras}")
+        if max_rank < 1:
+            raise PoolError(f"max_lora_rank must be >= 1, got {max_rank}")
+        self.model, self.parallel = model, parallel
+        self.max_loras, self.max_rank = max_loras, max_rank
+        self.dtype, self.device = dtype, torch.device(device)
+        self.shapes = module_shapes(model, parallel, max_rank, set(modules))
+        S = max_loras
+        self.A: dict[str, torch.Tensor] = {}
+        self.B: dict[str, torch.Tensor] = {}
+        self.scaling: dict[str, torch.Tensor] = {}
+        for m, s in self.shapes.items():
+            lead = (S, s.layers) + ((s.experts,) if s.experts else ())
+            self.A[m] = torch.zeros(lead + s.a_shape, dtype=dtype, device=self.device)
+            self.B[m] = torch.zeros(lead + s.b_shape, dtype=dtype, device=self.device)
+            self.scaling[m] = torch.zeros((S, s.layers, max(s.experts, 1)), dtype=torch.float32,
+                                          device=self.device)
+        self.slot_name: list[str | None] = [None] * S
+        self.refcount = [0] * S
+        self.last_used = [0] * S
+        self.reserved = [False] * S  # being loaded: never an eviction victim
+        self._clock = 0
+        self.evictions = 0
+
+    # -- sizes -----------------------------------------------------------------------------------
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(self.shapes)
+
+    def slot_bytes(self) -> int:
+        return sum(self.A[m][0].numel() * self.A[m].element_size() +
+                   self.B[m][0].numel() * self.B[m].element_size() for m in self.shapes)
+
+    # -- slot allocation (deterministic) ----------------------------------------------------------
+    def tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def choose_slot(self) -> tuple[int, str | None]:
+        """The slot the next load will use and the adapter it evicts (None if free). Does not modify."""
+        for i, n in enumerate(self.slot_name):
+            if n is None and not self.reserved[i]:
+                return i, None
+        victims = [i for i in range(self.max_loras)
+                   if self.refcount[i] == 0 and not self.reserved[i]]
+        if not victims:
+            busy = {self.slot_name[i]: self.refcount[i] for i in range(self.max_loras)}
+            raise NoFreeSlotError(
+                f"all {self.max_loras} GPU slots are held by running batches or loads in flight "
+                f"(slot refcounts: {busy}); finish batches and retry")
+        i = min(victims, key=lambda j: (self.last_used[j], j))
+        return i, self.slot_name[i]
+
+    def reserve(self, slot: int, name: str) -> str | None:
+        """Take ``slot`` for ``name`` (evicting its previous adapter). Returns the evicted name."""
+        if self.refcount[slot]:
+            raise PoolError(f"slot {slot} holds {self.slot_name[slot]!r} with {self.refcount[slot]} running "
+                            f"batch references: never evicted")
+        evicted = self.slot_name[slot]
+        if evicted is not None:
+            self.evictions += 1
+        self.slot_name[slot] = name
+        self.reserved[slot] = True
+        self.last_used[slot] = self.tick()
+        return evicted
+
+    def commit(self, slot: int) -> None:
+        self.reserved[slot] = False
+        self.last_used[slot] = self.tick()
+
+    def free(self, slot: int) -> None:
+        """Forget the slot's adapter (rollback or unregister); zero its scalings so it adds nothing."""
+        if self.refcount[slot]:
+            raise PoolError(f"slot {slot} ({self.slot_name[slot]!r}) is referenced by a running batch")
+        self.slot_name[slot] = None
+        self.reserved[slot] = False
+        for sc in self.scaling.values():
+            sc[slot].zero_()
+
+    def acquire(self, slot: int) -> None:
+        self.refcount[slot] += 1
+        self.last_used[slot] = self.tick()
+
+    def release(self, slot: int) -> None:
+        if self.refcount[slot] <= 0:
+            raise PoolError(f"slot {slot} released more often than acquired")
+        self.refcount[slot] -= 1
+
+    # -- data ------------------------------------------------------------------------------------
+    def clear_slot(self, slot: int) -> None:
+        """Zero every buffer of the slot: padding rows/columns and untargeted modules must add zero."""
+        for m in self.shapes:
+            self.A[m][slot].zero_()
+            self.B[m][slot].zero_()
+            self.scaling[m][slot].zero_()
+
+    def block(self, module: str, side: str, slot: int) -> torch.Tensor:
+        """The slot's buffer of ``module``/``side`` viewed as ``[blocks, D0, D1]``."""
+        buf = (self.A if side == "A" else self.B)[module][slot]
+        return buf.view(-1, buf.shape[-2], buf.shape[-1])
+
+    def set_scalings(self, slot: int, scalings: dict[tuple[str, int, int | None], float]) -> None:
+        for (m, layer, le), val in scalings.items():
+            if m in self.scaling:
+                self.scaling[m][slot, layer, 0 if le is None else le] = float(val)
+
+    def checksum(self, slot: int) -> str:
+        """A digest of everything the slot holds (tests: serving adapters stay bit-identical)."""
+        h = hashlib.sha256()
+        for m in self.shapes:
+            for t in (self.A[m][slot], self.B[m][slot], self.scaling[m][slot]):
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
