@@ -1,0 +1,197 @@
+"""The launchers in launch/ start real processes: torchrun on one node, two torchrun "nodes" on localhost
+through a c10d rendezvous, and a real two-node Slurm job (scripts/slurm_local.sh) on this machine.
+
+The launched program is ENTRY (run as `python -m ENTRY CONFIG [args]`) and a launch is right when its
+output contains `expected_line(world, nodes)`. Today that is the probe in tests/dist_probe.py; to test the
+real job, change ENTRY, CONFIG and expected_line only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRY = "tests.dist_probe"
+CONFIG = "configs/models/tiny-dense.yaml"
+PROBE = ENTRY == "tests.dist_probe"  # the probe also prints per-rank lines that some checks read
+
+
+def expected_line(world: int, nodes: int) -> str:
+    """The line rank 0 prints when `world` ranks on `nodes` nodes all took part in one collective."""
+    ranks = ",".join(str(r) for r in range(world))
+    return f"PROBE world={world} nodes={nodes} ranks={ranks} sum={world}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**overrides: str) -> dict[str, str]:
+    """This environment minus anything a surrounding torchrun or Slurm job would leak into the launch."""
+    leaked = re.compile(r"^(SLURM_|SLURMD_|TORCHELASTIC_)|^(RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|"
+                        r"GROUP_RANK|MASTER_ADDR|MASTER_PORT|NPROC|NPROC_PER_NODE|NNODES|NODE_RANK|RDZV_.*|"
+                        r"TORCHRUN|TORCHRUN_ARGS|TP_LORA_ROOT)$")
+    env = {k: v for k, v in os.environ.items() if not leaked.search(k)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env.update(TP_LORA_ENTRY=ENTRY, CONFIG=CONFIG, CUDA_VISIBLE_DEVICES="")
+    env.update(overrides)
+    return env
+
+
+def _probe_ranks(output: str) -> list[dict[str, str]]:
+    return [dict(kv.split("=", 1) for kv in line.split()[1:])
+            for line in output.splitlines() if line.startswith("PROBE-RANK ")]
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+
+
+@pytest.mark.parametrize("port", ["auto", "fixed"])
+def test_torchrun_single_node_two_ranks(port: str) -> None:
+    env = _env(NPROC="2")
+    if port == "fixed":  # MASTER_PORT given: static rendezvous on that port instead of --standalone
+        env["MASTER_PORT"] = str(_free_port())
+    res = _run(["launch/torchrun.sh", "--probe-flag", "x y"], env, timeout=60)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert expected_line(2, 1) in res.stdout, out
+    if PROBE:  # CONFIG then the extra arguments, untouched (one argument with a space stays one)
+        assert f"PROBE-ARGS {CONFIG} --probe-flag x y" in res.stdout, out
+        assert sorted(int(r["local_rank"]) for r in _probe_ranks(res.stdout)) == [0, 1], out
+
+
+# --------------------------------------------------------------------------- two nodes on localhost (c10d)
+
+
+def test_multinode_two_local_nodes_c10d() -> None:
+    port = _free_port()
+    procs = []
+    for node_rank in (0, 1):
+        env = _env(NNODES="2", NODE_RANK=str(node_rank), NPROC="2", RDZV_HOST="127.0.0.1",
+                   RDZV_PORT=str(port), RDZV_ID=f"test-{port}", RDZV_CONF="join_timeout=45")
+        procs.append(subprocess.Popen(["launch/multinode.sh"], cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    outputs = []
+    try:
+        deadline = time.monotonic() + 60
+        for p in procs:
+            outputs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    finally:
+        for p in procs:  # each launcher is its own process group: torchrun and its workers go too
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+    out = "\n".join(outputs)
+    assert [p.returncode for p in procs] == [0, 0], out
+    assert out.count(expected_line(4, 2)) == 1, out
+    if PROBE:
+        ranks = _probe_ranks(out)
+        assert sorted(int(r["rank"]) for r in ranks) == [0, 1, 2, 3], out
+        assert sorted((r["group_rank"], r["local_rank"]) for r in ranks) == [
+            ("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")], out
+
+
+# ------------------------------------------------------------------------------------ real local Slurm
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _slurm_local(cmd: str, state_dir: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {**_env(), "SLURM_LOCAL_DIR": state_dir}
+    return _run(["scripts/slurm_local.sh", cmd], env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def local_slurm() -> Iterator[dict[str, str]]:
+    """A running two-node Slurm (n1, n2); yields the client environment. Daemons stop at teardown."""
+    if os.geteuid() != 0:
+        pytest.skip("local Slurm needs root (apt-get, munged as the munge user, slurmd)")
+    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
+        pytest.skip("local Slurm needs Debian packages: no apt-get and no slurmctld here")
+    res = _run(["scripts/slurm_local.sh", "install"], _env(), timeout=600)
+    if res.returncode == 3:
+        message = f"apt cannot reach its repository, so Slurm cannot be installed:\n{res.stderr[-2000:]}"
+        if _in_ci():
+            pytest.fail("CI=true and root, yet " + message)
+        pytest.skip(message)
+    assert res.returncode == 0, f"slurm_local.sh install failed:\n{res.stdout}\n{res.stderr}"
+
+    # mkdtemp under /tmp, not pytest's tmp_path: munged (as the munge user) must traverse the path.
+    state_dir = tempfile.mkdtemp(prefix="tp_lora_slurm_")
+    try:
+        res = _slurm_local("start", state_dir, timeout=180)
+        assert res.returncode == 0, f"slurm_local.sh start failed:\n{res.stdout}\n{res.stderr}"
+        yield {**_env(), "SLURM_CONF": f"{state_dir}/slurm.conf", "SLURM_LOCAL_DIR": state_dir}
+    finally:
+        res = _slurm_local("stop", state_dir, timeout=120)
+        assert res.returncode == 0, f"slurm_local.sh stop failed:\n{res.stdout}\n{res.stderr}"
+
+
+def _job_field(job_id: str, field: str, env: dict[str, str]) -> str:
+    res = _run(["scontrol", "-o", "show", "job", job_id], env, timeout=20)
+    match = re.search(rf"\b{field}=(\S+)", res.stdout)
+    return match.group(1) if match else ""
+
+
+def _daemon_logs(state_dir: str) -> str:
+    text = []
+    for log in sorted(Path(state_dir, "log").glob("*.log")):
+        text.append(f"== {log}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
+    return "\n".join(text)
+
+
+@pytest.mark.slurm
+def test_slurm_sbatch_two_nodes_two_ranks_each(local_slurm: dict[str, str], tmp_path: Path) -> None:
+    env = {**local_slurm, "NPROC_PER_NODE": "2"}
+    out_file = tmp_path / "job.out"
+    res = _run(["sbatch", "--parsable", "-N", "2", "--time=3", f"--output={out_file}",
+                "launch/slurm.sbatch", "--probe-flag"], env, timeout=30)
+    assert res.returncode == 0, res.stdout + res.stderr
+    job_id = res.stdout.strip().split(";")[0]
+
+    terminal = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+    deadline = time.monotonic() + 120
+    state = ""
+    while time.monotonic() < deadline:
+        state = _job_field(job_id, "JobState", env)
+        if state in terminal:
+            break
+        time.sleep(0.5)
+    else:
+        _run(["scancel", job_id], env, timeout=20)
+    output = out_file.read_text(errors="replace") if out_file.exists() else "(no job output)"
+    context = f"job {job_id} state={state!r}\n--- job output\n{output}\n--- daemons\n" \
+              f"{_daemon_logs(local_slurm['SLURM_LOCAL_DIR'])}"
+    assert state == "COMPLETED", context
+    assert _job_field(job_id, "ExitCode", env) == "0:0", context
+    assert output.count(expected_line(4, 2)) == 1, context
+    if PROBE:
+        ranks = _probe_ranks(output)
+        assert sorted(int(r["rank"]) for r in ranks) == [0, 1, 2, 3], context
+        by_node: dict[str, list[str]] = {}
+        for r in ranks:
+            by_node.setdefault(f'{r["slurm_nodeid"]}/{r["slurmd_nodename"]}', []).append(r["local_rank"])
+        # one torchrun per node: 2 nodes (SLURM_NODEID 0 on n1, 1 on n2), each with local ranks 0 and 1
+        assert {k: sorted(v) for k, v in by_node.items()} == {"0/n1": ["0", "1"], "1/n2": ["0", "1"]}, \
+            context
