@@ -19,6 +19,8 @@ import torch
 from .errors import AdapterActivationError, CollectiveTimeoutError
 
 REASON_BYTES = 160
+#: pass as ``group`` for a rank-local manager (a single-process reference inside a distributed job)
+LOCAL = "local"
 
 
 @dataclass
@@ -46,7 +48,8 @@ class Agreement:
 
 class Collective:
     """Wraps the process group; counts the collectives it issues (tests check there is exactly one
-    per activation). ``group=None`` with no initialised process group means a single rank."""
+    per activation). ``group=None`` means the default group when one is initialised, else a single
+    rank; ``group=LOCAL`` forces a single rank."""
 
     def __init__(self, group: Any = None, device: torch.device | str = "cpu", timeout_s: float = 60.0):
         import torch.distributed as dist
@@ -56,7 +59,10 @@ class Collective:
         self.timeout_s = timeout_s
         self.calls = 0
         self.broken: str | None = None
-        if dist.is_available() and dist.is_initialized():
+        if isinstance(group, str) and group == LOCAL:
+            self.group = None
+            self.world, self.rank, self.device = 1, 0, torch.device("cpu")
+        elif dist.is_available() and dist.is_initialized():
             self.world = dist.get_world_size(group)
             self.rank = dist.get_rank(group)
             backend = dist.get_backend(group)

@@ -334,8 +334,10 @@ class TransferEngine:
                     else:
                         buf, ev = free_ring.get()
                         Device.sync_event(ev)  # the H2D that last read this ring slot is done
+                    before = rd.bytes_read
                     for op, off in zip(chunk.ops, chunk.offsets):
                         rd.read(op, buf[off:off + op.nbytes])
+                    stats.bytes_read += rd.bytes_read - before
                     if job.fault is not None:
                         job.fault("read", chunk.index)
                     stats.read_s += time.perf_counter() - t
@@ -344,7 +346,6 @@ class TransferEngine:
                 q.put((None, None, e))
             finally:
                 if rd is not None:
-                    stats.bytes_read = rd.bytes_read
                     rd.close()
 
         th = threading.Thread(target=reader, name=f"tp_lora-read-{header.name}", daemon=True)
