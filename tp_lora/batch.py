@@ -55,13 +55,19 @@ def build_batch(request_slots: list[int], request_adapters: list[str | None], to
         pos += n
     per_token = torch.repeat_interleave(torch.tensor(request_slots, dtype=torch.int64),
                                         torch.tensor(tokens_per_request, dtype=torch.int64))
+    cuda = device.type == "cuda"
+
+    def put(t: torch.Tensor) -> torch.Tensor:
+        # pinned + non_blocking: no host synchronisation with the compute stream
+        return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+
     slot_tokens = {}
     for s in sorted(set(request_slots)):
         if s < 0:
             continue
         idx = torch.nonzero(per_token == s, as_tuple=False).flatten()
-        slot_tokens[s] = idx.to(device)
-    return BatchInfo(token_slots=per_token.to(device), request_slots=tuple(request_slots),
+        slot_tokens[s] = put(idx)
+    return BatchInfo(token_slots=put(per_token), request_slots=tuple(request_slots),
                      request_adapters=tuple(request_adapters), seg_starts=tuple(starts),
                      seg_lens=tuple(tokens_per_request), slot_tokens=slot_tokens,
                      slot_ranks={s: slot_ranks[s] for s in slot_tokens}, _release=release)

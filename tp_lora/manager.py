@@ -355,7 +355,6 @@ class LoRAManager:
             if any(a is s for s in started):
                 res = results[n]
                 self.device.wait_on_compute(res.event)  # an event wait on the compute stream only
-                self.pool.set_scalings(a.slot, a.plan.scalings)
                 self.pool.commit(a.slot)
                 a.state, a.future = "active", None
                 a.activations += 1

@@ -153,8 +153,9 @@ class SlicePlan:
         offsets, groups = [], []
         pos = 0
         for op in ordered:
-            # keep every slice aligned to 16 bytes so device-side dtype views are legal and fast
-            pos = -(-pos // 16) * 16
+            # align each slice to its element size so the device can view it in its dtype; a
+            # single-dtype adapter (the usual case) gets no padding: pinned bytes == planned bytes
+            pos = -(-pos // op.itemsize) * op.itemsize
             offsets.append(pos)
             flat = op.flat_index(self.n_local_experts)
             g = groups[-1] if groups else None

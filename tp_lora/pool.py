@@ -190,10 +190,19 @@ class GpuPool:
         buf = (self.A if side == "A" else self.B)[module][slot]
         return buf.view(-1, buf.shape[-2], buf.shape[-1])
 
-    def set_scalings(self, slot: int, scalings: dict[tuple[str, int, int | None], float]) -> None:
+    def set_scalings(self, slot: int, scalings: dict[tuple[str, int, int | None], float],
+                     non_blocking: bool = False) -> None:
+        """One copy per module (not one per element: on a GPU that would be thousands of tiny copies)."""
+        host: dict[str, torch.Tensor] = {}
         for (m, layer, le), val in scalings.items():
             if m in self.scaling:
-                self.scaling[m][slot, layer, 0 if le is None else le] = float(val)
+                if m not in host:
+                    host[m] = torch.zeros(self.scaling[m].shape[1:], dtype=torch.float32)
+                host[m][layer, 0 if le is None else le] = float(val)
+        for m, t in host.items():
+            if non_blocking and self.device.type == "cuda":
+                t = t.pin_memory()
+            self.scaling[m][slot].copy_(t, non_blocking=non_blocking)
 
     def checksum(self, slot: int) -> str:
         """A digest of everything the slot holds (tests: serving adapters stay bit-identical)."""

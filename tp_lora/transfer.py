@@ -262,6 +262,9 @@ class TransferEngine:
                     end_ev = torch.cuda.Event(enable_timing=True)
                     start_ev.record(dev.copy_stream)
                 self.pool.clear_slot(job.slot)
+                # the slot is reserved (no batch can use it before activation): set its scalings here,
+                # on the copy stream, so activation issues no host-to-device copy on the compute stream
+                self.pool.set_scalings(job.slot, plan.scalings, non_blocking=True)
                 if entry is not None:
                     stats.warm = True
                     bad = self._run_warm(job, chunks, entry, stats)
@@ -278,6 +281,9 @@ class TransferEngine:
         if dev.is_cuda:
             end_ev.synchronize()  # this is the loader thread; the compute stream is not blocked
             stats.h2d_s = start_ev.elapsed_time(end_ev) / 1e3
+            if bad is not None:
+                with torch.cuda.stream(dev.copy_stream):
+                    bad = bool(bad.item())
         stats.total_s = time.perf_counter() - t0
         if not dev.is_cuda:
             stats.h2d_s = stats.total_s - stats.read_s if not stats.warm else stats.total_s
