@@ -137,11 +137,12 @@ def page_cache(path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # ours
 # ------------------------------------------------------------------------------------------------
-def bench_ours(path: Path, c: dict, repeats: int, chunk_bytes: int, pin_mode: str) -> dict:
+def bench_ours(path: Path, c: dict, repeats: int, chunk_bytes: int, pin_mode: str, read_workers: int = 4) -> dict:
     spec = ModelSpec.from_preset(c["preset"])
     par = ParallelSpec(tp_size=c["tp"], tp_rank=0, ep_size=c["ep"])
     cfg = LoRAConfig(max_loras=1, max_lora_rank=c["rank"], dtype="bfloat16", device="cuda:0",
-                     host_cache_bytes=64 << 30, chunk_bytes=chunk_bytes, pin_mode=pin_mode)
+                     host_cache_bytes=64 << 30, chunk_bytes=chunk_bytes, pin_mode=pin_mode,
+                     read_workers=read_workers)
     mgr = LoRAManager(cfg, spec, par)
     plan = mgr.register("a", path)
     mgr.register("b", path)
@@ -201,9 +202,9 @@ def stage_times(mgr: LoRAManager, name: str, repeats: int) -> dict:
             b.fill_(0)  # fault the pages in: measure reading, not page faults of fresh memory
         rd = SliceReader(header)
         t = time.perf_counter()
-        for c, b in zip(chunks, bufs):
-            for op, off in zip(c.ops, c.offsets):
-                rd.read(op, b[off:off + op.nbytes])
+        # the same parallelism as the pipeline's readers
+        with cf.ThreadPoolExecutor(mgr.config.read_workers) as ex:
+            list(ex.map(lambda cb: rd.read_chunk(*cb), zip(chunks, bufs)))
         read.append(time.perf_counter() - t)
         rd.close()
         del bufs
@@ -425,6 +426,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chunk-bytes", type=int, default=16 << 20)
     ap.add_argument("--pin-mode", default="caching", choices=["caching", "register"])
+    ap.add_argument("--read-workers", type=int, default=4)
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--no-peft", action="store_true")
     args = ap.parse_args()
@@ -435,7 +437,8 @@ def main() -> int:
     cases = list(CASES) if args.cases == "all" else args.cases.split(",")
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": torch.cuda.get_device_name(DEV),
                  "torch": torch.__version__, "cuda": torch.version.cuda, "argv": sys.argv,
-                 "chunk_bytes": args.chunk_bytes, "pin_mode": args.pin_mode, "repeats": args.repeats}
+                 "chunk_bytes": args.chunk_bytes, "pin_mode": args.pin_mode, "repeats": args.repeats,
+                 "read_workers": args.read_workers}
     print(f"# {res['device']} torch {res['torch']} cuda {res['cuda']}", flush=True)
     res["peak"] = measure_peak(args.repeats)
     peak = res["peak"]["h2d_pinned_1GiB_GBps"]
@@ -447,7 +450,7 @@ def main() -> int:
         path = make_adapter(root, name, c)
         gen_s = time.perf_counter() - t
         r = {"case": c, "gen_s": gen_s}
-        r["ours"] = bench_ours(path, c, args.repeats, args.chunk_bytes, args.pin_mode)
+        r["ours"] = bench_ours(path, c, args.repeats, args.chunk_bytes, args.pin_mode, args.read_workers)
         if not args.no_baselines:
             for bname, fn in (("eager", baseline_eager), ("lazy", baseline_lazy),
                               ("pageable", baseline_pageable)):

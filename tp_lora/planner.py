@@ -106,6 +106,11 @@ class Chunk:
     offsets: tuple[int, ...]  # byte offset of each op in the chunk
     groups: tuple[CopyGroup, ...]
     nbytes: int
+    reads: tuple[tuple[int, tuple[tuple[int, int], ...]], ...] = ()
+    """Scatter reads: (file offset, ((chunk offset, bytes), ...)) — one preadv each, reading a
+    contiguous run of the file into several places of the chunk. Covers every op with step-1 columns."""
+    gathers: tuple[int, ...] = ()
+    """Indices (into ``ops``) of strided-column slices, read by span + gather."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ class SlicePlan:
     full_bytes: int  # bytes of every tensor of the adapter (what pinning whole tensors costs per rank)
     max_rank: int
     modules: frozenset[str] = field(default_factory=frozenset)
+    _memo: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -131,6 +137,13 @@ class SlicePlan:
         return [f"{self.adapter}/{op.key}" for op in self.ops]
 
     def chunks(self, chunk_bytes: int) -> list[Chunk]:
+        """Memoised: a plan is immutable, and warm activations must not re-plan."""
+        key = ("chunks", chunk_bytes)
+        if key not in self._memo:
+            self._memo[key] = self._chunks(chunk_bytes)
+        return self._memo[key]
+
+    def _chunks(self, chunk_bytes: int) -> list[Chunk]:
         """Split the ops into chunks of at most ``chunk_bytes`` (or one op, if larger) at op boundaries, in
         layer order (a chunk is a run of consecutive layers), each sorted so same-module slices are
         adjacent and land with one device copy per (module, side)."""
@@ -167,7 +180,47 @@ class SlicePlan:
             else:
                 groups.append(CopyGroup(op.module, op.side, op.dtype, op.shape, flat, 1, pos))
             pos += op.nbytes
-        return Chunk(index, tuple(ordered), tuple(offsets), tuple(groups), pos)
+        reads, gathers = _read_runs(ordered, offsets)
+        return Chunk(index, tuple(ordered), tuple(offsets), tuple(groups), pos, reads, gathers)
+
+
+_IOV_MAX = 512  # well under Linux's 1024 iovecs per preadv
+
+
+def _read_runs(ops: list[SliceOp], offsets: list[int]):
+    """Turn a chunk's slices into few syscalls: every step-1 slice is a list of (file range, chunk
+    range) pieces (one per row when only some columns are owned); pieces whose file ranges touch are
+    merged into one scatter read (preadv with one iovec per destination)."""
+    pieces: list[tuple[int, int, int]] = []  # (file offset, chunk offset, bytes)
+    gathers: list[int] = []
+    for i, (op, off) in enumerate(zip(ops, offsets)):
+        rows, cols = op.src_shape
+        isz = op.itemsize
+        r0, r1 = op.rows
+        c0, c1, step = op.cols
+        row_bytes = cols * isz
+        if step != 1:
+            gathers.append(i)
+        elif c0 == 0 and c1 == cols:
+            pieces.append((op.src_offset + r0 * row_bytes, off, op.nbytes))
+        else:
+            w = op.ncols * isz
+            for j in range(r1 - r0):
+                pieces.append((op.src_offset + (r0 + j) * row_bytes + c0 * isz, off + j * w, w))
+    pieces.sort()
+    runs: list[tuple[int, list[tuple[int, int]]]] = []
+    end = -1
+    for f, o, n in pieces:
+        if runs and f == end and len(runs[-1][1]) < _IOV_MAX:
+            last = runs[-1][1][-1]
+            if last[0] + last[1] == o:  # destination contiguous too: extend the iovec
+                runs[-1][1][-1] = (last[0], last[1] + n)
+            else:
+                runs[-1][1].append((o, n))
+        else:
+            runs.append((f, [(o, n)]))
+        end = f + n
+    return tuple((f, tuple(p)) for f, p in runs), tuple(gathers)
 
 
 def _pack_sort_key(op: SliceOp) -> tuple:

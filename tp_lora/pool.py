@@ -191,18 +191,24 @@ class GpuPool:
         return buf.view(-1, buf.shape[-2], buf.shape[-1])
 
     def set_scalings(self, slot: int, scalings: dict[tuple[str, int, int | None], float],
-                     non_blocking: bool = False) -> None:
-        """One copy per module (not one per element: on a GPU that would be thousands of tiny copies)."""
-        host: dict[str, torch.Tensor] = {}
-        for (m, layer, le), val in scalings.items():
-            if m in self.scaling:
-                if m not in host:
-                    host[m] = torch.zeros(self.scaling[m].shape[1:], dtype=torch.float32)
-                host[m][layer, 0 if le is None else le] = float(val)
-        for m, t in host.items():
+                     non_blocking: bool = False, memo: dict | None = None) -> None:
+        """One copy per module (not one per element: on a GPU that would be thousands of tiny copies).
+        ``memo`` (the plan's) keeps the host tables, so a warm activation does not rebuild them."""
+        key = ("scalings", id(self))
+        host: dict[str, torch.Tensor] | None = memo.get(key) if memo is not None else None
+        if host is None:
+            host = {}
+            for (m, layer, le), val in scalings.items():
+                if m in self.scaling:
+                    if m not in host:
+                        host[m] = torch.zeros(self.scaling[m].shape[1:], dtype=torch.float32)
+                    host[m][layer, 0 if le is None else le] = float(val)
             if non_blocking and self.device.type == "cuda":
-                t = t.pin_memory()
-            self.scaling[m][slot].copy_(t, non_blocking=non_blocking)
+                host = {m: t.pin_memory() for m, t in host.items()}
+            if memo is not None:
+                memo[key] = host
+        for m, t in host.items():
+            self.scaling[m][slot].copy_(t, non_blocking=non_blocking and self.device.type == "cuda")
 
     def checksum(self, slot: int) -> str:
         """A digest of everything the slot holds (tests: serving adapters stay bit-identical)."""
