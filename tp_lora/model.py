@@ -157,7 +157,8 @@ class ModelSpec:
     def from_preset(cls, name_or_path: str | os.PathLike[str]) -> "ModelSpec":
         """A preset name from ``configs/models`` (e.g. ``llama-3-8b``) or a path to a YAML file."""
         p = Path(name_or_path)
-        if not p.suffix:
+        # a name such as "llama-3.1-70b" has a dotted "suffix" too: only .yaml/.yml or an existing file is a path
+        if p.suffix not in (".yaml", ".yml") and not p.is_file():
             p = PRESET_DIR / f"{name_or_path}.yaml"
         if not p.is_file():
             avail = sorted(x.stem for x in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
