@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,7 @@ class AdapterHeader:
     file_size: int
     fingerprint: str  # sha256 of config + header bytes + size: detects a different adapter under a name
     header_bytes: int
+    header_digest: str = ""  # sha256 of the 8-byte length + header JSON, as registered
 
     @property
     def max_rank(self) -> int:
@@ -151,6 +153,22 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return d
 
 
+class _NotRegularFile(OSError):
+    pass
+
+
+def _open_regular(path: str) -> Any:
+    """``open(path, "rb")`` that refuses anything but a regular file: opening a FIFO would block forever."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _NotRegularFile(f"{os.path.basename(path)} is not a regular file (a directory, FIFO or device)")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_safetensors_header(path: str, *, adapter: str | None = None) -> tuple[dict[str, TensorInfo], int, int]:
     """Parse and validate a safetensors header. Returns (tensors, header_size, file_size).
 
@@ -160,7 +178,7 @@ def read_safetensors_header(path: str, *, adapter: str | None = None) -> tuple[d
         return AdapterFormatError(msg, adapter=adapter, path=path)
 
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise fail(f"file is {size} bytes: too short for a safetensors header length")
@@ -180,7 +198,7 @@ def read_safetensors_header(path: str, *, adapter: str | None = None) -> tuple[d
         raise fail(f"header is not valid UTF-8 (at byte {e.start})") from None
     try:
         header = json.loads(text, object_pairs_hook=_no_duplicates)
-    except ValueError as e:  # JSONDecodeError is a ValueError, so is our duplicate check
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, our duplicate check; deep nesting
         raise fail(f"header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise fail(f"header must be a JSON object, got {type(header).__name__}")
@@ -192,6 +210,10 @@ def read_safetensors_header(path: str, *, adapter: str | None = None) -> tuple[d
         raise fail("__metadata__ must map strings to strings")
     tensors: dict[str, TensorInfo] = {}
     for key, ent in header.items():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:  # an escaped lone surrogate ("\ud800"): valid JSON, not valid UTF-8
+            raise fail(f"tensor name {key!r} is not valid UTF-8 (lone surrogate escape)") from None
         if not isinstance(ent, dict) or set(ent) - {"dtype", "shape", "data_offsets"} or len(ent) != 3:
             raise fail(f"tensor {key!r}: entry must have exactly dtype, shape, data_offsets; got {ent!r:.200}")
         dtype, shape, offs = ent["dtype"], ent["shape"], ent["data_offsets"]
@@ -239,12 +261,23 @@ def _int_itemsize(dtype: str) -> int:
 # --------------------------------------------------------------------------------------------------
 # adapter_config.json
 # --------------------------------------------------------------------------------------------------
+_F32_MAX = 3.4028234663852886e38  # scalings live in a float32 tensor; |alpha / r| <= |alpha| for r >= 1
+
+
+def _finite_f32(v: int | float) -> bool:
+    try:
+        f = float(v)  # a 400-digit JSON integer overflows here
+    except OverflowError:
+        return False
+    return math.isfinite(f) and abs(f) <= _F32_MAX
+
+
 def parse_adapter_config(path: str, *, adapter: str | None = None) -> tuple[AdapterConfig, bytes]:
     def fail(msg: str) -> AdapterConfigError:
         return AdapterConfigError(msg, adapter=adapter, path=path)
 
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise fail(f"{CONFIG_NAME} is missing") from None
@@ -254,7 +287,7 @@ def parse_adapter_config(path: str, *, adapter: str | None = None) -> tuple[Adap
         raise fail(f"{CONFIG_NAME} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
         d = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise fail(f"{CONFIG_NAME} is not valid JSON: {e}") from None
     if not isinstance(d, dict):
         raise fail(f"{CONFIG_NAME} must be a JSON object, got {type(d).__name__}")
@@ -280,8 +313,8 @@ def parse_adapter_config(path: str, *, adapter: str | None = None) -> tuple[Adap
     if r <= 0:
         raise fail(f"field 'r' must be a positive integer, got {r}")
     alpha = get("lora_alpha", (int, float), r)
-    if not math.isfinite(alpha):
-        raise fail(f"field 'lora_alpha' must be finite, got {alpha}")
+    if not _finite_f32(alpha):
+        raise fail(f"field 'lora_alpha' must be finite (within float32 range), got {alpha!r:.40}")
     rank_pattern = get("rank_pattern", (dict,), {})
     alpha_pattern = get("alpha_pattern", (dict,), {})
     for pname, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
@@ -289,6 +322,8 @@ def parse_adapter_config(path: str, *, adapter: str | None = None) -> tuple[Adap
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (pname == "rank_pattern" and (
                     not isinstance(v, int) or v <= 0)):
                 raise fail(f"{pname}[{k!r}] must be a positive number, got {v!r}")
+            if not _finite_f32(v):
+                raise fail(f"{pname}[{k!r}] must be finite (within float32 range), got {v!r:.40}")
     tm = get("target_modules", (list, str), None)
     if isinstance(tm, list) and not all(isinstance(x, str) for x in tm):
         raise fail("field 'target_modules' must be a list of strings")
@@ -389,13 +424,16 @@ class AdapterSource:
             weights = inside(weights)
         tensors, hlen, size = read_safetensors_header(str(weights), adapter=name)
         targets = _validate(tensors, cfg, model, name=name, path=str(weights), max_rank=max_rank)
+        with open(weights, "rb") as f:
+            raw_header = f.read(8 + hlen)
+        header_digest = hashlib.sha256(raw_header).hexdigest()
         h = hashlib.sha256()
         h.update(cfg_raw)
-        with open(weights, "rb") as f:
-            h.update(f.read(8 + hlen))
+        h.update(raw_header)
         h.update(str(size).encode())
         return AdapterHeader(name=name, path=str(folder), weights_path=str(weights), config=cfg,
-                             targets=targets, file_size=size, fingerprint=h.hexdigest(), header_bytes=hlen)
+                             targets=targets, file_size=size, fingerprint=h.hexdigest(), header_bytes=hlen,
+                             header_digest=header_digest)
 
 
 def _convert_pickle(pickle: Path, name: str, cache_dir: str | None) -> Path:

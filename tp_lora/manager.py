@@ -61,6 +61,10 @@ class LoRAConfig:
     """Pipeline unit: one H2D copy each; read+pack of chunk n+1 overlaps the copy of chunk n."""
     ring_slots: int = 3
     """Host buffers for streamed (uncached) adapters: in-flight bound = ring_slots * chunk_bytes."""
+    read_workers: int = 4
+    """Reader threads of the cold pipeline (pread releases the GIL: chunks are read in parallel)."""
+    gil_switch_interval_s: float | None = None
+    """If set, the GIL switch interval while a cold load runs (see TransferEngine.switch_interval)."""
     activation_timeout_s: float = 60.0
     check_finite: bool = True
     """Reject adapters holding NaN/Inf (checked on the device as data arrives)."""
@@ -74,6 +78,8 @@ class LoRAConfig:
             raise ConfigError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if self.host_cache_bytes < 0:
             raise ConfigError(f"host_cache_bytes must be >= 0, got {self.host_cache_bytes}")
+        if self.read_workers < 1:
+            raise ConfigError(f"read_workers must be >= 1, got {self.read_workers}")
         if self.chunk_bytes < 4096:
             raise ConfigError(f"chunk_bytes must be >= 4096, got {self.chunk_bytes}")
         if self.dtype not in _DTYPES:
@@ -151,7 +157,8 @@ class LoRAManager:
                             modules=config.target_modules, dtype=config.torch_dtype, device=self.device.device)
         self.cache = PinnedCache(config.host_cache_bytes, self.device.alloc_host, Device.sync_event)
         self.engine = TransferEngine(self.device, self.pool, self.cache, chunk_bytes=config.chunk_bytes,
-                                     ring_slots=config.ring_slots)
+                                     ring_slots=config.ring_slots, read_workers=config.read_workers,
+                                     switch_interval=config.gil_switch_interval_s)
         self.collective = Collective(group, self.device.device, config.activation_timeout_s)
         self.rank = self.collective.rank
         self._adapters: dict[str, _Adapter] = {}
@@ -301,22 +308,33 @@ class LoRAManager:
         verdicts: list[RankVerdict] = []
         started: list[_Adapter] = []
         results: dict[str, LoadResult] = {}
-        for n in names:
-            a = self._adapters.get(n)
-            if a is None:
-                verdicts.append(RankVerdict(False, -1, 0, f"adapter {n!r} is not registered on this rank"))
-                continue
-            if a.state == "active":
-                verdicts.append(RankVerdict(True, a.slot if a.slot is not None else -1, a.generation))
-                continue
-            try:
-                if a.state != "loading":
-                    self.prefetch(n)
-                started.append(a)
-            except TPLoRAError as e:
-                verdicts.append(RankVerdict(False, -1, a.generation, _short(e)))
-                continue
-            verdicts.append(RankVerdict(True, a.slot, a.generation))
+        # the adapters of this call that are already active must not become eviction victims of the others
+        # (a reference for the duration of the slot choices; the same on every rank)
+        held = [a.slot for n in names if (a := self._adapters.get(n)) is not None and a.state == "active"
+                and a.slot is not None]
+        for s in held:
+            self.pool.acquire(s)
+        try:
+            for n in names:
+                a = self._adapters.get(n)
+                if a is None:
+                    verdicts.append(RankVerdict(False, -1, 0, f"adapter {n!r} is not registered on this rank"))
+                    continue
+                if a.state == "active":
+                    verdicts.append(RankVerdict(True, a.slot if a.slot is not None else -1, a.generation,
+                                                fingerprint=_fingerprint(a)))
+                    continue
+                try:
+                    if a.state != "loading":
+                        self.prefetch(n)
+                    started.append(a)
+                except TPLoRAError as e:
+                    verdicts.append(RankVerdict(False, -1, a.generation, _short(e)))
+                    continue
+                verdicts.append(RankVerdict(True, a.slot, a.generation, fingerprint=_fingerprint(a)))
+        finally:
+            for s in held:
+                self.pool.release(s)
         # wait for this rank's transfers (the loader thread; the compute stream is not blocked)
         for i, n in enumerate(names):
             a = self._adapters.get(n)
@@ -326,8 +344,10 @@ class LoRAManager:
                 res = a.future.result()
                 results[n] = res
                 if res.bad_values is not None and bool(res.bad_values):
-                    raise_bad = f"NaN/Inf values in the adapter's tensors (check_finite=True)"
+                    raise_bad = (f"AdapterDataError: NaN/Inf values in {os.path.basename(a.header.weights_path)} "
+                                 f"(check_finite=True)")
                     verdicts[i] = RankVerdict(False, a.slot, a.generation, raise_bad)
+                    self.cache.evict(n)  # do not keep known-bad data pinned (a retry reads the file again)
             except BaseException as e:  # noqa: BLE001 - every failure becomes a verdict
                 verdicts[i] = RankVerdict(False, a.slot if a.slot is not None else -1, a.generation,
                                           _short(e))
@@ -445,6 +465,7 @@ class LoRAManager:
         if not self._closed:
             self._closed = True
             self._loader.shutdown(wait=True)
+            self.engine.close()
 
     def __enter__(self) -> "LoRAManager":
         return self
@@ -464,8 +485,18 @@ class LoRAManager:
         return a
 
 
+def _fingerprint(a: _Adapter) -> int:
+    """20 bits of the adapter's fingerprint: activation checks that every rank registered the same files."""
+    return int(a.header.fingerprint[:5], 16)
+
+
 def _short(e: BaseException) -> str:
-    msg = f"{type(e).__name__}: {e}"
+    # the reason travels in a fixed-size field of the collective: name the file, not its (long) folder,
+    # so that the problem itself is not cut off (the adapter name is in the activation error already)
+    if isinstance(e, AdapterError) and e.path is not None:
+        msg = f"{type(e).__name__}: {os.path.basename(e.path)}: {e.reason}"
+    else:
+        msg = f"{type(e).__name__}: {e}"
     return msg if len(msg) <= 150 else msg[:147] + "..."
 
 

@@ -13,11 +13,16 @@ path that pins or touches CUDA streams is reachable.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
 import os
 import queue
+import stat
+import sys
 import threading
 import time
+from collections import deque
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,15 +89,31 @@ class _RegisteredBuffer:
 
     @staticmethod
     def alloc(nbytes: int) -> torch.Tensor:
-        t = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        import mmap
+        import weakref
+
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        # anonymous mapping with transparent huge pages: registering 2 MiB pages is far cheaper than
+        # registering 4 KiB ones (fewer pages to fault in, lock and map)
+        mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mm, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                mm.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:
+                pass
+        t = torch.frombuffer(mm, dtype=torch.uint8)
         rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)
         if int(rc) != 0:
             raise TPLoRAError(f"cudaHostRegister of {nbytes} bytes failed with code {int(rc)}")
-        import weakref
+        # unregister when the tensor object dies (the finalizer also keeps the mapping alive until then);
+        # callers keep this very tensor, not only views of it
+        weakref.finalize(t, _unregister, t.data_ptr(), mm)
+        return t
 
-        ptr = t.data_ptr()
-        weakref.finalize(t, lambda p=ptr: torch.cuda.cudart().cudaHostUnregister(p))
-        return t[:nbytes]
+
+def _unregister(ptr: int, mm: object) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 @dataclass
@@ -109,6 +130,8 @@ class LoadStats:
     alloc_s: float = 0.0  # host (pinned) allocation time inside read_s
     h2d_s: float = 0.0  # device time of the H2D copies + placement (events on CUDA)
     total_s: float = 0.0  # wall time of the load, from start to the end of the last device copy
+    wait_s: float = 0.0  # loader thread waiting for the next chunk to be read (cold)
+    issue_s: float = 0.0  # loader thread issuing H2D + placement copies
 
     @property
     def h2d_gbps(self) -> float:
@@ -140,17 +163,58 @@ class SliceReader:
         self.header = header
         self.path = header.weights_path
         try:
-            self.fd = os.open(self.path, os.O_RDONLY)
+            # O_NONBLOCK: a FIFO swapped in since registration must not block the loader thread forever
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError as e:
             raise AdapterDataError(f"cannot open the weights for reading: {e}", adapter=header.name,
                                    path=self.path) from None
-        size = os.fstat(self.fd).st_size
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self.fd)
+            raise AdapterDataError("the weights are no longer a regular file (a directory, FIFO or device)",
+                                   adapter=header.name, path=self.path)
+        size = st.st_size
         if size != header.file_size:
             os.close(self.fd)
             raise AdapterDataError(f"file size changed since registration: {header.file_size} -> {size} bytes",
                                    adapter=header.name, path=self.path)
+        try:
+            self._check_header()
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.bytes_read = 0
-        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._lock = threading.Lock()  # several reader threads share one fd (pread has no file offset)
+
+    def _check_header(self) -> None:
+        """The file may have been rewritten since registration with the same size: the planned offsets
+        are only valid if every planned tensor still has the dtype, shape and offsets it had then
+        (header bytes only; a rewrite with another layout would otherwise load other tensors' bytes)."""
+        from .adapter import read_safetensors_header
+
+        h = self.header
+        if h.header_digest:
+            # fast path: the header bytes are exactly those registered (one read + one hash, instead of
+            # parsing tens of thousands of entries again on every cold load)
+            import hashlib
+
+            raw = os.pread(self.fd, 8 + h.header_bytes, 0)
+            if hashlib.sha256(raw).hexdigest() == h.header_digest:
+                return
+        try:
+            tensors, _, _ = read_safetensors_header(self.path, adapter=h.name)
+        except AdapterError as e:
+            raise AdapterDataError(f"the file changed since registration: {e.reason}", adapter=h.name,
+                                   path=self.path) from None
+        for t in h.targets:
+            for info in (t.A, t.B):
+                if tensors.get(info.key) != info:
+                    now = tensors.get(info.key)
+                    raise AdapterDataError(
+                        f"the file changed since registration: tensor {info.key!r} was {info.dtype} "
+                        f"{list(info.shape)} at [{info.start}, {info.end}), now "
+                        f"{'missing' if now is None else f'{now.dtype} {list(now.shape)} at [{now.start}, {now.end})'}",
+                        adapter=h.name, path=self.path)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -166,7 +230,39 @@ class SliceReader:
                 raise AdapterDataError(f"file truncated while reading: got {done} of {len(mv)} bytes at "
                                        f"offset {offset}", adapter=self.header.name, path=self.path)
             done += n
-        self.bytes_read += len(mv)
+        with self._lock:
+            self.bytes_read += len(mv)
+
+    def read_chunk(self, chunk: Chunk, buf: torch.Tensor) -> None:
+        """Fill a chunk's host buffer: one scatter preadv per contiguous file run, then the strided
+        (fused-expert) slices."""
+        mv = memoryview(buf.numpy()).cast("B")
+        total = 0
+        for file_off, pieces in chunk.reads:
+            iov = [mv[o:o + n] for o, n in pieces]
+            want = sum(n for _, n in pieces)
+            got = os.preadv(self.fd, iov, file_off)
+            if got != want:  # short read (signal, end of a truncated file): finish piece by piece
+                pos = file_off
+                for o, n in pieces:
+                    self._pread_into_mv(mv[o:o + n], pos)
+                    pos += n
+            total += want
+        with self._lock:
+            self.bytes_read += total
+        for i in chunk.gathers:
+            op = chunk.ops[i]
+            off = chunk.offsets[i]
+            self.read(op, buf[off:off + op.nbytes])
+
+    def _pread_into_mv(self, mv: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(mv):
+            n = os.preadv(self.fd, [mv[done:]], offset + done)
+            if n <= 0:
+                raise AdapterDataError(f"file truncated while reading: got {done} of {len(mv)} bytes at "
+                                       f"offset {offset}", adapter=self.header.name, path=self.path)
+            done += n
 
     def read(self, op: SliceOp, dst: torch.Tensor) -> None:
         """Fill ``dst`` (uint8, ``op.nbytes``) with ``src[rows, cols]`` packed row-major."""
@@ -190,27 +286,49 @@ class SliceReader:
         first, last = c0 * isz, (c0 + (op.ncols - 1) * step + 1) * isz
         span_rows = r1 - r0
         span = (span_rows - 1) * row_bytes + (last - first)
-        if self._scratch.numel() < span:
-            self._scratch = torch.empty(span, dtype=torch.uint8)
-        buf = self._scratch[:span]
+        buf = torch.empty(span, dtype=torch.uint8)
         self._pread_into(buf, op.src_offset + r0 * row_bytes + first)
         src = torch.as_strided(buf, (span_rows, op.ncols, isz), (row_bytes, step * isz, 1))
         dst.view(span_rows, op.ncols, isz).copy_(src)
 
 
+class _Cancelled(Exception):
+    """Internal: a pipeline stage stopped because the load failed elsewhere."""
+
+
 class TransferEngine:
-    """Runs loads one at a time (the manager's loader thread calls ``run``)."""
+    """Runs loads one at a time (the manager's loader thread calls ``run``).
+
+    Cold pipeline, per chunk in order: a pinner thread allocates the chunk's host buffer (pinned on
+    CUDA; the cache's buffer when the adapter is cached, a ring buffer when streamed), ``read_workers``
+    reader threads fill buffers from the file (pread releases the GIL, so reads of several chunks run in
+    parallel), and the loader thread issues one H2D copy per chunk plus one placement copy per
+    (module, side). At most ``read_workers + 1`` chunks are ahead of the copy (``ring_slots`` when
+    streamed), so host memory in flight stays bounded.
+    """
 
     def __init__(self, device: Device, pool: GpuPool, cache: PinnedCache, *, chunk_bytes: int = 16 << 20,
-                 ring_slots: int = 3):
+                 ring_slots: int = 3, read_workers: int = 4, switch_interval: float | None = None):
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be >= 1")
         self.device, self.pool, self.cache = device, pool, cache
         self.chunk_bytes = chunk_bytes
         self.ring_slots = max(2, ring_slots)
+        self.read_workers = max(1, read_workers)
         self._staging: torch.Tensor | None = None
         self._ring: list[torch.Tensor] = []
+        self._readers = cf.ThreadPoolExecutor(self.read_workers, thread_name_prefix="tp_lora-read")
+        self._pinner = cf.ThreadPoolExecutor(1, thread_name_prefix="tp_lora-pin")
+        self._stat_lock = threading.Lock()
+        #: GIL switch interval while a cold load runs (None: leave it). Reader threads that hold the
+        #: GIL in short bursts can starve the loader thread for a whole interval (5 ms by default)
+        #: each time it wants the GIL back; a shorter interval bounds that wait.
+        self.switch_interval: float | None = switch_interval
         self.peak_inflight_bytes = 0  # host bytes in flight beyond the cache, high-water mark
+
+    def close(self) -> None:
+        self._readers.shutdown(wait=True)
+        self._pinner.shutdown(wait=True)
 
     @property
     def inflight_bound(self) -> int:
@@ -225,21 +343,41 @@ class TransferEngine:
                                             device=self.device.device)
         return self._staging[:nbytes]
 
-    def _place(self, chunk: Chunk, src: torch.Tensor, slot: int, check_finite: bool,
-               bad: torch.Tensor | None) -> torch.Tensor | None:
-        """Strided copies (with the cast to the pool dtype) from a packed chunk into the slot."""
+    def _place_views(self, chunk: Chunk, src: torch.Tensor, slot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        pairs = []
         for g in chunk.groups:
             dt = TORCH_DTYPES[g.dtype]
             r, c = g.shape
+            row0 = getattr(chunk, "row0", 0)  # a _Piece: rows [row0, row0 + r) of its slice
             part = src[g.byte_offset:g.byte_offset + g.nbytes].view(dt).view(g.count, r, c)
             dst = self.pool.block(g.module, g.side, slot)
-            if g.flat_start + g.count > dst.shape[0] or r > dst.shape[1] or c > dst.shape[2]:
+            if g.flat_start + g.count > dst.shape[0] or row0 + r > dst.shape[1] or c > dst.shape[2]:
                 raise AssertionError(f"planned block {g} does not fit pool buffer {tuple(dst.shape)}")
-            dst[g.flat_start:g.flat_start + g.count, :r, :c].copy_(part)
-            if check_finite:
-                ok = torch.isfinite(part).all()
-                bad = ~ok if bad is None else (bad | ~ok)
-        return bad
+            pairs.append((dst[g.flat_start:g.flat_start + g.count, row0:row0 + r, :c], part))
+        return pairs
+
+    def _place(self, chunk: Chunk, src: torch.Tensor, slot: int, check_finite: bool,
+               oks: list[torch.Tensor], memo: dict | None = None) -> None:
+        """Strided copies (with the cast to the pool dtype) from a packed chunk into the slot.
+
+        On CUDA the source is the staging buffer, so the (destination, source) views are the same for
+        every load of this plan into this slot: they are memoised, and a warm activation only launches
+        copies (the launch rate, not Python, then bounds small chunks)."""
+        if memo is not None and not hasattr(chunk, "row0"):
+            key = ("place", id(self.pool), slot, src.data_ptr(), chunk.index, self.chunk_bytes)
+            pairs = memo.get(key)
+            if pairs is None:
+                pairs = memo[key] = self._place_views(chunk, src, slot)
+        else:
+            pairs = self._place_views(chunk, src, slot)
+        mixed = len({g.dtype for g in chunk.groups}) > 1
+        for dst, part in pairs:
+            dst.copy_(part)
+            if check_finite and mixed:
+                oks.append(torch.isfinite(part).all())
+        if check_finite and not mixed and chunk.nbytes:
+            # one dtype: the chunk is packed without padding, so one check covers every slice
+            oks.append(torch.isfinite(src[:chunk.nbytes].view(TORCH_DTYPES[chunk.groups[0].dtype])).all())
 
     # -- the load --------------------------------------------------------------------------------
     def run(self, job: LoadJob) -> LoadResult:
@@ -252,7 +390,7 @@ class TransferEngine:
         dev = self.device
         stream_ctx = torch.cuda.stream(dev.copy_stream) if dev.is_cuda else _null()
         start_ev = end_ev = None
-        bad = None
+        oks: list[torch.Tensor] = []
         try:
             with stream_ctx:
                 if dev.is_cuda:
@@ -264,12 +402,22 @@ class TransferEngine:
                 self.pool.clear_slot(job.slot)
                 # the slot is reserved (no batch can use it before activation): set its scalings here,
                 # on the copy stream, so activation issues no host-to-device copy on the compute stream
-                self.pool.set_scalings(job.slot, plan.scalings, non_blocking=True)
+                self.pool.set_scalings(job.slot, plan.scalings, non_blocking=True, memo=plan._memo)
                 if entry is not None:
                     stats.warm = True
-                    bad = self._run_warm(job, chunks, entry, stats)
+                    for chunk, buf in zip(chunks, entry.buffers):
+                        assert buf is not None
+                        self._h2d_and_place(job, chunk, buf, stats, oks)
                 else:
-                    bad = self._run_cold(job, chunks, sizes, stats)
+                    prev = sys.getswitchinterval()
+                    if self.switch_interval is not None:
+                        sys.setswitchinterval(self.switch_interval)
+                    try:
+                        self._run_cold(job, chunks, sizes, stats, oks)
+                    finally:
+                        if self.switch_interval is not None:
+                            sys.setswitchinterval(prev)
+                bad: Any = ~torch.stack(oks).all() if oks else None
                 if dev.is_cuda:
                     end_ev.record(dev.copy_stream)
         except BaseException:
@@ -284,13 +432,15 @@ class TransferEngine:
             if bad is not None:
                 with torch.cuda.stream(dev.copy_stream):
                     bad = bool(bad.item())
+        elif bad is not None:
+            bad = bool(bad)
         stats.total_s = time.perf_counter() - t0
         if not dev.is_cuda:
             stats.h2d_s = stats.total_s - stats.read_s if not stats.warm else stats.total_s
         return LoadResult(event=end_ev, stats=stats, bad_values=bad)
 
     def _h2d_and_place(self, job: LoadJob, chunk: Chunk, host: torch.Tensor, stats: LoadStats,
-                       bad: torch.Tensor | None) -> torch.Tensor | None:
+                       oks: list[torch.Tensor]) -> None:
         if self.device.is_cuda:
             dev_buf = self._staging_for(chunk.nbytes)
             dev_buf.copy_(host[:chunk.nbytes], non_blocking=True)
@@ -300,104 +450,137 @@ class TransferEngine:
         stats.bytes_copied += chunk.nbytes
         if job.fault is not None:
             job.fault("h2d", chunk.index)
-        return self._place(chunk, src, job.slot, job.check_finite, bad)
+        self._place(chunk, src, job.slot, job.check_finite, oks,
+                    memo=job.plan._memo if self.device.is_cuda else None)
 
-    def _run_warm(self, job: LoadJob, chunks: list[Chunk], entry: CacheEntry, stats: LoadStats):
-        bad = None
-        for chunk, buf in zip(chunks, entry.buffers):
-            assert buf is not None
-            bad = self._h2d_and_place(job, chunk, buf, stats, bad)
-        return bad
+    def _ring_pieces(self, plan: SlicePlan, chunks: list[Chunk]) -> list[Chunk]:
+        """A streamed load holds at most ``ring_slots`` host buffers of ``chunk_bytes``: a chunk larger than
+        that (a single slice bigger than a chunk) is cut into row ranges, each read, copied and placed on
+        its own, so ``inflight_bound`` holds (unless one row alone exceeds ``chunk_bytes``)."""
+        out: list[Chunk] = []
+        for ch in chunks:
+            if ch.nbytes <= self.chunk_bytes or len(ch.ops) != 1:
+                out.append(ch)
+                continue
+            op = ch.ops[0]
+            rows = max(1, self.chunk_bytes // max(1, op.ncols * op.itemsize))
+            for i in range(0, op.nrows, rows):
+                sub = dataclasses.replace(op, rows=(op.rows[0] + i, op.rows[0] + min(op.nrows, i + rows)))
+                c = plan._make_chunk(ch.index, [sub])  # the planner's packing and read runs of the piece
+                out.append(_Piece(**{f.name: getattr(c, f.name) for f in dataclasses.fields(Chunk)}, row0=i))
+        return out
 
-    def _run_cold(self, job: LoadJob, chunks: list[Chunk], sizes: tuple[int, ...], stats: LoadStats):
+    def _run_cold(self, job: LoadJob, chunks: list[Chunk], sizes: tuple[int, ...], stats: LoadStats,
+                  oks: list[torch.Tensor]) -> None:
         header = job.header
+        rd = SliceReader(header)  # before reserving cache budget: it raises if the file vanished or changed
         entry = self.cache.begin(header.name, header.fingerprint, sizes, tuple(job.plan.cache_keys()))
         stats.streamed = entry is None
-        q: queue.Queue = queue.Queue(maxsize=self.ring_slots - 1 if entry is None else 2)
         free_ring: queue.Queue = queue.Queue()
         if entry is None:
-            need = max(sizes, default=0)
-            if any(b.numel() < need for b in self._ring) or len(self._ring) < self.ring_slots:
+            chunks = self._ring_pieces(job.plan, chunks)
+            need = max((c.nbytes for c in chunks), default=0)
+            if len(self._ring) < self.ring_slots or any(b.numel() < need for b in self._ring):
                 self._ring = [self.device.alloc_host(max(need, self.chunk_bytes)) for _ in range(self.ring_slots)]
                 stats.bytes_pinned += sum(b.numel() for b in self._ring) if self.device.is_cuda else 0
             for b in self._ring:
                 free_ring.put((b, None))
-        stop = threading.Event()
+        window = self.read_workers + 1 if entry is not None else self.ring_slots
+        cancelled = threading.Event()
+        lock = self._stat_lock
 
-        def reader() -> None:
-            rd = None
-            try:
-                rd = SliceReader(header)
-                for chunk in chunks:
-                    if stop.is_set():
-                        return
-                    t = time.perf_counter()
-                    if entry is not None:
-                        ta = time.perf_counter()
-                        buf = self.cache.alloc_chunk(entry, chunk.index)
-                        stats.alloc_s += time.perf_counter() - ta
-                        stats.bytes_pinned += buf.numel() if self.device.is_cuda else 0
-                    else:
-                        buf, ev = free_ring.get()
-                        Device.sync_event(ev)  # the H2D that last read this ring slot is done
-                    before = rd.bytes_read
-                    for op, off in zip(chunk.ops, chunk.offsets):
-                        rd.read(op, buf[off:off + op.nbytes])
-                    stats.bytes_read += rd.bytes_read - before
-                    if job.fault is not None:
-                        job.fault("read", chunk.index)
-                    stats.read_s += time.perf_counter() - t
-                    q.put((chunk, buf, None))
-            except BaseException as e:  # noqa: BLE001 - handed to the loader thread
-                q.put((None, None, e))
-            finally:
-                if rd is not None:
-                    rd.close()
+        def get_buf(chunk: Chunk) -> torch.Tensor:  # pinner thread
+            if cancelled.is_set():
+                raise _Cancelled()
+            if entry is not None:
+                t = time.perf_counter()
+                buf = self.cache.alloc_chunk(entry, chunk.index)
+                with lock:
+                    stats.alloc_s += time.perf_counter() - t
+                    stats.bytes_pinned += buf.numel() if self.device.is_cuda else 0
+                return buf
+            while True:
+                try:
+                    buf, ev = free_ring.get(timeout=0.05)
+                    break
+                except queue.Empty:
+                    if cancelled.is_set():
+                        raise _Cancelled() from None
+            Device.sync_event(ev)  # the H2D that last read this ring slot is done
+            return buf
 
-        th = threading.Thread(target=reader, name=f"tp_lora-read-{header.name}", daemon=True)
-        th.start()
-        bad = None
+        def fill(chunk: Chunk, buf_f: cf.Future) -> torch.Tensor:  # reader threads
+            buf = buf_f.result()
+            if cancelled.is_set():
+                raise _Cancelled()
+            t = time.perf_counter()
+            rd.read_chunk(chunk, buf)
+            if job.fault is not None:
+                job.fault("read", chunk.index)
+            with lock:
+                stats.read_s += time.perf_counter() - t
+            return buf
+
+        pending: deque = deque()
+
+        def submit(i: int) -> None:
+            bf = self._pinner.submit(get_buf, chunks[i])
+            pending.append((chunks[i], bf, self._readers.submit(fill, chunks[i], bf)))
+
+        nxt = min(window, len(chunks))
+        for i in range(nxt):
+            submit(i)
         ok = False
         try:
-            for _ in chunks:
-                chunk, buf, err = q.get()
-                if err is not None:
-                    if isinstance(err, AdapterError):
-                        raise err
-                    if isinstance(err, (OSError, ValueError, RuntimeError)):
-                        raise AdapterDataError(f"reading slices failed: {type(err).__name__}: {err}",
-                                               adapter=header.name, path=header.weights_path) from err
-                    raise err
+            while pending:
+                chunk, _, rf = pending.popleft()
+                tw = time.perf_counter()
+                try:
+                    buf = rf.result()
+                except AdapterError:
+                    raise
+                except (OSError, ValueError, RuntimeError) as e:
+                    raise AdapterDataError(f"reading slices failed: {type(e).__name__}: {e}",
+                                           adapter=header.name, path=header.weights_path) from e
+                ti = time.perf_counter()
+                stats.wait_s += ti - tw
                 if entry is None:
-                    self.peak_inflight_bytes = max(self.peak_inflight_bytes,
-                                                   self.ring_slots * buf.numel())
-                bad = self._h2d_and_place(job, chunk, buf, stats, bad)
+                    self.peak_inflight_bytes = max(self.peak_inflight_bytes, self.ring_slots * buf.numel())
+                self._h2d_and_place(job, chunk, buf, stats, oks)
+                stats.issue_s += time.perf_counter() - ti
                 if entry is None:
                     ev = None
                     if self.device.is_cuda:
                         ev = torch.cuda.Event()
                         ev.record(self.device.copy_stream)
                     free_ring.put((buf, ev))
+                if nxt < len(chunks):
+                    submit(nxt)
+                    nxt += 1
             ok = True
         finally:
-            stop.set()
-            if not ok:
-                # unblock the reader if it waits for a ring slot or a queue place, then join it
-                while th.is_alive():
+            cancelled.set()
+            for _, bf, rf in pending:  # let the stages of chunks not copied finish or stop
+                for f in (rf, bf):
                     try:
-                        q.get_nowait()
-                    except queue.Empty:
+                        f.result()
+                    except BaseException:  # noqa: BLE001 - the load already failed
                         pass
-                    free_ring.put((self._ring[0] if self._ring else torch.empty(0, dtype=torch.uint8), None))
-                    th.join(timeout=0.05)
-            th.join()
+            stats.bytes_read += rd.bytes_read
+            rd.close()
             if entry is not None:
                 ev = None
                 if self.device.is_cuda and ok:
                     ev = torch.cuda.Event()
                     ev.record(self.device.copy_stream)
                 self.cache.finish(entry, ok, ev)
-        return bad
+
+
+@dataclass(frozen=True)
+class _Piece(Chunk):
+    """Rows [row0, row0 + nrows) of a chunk's single slice (streamed loads of slices > chunk_bytes)."""
+
+    row0: int = 0
 
 
 class _null:
