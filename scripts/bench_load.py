@@ -118,7 +118,8 @@ def measure_peak(repeats: int) -> dict:
 # adapters
 # ------------------------------------------------------------------------------------------------
 def make_adapter(root: Path, name: str, c: dict) -> Path:
-    p = root / name
+    # one file per (preset, rank): the TP=1 and TP=8 cases of a model read the same adapter
+    p = root / f"{c['preset']}-r{c['rank']}"
     if (p / "adapter_model.safetensors").exists():
         return p
     spec = ModelSpec.from_preset(c["preset"])
@@ -137,12 +138,14 @@ def page_cache(path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # ours
 # ------------------------------------------------------------------------------------------------
-def bench_ours(path: Path, c: dict, repeats: int, chunk_bytes: int, pin_mode: str, read_workers: int = 4) -> dict:
+def bench_ours(path: Path, c: dict, repeats: int, chunk_bytes: int, pin_mode: str, read_workers: int = 4,
+               switch_interval: float | None = None, pin_workers: int = 1) -> dict:
     spec = ModelSpec.from_preset(c["preset"])
     par = ParallelSpec(tp_size=c["tp"], tp_rank=0, ep_size=c["ep"])
     cfg = LoRAConfig(max_loras=1, max_lora_rank=c["rank"], dtype="bfloat16", device="cuda:0",
                      host_cache_bytes=64 << 30, chunk_bytes=chunk_bytes, pin_mode=pin_mode,
-                     read_workers=read_workers)
+                     read_workers=read_workers, gil_switch_interval_s=switch_interval,
+                     pin_workers=pin_workers)
     mgr = LoRAManager(cfg, spec, par)
     plan = mgr.register("a", path)
     mgr.register("b", path)
@@ -184,6 +187,14 @@ def bench_ours(path: Path, c: dict, repeats: int, chunk_bytes: int, pin_mode: st
         "warm_h2d_s": med([x["h2d_s"] for x in warm_ls]),
         "cold_read_s": med([x["read_s"] for x in cold_stats]),
         "cold_alloc_s": med([x["alloc_s"] for x in cold_stats]),
+        "cold_wait_s": med([x.get("wait_s", 0.0) for x in cold_stats]),
+        "cold_issue_s": med([x.get("issue_s", 0.0) for x in cold_stats]),
+        "cold_device_span_s": med([x["h2d_s"] for x in cold_stats]),
+        "warm_device_span_s": med([x["h2d_s"] for x in warm_ls]),
+        "warm_queued_s": med([x.get("queued_s", 0.0) for x in warm_ls]),
+        "warm_enqueue_s": med([x.get("enqueue_s", 0.0) for x in warm_ls]),
+        "warm_sync_s": med([x.get("sync_s", 0.0) for x in warm_ls]),
+        "warm_total_s": med([x.get("total_s", 0.0) for x in warm_ls]),
         "pinned_bytes": st.pinned_bytes_now, "pinned_planned": st.pinned_planned_now,
         **stages,
     }
@@ -210,7 +221,8 @@ def stage_times(mgr: LoRAManager, name: str, repeats: int) -> dict:
         del bufs
         empty_host_cache()
         t = time.perf_counter()
-        pb = [mgr.device.alloc_host(s) for s in sizes]
+        with cf.ThreadPoolExecutor(mgr.config.pin_workers) as ex:  # the pipeline's parallelism
+            pb = list(ex.map(mgr.device.alloc_host, sizes))
         pin.append(time.perf_counter() - t)
         del pb
         empty_host_cache()
@@ -425,8 +437,10 @@ def main() -> int:
     ap.add_argument("--cases", default="all", help="all, or comma-separated case names")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chunk-bytes", type=int, default=16 << 20)
-    ap.add_argument("--pin-mode", default="caching", choices=["caching", "register"])
+    ap.add_argument("--pin-mode", default="register", choices=["caching", "register"])
     ap.add_argument("--read-workers", type=int, default=4)
+    ap.add_argument("--switch-interval", type=float, default=None)
+    ap.add_argument("--pin-workers", type=int, default=2)
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--no-peft", action="store_true")
     args = ap.parse_args()
@@ -438,7 +452,8 @@ def main() -> int:
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": torch.cuda.get_device_name(DEV),
                  "torch": torch.__version__, "cuda": torch.version.cuda, "argv": sys.argv,
                  "chunk_bytes": args.chunk_bytes, "pin_mode": args.pin_mode, "repeats": args.repeats,
-                 "read_workers": args.read_workers}
+                 "read_workers": args.read_workers, "pin_workers": args.pin_workers,
+                 "switch_interval": args.switch_interval}
     print(f"# {res['device']} torch {res['torch']} cuda {res['cuda']}", flush=True)
     res["peak"] = measure_peak(args.repeats)
     peak = res["peak"]["h2d_pinned_1GiB_GBps"]
@@ -450,7 +465,8 @@ def main() -> int:
         path = make_adapter(root, name, c)
         gen_s = time.perf_counter() - t
         r = {"case": c, "gen_s": gen_s}
-        r["ours"] = bench_ours(path, c, args.repeats, args.chunk_bytes, args.pin_mode, args.read_workers)
+        r["ours"] = bench_ours(path, c, args.repeats, args.chunk_bytes, args.pin_mode, args.read_workers,
+                               args.switch_interval, args.pin_workers)
         if not args.no_baselines:
             for bname, fn in (("eager", baseline_eager), ("lazy", baseline_lazy),
                               ("pageable", baseline_pageable)):
@@ -470,7 +486,7 @@ def main() -> int:
         (out / "bench.json").write_text(json.dumps(res, indent=2, default=str))
     if "llama31-70b-r128-tp1" in cases or "llama8b-r16-tp1" in cases:
         oc = "llama31-70b-r128-tp1" if "llama31-70b-r128-tp1" in cases else "llama8b-r16-tp1"
-        res["overlap"] = bench_overlap(root / oc, CASES[oc], args.chunk_bytes)
+        res["overlap"] = bench_overlap(make_adapter(root, oc, CASES[oc]), CASES[oc], args.chunk_bytes)
         res["overlap"]["case"] = oc
     (out / "bench.json").write_text(json.dumps(res, indent=2, default=str))
     print_table(res)
@@ -495,6 +511,11 @@ def print_table(res: dict) -> None:
               f"{o['cold_s'] * 1e3:9.1f}{o['stage_read_s'] * 1e3:7.1f}{o['stage_pin_s'] * 1e3:7.1f}"
               f"{r['cold_over_slowest_stage']:10.2f}{e * 1e3:8.1f}{l * 1e3:8.1f}{p * 1e3:9.1f}"
               f"{e / o['cold_s']:8.2f}{l / o['cold_s']:7.2f}")
+        print(f"   cold: read(sum) {o['cold_read_s'] * 1e3:.1f} alloc {o['cold_alloc_s'] * 1e3:.1f} wait "
+              f"{o['cold_wait_s'] * 1e3:.1f} issue {o['cold_issue_s'] * 1e3:.1f} device-span "
+              f"{o['cold_device_span_s'] * 1e3:.1f} ms; warm device-span {o['warm_device_span_s'] * 1e3:.2f} ms, "
+              f"queued {o['warm_queued_s'] * 1e3:.2f} enqueue {o['warm_enqueue_s'] * 1e3:.2f} sync "
+              f"{o['warm_sync_s'] * 1e3:.2f} load-total {o['warm_total_s'] * 1e3:.2f} ms")
         if "peft" in r:
             print(f"   peft: {r['peft']}")
     if "overlap" in res:

@@ -63,13 +63,18 @@ class LoRAConfig:
     """Host buffers for streamed (uncached) adapters: in-flight bound = ring_slots * chunk_bytes."""
     read_workers: int = 4
     """Reader threads of the cold pipeline (pread releases the GIL: chunks are read in parallel)."""
+    pin_workers: int = 2
+    """Threads allocating (pinning) chunk buffers ahead of the readers."""
     gil_switch_interval_s: float | None = None
     """If set, the GIL switch interval while a cold load runs (see TransferEngine.switch_interval)."""
     activation_timeout_s: float = 60.0
     check_finite: bool = True
     """Reject adapters holding NaN/Inf (checked on the device as data arrives)."""
     allow_pickle: bool = False
-    pin_mode: str = "caching"
+    pin_mode: str = "register"
+    """CUDA host memory for the cache: "register" (anonymous huge-page mapping + cudaHostRegister:
+    pinned bytes == requested bytes, ~2x faster to pin here) or "caching" (torch's pinned caching
+    allocator, which rounds each request up to a power of two)."""
 
     def __post_init__(self) -> None:
         if self.max_loras < 1:
@@ -158,7 +163,8 @@ class LoRAManager:
         self.cache = PinnedCache(config.host_cache_bytes, self.device.alloc_host, Device.sync_event)
         self.engine = TransferEngine(self.device, self.pool, self.cache, chunk_bytes=config.chunk_bytes,
                                      ring_slots=config.ring_slots, read_workers=config.read_workers,
-                                     switch_interval=config.gil_switch_interval_s)
+                                     switch_interval=config.gil_switch_interval_s,
+                                     pin_workers=config.pin_workers)
         self.collective = Collective(group, self.device.device, config.activation_timeout_s)
         self.rank = self.collective.rank
         self._adapters: dict[str, _Adapter] = {}
@@ -253,6 +259,7 @@ class LoRAManager:
         job = LoadJob(header=a.header, plan=a.plan, slot=slot, after=after,
                       check_finite=self.config.check_finite,
                       fault=(lambda stage, i, _n=name: hook(_n, stage, i)) if hook else None)
+        job.submitted = time.perf_counter()
         a.future = self._loader.submit(self._run_load, job)
         return a.future
 

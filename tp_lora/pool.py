@@ -178,12 +178,29 @@ class GpuPool:
         self.refcount[slot] -= 1
 
     # -- data ------------------------------------------------------------------------------------
-    def clear_slot(self, slot: int) -> None:
-        """Zero every buffer of the slot: padding rows/columns and untargeted modules must add zero."""
+    def clear_slot(self, slot: int, covered: dict[tuple[str, str], bool] | None = None) -> None:
+        """Zero the slot: padding rows/columns and untargeted modules must add zero.
+
+        ``covered[(module, side)]`` True means the next load overwrites every element of that buffer
+        (every block, full rank, full width), so zeroing it first would be wasted launches."""
         for m in self.shapes:
-            self.A[m][slot].zero_()
-            self.B[m][slot].zero_()
-            self.scaling[m][slot].zero_()
+            for side, buf in (("A", self.A[m]), ("B", self.B[m])):
+                if not (covered and covered.get((m, side))):
+                    buf[slot].zero_()
+            if not (covered and covered.get((m, "A")) and covered.get((m, "B"))):
+                self.scaling[m][slot].zero_()
+
+    def coverage(self, ops) -> dict[tuple[str, str], bool]:
+        """Which (module, side) buffers a plan's slices overwrite completely (pure bookkeeping)."""
+        area: dict[tuple[str, str], int] = {}
+        for op in ops:
+            area[(op.module, op.side)] = area.get((op.module, op.side), 0) + op.nrows * op.ncols
+        out = {}
+        for (m, side), n in area.items():
+            if m in self.shapes:
+                buf = (self.A if side == "A" else self.B)[m]
+                out[(m, side)] = n == buf[0].numel()
+        return out
 
     def block(self, module: str, side: str, slot: int) -> torch.Tensor:
         """The slot's buffer of ``module``/``side`` viewed as ``[blocks, D0, D1]``."""

@@ -130,6 +130,9 @@ class LoadStats:
     alloc_s: float = 0.0  # host (pinned) allocation time inside read_s
     h2d_s: float = 0.0  # device time of the H2D copies + placement (events on CUDA)
     total_s: float = 0.0  # wall time of the load, from start to the end of the last device copy
+    queued_s: float = 0.0  # from prefetch/activate submitting the job to the loader starting it
+    enqueue_s: float = 0.0  # loader: from start to the last copy enqueued
+    sync_s: float = 0.0  # loader: waiting for the copy stream to finish after the last enqueue
     wait_s: float = 0.0  # loader thread waiting for the next chunk to be read (cold)
     issue_s: float = 0.0  # loader thread issuing H2D + placement copies
 
@@ -145,6 +148,7 @@ class LoadJob:
     slot: int
     after: Any = None  # compute-stream event: earlier batches' reads of the slot must finish first
     check_finite: bool = True
+    submitted: float = 0.0  # perf_counter at submission (stats: time queued)
     fault: Any = None  # test hook: callable(stage, chunk_index) that may raise
 
 
@@ -308,17 +312,19 @@ class TransferEngine:
     """
 
     def __init__(self, device: Device, pool: GpuPool, cache: PinnedCache, *, chunk_bytes: int = 16 << 20,
-                 ring_slots: int = 3, read_workers: int = 4, switch_interval: float | None = None):
+                 ring_slots: int = 3, read_workers: int = 4, switch_interval: float | None = None,
+                 pin_workers: int = 1):
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be >= 1")
         self.device, self.pool, self.cache = device, pool, cache
         self.chunk_bytes = chunk_bytes
         self.ring_slots = max(2, ring_slots)
         self.read_workers = max(1, read_workers)
+        self.pin_workers = max(1, pin_workers)
         self._staging: torch.Tensor | None = None
         self._ring: list[torch.Tensor] = []
         self._readers = cf.ThreadPoolExecutor(self.read_workers, thread_name_prefix="tp_lora-read")
-        self._pinner = cf.ThreadPoolExecutor(1, thread_name_prefix="tp_lora-pin")
+        self._pinner = cf.ThreadPoolExecutor(self.pin_workers, thread_name_prefix="tp_lora-pin")
         self._stat_lock = threading.Lock()
         #: GIL switch interval while a cold load runs (None: leave it). Reader threads that hold the
         #: GIL in short bursts can starve the loader thread for a whole interval (5 ms by default)
@@ -399,7 +405,10 @@ class TransferEngine:
                     start_ev = torch.cuda.Event(enable_timing=True)
                     end_ev = torch.cuda.Event(enable_timing=True)
                     start_ev.record(dev.copy_stream)
-                self.pool.clear_slot(job.slot)
+                cov = plan._memo.get(("coverage", id(self.pool)))
+                if cov is None:
+                    cov = plan._memo[("coverage", id(self.pool))] = self.pool.coverage(plan.ops)
+                self.pool.clear_slot(job.slot, cov)
                 # the slot is reserved (no batch can use it before activation): set its scalings here,
                 # on the copy stream, so activation issues no host-to-device copy on the compute stream
                 self.pool.set_scalings(job.slot, plan.scalings, non_blocking=True, memo=plan._memo)
@@ -420,14 +429,19 @@ class TransferEngine:
                 bad: Any = ~torch.stack(oks).all() if oks else None
                 if dev.is_cuda:
                     end_ev.record(dev.copy_stream)
+                stats.enqueue_s = time.perf_counter() - t0
         except BaseException:
             if entry is not None:
                 self.cache.finish(entry, False)
             raise
         if entry is not None:
             self.cache.release(entry, end_ev)
+        if job.submitted:
+            stats.queued_s = t0 - job.submitted
         if dev.is_cuda:
+            ts = time.perf_counter()
             end_ev.synchronize()  # this is the loader thread; the compute stream is not blocked
+            stats.sync_s = time.perf_counter() - ts
             stats.h2d_s = start_ev.elapsed_time(end_ev) / 1e3
             if bad is not None:
                 with torch.cuda.stream(dev.copy_stream):
@@ -450,7 +464,9 @@ class TransferEngine:
         stats.bytes_copied += chunk.nbytes
         if job.fault is not None:
             job.fault("h2d", chunk.index)
-        self._place(chunk, src, job.slot, job.check_finite, oks,
+        # a warm load copies bytes that were checked when first read (a load that found NaN/Inf is
+        # evicted from the cache), so only cold loads check
+        self._place(chunk, src, job.slot, job.check_finite and not stats.warm, oks,
                     memo=job.plan._memo if self.device.is_cuda else None)
 
     def _ring_pieces(self, plan: SlicePlan, chunks: list[Chunk]) -> list[Chunk]:
