@@ -175,6 +175,7 @@ def bench_ours(path: Path, c: dict, repeats: int, chunk_bytes: int, pin_mode: st
     warm_ls = [x for x in st.load_stats if x["warm"]][-repeats:]
     # stages alone
     stages = stage_times(mgr, "a", repeats)
+    mgr_part_bytes = mgr.engine.part_bytes
     mgr.close()
     del mgr
     gc.collect()
@@ -182,6 +183,7 @@ def bench_ours(path: Path, c: dict, repeats: int, chunk_bytes: int, pin_mode: st
     return {
         "bytes": nbytes, "full_bytes": plan.full_bytes, "slices": len(plan.ops),
         "chunks": len(plan.chunks(chunk_bytes)),
+        "parts": sum(max(1, len(c.parts)) for c in plan.chunks(chunk_bytes, mgr_part_bytes)),
         "cold_s": med(cold), "warm_s": med(warm),
         "warm_GBps": nbytes / med(warm) / GB, "cold_GBps": nbytes / med(cold) / GB,
         "warm_h2d_s": med([x["h2d_s"] for x in warm_ls]),
@@ -203,8 +205,9 @@ def bench_ours(path: Path, c: dict, repeats: int, chunk_bytes: int, pin_mode: st
 def stage_times(mgr: LoRAManager, name: str, repeats: int) -> dict:
     a = mgr._adapters[name]
     plan, header = a.plan, a.header
-    chunks = plan.chunks(mgr.config.chunk_bytes)
+    chunks = plan.chunks(mgr.engine.chunk_bytes, mgr.engine.part_bytes)
     sizes = [c.nbytes for c in chunks]
+    units = [(c, p, i) for i, c in enumerate(chunks) for p in (c.parts or (None,))]
     read, pin = [], []
     for _ in range(repeats):
         page_cache(Path(header.path))
@@ -215,7 +218,7 @@ def stage_times(mgr: LoRAManager, name: str, repeats: int) -> dict:
         t = time.perf_counter()
         # the same parallelism as the pipeline's readers
         with cf.ThreadPoolExecutor(mgr.config.read_workers) as ex:
-            list(ex.map(lambda cb: rd.read_chunk(*cb), zip(chunks, bufs)))
+            list(ex.map(lambda u: rd.read_part(u[0], u[1], bufs[u[2]]), units))
         read.append(time.perf_counter() - t)
         rd.close()
         del bufs
@@ -436,7 +439,7 @@ def main() -> int:
     ap.add_argument("--adapters", default="/tmp/tp_lora_bench_adapters")
     ap.add_argument("--cases", default="all", help="all, or comma-separated case names")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--chunk-bytes", type=int, default=16 << 20)
+    ap.add_argument("--chunk-bytes", type=int, default=64 << 20)
     ap.add_argument("--pin-mode", default="register", choices=["caching", "register"])
     ap.add_argument("--read-workers", type=int, default=4)
     ap.add_argument("--switch-interval", type=float, default=None)

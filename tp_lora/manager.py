@@ -57,8 +57,11 @@ class LoRAConfig:
     dtype: str = "bfloat16"
     """Serving dtype of the pool; adapters in other float dtypes are cast on the device."""
     device: str = "cpu"
-    chunk_bytes: int = 16 << 20
-    """Pipeline unit: one H2D copy each; read+pack of chunk n+1 overlaps the copy of chunk n."""
+    chunk_bytes: int = 64 << 20
+    """Cache and placement unit: a warm activation is one H2D copy per chunk (64 MiB copies reach the
+    PCIe peak; 4 MiB ones about half of it) and one device copy per (module, side) in it."""
+    part_bytes: int | None = None
+    """Cold pipeline unit (default chunk_bytes / 8): read+pack of part n+1 overlaps the H2D of part n."""
     ring_slots: int = 3
     """Host buffers for streamed (uncached) adapters: in-flight bound = ring_slots * chunk_bytes."""
     read_workers: int = 4
@@ -164,7 +167,7 @@ class LoRAManager:
         self.engine = TransferEngine(self.device, self.pool, self.cache, chunk_bytes=config.chunk_bytes,
                                      ring_slots=config.ring_slots, read_workers=config.read_workers,
                                      switch_interval=config.gil_switch_interval_s,
-                                     pin_workers=config.pin_workers)
+                                     pin_workers=config.pin_workers, part_bytes=config.part_bytes)
         self.collective = Collective(group, self.device.device, config.activation_timeout_s)
         self.rank = self.collective.rank
         self._adapters: dict[str, _Adapter] = {}

@@ -111,6 +111,19 @@ class Chunk:
     contiguous run of the file into several places of the chunk. Covers every op with step-1 columns."""
     gathers: tuple[int, ...] = ()
     """Indices (into ``ops``) of strided-column slices, read by span + gather."""
+    parts: tuple["Part", ...] = ()
+    """Byte ranges of the chunk read (and copied to the device) as they arrive, so a large chunk still
+    pipelines finely; empty = the chunk is one part."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """A run of consecutive slices of a chunk: the unit of the cold pipeline (read, then H2D)."""
+
+    start: int  # byte range in the chunk buffer
+    end: int
+    reads: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]
+    gathers: tuple[int, ...]  # indices into the chunk's ops
 
 
 @dataclass(frozen=True)
@@ -136,14 +149,14 @@ class SlicePlan:
     def cache_keys(self) -> list[str]:
         return [f"{self.adapter}/{op.key}" for op in self.ops]
 
-    def chunks(self, chunk_bytes: int) -> list[Chunk]:
+    def chunks(self, chunk_bytes: int, part_bytes: int | None = None) -> list[Chunk]:
         """Memoised: a plan is immutable, and warm activations must not re-plan."""
-        key = ("chunks", chunk_bytes)
+        key = ("chunks", chunk_bytes, part_bytes)
         if key not in self._memo:
-            self._memo[key] = self._chunks(chunk_bytes)
+            self._memo[key] = self._chunks(chunk_bytes, part_bytes)
         return self._memo[key]
 
-    def _chunks(self, chunk_bytes: int) -> list[Chunk]:
+    def _chunks(self, chunk_bytes: int, part_bytes: int | None = None) -> list[Chunk]:
         """Split the ops into chunks of at most ``chunk_bytes`` (or one op, if larger) at op boundaries, in
         layer order (a chunk is a run of consecutive layers), each sorted so same-module slices are
         adjacent and land with one device copy per (module, side)."""
@@ -152,15 +165,15 @@ class SlicePlan:
         size = 0
         for op in self.ops:
             if cur and size + op.nbytes > chunk_bytes:
-                out.append(self._make_chunk(len(out), cur))
+                out.append(self._make_chunk(len(out), cur, part_bytes))
                 cur, size = [], 0
             cur.append(op)
             size += op.nbytes
         if cur:
-            out.append(self._make_chunk(len(out), cur))
+            out.append(self._make_chunk(len(out), cur, part_bytes))
         return out
 
-    def _make_chunk(self, index: int, ops: list[SliceOp]) -> Chunk:
+    def _make_chunk(self, index: int, ops: list[SliceOp], part_bytes: int | None = None) -> Chunk:
         ordered = sorted(ops, key=lambda o: (_MODULE_ORDER[o.module], o.side, o.layer,
                                              -1 if o.local_expert is None else o.local_expert))
         offsets, groups = [], []
@@ -181,7 +194,16 @@ class SlicePlan:
                 groups.append(CopyGroup(op.module, op.side, op.dtype, op.shape, flat, 1, pos))
             pos += op.nbytes
         reads, gathers = _read_runs(ordered, offsets)
-        return Chunk(index, tuple(ordered), tuple(offsets), tuple(groups), pos, reads, gathers)
+        parts: list[Part] = []
+        if part_bytes is not None and pos > part_bytes:
+            first = 0
+            for i in range(len(ordered)):
+                end = offsets[i] + ordered[i].nbytes
+                if end - offsets[first] >= part_bytes or i == len(ordered) - 1:
+                    r, g = _read_runs(ordered[first:i + 1], offsets[first:i + 1])
+                    parts.append(Part(offsets[first], end, r, tuple(first + j for j in g)))
+                    first = i + 1
+        return Chunk(index, tuple(ordered), tuple(offsets), tuple(groups), pos, reads, gathers, tuple(parts))
 
 
 _IOV_MAX = 512  # well under Linux's 1024 iovecs per preadv

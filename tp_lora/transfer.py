@@ -259,6 +259,29 @@ class SliceReader:
             off = chunk.offsets[i]
             self.read(op, buf[off:off + op.nbytes])
 
+    def read_part(self, chunk: Chunk, part: Any, buf: torch.Tensor) -> None:
+        """Fill one part of a chunk's buffer (``part`` None: the whole chunk)."""
+        if part is None:
+            self.read_chunk(chunk, buf)
+            return
+        mv = memoryview(buf.numpy()).cast("B")
+        total = 0
+        for file_off, pieces in part.reads:
+            iov = [mv[o:o + n] for o, n in pieces]
+            want = sum(n for _, n in pieces)
+            if os.preadv(self.fd, iov, file_off) != want:
+                pos = file_off
+                for o, n in pieces:
+                    self._pread_into_mv(mv[o:o + n], pos)
+                    pos += n
+            total += want
+        with self._lock:
+            self.bytes_read += total
+        for i in part.gathers:
+            op = chunk.ops[i]
+            off = chunk.offsets[i]
+            self.read(op, buf[off:off + op.nbytes])
+
     def _pread_into_mv(self, mv: memoryview, offset: int) -> None:
         done = 0
         while done < len(mv):
@@ -313,7 +336,7 @@ class TransferEngine:
 
     def __init__(self, device: Device, pool: GpuPool, cache: PinnedCache, *, chunk_bytes: int = 16 << 20,
                  ring_slots: int = 3, read_workers: int = 4, switch_interval: float | None = None,
-                 pin_workers: int = 1):
+                 pin_workers: int = 1, part_bytes: int | None = None):
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be >= 1")
         self.device, self.pool, self.cache = device, pool, cache
@@ -321,6 +344,9 @@ class TransferEngine:
         self.ring_slots = max(2, ring_slots)
         self.read_workers = max(1, read_workers)
         self.pin_workers = max(1, pin_workers)
+        # the cold pipeline's unit: a chunk (the cache, H2D-when-warm and placement unit) is read and
+        # copied part by part, so a few large chunks still pipeline finely
+        self.part_bytes = part_bytes if part_bytes is not None else max(4096, chunk_bytes // 8)
         self._staging: torch.Tensor | None = None
         self._ring: list[torch.Tensor] = []
         self._readers = cf.ThreadPoolExecutor(self.read_workers, thread_name_prefix="tp_lora-read")
@@ -389,7 +415,7 @@ class TransferEngine:
     def run(self, job: LoadJob) -> LoadResult:
         t0 = time.perf_counter()
         plan, header = job.plan, job.header
-        chunks = plan.chunks(self.chunk_bytes)
+        chunks = plan.chunks(self.chunk_bytes, self.part_bytes)
         sizes = tuple(c.nbytes for c in chunks)
         stats = LoadStats(adapter=header.name, bytes_planned=plan.nbytes, chunks=len(chunks))
         entry = self.cache.lookup(header.name, header.fingerprint, sizes)
@@ -454,14 +480,21 @@ class TransferEngine:
         return LoadResult(event=end_ev, stats=stats, bad_values=bad)
 
     def _h2d_and_place(self, job: LoadJob, chunk: Chunk, host: torch.Tensor, stats: LoadStats,
-                       oks: list[torch.Tensor]) -> None:
+                       oks: list[torch.Tensor], start: int = 0, end: int | None = None,
+                       place: bool = True) -> None:
+        """H2D of bytes [start, end) of the chunk (all of it by default) into the staging buffer; once
+        the chunk's last bytes are there (``place``), its slices are placed into the slot."""
+        end = chunk.nbytes if end is None else end
         if self.device.is_cuda:
             dev_buf = self._staging_for(chunk.nbytes)
-            dev_buf.copy_(host[:chunk.nbytes], non_blocking=True)
+            if end > start:
+                dev_buf[start:end].copy_(host[start:end], non_blocking=True)
             src = dev_buf
         else:
             src = host[:chunk.nbytes]
-        stats.bytes_copied += chunk.nbytes
+        stats.bytes_copied += end - start
+        if not place:
+            return
         if job.fault is not None:
             job.fault("h2d", chunk.index)
         # a warm load copies bytes that were checked when first read (a load that found NaN/Inf is
@@ -525,31 +558,47 @@ class TransferEngine:
             Device.sync_event(ev)  # the H2D that last read this ring slot is done
             return buf
 
-        def fill(chunk: Chunk, buf_f: cf.Future) -> torch.Tensor:  # reader threads
+        def fill(chunk: Chunk, part: Any, buf_f: cf.Future) -> torch.Tensor:  # reader threads
             buf = buf_f.result()
             if cancelled.is_set():
                 raise _Cancelled()
             t = time.perf_counter()
-            rd.read_chunk(chunk, buf)
-            if job.fault is not None:
+            rd.read_part(chunk, part, buf)
+            if job.fault is not None and (part is None or part is chunk.parts[-1]):
                 job.fault("read", chunk.index)
             with lock:
                 stats.read_s += time.perf_counter() - t
             return buf
 
+        # pipeline units: the parts of each chunk (cached loads), whole chunks when streamed
+        units: list[tuple[Chunk, Any, bool]] = []
+        for c in chunks:
+            if entry is not None and c.parts:
+                units += [(c, p, p is c.parts[-1]) for p in c.parts]
+            else:
+                units.append((c, None, True))
+        buf_futs: dict[int, cf.Future] = {}
         pending: deque = deque()
 
         def submit(i: int) -> None:
-            bf = self._pinner.submit(get_buf, chunks[i])
-            pending.append((chunks[i], bf, self._readers.submit(fill, chunks[i], bf)))
+            chunk, part, last = units[i]
+            # the parts of one chunk share its buffer; whole-chunk units (streamed ring buffers, whose
+            # row pieces may share a chunk index) each get their own
+            key = ("chunk", chunk.index) if part is not None else ("unit", i)
+            bf = buf_futs.get(key)
+            if bf is None:
+                bf = buf_futs[key] = self._pinner.submit(get_buf, chunk)
+            pending.append((chunk, part, last, bf, self._readers.submit(fill, chunk, part, bf)))
 
-        nxt = min(window, len(chunks))
+        if entry is not None:
+            window = self.read_workers + 1
+        nxt = min(window, len(units))
         for i in range(nxt):
             submit(i)
         ok = False
         try:
             while pending:
-                chunk, _, rf = pending.popleft()
+                chunk, part, last, _, rf = pending.popleft()
                 tw = time.perf_counter()
                 try:
                     buf = rf.result()
@@ -562,7 +611,10 @@ class TransferEngine:
                 stats.wait_s += ti - tw
                 if entry is None:
                     self.peak_inflight_bytes = max(self.peak_inflight_bytes, self.ring_slots * buf.numel())
-                self._h2d_and_place(job, chunk, buf, stats, oks)
+                if part is None:
+                    self._h2d_and_place(job, chunk, buf, stats, oks)
+                else:
+                    self._h2d_and_place(job, chunk, buf, stats, oks, part.start, part.end, place=last)
                 stats.issue_s += time.perf_counter() - ti
                 if entry is None:
                     ev = None
@@ -570,13 +622,13 @@ class TransferEngine:
                         ev = torch.cuda.Event()
                         ev.record(self.device.copy_stream)
                     free_ring.put((buf, ev))
-                if nxt < len(chunks):
+                if nxt < len(units):
                     submit(nxt)
                     nxt += 1
             ok = True
         finally:
             cancelled.set()
-            for _, bf, rf in pending:  # let the stages of chunks not copied finish or stop
+            for _, _, _, bf, rf in pending:  # let the stages of chunks not copied finish or stop
                 for f in (rf, bf):
                     try:
                         f.result()
