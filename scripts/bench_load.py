@@ -139,13 +139,14 @@ def page_cache(path: Path) -> None:
 # ours
 # ------------------------------------------------------------------------------------------------
 def bench_ours(path: Path, c: dict, repeats: int, chunk_bytes: int, pin_mode: str, read_workers: int = 4,
-               switch_interval: float | None = None, pin_workers: int = 1) -> dict:
+               switch_interval: float | None = None, pin_workers: int = 1,
+               part_bytes: int | None = None) -> dict:
     spec = ModelSpec.from_preset(c["preset"])
     par = ParallelSpec(tp_size=c["tp"], tp_rank=0, ep_size=c["ep"])
     cfg = LoRAConfig(max_loras=1, max_lora_rank=c["rank"], dtype="bfloat16", device="cuda:0",
                      host_cache_bytes=64 << 30, chunk_bytes=chunk_bytes, pin_mode=pin_mode,
                      read_workers=read_workers, gil_switch_interval_s=switch_interval,
-                     pin_workers=pin_workers)
+                     pin_workers=pin_workers, part_bytes=part_bytes)
     mgr = LoRAManager(cfg, spec, par)
     plan = mgr.register("a", path)
     mgr.register("b", path)
@@ -444,6 +445,7 @@ def main() -> int:
     ap.add_argument("--read-workers", type=int, default=4)
     ap.add_argument("--switch-interval", type=float, default=None)
     ap.add_argument("--pin-workers", type=int, default=2)
+    ap.add_argument("--part-bytes", type=int, default=None)
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--no-peft", action="store_true")
     args = ap.parse_args()
@@ -469,7 +471,7 @@ def main() -> int:
         gen_s = time.perf_counter() - t
         r = {"case": c, "gen_s": gen_s}
         r["ours"] = bench_ours(path, c, args.repeats, args.chunk_bytes, args.pin_mode, args.read_workers,
-                               args.switch_interval, args.pin_workers)
+                               args.switch_interval, args.pin_workers, args.part_bytes)
         if not args.no_baselines:
             for bname, fn in (("eager", baseline_eager), ("lazy", baseline_lazy),
                               ("pageable", baseline_pageable)):

@@ -82,6 +82,8 @@ class Device:
 
 
 class _RegisteredBuffer:
+    prefault = os.environ.get("TP_LORA_PREFAULT", "0") == "1"
+
     """Plain host memory registered with cudaHostRegister: pinned bytes == requested bytes exactly
     (the caching pinned allocator rounds requests up to powers of two)."""
 
@@ -103,6 +105,10 @@ class _RegisteredBuffer:
             except OSError:
                 pass
         t = torch.frombuffer(mm, dtype=torch.uint8)
+        if _RegisteredBuffer.prefault:
+            # fault the pages in with torch's parallel fill (many threads take page faults at once),
+            # so that registering only has to lock pages that are already there
+            t.fill_(0)
         rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)
         if int(rc) != 0:
             raise TPLoRAError(f"cudaHostRegister of {nbytes} bytes failed with code {int(rc)}")
