@@ -82,7 +82,9 @@ class Device:
 
 
 class _RegisteredBuffer:
-    prefault = os.environ.get("TP_LORA_PREFAULT", "0") == "1"
+    #: fault pages in with a parallel fill before registering (measured on an H100 host: pinning
+    #: 3-4x faster); TP_LORA_PREFAULT=0 turns it off
+    prefault = os.environ.get("TP_LORA_PREFAULT", "1") == "1"
 
     """Plain host memory registered with cudaHostRegister: pinned bytes == requested bytes exactly
     (the caching pinned allocator rounds requests up to powers of two)."""
