@@ -195,3 +195,93 @@ def test_slurm_sbatch_two_nodes_two_ranks_each(local_slurm: dict[str, str], tmp_
         # one torchrun per node: 2 nodes (SLURM_NODEID 0 on n1, 1 on n2), each with local ranks 0 and 1
         assert {k: sorted(v) for k, v in by_node.items()} == {"0/n1": ["0", "1"], "1/n2": ["0", "1"]}, \
             context
+
+
+# ------------------------------------------------------------------- the main job through each launcher
+# The same three launch paths, running the real main job (tp_lora.run) on CPU/gloo: every rank serves a
+# mixed-adapter workload, rank 0 checks sampled batches against a single-process reference and prints
+# the report. A launch is right when the report says so.
+
+MAIN_ENTRY, MAIN_CONFIG = "tp_lora.run", "configs/demo.yaml"
+
+
+def _main_args(cache: Path) -> list[str]:
+    return [f"--set=cache_dir={cache}", "--set=workload.requests=18", "--set=workload.verify_every=2"]
+
+
+def _check_report(out: str, world: int, nodes: dict[str, list[int]] | None = None) -> None:
+    assert f"world={world} (tp={world}, ep=1)" in out, out
+    assert re.search(r"verification vs single-process reference: [1-9]\d* batches checked, 0 failed", out), out
+    rows = re.findall(r"^rank (\d+) ", out, flags=re.M)
+    assert sorted(int(r) for r in rows) == list(range(world)), out  # a stats row per rank
+    if nodes is not None:
+        expect = "ranks per node: " + "  ".join(f"{n}: {rs}" for n, rs in nodes.items())
+        assert expect in out, out
+
+
+def test_main_job_torchrun_two_ranks(tmp_path: Path) -> None:
+    env = _env(NPROC="2", TP_LORA_ENTRY=MAIN_ENTRY, CONFIG=MAIN_CONFIG)
+    res = _run(["launch/torchrun.sh", *_main_args(tmp_path / "cache")], env, timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    _check_report(res.stdout, 2)
+
+
+def test_main_job_two_local_nodes_c10d(tmp_path: Path) -> None:
+    port = _free_port()
+    procs = []
+    for node_rank in (0, 1):
+        env = _env(NNODES="2", NODE_RANK=str(node_rank), NPROC="2", RDZV_HOST="127.0.0.1",
+                   RDZV_PORT=str(port), RDZV_ID=f"main-{port}", RDZV_CONF="join_timeout=60",
+                   TP_LORA_ENTRY=MAIN_ENTRY, CONFIG=MAIN_CONFIG)
+        procs.append(subprocess.Popen(["launch/multinode.sh", *_main_args(tmp_path / "cache")], cwd=ROOT,
+                                      env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    outputs = []
+    try:
+        deadline = time.monotonic() + 240
+        for p in procs:
+            outputs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+    out = "\n".join(outputs)
+    assert [p.returncode for p in procs] == [0, 0], out
+    # c10d assigns node ranks in join order: each torchrun "node" holds two consecutive global ranks
+    _check_report(out, 4, {"node0": [0, 1], "node1": [2, 3]})
+
+
+@pytest.mark.slurm
+def test_main_job_slurm_two_nodes_two_ranks_each(local_slurm: dict[str, str], tmp_path: Path) -> None:
+    env = {**local_slurm, "NPROC_PER_NODE": "2", "TP_LORA_ENTRY": MAIN_ENTRY, "CONFIG": MAIN_CONFIG}
+    out_file = tmp_path / "job.out"
+    cache = Path(tempfile.mkdtemp(prefix="tp_lora_main_"))  # both emulated nodes share this host's /tmp
+    try:
+        res = _run(["sbatch", "--parsable", "-N", "2", "--time=5", f"--output={out_file}",
+                    "launch/slurm.sbatch", *_main_args(cache)], env, timeout=30)
+        assert res.returncode == 0, res.stdout + res.stderr
+        job_id = res.stdout.strip().split(";")[0]
+        terminal = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                    "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+        deadline = time.monotonic() + 300
+        state = ""
+        while time.monotonic() < deadline:
+            state = _job_field(job_id, "JobState", env)
+            if state in terminal:
+                break
+            time.sleep(0.5)
+        else:
+            _run(["scancel", job_id], env, timeout=20)
+        output = out_file.read_text(errors="replace") if out_file.exists() else "(no job output)"
+        context = f"job {job_id} state={state!r}\n--- job output\n{output}\n--- daemons\n" \
+                  f"{_daemon_logs(local_slurm['SLURM_LOCAL_DIR'])}"
+        assert state == "COMPLETED", context
+        # 2 emulated nodes x 2 ranks; which node got global ranks 0-1 depends on rendezvous order
+        nodes = re.search(r"ranks per node: (\S+): \[(\d), (\d)\]  (\S+): \[(\d), (\d)\]", output)
+        assert nodes, context
+        assert {nodes.group(1), nodes.group(4)} == {"n1", "n2"}, context
+        assert sorted(int(nodes.group(i)) for i in (2, 3, 5, 6)) == [0, 1, 2, 3], context
+        _check_report(output, 4)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)

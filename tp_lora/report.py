@@ -24,7 +24,8 @@ def _pct(xs: list[float], q: float) -> float:
 
 def build_report(*, cfg: Any, spec: ModelSpec, world: int, device: torch.device,
                  stats: list[ManagerStats] | None, plans: dict[str, SlicePlan], verify: list[dict[str, Any]],
-                 serve_s: float, tokens: int, batches: int, wall_s: float) -> dict[str, Any]:
+                 serve_s: float, tokens: int, batches: int, wall_s: float,
+                 nodes: list[str] | None = None) -> dict[str, Any]:
     stats = stats or []
     ranks = []
     for st in stats:
@@ -65,6 +66,7 @@ def build_report(*, cfg: Any, spec: ModelSpec, world: int, device: torch.device,
         "max_loras": cfg.max_loras, "adapters": len(plans), "batches": batches, "tokens": tokens,
         "serve_s": serve_s, "wall_s": wall_s, "tokens_per_s": tokens / serve_s if serve_s > 0 else 0.0,
         "per_adapter_rank0": per_adapter, "ranks": ranks,
+        "nodes": {n: [r for r, m in enumerate(nodes or []) if m == n] for n in dict.fromkeys(nodes or [])},
         "verification": {
             "checked_batches": len(verify), "failed": sum(not v["ok"] for v in verify),
             "max_abs_err": max((v["max_abs_err"] for v in verify), default=0.0),
@@ -91,6 +93,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"model={r['model']}  world={r['world_size']} (tp={r['tp_size']}, ep={r['ep_size']})  "
         f"slots={r['max_loras']}  adapters={r['adapters']}  batches={r['batches']}  tokens={r['tokens']}  "
         f"serve={r['serve_s']:.2f}s ({r['tokens_per_s']:.0f} tok/s)",
+        "ranks per node: " + "  ".join(f"{n}: {rs}" for n, rs in r.get("nodes", {}).items()),
         "",
         "per rank (MiB)   loads cold/warm  planned   read  pinned  copied  whole-tensors  saved   "
         "pinned==plan  H2D GB/s  act cold p50/p99 ms  act warm p50/p99 ms  cache hit  evict slot/cache  colls",

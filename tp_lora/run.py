@@ -222,12 +222,13 @@ def run(cfg: RunConfig, *, json_path: str | None = None, progress: bool | None =
                 verify.append(_verify(ref, ref_mgr, batch, logits, cfg))
         serve_s = time.perf_counter() - t_serve
         stats = mgr.aggregate_stats()
+        nodes = _gather_nodes(world)
         report = None
         if rank == 0:
             report = build_report(cfg=cfg, spec=spec, world=world, device=dev, stats=stats,
                                   plans={n: mgr.plan(n) for n in adapters}, verify=verify,
                                   serve_s=serve_s, tokens=tokens, batches=len(batches),
-                                  wall_s=time.perf_counter() - t_start)
+                                  wall_s=time.perf_counter() - t_start, nodes=nodes)
             print(format_report(report), flush=True)
             if json_path:
                 Path(json_path).write_text(json.dumps(report, indent=2, default=str))
@@ -243,6 +244,19 @@ def run(cfg: RunConfig, *, json_path: str | None = None, progress: bool | None =
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _gather_nodes(world: int) -> list[str]:
+    """Which node each rank ran on (Slurm node name, else torchrun's node rank, else the host)."""
+    import socket
+
+    me = os.environ.get("SLURMD_NODENAME") or (f"node{os.environ['GROUP_RANK']}" if "GROUP_RANK" in os.environ
+                                               else socket.gethostname())
+    if world == 1:
+        return [me]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, me)
+    return [str(x) for x in out]
 
 
 def _verify(ref: Any, ref_mgr: LoRAManager, batch: list[Request], logits: torch.Tensor,
