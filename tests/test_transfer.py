@@ -9,11 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runtime_ref import (ALL_DENSE, ReadRecorder, expected_slot, make_adapter, new_manager, slot_diff,
-                         slot_is_zero)
+from runtime_ref import ALL_DENSE, ReadRecorder, expected_slot, make_adapter, new_manager, slot_diff
 from tp_lora.errors import AdapterDataError
-from tp_lora.pinned_cache import PinnedCache
-from tp_lora.transfer import Device, LoadJob, TransferEngine
+from tp_lora.transfer import LoadJob
 
 LAYOUTS = {
     # name: (preset, tp, rank, ep, adapter kwargs)

@@ -1,10 +1,10 @@
 """The only module that issues collectives: activation agreement.
 
 One all-reduce (SUM, float64) of a small vector tells every rank, for each adapter of the activation:
-which ranks failed (one-hot flags), whether slots and generations agree (sum and sum of squares are
-equal to W*x and W*x^2 only if every rank sent x), and each failing rank's short reason (its bytes sit
-in that rank's own segment, zero elsewhere, so the sum reveals them). Every rank decodes the same
-vector, so every rank raises the same error text, or none does.
+which ranks failed (one-hot flags), whether slots, generations and adapter fingerprints agree (sum and sum
+of squares satisfy sum^2 == W * sum of squares only if every rank sent the same x), and each failing rank's
+short reason (its bytes sit in that rank's own segment, zero elsewhere, so the sum reveals them). Every
+rank decodes the same vector, so every rank raises the same error text, or none does.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class RankVerdict:
     slot: int
     generation: int
     reason: str = ""
+    fingerprint: int = 0  # a short digest of the registered files: every rank must hold the same adapter
 
 
 @dataclass
@@ -99,19 +100,21 @@ class Collective:
 def agree(coll: Collective, names: list[str], verdicts: list[RankVerdict]) -> Agreement:
     """The activation collective. Pure decoding around exactly one all-reduce."""
     W, me, n = coll.world, coll.rank, len(names)
-    per = W + 4 + W * REASON_BYTES
+    per = W + 6 + W * REASON_BYTES
     vec = torch.zeros(n * per, dtype=torch.float64)
     for i, v in enumerate(verdicts):
         base = i * per
         if not v.ok:
             vec[base + me] = 1.0
             raw = v.reason.encode("utf-8", "replace")[:REASON_BYTES]
-            seg = base + W + 4 + me * REASON_BYTES
+            seg = base + W + 6 + me * REASON_BYTES
             vec[seg:seg + len(raw)] = torch.tensor(list(raw), dtype=torch.float64)
         vec[base + W] = v.slot
         vec[base + W + 1] = v.slot * v.slot
         vec[base + W + 2] = v.generation
         vec[base + W + 3] = v.generation * v.generation
+        vec[base + W + 4] = v.fingerprint
+        vec[base + W + 5] = v.fingerprint * v.fingerprint
     try:
         out = coll.all_reduce_sum(vec)
     except TimeoutError as e:
@@ -124,17 +127,21 @@ def agree(coll: Collective, names: list[str], verdicts: list[RankVerdict]) -> Ag
         base = i * per
         for r in range(W):
             if out[base + r] > 0.5:
-                seg = base + W + 4 + r * REASON_BYTES
+                seg = base + W + 6 + r * REASON_BYTES
                 raw = bytes(int(b) for b in out[seg:seg + REASON_BYTES].tolist() if 0 < b < 256)
                 failed.setdefault(name, {})[r] = raw.decode("utf-8", "replace")
         if name in failed:
             continue
-        s, s2, g, g2 = (float(out[base + W + k]) for k in range(4))
+        # integers (exact: every sum is far below 2**53); compare in Python ints, not float products
+        s, s2, g, g2, f, f2 = (int(round(float(out[base + W + k]))) for k in range(6))
         if s * s != W * s2:
             disagree.append(f"adapter {name!r}: ranks chose different GPU slots (sum {s:g}, sum of squares "
                             f"{s2:g} over {W} ranks)")
         if g * g != W * g2:
             disagree.append(f"adapter {name!r}: ranks hold different registrations (generations differ)")
+        if f * f != W * f2:
+            disagree.append(f"adapter {name!r}: ranks registered different files under this name (adapter "
+                            f"fingerprints differ)")
     return Agreement(ok=not failed and not disagree, failed=failed, disagreement=disagree)
 
 

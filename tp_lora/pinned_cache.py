@@ -141,11 +141,13 @@ class PinnedCache:
             return True
 
     def _make_room(self, need: int) -> bool:
-        while self.budget - self._reserved < need:
-            victims = [e for e in self._entries.values() if e.inflight == 0 and e.complete]
-            if not victims:
-                return False
-            v = min(victims, key=lambda e: e.last_used)
+        victims = sorted((e for e in self._entries.values() if e.inflight == 0 and e.complete),
+                         key=lambda e: e.last_used)
+        if self.budget - self._reserved + sum(v.nbytes for v in victims) < need:
+            return False  # even evicting every idle entry would not make room: keep them, stream this one
+        for v in victims:
+            if self.budget - self._reserved >= need:
+                break
             self._drop(v)
             self.stats.evictions += 1
         return True

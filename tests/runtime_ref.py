@@ -1,0 +1,278 @@
+"""Independent references for the runtime tests (pool / cache / pipeline / manager).
+
+Nothing here uses ``tp_lora``'s reader, naming tables or planner: the expected slot contents are built
+from the full tensors (``safetensors.torch.load_file``) and the TP table of DESIGN.md, written out by
+hand for the PEFT key layouts that ``write_synthetic_adapter`` produces. Tests compare the pool with
+these, so a wrong slice, a wrong destination, a missing cast or a stray write shows up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+PAD_VOCAB = 64  # ParallelSpec.vocab_pad_to default (vLLM / SGLang)
+
+
+# --------------------------------------------------------------------------------------------------
+# ownership, from DESIGN.md's TP table (hand-written; no tp_lora.parallel)
+# --------------------------------------------------------------------------------------------------
+class Owner:
+    def __init__(self, model: Any, tp: int, rank: int, ep: int = 1):
+        self.m, self.tp, self.rank, self.ep = model, tp, rank, ep
+        hd = model.head_dim
+        hp = model.num_attention_heads // tp
+        self.q_rows = (rank * hp * hd, (rank + 1) * hp * hd)
+        kv = model.num_key_value_heads
+        if tp <= kv:
+            per = kv // tp
+            self.kv_rows = (rank * per * hd, (rank + 1) * per * hd)
+        else:
+            head = rank // (tp // kv)
+            self.kv_rows = (head * hd, (head + 1) * hd)
+        i = model.intermediate_size // tp
+        self.i_rows = (rank * i, (rank + 1) * i)
+        s = model.shared_expert_intermediate_size // tp
+        self.s_rows = (rank * s, (rank + 1) * s)
+        moe_tp = tp // ep
+        mr = rank % moe_tp
+        im = (model.moe_intermediate_size // moe_tp) if model.num_experts else 0
+        self.m_rows = (mr * im, (mr + 1) * im)
+        per_e = model.num_experts // ep if model.num_experts else 0
+        er = rank // moe_tp
+        self.experts = range(er * per_e, (er + 1) * per_e)
+        padded = -(-model.vocab_size // PAD_VOCAB) * PAD_VOCAB
+        vper = -(-padded // tp)
+        v0 = min(rank * vper, model.vocab_size)
+        self.vocab = (v0, min(v0 + vper, model.vocab_size))
+
+
+_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)\.(lora_A|lora_B)\.weight$")
+_DENSE = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+          "self_attn.qkv_proj": "qkv", "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
+          "mlp.gate_up_proj": "gate_up", "mlp.shared_expert.gate_proj": "shared.gate",
+          "mlp.shared_expert.up_proj": "shared.up", "mlp.shared_expert.down_proj": "shared.down"}
+_EXPERT = {"gate_proj": "experts.w1", "up_proj": "experts.w3", "down_proj": "experts.w2",
+           "w1": "experts.w1", "w3": "experts.w3", "w2": "experts.w2"}
+
+
+def _pairs(tensors: dict[str, torch.Tensor]) -> dict[tuple[str, int, int | None], dict[str, torch.Tensor]]:
+    """(source module, layer, expert) -> {"A": tensor, "B": tensor}, from synthetic PEFT keys."""
+    out: dict[tuple[str, int, int | None], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if key.endswith("embed_tokens.lora_embedding_A") or key.endswith("embed_tokens.lora_embedding_B"):
+            out.setdefault(("embed", 0, None), {})[key[-1]] = t
+            continue
+        if re.search(r"(^|\.)lm_head\.lora_[AB]\.weight$", key):
+            out.setdefault(("lm_head", 0, None), {})[key[-8]] = t
+            continue
+        m = _LAYER_RE.search(key)
+        assert m, key
+        layer, path, side = int(m.group(1)), m.group(2), m.group(3)[-1]
+        if path in _DENSE:
+            ident = (_DENSE[path], layer, None)
+        elif path == "mlp.experts.base_layer":
+            ident = ("fused.gate_up", layer, None)
+        elif path == "mlp.experts":
+            ident = ("fused.down", layer, None)
+        else:
+            em = re.fullmatch(r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)", path)
+            assert em, key
+            ident = (_EXPERT[em.group(2)], layer, int(em.group(1)))
+        out.setdefault(ident, {})[side] = t
+    return out
+
+
+def expected_slot(adapter_dir: str | os.PathLike[str], model: Any, tp: int, rank: int, ep: int,
+                  pool: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """module -> (A, B, scaling) as one slot of ``pool`` must hold them (zeros where not written).
+
+    Built from the full tensors and the TP table only; uses ``pool`` for nothing but buffer shapes and
+    the dtype (the shapes themselves are checked against hand-computed numbers in test_pool.py).
+    """
+    d = Path(adapter_dir)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    tensors = load_file(str(d / "adapter_model.safetensors"))
+    own = Owner(model, tp, rank, ep)
+    dt = pool.dtype
+    exp = {m: (torch.zeros(pool.A[m].shape[1:], dtype=dt), torch.zeros(pool.B[m].shape[1:], dtype=dt),
+               torch.zeros(pool.scaling[m].shape[1:], dtype=torch.float32)) for m in pool.shapes}
+    alpha = float(cfg["lora_alpha"])
+    E = model.num_experts
+
+    def scale(r: int) -> float:
+        return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+    def put(module: str, layer: int, le: int | None, a: torch.Tensor, b: torch.Tensor, r: int) -> None:
+        assert module in exp, f"adapter targets {module} but the pool lacks it"
+        A, B, S = exp[module]
+        ia = (layer,) if le is None else (layer, le)
+        A[ia][:a.shape[0], :a.shape[1]] = a.to(dt)
+        B[ia][:b.shape[0], :b.shape[1]] = b.to(dt)
+        S[layer, 0 if le is None else le] = scale(r)
+
+    col = {"q": own.q_rows, "k": own.kv_rows, "v": own.kv_rows, "gate": own.i_rows, "up": own.i_rows,
+           "shared.gate": own.s_rows, "shared.up": own.s_rows}
+    rowp = {"o": own.q_rows, "down": own.i_rows, "shared.down": own.s_rows}
+    q_size = model.num_attention_heads * model.head_dim
+    kv_size = model.num_key_value_heads * model.head_dim
+    for (mod, layer, expert), ab in _pairs(tensors).items():
+        A, B = ab["A"], ab["B"]
+        r = A.shape[0]
+        if mod in col:
+            r0, r1 = col[mod]
+            put(mod, layer, None, A, B[r0:r1], r)
+        elif mod in rowp:
+            c0, c1 = rowp[mod]
+            put(mod, layer, None, A[:, c0:c1], B, r)
+        elif mod == "qkv":
+            (q0, q1), (k0, k1) = own.q_rows, own.kv_rows
+            put("q", layer, None, A, B[q0:q1], r)
+            put("k", layer, None, A, B[q_size + k0:q_size + k1], r)
+            put("v", layer, None, A, B[q_size + kv_size + k0:q_size + kv_size + k1], r)
+        elif mod == "gate_up":
+            i0, i1 = own.i_rows
+            put("gate", layer, None, A, B[i0:i1], r)
+            put("up", layer, None, A, B[model.intermediate_size + i0:model.intermediate_size + i1], r)
+        elif mod in ("experts.w1", "experts.w3", "experts.w2"):
+            if expert not in own.experts:
+                continue
+            le = expert - own.experts.start
+            m0, m1 = own.m_rows
+            if mod == "experts.w2":
+                put(mod, layer, le, A[:, m0:m1], B, r)
+            else:
+                put(mod, layer, le, A, B[m0:m1], r)
+        elif mod == "fused.gate_up":  # A row e*r+j, B column j*E+e (PEFT ParamWrapper layout)
+            r = A.shape[0] // E
+            im = model.moe_intermediate_size
+            m0, m1 = own.m_rows
+            for e in own.experts:
+                a, b = A[e * r:(e + 1) * r], B[:, e::E]
+                put("experts.w1", layer, e - own.experts.start, a, b[m0:m1], r)
+                put("experts.w3", layer, e - own.experts.start, a, b[im + m0:im + m1], r)
+        elif mod == "fused.down":
+            r = A.shape[0] // E
+            m0, m1 = own.m_rows
+            for e in own.experts:
+                put("experts.w2", layer, e - own.experts.start, A[e * r:(e + 1) * r, m0:m1], B[:, e::E], r)
+        elif mod == "embed":
+            v0, v1 = own.vocab
+            put("embed", 0, None, A[:, v0:v1], B, r)
+        elif mod == "lm_head":
+            v0, v1 = own.vocab
+            put("lm_head", 0, None, A, B[v0:v1], r)
+        else:  # pragma: no cover
+            raise AssertionError(mod)
+    return exp
+
+
+def slot_diff(pool: Any, slot: int, expected: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[str]:
+    """Where the slot differs from ``expected`` (bitwise); [] when identical."""
+    bad = []
+    for m in pool.shapes:
+        a, b, s = expected[m]
+        for side, got, want in (("A", pool.A[m][slot], a), ("B", pool.B[m][slot], b),
+                                ("scaling", pool.scaling[m][slot], s)):
+            got = got.detach().cpu()
+            if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(
+                    got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)):
+                nz = (got.float() != want.float()).nonzero()
+                bad.append(f"{m}.{side}: {nz.shape[0]} elements differ, first at {nz[:3].tolist()}")
+    return bad
+
+
+def slot_is_zero(pool: Any, slot: int) -> bool:
+    return all(not pool.A[m][slot].any() and not pool.B[m][slot].any() and not pool.scaling[m][slot].any()
+               for m in pool.shapes)
+
+
+def delta(pool: Any, slot: int, x: torch.Tensor, modules: tuple[str, ...] = ("q", "o")) -> dict[str, torch.Tensor]:
+    """A small LoRA delta computed by hand from the slot's buffers: s * (x @ A^T) @ B^T per layer."""
+    out = {}
+    for m in modules:
+        if m not in pool.shapes:
+            continue
+        A, B, S = pool.A[m][slot].float().cpu(), pool.B[m][slot].float().cpu(), pool.scaling[m][slot].cpu()
+        for layer in range(A.shape[0]):
+            xin = x[:, :A.shape[-1]]
+            out[f"{m}.{layer}"] = S[layer, 0] * (xin @ A[layer].T) @ B[layer].T
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# small helpers shared by the runtime tests
+# --------------------------------------------------------------------------------------------------
+ALL_DENSE = ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head")
+
+
+def make_adapter(root: str | os.PathLike[str], name: str, preset: str, **kw: Any) -> Path:
+    """A synthetic adapter ``root/name`` of a preset (written once per root/name)."""
+    from tp_lora.model import ModelSpec
+    from tp_lora.synthetic import write_synthetic_adapter
+
+    out = Path(root) / name
+    if not (out / "adapter_model.safetensors").exists():
+        write_synthetic_adapter(out, ModelSpec.from_preset(preset), **kw)
+    return out
+
+
+def new_manager(preset: str, tp: int = 1, rank: int = 0, ep: int = 1, **cfg: Any):
+    from tp_lora.manager import LoRAConfig, LoRAManager
+    from tp_lora.model import ModelSpec
+    from tp_lora.parallel import ParallelSpec
+
+    cfg.setdefault("chunk_bytes", 4096)
+    cfg.setdefault("max_lora_rank", 8)
+    cfg.setdefault("max_loras", 2)
+    cfg.setdefault("dtype", "float32")
+    return LoRAManager(LoRAConfig(**cfg), ModelSpec.from_preset(preset),
+                       ParallelSpec(tp_size=tp, tp_rank=rank, ep_size=ep))
+
+
+class ReadRecorder:
+    """Wraps os.preadv / os.pread to record (offset, length) of every read through them (the data path)."""
+
+    def __init__(self, monkeypatch: Any):
+        self.reads: list[tuple[int, int]] = []
+        real_preadv, real_pread = os.preadv, os.pread
+
+        def preadv(fd: int, buffers: Any, offset: int, *a: Any) -> int:
+            n = real_preadv(fd, buffers, offset, *a)
+            self.reads.append((offset, n))
+            return n
+
+        def pread(fd: int, length: int, offset: int) -> bytes:
+            b = real_pread(fd, length, offset)
+            self.reads.append((offset, len(b)))
+            return b
+
+        monkeypatch.setattr(os, "preadv", preadv)
+        monkeypatch.setattr(os, "pread", pread)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n in self.reads)
+
+
+def poison_tensor(weights: str | os.PathLike[str], key_part: str = "layers.0.self_attn.q_proj.lora_A") -> str:
+    """Overwrite the data of the first tensor whose key contains ``key_part`` with NaN bit patterns (valid
+    for bf16, fp16 and fp32 alike); the header stays the same. A q_proj A is read in full by every rank."""
+    import struct
+
+    p = Path(weights)
+    raw = bytearray(p.read_bytes())
+    (hlen,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + hlen])
+    key = next(k for k in sorted(header) if key_part in k)
+    s, e = header[key]["data_offsets"]
+    raw[8 + hlen + s:8 + hlen + e] = b"\xc0\x7f" * ((e - s) // 2)
+    p.write_bytes(bytes(raw))
+    return key
