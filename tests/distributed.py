@@ -66,8 +66,11 @@ def _later_failures(results: Any, first: int, grace: float = 1.0) -> str:
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 60.0,
-                    backend: str = "gloo") -> list[Any]:
-    """``[fn(0, world_size, *args), ..., fn(world_size-1, world_size, *args)]``, each on its own process."""
+                    backend: str = "gloo", may_exit: tuple[int, ...] = ()) -> list[Any]:
+    """``[fn(0, world_size, *args), ..., fn(world_size-1, world_size, *args)]``, each on its own process.
+
+    ``may_exit``: ranks that a test kills on purpose (``os._exit``); one that ends without a result is not a
+    failure, and its value is None."""
     ctx = mp.get_context("spawn")
     store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=timeout))
@@ -92,6 +95,8 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs)
                         if r not in values and p.exitcode is not None]
+                values.update({r: None for r in dead if r in may_exit})
+                dead = [r for r in dead if r not in may_exit]
                 if dead:
                     # a rank died without reporting (segfault, os._exit): give its message a moment
                     try:

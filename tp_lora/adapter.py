@@ -103,6 +103,40 @@ class AdapterConfig:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
+def _regex_risk(pat: str) -> str | None:
+    """Why matching ``pat`` (an untrusted rank/alpha pattern) could take exponential or high-polynomial time,
+    or None. Conservative: a repeated group that contains a repetition or an alternation ("(.*.*)*x",
+    "(a|a)*b", "(.?){30}"), or more than 3 repetitions ("*", "+", "?", "{") in all; real peft patterns have
+    neither."""
+    reps, stack, i = 0, [False], 0  # stack: does the open group contain a repetition/alternation?
+    while i < len(pat):
+        c = pat[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "[":  # a character class: its metacharacters are literals
+            j = i + 1 + (pat[i + 1:i + 2] == "^")
+            j += pat[j:j + 1] == "]"
+            while j < len(pat) and pat[j] != "]":
+                j += 2 if pat[j] == "\\" else 1
+            i = j + 1
+            continue
+        if c == "(":
+            stack.append(False)
+        elif c == ")" and len(stack) > 1:
+            inner = stack.pop()
+            if inner and pat[i + 1:i + 2] in ("*", "+", "{"):
+                return "a repeated group that contains a repetition or an alternation"
+            stack[-1] = stack[-1] or inner
+        elif c in "*+{" or (c == "?" and i and pat[i - 1] not in "(*+?}"):  # not "(?:" nor a lazy "*?"
+            reps += 1
+            stack[-1] = True
+        elif c == "|":
+            stack[-1] = True
+        i += 1
+    return f"{reps} repetitions" if reps > 3 else None
+
+
 def _pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
     # peft's rule (utils.other.get_pattern_key): the pattern must match a suffix at a '.' boundary.
     for pat in patterns:
@@ -324,6 +358,10 @@ def parse_adapter_config(path: str, *, adapter: str | None = None) -> tuple[Adap
                 raise fail(f"{pname}[{k!r}] must be a positive number, got {v!r}")
             if not _finite_f32(v):
                 raise fail(f"{pname}[{k!r}] must be finite (within float32 range), got {v!r:.40}")
+            why = _regex_risk(k)
+            if why is not None:
+                raise fail(f"{pname} key {k!r:.80} is a regular expression that can backtrack "
+                           f"catastrophically ({why}); use module names or simpler patterns")
     tm = get("target_modules", (list, str), None)
     if isinstance(tm, list) and not all(isinstance(x, str) for x in tm):
         raise fail("field 'target_modules' must be a list of strings")

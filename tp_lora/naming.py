@@ -69,7 +69,7 @@ GLOBAL_MODULES = ("embed", "lm_head")  # not per layer: stored at layer index 0
 _KEY_RE = re.compile(
     r"^(?P<prefix>.*?)(?P<path>(?:model\.)?layers\.(?P<layer>\d+)\.(?P<module>.+?)|(?:model\.)?embed_tokens|lm_head)"
     r"\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?"
-    r"(?P<weight>\.weight)?$")
+    r"(?P<weight>\.weight)?$", re.ASCII)  # ASCII: \d must not take other scripts' digits ("layers.١")
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def parse_peft_key(key: str, family: str) -> ParsedKey:
     if mod in table.layer_modules:
         return ParsedKey(key, table.layer_modules[mod], side, layer, None, module_path)
     for pref in table.expert_prefixes:
-        em = re.fullmatch(re.escape(pref) + r"\.(\d+)\.(\w+)", mod)
+        em = re.fullmatch(re.escape(pref) + r"\.(\d+)\.(\w+)", mod, re.ASCII)
         if em and em.group(2) in table.expert_names:
             return ParsedKey(key, table.expert_names[em.group(2)], side, layer, int(em.group(1)),
                              module_path)
