@@ -200,7 +200,9 @@ class LoRAManager:
                 raise AdapterStateError(f"adapter {name!r} is already registered from {old.path} with other "
                                         f"contents; pass replace=True to replace it")
             self.unregister(name)
-        gen = self._generations.get(name, 0) + 1
+        # the generation names the registered contents (not a count of register calls): ranks whose
+        # register calls failed differently still agree once they hold the same files
+        gen = int(header.fingerprint[:5], 16)
         self._generations[name] = gen
         self._adapters[name] = _Adapter(name, str(path), header, plan, gen)
         with self._stats_lock:
