@@ -202,6 +202,22 @@ def write_adapter_from_args(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# run: the main job (a thin alias of `python -m tp_lora.run`; under torchrun use that module form)
+# --------------------------------------------------------------------------------------------------
+def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("run", help="the main job: a multi-adapter serving run with a report "
+                                   "(as `python -m tp_lora.run`)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from .run import main as run_main
+
+    return run_main(args.rest)
+
+
+# --------------------------------------------------------------------------------------------------
 # subcommand registry
 # --------------------------------------------------------------------------------------------------
 #: name -> (adds the subparser, runs it). Each runner returns the exit status.
@@ -209,8 +225,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], argparse.Arg
                              Callable[[argparse.Namespace], int]]] = {
     "plan": (_add_plan, _run_plan),
     "write-adapter": (_add_write_adapter, write_adapter_from_args),
-    # ---- LEAD: add the `run` subcommand here (the main job: launch an engine/reference model with a
-    # ---- LoRAManager and serve/benchmark adapters), e.g. "run": (_add_run, _run_run).
+    "run": (lambda sub: _add_run(sub), lambda args: _run_run(args)),
 }
 
 
