@@ -17,7 +17,7 @@
 #   RDZV_ID        job id shared by all nodes of one run    [$SLURM_JOB_ID, else tp_lora]
 #   RDZV_BACKEND   c10d, or static (then RDZV_HOST:RDZV_PORT is the master address)  [c10d]
 #   RDZV_CONF      torchrun --rdzv-conf, e.g. "join_timeout=120"  [empty: torchrun's defaults]
-#   CONFIG         first argument of the entry              [configs/models/tiny-dense.yaml]
+#   CONFIG         first argument of the entry              [configs/demo.yaml]
 #   TP_LORA_ENTRY  module run by each rank                  [tp_lora.run]
 #   TORCHRUN       the torchrun command                     [torchrun, else `python3 -m torch.distributed.run`]
 #   TORCHRUN_ARGS  extra torchrun flags, word-split         [empty]
@@ -45,7 +45,7 @@ RDZV_PORT=${RDZV_PORT:-29400}
 RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-tp_lora}}
 RDZV_BACKEND=${RDZV_BACKEND:-c10d}
 RDZV_CONF=${RDZV_CONF:-}
-CONFIG=${CONFIG:-configs/models/tiny-dense.yaml}
+CONFIG=${CONFIG:-configs/demo.yaml}
 TP_LORA_ENTRY=${TP_LORA_ENTRY:-tp_lora.run}
 if [[ -z "${TORCHRUN:-}" ]]; then
     if command -v torchrun >/dev/null 2>&1; then TORCHRUN=torchrun; else TORCHRUN="python3 -m torch.distributed.run"; fi

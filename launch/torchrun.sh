@@ -2,11 +2,11 @@
 # Single node: one torchrun starting NPROC ranks of `python -m $TP_LORA_ENTRY $CONFIG [args...]`.
 #
 #   launch/torchrun.sh [args passed to the entry module...]
-#   NPROC=4 CONFIG=my_run.yaml launch/torchrun.sh --max-loras 8
+#   NPROC=4 CONFIG=my_run.yaml launch/torchrun.sh --set max_loras=8
 #
 # Knobs (environment variables, [default]):
 #   NPROC          ranks on this node            [number of visible GPUs, or 2 without GPUs]
-#   CONFIG         first argument of the entry   [configs/models/tiny-dense.yaml]
+#   CONFIG         first argument of the entry   [configs/demo.yaml]
 #   TP_LORA_ENTRY  module run by each rank       [tp_lora.run]
 #   MASTER_ADDR    rendezvous address            [127.0.0.1]
 #   MASTER_PORT    rendezvous port; 0 = let torchrun pick a free one (--standalone)  [0]
@@ -29,7 +29,7 @@ gpu_count() {
 
 gpus=$(gpu_count)
 NPROC=${NPROC:-$(( gpus > 0 ? gpus : 2 ))}
-CONFIG=${CONFIG:-configs/models/tiny-dense.yaml}
+CONFIG=${CONFIG:-configs/demo.yaml}
 TP_LORA_ENTRY=${TP_LORA_ENTRY:-tp_lora.run}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-0}

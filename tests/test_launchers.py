@@ -160,18 +160,17 @@ def _daemon_logs(state_dir: str) -> str:
     return "\n".join(text)
 
 
-@pytest.mark.slurm
-def test_slurm_sbatch_two_nodes_two_ranks_each(local_slurm: dict[str, str], tmp_path: Path) -> None:
-    env = {**local_slurm, "NPROC_PER_NODE": "2"}
-    out_file = tmp_path / "job.out"
-    res = _run(["sbatch", "--parsable", "-N", "2", "--time=3", f"--output={out_file}",
-                "launch/slurm.sbatch", "--probe-flag"], env, timeout=30)
+def _sbatch_and_wait(env: dict[str, str], out_file: Path, job_args: list[str], minutes: int,
+                     timeout: float) -> tuple[str, str, str, str]:
+    """Submit launch/slurm.sbatch on 2 nodes and wait (bounded) for a terminal state.
+    Returns (job id, state, job output, context for assertion messages)."""
+    res = _run(["sbatch", "--parsable", "-N", "2", f"--time={minutes}", f"--output={out_file}",
+                "launch/slurm.sbatch", *job_args], env, timeout=30)
     assert res.returncode == 0, res.stdout + res.stderr
     job_id = res.stdout.strip().split(";")[0]
-
     terminal = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     state = ""
     while time.monotonic() < deadline:
         state = _job_field(job_id, "JobState", env)
@@ -182,7 +181,14 @@ def test_slurm_sbatch_two_nodes_two_ranks_each(local_slurm: dict[str, str], tmp_
         _run(["scancel", job_id], env, timeout=20)
     output = out_file.read_text(errors="replace") if out_file.exists() else "(no job output)"
     context = f"job {job_id} state={state!r}\n--- job output\n{output}\n--- daemons\n" \
-              f"{_daemon_logs(local_slurm['SLURM_LOCAL_DIR'])}"
+              f"{_daemon_logs(env['SLURM_LOCAL_DIR'])}"
+    return job_id, state, output, context
+
+
+@pytest.mark.slurm
+def test_slurm_sbatch_two_nodes_two_ranks_each(local_slurm: dict[str, str], tmp_path: Path) -> None:
+    env = {**local_slurm, "NPROC_PER_NODE": "2"}
+    job_id, state, output, context = _sbatch_and_wait(env, tmp_path / "job.out", ["--probe-flag"], 3, 120)
     assert state == "COMPLETED", context
     assert _job_field(job_id, "ExitCode", env) == "0:0", context
     assert output.count(expected_line(4, 2)) == 1, context
@@ -255,27 +261,9 @@ def test_main_job_two_local_nodes_c10d(tmp_path: Path) -> None:
 @pytest.mark.slurm
 def test_main_job_slurm_two_nodes_two_ranks_each(local_slurm: dict[str, str], tmp_path: Path) -> None:
     env = {**local_slurm, "NPROC_PER_NODE": "2", "TP_LORA_ENTRY": MAIN_ENTRY, "CONFIG": MAIN_CONFIG}
-    out_file = tmp_path / "job.out"
     cache = Path(tempfile.mkdtemp(prefix="tp_lora_main_"))  # both emulated nodes share this host's /tmp
     try:
-        res = _run(["sbatch", "--parsable", "-N", "2", "--time=5", f"--output={out_file}",
-                    "launch/slurm.sbatch", *_main_args(cache)], env, timeout=30)
-        assert res.returncode == 0, res.stdout + res.stderr
-        job_id = res.stdout.strip().split(";")[0]
-        terminal = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                    "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
-        deadline = time.monotonic() + 300
-        state = ""
-        while time.monotonic() < deadline:
-            state = _job_field(job_id, "JobState", env)
-            if state in terminal:
-                break
-            time.sleep(0.5)
-        else:
-            _run(["scancel", job_id], env, timeout=20)
-        output = out_file.read_text(errors="replace") if out_file.exists() else "(no job output)"
-        context = f"job {job_id} state={state!r}\n--- job output\n{output}\n--- daemons\n" \
-                  f"{_daemon_logs(local_slurm['SLURM_LOCAL_DIR'])}"
+        job_id, state, output, context = _sbatch_and_wait(env, tmp_path / "job.out", _main_args(cache), 5, 300)
         assert state == "COMPLETED", context
         # 2 emulated nodes x 2 ranks; which node got global ranks 0-1 depends on rendezvous order
         nodes = re.search(r"ranks per node: (\S+): \[(\d), (\d)\]  (\S+): \[(\d), (\d)\]", output)

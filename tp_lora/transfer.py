@@ -248,36 +248,23 @@ class SliceReader:
     def read_chunk(self, chunk: Chunk, buf: torch.Tensor) -> None:
         """Fill a chunk's host buffer: one scatter preadv per contiguous file run, then the strided
         (fused-expert) slices."""
-        mv = memoryview(buf.numpy()).cast("B")
-        total = 0
-        for file_off, pieces in chunk.reads:
-            iov = [mv[o:o + n] for o, n in pieces]
-            want = sum(n for _, n in pieces)
-            got = os.preadv(self.fd, iov, file_off)
-            if got != want:  # short read (signal, end of a truncated file): finish piece by piece
-                pos = file_off
-                for o, n in pieces:
-                    self._pread_into_mv(mv[o:o + n], pos)
-                    pos += n
-            total += want
-        with self._lock:
-            self.bytes_read += total
-        for i in chunk.gathers:
-            op = chunk.ops[i]
-            off = chunk.offsets[i]
-            self.read(op, buf[off:off + op.nbytes])
+        self._read_runs(chunk, chunk.reads, chunk.gathers, buf)
 
     def read_part(self, chunk: Chunk, part: Any, buf: torch.Tensor) -> None:
         """Fill one part of a chunk's buffer (``part`` None: the whole chunk)."""
         if part is None:
             self.read_chunk(chunk, buf)
-            return
+        else:
+            self._read_runs(chunk, part.reads, part.gathers, buf)
+
+    def _read_runs(self, chunk: Chunk, reads: Any, gathers: Any, buf: torch.Tensor) -> None:
         mv = memoryview(buf.numpy()).cast("B")
         total = 0
-        for file_off, pieces in part.reads:
+        for file_off, pieces in reads:
             iov = [mv[o:o + n] for o, n in pieces]
             want = sum(n for _, n in pieces)
             if os.preadv(self.fd, iov, file_off) != want:
+                # short read (signal, end of a truncated file): finish piece by piece, raising at EOF
                 pos = file_off
                 for o, n in pieces:
                     self._pread_into_mv(mv[o:o + n], pos)
@@ -285,7 +272,7 @@ class SliceReader:
             total += want
         with self._lock:
             self.bytes_read += total
-        for i in part.gathers:
+        for i in gathers:
             op = chunk.ops[i]
             off = chunk.offsets[i]
             self.read(op, buf[off:off + op.nbytes])
