@@ -235,13 +235,7 @@ class SliceReader:
 
     def _pread_into(self, dst: torch.Tensor, offset: int) -> None:
         mv = memoryview(dst.numpy()).cast("B")
-        done = 0
-        while done < len(mv):
-            n = os.preadv(self.fd, [mv[done:]], offset + done)
-            if n <= 0:
-                raise AdapterDataError(f"file truncated while reading: got {done} of {len(mv)} bytes at "
-                                       f"offset {offset}", adapter=self.header.name, path=self.path)
-            done += n
+        self._pread_into_mv(mv, offset)
         with self._lock:
             self.bytes_read += len(mv)
 
