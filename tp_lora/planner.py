@@ -144,7 +144,10 @@ class SlicePlan:
 
     @property
     def nbytes(self) -> int:
-        return sum(op.nbytes for op in self.ops)
+        # memoised: a warm activation must not walk thousands of slices (MoE plans have ~5000)
+        if "nbytes" not in self._memo:
+            self._memo["nbytes"] = sum(op.nbytes for op in self.ops)
+        return self._memo["nbytes"]
 
     def cache_keys(self) -> list[str]:
         return [f"{self.adapter}/{op.key}" for op in self.ops]

@@ -110,6 +110,7 @@ class GpuPool:
         self.refcount = [0] * S
         self.last_used = [0] * S
         self.reserved = [False] * S  # being loaded: never an eviction victim
+        self._dirty: list[set[tuple[str, str]]] = [set() for _ in range(S)]  # (module, A|B|S) written
         self._clock = 0
         self.evictions = 0
 
@@ -183,12 +184,19 @@ class GpuPool:
 
         ``covered[(module, side)]`` True means the next load overwrites every element of that buffer
         (every block, full rank, full width), so zeroing it first would be wasted launches."""
+        # without ``covered`` (a plain "zero this slot") everything is zeroed; with it (the transfer
+        # engine), buffers that nobody wrote since allocation or the last clear are skipped too
+        dirty = self._dirty[slot] if covered is not None else {(m, x) for m in self.shapes for x in "ABS"}
         for m in self.shapes:
             for side, buf in (("A", self.A[m]), ("B", self.B[m])):
-                if not (covered and covered.get((m, side))):
+                if (m, side) in dirty and not (covered and covered.get((m, side))):
                     buf[slot].zero_()
-            if not (covered and covered.get((m, "A")) and covered.get((m, "B"))):
+            if (m, "S") in dirty and not (covered and covered.get((m, "A")) and covered.get((m, "B"))):
                 self.scaling[m][slot].zero_()
+        # what the coming load may write: the buffers it touches, and (conservatively) every scaling row,
+        # since its scalings can name modules it holds no slice of on this rank
+        written = set(covered) if covered is not None else {(m, x) for m in self.shapes for x in ("A", "B")}
+        self._dirty[slot] = written | {(m, "S") for m in self.shapes}
 
     def coverage(self, ops) -> dict[tuple[str, str], bool]:
         """Which (module, side) buffers a plan's slices overwrite completely (pure bookkeeping)."""
