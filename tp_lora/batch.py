@@ -23,6 +23,7 @@ class BatchInfo:
     seg_lens: tuple[int, ...]
     slot_tokens: dict[int, torch.Tensor]  # slot -> [n] int64 token indices (device)
     slot_ranks: dict[int, int]  # slot -> the adapter's largest rank
+    slot_ids: torch.Tensor | None = None  # [S_b] int64 (device): the slots of this batch, sorted
     _release: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
@@ -70,4 +71,5 @@ def build_batch(request_slots: list[int], request_adapters: list[str | None], to
     return BatchInfo(token_slots=put(per_token), request_slots=tuple(request_slots),
                      request_adapters=tuple(request_adapters), seg_starts=tuple(starts),
                      seg_lens=tuple(tokens_per_request), slot_tokens=slot_tokens,
-                     slot_ranks={s: slot_ranks[s] for s in slot_tokens}, _release=release)
+                     slot_ranks={s: slot_ranks[s] for s in slot_tokens},
+                     slot_ids=put(torch.tensor(sorted(slot_tokens), dtype=torch.int64)), _release=release)

@@ -85,20 +85,23 @@ class LoRAOps:
     # -- experts ------------------------------------------------------------------------------------
     def _expert(self, layer: int, module: str, expert: int, x: torch.Tensor, token_index: torch.Tensor,
                 out: torch.Tensor) -> None:
-        if module not in self.pool.A:
+        """All slots of the batch at once, masked per row: no data-dependent shapes, so no host
+        synchronisation per expert (a per-slot ``nonzero`` would stall the stream for every expert)."""
+        if module not in self.pool.A or not self.batch.slot_tokens:
             return
         if expert not in self._local_experts:
             raise ValueError(f"expert {expert} is not local to this rank (local: {self._local_experts})")
         le = expert - self._local_experts.start
-        row_slots = self.batch.token_slots.index_select(0, token_index)
-        for s in self.batch.slot_tokens:
-            rows = torch.nonzero(row_slots == s, as_tuple=False).flatten()
-            if rows.numel() == 0:
-                continue
-            A = self.pool.A[module][s, layer, le]
-            B = self.pool.B[module][s, layer, le]
-            sc = self.pool.scaling[module][s, layer, le]
-            self._add(out, rows, self.backend.delta(x.index_select(0, rows), A, B, sc))
+        ids = self.batch.slot_ids
+        if ids is None:
+            ids = torch.tensor(sorted(self.batch.slot_tokens), dtype=torch.int64, device=x.device)
+        A = self.pool.A[module][:, layer, le].index_select(0, ids)  # [S_b, R, in]
+        B = self.pool.B[module][:, layer, le].index_select(0, ids)  # [S_b, out, R]
+        sc = self.pool.scaling[module][:, layer, le].index_select(0, ids)  # [S_b]
+        row_slots = self.batch.token_slots.index_select(0, token_index)  # [n]
+        w = (row_slots[:, None] == ids[None, :]).to(x.dtype) * sc.to(x.dtype)[None, :]  # [n, S_b]
+        xa = torch.einsum("ni,sri->nsr", x, A.to(x.dtype)) * w[:, :, None]  # rows of other slots -> 0
+        out += torch.einsum("nsr,sor->no", xa, B.to(x.dtype)).to(out.dtype)
 
     def expert_column(self, layer: int, module: str, expert: int, x: torch.Tensor, token_index: torch.Tensor,
                       out: torch.Tensor) -> None:
