@@ -28,9 +28,7 @@ import argparse
 import concurrent.futures as cf
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,7 +43,7 @@ from tp_lora.model import ModelSpec  # noqa: E402
 from tp_lora.parallel import ParallelSpec  # noqa: E402
 from tp_lora.planner import plan_rank  # noqa: E402
 from tp_lora.synthetic import write_synthetic_adapter  # noqa: E402
-from tp_lora.transfer import TORCH_DTYPES, SliceReader  # noqa: E402
+from tp_lora.transfer import SliceReader  # noqa: E402
 
 DEV = torch.device("cuda", 0)
 GB = 1e9
@@ -139,13 +137,13 @@ def page_cache(path: Path) -> None:
 # ours
 # ------------------------------------------------------------------------------------------------
 def bench_ours(path: Path, c: dict, repeats: int, chunk_bytes: int, pin_mode: str, read_workers: int = 4,
-               switch_interval: float | None = None, pin_workers: int = 1,
+               pin_workers: int = 1,
                part_bytes: int | None = None) -> dict:
     spec = ModelSpec.from_preset(c["preset"])
     par = ParallelSpec(tp_size=c["tp"], tp_rank=0, ep_size=c["ep"])
     cfg = LoRAConfig(max_loras=1, max_lora_rank=c["rank"], dtype="bfloat16", device="cuda:0",
                      host_cache_bytes=64 << 30, chunk_bytes=chunk_bytes, pin_mode=pin_mode,
-                     read_workers=read_workers, gil_switch_interval_s=switch_interval,
+                     read_workers=read_workers,
                      pin_workers=pin_workers, part_bytes=part_bytes)
     mgr = LoRAManager(cfg, spec, par)
     plan = mgr.register("a", path)
@@ -426,7 +424,6 @@ def bench_overlap(path: Path, c: dict, chunk_bytes: int) -> dict:
     for _ in range(n):
         a @ b
     e.record()
-    t = time.perf_counter()
     fut.result()
     e.synchronize()
     together = s.elapsed_time(e) / 1e3
@@ -446,7 +443,6 @@ def main() -> int:
     ap.add_argument("--chunk-bytes", type=int, default=64 << 20)
     ap.add_argument("--pin-mode", default="register", choices=["caching", "register"])
     ap.add_argument("--read-workers", type=int, default=4)
-    ap.add_argument("--switch-interval", type=float, default=None)
     ap.add_argument("--pin-workers", type=int, default=2)
     ap.add_argument("--part-bytes", type=int, default=None)
     ap.add_argument("--no-baselines", action="store_true")
@@ -461,7 +457,7 @@ def main() -> int:
                  "torch": torch.__version__, "cuda": torch.version.cuda, "argv": sys.argv,
                  "chunk_bytes": args.chunk_bytes, "pin_mode": args.pin_mode, "repeats": args.repeats,
                  "read_workers": args.read_workers, "pin_workers": args.pin_workers,
-                 "switch_interval": args.switch_interval}
+}
     print(f"# {res['device']} torch {res['torch']} cuda {res['cuda']}", flush=True)
     res["peak"] = measure_peak(args.repeats)
     peak = res["peak"]["h2d_pinned_1GiB_GBps"]
@@ -474,7 +470,7 @@ def main() -> int:
         gen_s = time.perf_counter() - t
         r = {"case": c, "gen_s": gen_s}
         r["ours"] = bench_ours(path, c, args.repeats, args.chunk_bytes, args.pin_mode, args.read_workers,
-                               args.switch_interval, args.pin_workers, args.part_bytes)
+                               args.pin_workers, args.part_bytes)
         if not args.no_baselines:
             for bname, fn in (("eager", baseline_eager), ("lazy", baseline_lazy),
                               ("pageable", baseline_pageable)):

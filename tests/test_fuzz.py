@@ -143,10 +143,9 @@ def check_folder(target: str, name: str, folder: Path, mgr_index: int = 0) -> st
                     blk = s.a_shape if op.side == "A" else s.b_shape
                     assert op.nrows <= blk[0] and op.ncols <= blk[1], (op, blk)
                     assert op.flat_index(plan.n_local_experts) < s.blocks, op
-                    buf = torch.empty(op.nbytes, dtype=torch.uint8)
-                    rd.read(op, buf)
                 for chunk in plan.chunks(4096):
                     assert chunk.nbytes >= sum(o.nbytes for o in chunk.ops)
+                    rd.read_chunk(chunk, torch.empty(chunk.nbytes, dtype=torch.uint8))  # every op's bytes
             finally:
                 rd.close()
     mgrs = _managers(name)

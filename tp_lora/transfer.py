@@ -1,12 +1,14 @@
 """The transfer pipeline: the only module with streams, events and pinned memory.
 
-One load moves this rank's slices of one adapter into one pool slot:
+One load moves this rank's slices of one adapter into one pool slot (see docs/ARCHITECTURE.md):
 
-    reader thread:   read+slice+pack chunk n+1 (pread from the file into a host buffer; pinned on CUDA)
-    loader thread:   one H2D copy of chunk n on the copy stream, then one strided device copy per
-                     (module, side) into the slot, casting to the pool dtype on the device
+    pinner threads:  allocate (pin) each chunk's host buffer ahead of use
+    reader threads:  fill the chunk part by part with scatter preads of this rank's bytes
+    loader thread:   one H2D copy per part on the copy stream; once a chunk is complete, one strided
+                     device copy per (module, side) into the slot, casting to the pool dtype
 
-Host memory in flight beyond the cache is bounded: a streamed (uncached) adapter goes through a ring of
+A warm load (chunks complete in the pinned cache) is one H2D per chunk plus the placement copies. Host
+memory in flight beyond the cache is bounded: a streamed (uncached) adapter goes through a ring of
 ``ring_slots`` buffers. Without CUDA the same code runs with plain host memory and a CPU "device": no
 path that pins or touches CUDA streams is reachable.
 """
@@ -18,19 +20,18 @@ import logging
 import os
 import queue
 import stat
-import sys
 import threading
 import time
-from collections import deque
 import dataclasses
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .adapter import FLOAT_DTYPES, AdapterHeader
 from .errors import AdapterDataError, AdapterError, TPLoRAError
-from .pinned_cache import CacheEntry, PinnedCache
+from .pinned_cache import PinnedCache
 from .planner import Chunk, SliceOp, SlicePlan
 from .pool import GpuPool
 
@@ -82,14 +83,12 @@ class Device:
 
 
 class _RegisteredBuffer:
-    #: fault pages in with a parallel fill before registering (measured on an H100 host: pinning
-    #: 3-4x faster); TP_LORA_PREFAULT=0 turns it off
-    prefault = os.environ.get("TP_LORA_PREFAULT", "1") == "1"
-
     """Plain host memory registered with cudaHostRegister: pinned bytes == requested bytes exactly
     (the caching pinned allocator rounds requests up to powers of two)."""
 
-    _keep: dict[int, torch.Tensor] = {}
+    #: fault pages in with a parallel fill before registering (measured on an H100 host: pinning
+    #: 3-4x faster); TP_LORA_PREFAULT=0 turns it off
+    prefault = os.environ.get("TP_LORA_PREFAULT", "1") == "1"
 
     @staticmethod
     def alloc(nbytes: int) -> torch.Tensor:
@@ -168,8 +167,8 @@ class LoadResult:
 
 
 class SliceReader:
-    """Reads this rank's slices from a safetensors file with pread: only owned bytes are read
-    (full-row slices go straight into the host buffer; column slices read their row span)."""
+    """Reads this rank's slices from a safetensors file with scatter preads (the planner's read runs):
+    only owned bytes are read, except the documented span reads of strided fused-expert columns."""
 
     def __init__(self, header: AdapterHeader):
         self.header = header
@@ -233,12 +232,6 @@ class SliceReader:
             os.close(self.fd)
             self.fd = -1
 
-    def _pread_into(self, dst: torch.Tensor, offset: int) -> None:
-        mv = memoryview(dst.numpy()).cast("B")
-        self._pread_into_mv(mv, offset)
-        with self._lock:
-            self.bytes_read += len(mv)
-
     def read_chunk(self, chunk: Chunk, buf: torch.Tensor) -> None:
         """Fill a chunk's host buffer: one scatter preadv per contiguous file run, then the strided
         (fused-expert) slices."""
@@ -269,7 +262,7 @@ class SliceReader:
         for i in gathers:
             op = chunk.ops[i]
             off = chunk.offsets[i]
-            self.read(op, buf[off:off + op.nbytes])
+            self._gather(op, buf[off:off + op.nbytes])
 
     def _pread_into_mv(self, mv: memoryview, offset: int) -> None:
         done = 0
@@ -280,30 +273,22 @@ class SliceReader:
                                        f"offset {offset}", adapter=self.header.name, path=self.path)
             done += n
 
-    def read(self, op: SliceOp, dst: torch.Tensor) -> None:
-        """Fill ``dst`` (uint8, ``op.nbytes``) with ``src[rows, cols]`` packed row-major."""
+    def _gather(self, op: SliceOp, dst: torch.Tensor) -> None:
+        """Strided columns (fused-expert B: the expert index varies fastest, so a rank's columns
+        interleave with other experts' at element granularity): read the row span once, then gather
+        ``src[rows, start:stop:step]`` packed row-major into ``dst`` (uint8, ``op.nbytes``)."""
         rows, cols = op.src_shape
         isz = op.itemsize
         r0, r1 = op.rows
-        c0, c1, step = op.cols
+        c0, _, step = op.cols
         row_bytes = cols * isz
-        if c0 == 0 and c1 == cols and step == 1:
-            self._pread_into(dst, op.src_offset + r0 * row_bytes)
-            return
-        if step == 1:
-            # column slice: one pread per row, so only owned bytes are read
-            w = op.ncols * isz
-            d = dst.view(r1 - r0, w)
-            for i in range(r1 - r0):
-                self._pread_into(d[i], op.src_offset + (r0 + i) * row_bytes + c0 * isz)
-            return
-        # strided columns (fused-expert B: expert index fastest, so a rank's columns interleave with
-        # other experts' at element granularity): read the row span once, then gather
         first, last = c0 * isz, (c0 + (op.ncols - 1) * step + 1) * isz
         span_rows = r1 - r0
         span = (span_rows - 1) * row_bytes + (last - first)
         buf = torch.empty(span, dtype=torch.uint8)
-        self._pread_into(buf, op.src_offset + r0 * row_bytes + first)
+        self._pread_into_mv(memoryview(buf.numpy()).cast("B"), op.src_offset + r0 * row_bytes + first)
+        with self._lock:
+            self.bytes_read += span
         src = torch.as_strided(buf, (span_rows, op.ncols, isz), (row_bytes, step * isz, 1))
         dst.view(span_rows, op.ncols, isz).copy_(src)
 
@@ -324,8 +309,8 @@ class TransferEngine:
     """
 
     def __init__(self, device: Device, pool: GpuPool, cache: PinnedCache, *, chunk_bytes: int = 16 << 20,
-                 ring_slots: int = 3, read_workers: int = 4, switch_interval: float | None = None,
-                 pin_workers: int = 1, part_bytes: int | None = None):
+                 ring_slots: int = 3, read_workers: int = 4, pin_workers: int = 1,
+                 part_bytes: int | None = None):
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be >= 1")
         self.device, self.pool, self.cache = device, pool, cache
@@ -341,10 +326,6 @@ class TransferEngine:
         self._readers = cf.ThreadPoolExecutor(self.read_workers, thread_name_prefix="tp_lora-read")
         self._pinner = cf.ThreadPoolExecutor(self.pin_workers, thread_name_prefix="tp_lora-pin")
         self._stat_lock = threading.Lock()
-        #: GIL switch interval while a cold load runs (None: leave it). Reader threads that hold the
-        #: GIL in short bursts can starve the loader thread for a whole interval (5 ms by default)
-        #: each time it wants the GIL back; a shorter interval bounds that wait.
-        self.switch_interval: float | None = switch_interval
         self.peak_inflight_bytes = 0  # host bytes in flight beyond the cache, high-water mark
 
     def close(self) -> None:
@@ -433,14 +414,7 @@ class TransferEngine:
                         assert buf is not None
                         self._h2d_and_place(job, chunk, buf, stats, oks)
                 else:
-                    prev = sys.getswitchinterval()
-                    if self.switch_interval is not None:
-                        sys.setswitchinterval(self.switch_interval)
-                    try:
-                        self._run_cold(job, chunks, sizes, stats, oks)
-                    finally:
-                        if self.switch_interval is not None:
-                            sys.setswitchinterval(prev)
+                    self._run_cold(job, chunks, sizes, stats, oks)
                 bad: Any = ~torch.stack(oks).all() if oks else None
                 if dev.is_cuda:
                     end_ev.record(dev.copy_stream)
@@ -523,6 +497,7 @@ class TransferEngine:
                 stats.bytes_pinned += sum(b.numel() for b in self._ring) if self.device.is_cuda else 0
             for b in self._ring:
                 free_ring.put((b, None))
+        # units ahead of the copy: the ring bounds a streamed load; a cached one keeps the readers busy
         window = self.read_workers + 1 if entry is not None else self.ring_slots
         cancelled = threading.Event()
         lock = self._stat_lock
@@ -579,8 +554,6 @@ class TransferEngine:
                 bf = buf_futs[key] = self._pinner.submit(get_buf, chunk)
             pending.append((chunk, part, last, bf, self._readers.submit(fill, chunk, part, bf)))
 
-        if entry is not None:
-            window = self.read_workers + 1
         nxt = min(window, len(units))
         for i in range(nxt):
             submit(i)
