@@ -26,7 +26,7 @@ import torch
 from .activation import Collective, RankVerdict, agree, raise_for
 from .adapter import AdapterHeader, AdapterSource
 from .batch import BatchInfo, build_batch
-from .errors import (AdapterActivationError, AdapterError, AdapterStateError, ConfigError, NoFreeSlotError,
+from .errors import (AdapterActivationError, AdapterError, AdapterStateError, ConfigError,
                      TPLoRAError)
 from .model import ModelSpec
 from .naming import POOL_MODULES
@@ -68,8 +68,6 @@ class LoRAConfig:
     """Reader threads of the cold pipeline (pread releases the GIL: chunks are read in parallel)."""
     pin_workers: int = 2
     """Threads allocating (pinning) chunk buffers ahead of the readers."""
-    gil_switch_interval_s: float | None = None
-    """If set, the GIL switch interval while a cold load runs (see TransferEngine.switch_interval)."""
     activation_timeout_s: float = 60.0
     check_finite: bool = True
     """Reject adapters holding NaN/Inf (checked on the device as data arrives)."""
@@ -166,12 +164,10 @@ class LoRAManager:
         self.cache = PinnedCache(config.host_cache_bytes, self.device.alloc_host, Device.sync_event)
         self.engine = TransferEngine(self.device, self.pool, self.cache, chunk_bytes=config.chunk_bytes,
                                      ring_slots=config.ring_slots, read_workers=config.read_workers,
-                                     switch_interval=config.gil_switch_interval_s,
                                      pin_workers=config.pin_workers, part_bytes=config.part_bytes)
         self.collective = Collective(group, self.device.device, config.activation_timeout_s)
         self.rank = self.collective.rank
         self._adapters: dict[str, _Adapter] = {}
-        self._generations: dict[str, int] = {}
         self._loader = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tp_lora-load-r{self.rank}")
         self._stats = ManagerStats(rank=self.rank)
         self._stats_lock = threading.Lock()
@@ -203,7 +199,6 @@ class LoRAManager:
         # the generation names the registered contents (not a count of register calls): ranks whose
         # register calls failed differently still agree once they hold the same files
         gen = int(header.fingerprint[:5], 16)
-        self._generations[name] = gen
         self._adapters[name] = _Adapter(name, str(path), header, plan, gen)
         with self._stats_lock:
             self._stats.registered = len(self._adapters)
@@ -347,10 +342,11 @@ class LoRAManager:
         finally:
             for s in held:
                 self.pool.release(s)
+        started_names = {a.name for a in started}
         # wait for this rank's transfers (the loader thread; the compute stream is not blocked)
         for i, n in enumerate(names):
             a = self._adapters.get(n)
-            if a is None or not any(a is s for s in started):
+            if a is None or n not in started_names:
                 continue
             try:
                 res = a.future.result()
@@ -384,7 +380,7 @@ class LoRAManager:
         dt = time.perf_counter() - t0
         for n in names:
             a = self._adapters[n]
-            if any(a is s for s in started):
+            if n in started_names:
                 res = results[n]
                 self.device.wait_on_compute(res.event)  # an event wait on the compute stream only
                 self.pool.commit(a.slot)

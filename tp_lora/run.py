@@ -152,13 +152,10 @@ def make_workload(cfg: RunConfig, names: list[str], vocab: int, max_loras: int) 
 
 
 def ensure_active(mgr: LoRAManager, need: set[str]) -> None:
-    """Activate what a batch needs. The needed adapters that are already active are held (as a running
-    batch holds them) while the others load, so the LRU choice never evicts them."""
-    active = sorted(n for n in need if mgr.is_active(n))
-    missing = sorted(n for n in need if not mgr.is_active(n))
-    if missing:
-        with mgr.prepare_batch(active):
-            mgr.activate(missing)
+    """Activate what a batch needs. ``activate`` holds the listed adapters that are already active
+    while it chooses slots for the others, so passing all of them keeps them from being evicted."""
+    if any(not mgr.is_active(n) for n in need):
+        mgr.activate(sorted(need))
 
 
 def _forward(model: Any, batch: list[Request], mgr: LoRAManager | None) -> torch.Tensor:
