@@ -25,34 +25,14 @@
 # network needs (see launch/slurm.sbatch).
 set -euo pipefail
 
-gpu_count() {
-    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
-        [[ -z "$CUDA_VISIBLE_DEVICES" || "$CUDA_VISIBLE_DEVICES" == "-1" ]] && { echo 0; return; }
-        awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES"
-    elif command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true
-    else
-        echo 0
-    fi
-}
-
-gpus=$(gpu_count)
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 NNODES=${NNODES:-${SLURM_JOB_NUM_NODES:-2}}
 NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
-NPROC=${NPROC:-$(( gpus > 0 ? gpus : 2 ))}
 RDZV_HOST=${RDZV_HOST:-127.0.0.1}
 RDZV_PORT=${RDZV_PORT:-29400}
 RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-tp_lora}}
 RDZV_BACKEND=${RDZV_BACKEND:-c10d}
 RDZV_CONF=${RDZV_CONF:-}
-CONFIG=${CONFIG:-configs/demo.yaml}
-TP_LORA_ENTRY=${TP_LORA_ENTRY:-tp_lora.run}
-if [[ -z "${TORCHRUN:-}" ]]; then
-    if command -v torchrun >/dev/null 2>&1; then TORCHRUN=torchrun; else TORCHRUN="python3 -m torch.distributed.run"; fi
-fi
-read -r -a torchrun_cmd <<<"$TORCHRUN"
-read -r -a extra <<<"${TORCHRUN_ARGS:-}"
-export NCCL_NVLS_ENABLE=0
 
 case "$RDZV_BACKEND" in
     c10d)

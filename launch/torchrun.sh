@@ -15,30 +15,9 @@
 # NCCL_NVLS_ENABLE is exported as 0 (NVLink multicast stays off); other NCCL_* pass through.
 set -euo pipefail
 
-gpu_count() {
-    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
-        # "" and "-1" mean no GPU; otherwise one entry per device.
-        [[ -z "$CUDA_VISIBLE_DEVICES" || "$CUDA_VISIBLE_DEVICES" == "-1" ]] && { echo 0; return; }
-        awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES"
-    elif command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true
-    else
-        echo 0
-    fi
-}
-
-gpus=$(gpu_count)
-NPROC=${NPROC:-$(( gpus > 0 ? gpus : 2 ))}
-CONFIG=${CONFIG:-configs/demo.yaml}
-TP_LORA_ENTRY=${TP_LORA_ENTRY:-tp_lora.run}
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-0}
-if [[ -z "${TORCHRUN:-}" ]]; then
-    if command -v torchrun >/dev/null 2>&1; then TORCHRUN=torchrun; else TORCHRUN="python3 -m torch.distributed.run"; fi
-fi
-read -r -a torchrun_cmd <<<"$TORCHRUN"
-read -r -a extra <<<"${TORCHRUN_ARGS:-}"
-export NCCL_NVLS_ENABLE=0
 
 if [[ "$MASTER_PORT" == 0 ]]; then
     # c10d rendezvous on localhost with a port picked by torchrun: no collisions between jobs.
