@@ -179,11 +179,15 @@ class AdapterHeader:
 # safetensors header
 # --------------------------------------------------------------------------------------------------
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    d: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in d:
-            raise ValueError(f"duplicate key {k!r}")
-        d[k] = v
+    # called for every JSON object (tens of thousands in an MoE header): build the dict in C and look
+    # for the duplicate only when the sizes differ
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate key {k!r}")
+            seen.add(k)
     return d
 
 

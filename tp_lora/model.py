@@ -7,9 +7,10 @@ lives here and in ``naming.py``; nothing downstream special-cases a family.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -110,8 +111,15 @@ class ModelSpec:
 
     def linear_shape(self, module: str, layer: int = 0) -> tuple[int, int]:
         """(out_features, in_features) of the base linear a LoRA ``module`` adapts."""
+        table = self._linear_shapes()
+        if module not in table:
+            raise ConfigError(f"model {self.name!r}: unknown module {module!r}")
+        return table[module]
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - specs are few, frozen and hashable
+    def _linear_shapes(self) -> dict[str, tuple[int, int]]:
         h = self.hidden_size
-        table = {
+        return {
             "q": (self.q_size, h),
             "k": (self.kv_size, h),
             "v": (self.kv_size, h),
@@ -129,9 +137,6 @@ class ModelSpec:
             # embedding LoRA: A is [r, vocab], B is [hidden, r]; "in" is the vocabulary
             "embed": (h, self.vocab_size),
         }
-        if module not in table:
-            raise ConfigError(f"model {self.name!r}: unknown module {module!r}")
-        return table[module]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -16,7 +16,7 @@ import torch
 
 from .errors import NoFreeSlotError, PoolError
 from .model import ModelSpec
-from .naming import EXPERT_MODULES, GLOBAL_MODULES, POOL_MODULES
+from .naming import EXPERT_MODULES, POOL_MODULES
 from .parallel import ParallelSpec
 
 

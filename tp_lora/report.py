@@ -32,8 +32,7 @@ def build_report(*, cfg: Any, spec: ModelSpec, world: int, device: torch.device,
         cold = [t for (_, warm, t) in st.activation_s if not warm]
         warm = [t for (_, warm, t) in st.activation_s if warm]
         lookups = st.cache_hits + st.cache_misses
-        whole = sum(ls["bytes_planned"] for ls in st.load_stats)  # filled below per load
-        full_per_load = 0
+        full_per_load = 0  # what the same loads would have pinned as whole tensors on every rank
         for ls in st.load_stats:
             p = plans.get(ls["adapter"])
             full_per_load += p.full_bytes if p is not None else 0
@@ -53,9 +52,7 @@ def build_report(*, cfg: Any, spec: ModelSpec, world: int, device: torch.device,
             "cache_evictions": st.cache_evictions, "slot_evictions": st.slot_evictions,
             "collectives": st.collectives, "peak_inflight_bytes": st.peak_inflight_bytes,
             "inflight_bound": st.inflight_bound,
-            "_check_whole": whole,
         })
-        ranks[-1].pop("_check_whole")
     per_adapter = {n: {"rank_bytes": p.nbytes, "whole_bytes": p.full_bytes, "slices": len(p.ops),
                        "max_rank": p.max_rank} for n, p in plans.items()}
     return {
