@@ -1,9 +1,10 @@
 """TP-aware LoRA layer ops for a mixed-adapter batch: add ``scaling * (x @ A^T) @ B^T`` per token.
 
 The engine calls these at each LoRA point of its forward (docs/ARCHITECTURE.md, "Layer-op contract").
-Tokens are grouped by slot once per batch (BatchInfo.slot_tokens), so each op is, per adapter present in
-the batch, one gather, two small matmuls and one index_add: a handful of batched kernels, never a loop
-over tokens. Row-parallel and vocab-parallel deltas are partial sums, completed by the layer's own
+Tokens are grouped by slot once per batch (BatchInfo.slot_tokens), so a dense op is, per adapter present
+in the batch, one gather, two small matmuls and one index_add; an expert op handles all the batch's
+adapters at once with two einsums masked per routed row (no host synchronisation per expert). Never a
+loop over tokens. Row-parallel and vocab-parallel deltas are partial sums, completed by the layer's own
 all-reduce, exactly as the base layer's output is.
 
 The arithmetic goes through a ``LoRABackend``; ``TorchBackend`` is plain torch (CPU and GPU). A fused
