@@ -37,13 +37,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tp_lora.adapter import AdapterSource  # noqa: E402
-from tp_lora.manager import LoRAConfig, LoRAManager  # noqa: E402
-from tp_lora.model import ModelSpec  # noqa: E402
-from tp_lora.parallel import ParallelSpec  # noqa: E402
-from tp_lora.planner import plan_rank  # noqa: E402
-from tp_lora.synthetic import write_synthetic_adapter  # noqa: E402
-from tp_lora.transfer import SliceReader  # noqa: E402
+from tp_lora.format.adapter import AdapterSource  # noqa: E402
+from tp_lora.runtime.manager import LoRAConfig, LoRAManager  # noqa: E402
+from tp_lora.plan.model import ModelSpec  # noqa: E402
+from tp_lora.plan.parallel import ParallelSpec  # noqa: E402
+from tp_lora.plan.planner import plan_rank  # noqa: E402
+from tp_lora.job.synthetic import write_synthetic_adapter  # noqa: E402
+from tp_lora.device.transfer import SliceReader  # noqa: E402
 
 DEV = torch.device("cuda", 0)
 GB = 1e9

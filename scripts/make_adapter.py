@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tp_lora.cli import add_write_adapter_arguments, write_adapter_from_args
+from tp_lora.job.cli import add_write_adapter_arguments, write_adapter_from_args
 
 
 def main(argv: list[str] | None = None) -> int:

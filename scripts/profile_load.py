@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_load import CASES, empty_host_cache, make_adapter, page_cache  # noqa: E402
-from tp_lora.manager import LoRAConfig, LoRAManager  # noqa: E402
-from tp_lora.model import ModelSpec  # noqa: E402
-from tp_lora.parallel import ParallelSpec  # noqa: E402
+from tp_lora.runtime.manager import LoRAConfig, LoRAManager  # noqa: E402
+from tp_lora.plan.model import ModelSpec  # noqa: E402
+from tp_lora.plan.parallel import ParallelSpec  # noqa: E402
 
 
 def main() -> int:

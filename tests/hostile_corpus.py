@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 
 from tp_lora.errors import (AdapterActivationError, AdapterConfigError, AdapterFormatError,
                             AdapterShapeError, UnsupportedAdapterError)
-from tp_lora.model import ModelSpec
-from tp_lora.synthetic import write_synthetic_adapter
+from tp_lora.plan.model import ModelSpec
+from tp_lora.job.synthetic import write_synthetic_adapter
 
 CORPUS_PRESET = "tiny-moe"  # attention + routed experts: covers dense and expert validation
 CORPUS_MAX_RANK = 8

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from tp_lora.model import ModelSpec
+from tp_lora.plan.model import ModelSpec
 from tp_lora.reference.checkpoint import hf_config_dict
 
 DENSE_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -22,7 +22,7 @@ PAD_VOCAB = 64  # ParallelSpec.vocab_pad_to default (vLLM / SGLang)
 
 
 # --------------------------------------------------------------------------------------------------
-# ownership, from DESIGN.md's TP table (hand-written; no tp_lora.parallel)
+# ownership, from DESIGN.md's TP table (hand-written; no tp_lora.plan.parallel)
 # --------------------------------------------------------------------------------------------------
 class Owner:
     def __init__(self, model: Any, tp: int, rank: int, ep: int = 1):
@@ -215,8 +215,8 @@ ALL_DENSE = ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head")
 
 def make_adapter(root: str | os.PathLike[str], name: str, preset: str, **kw: Any) -> Path:
     """A synthetic adapter ``root/name`` of a preset (written once per root/name)."""
-    from tp_lora.model import ModelSpec
-    from tp_lora.synthetic import write_synthetic_adapter
+    from tp_lora.plan.model import ModelSpec
+    from tp_lora.job.synthetic import write_synthetic_adapter
 
     out = Path(root) / name
     if not (out / "adapter_model.safetensors").exists():
@@ -225,9 +225,9 @@ def make_adapter(root: str | os.PathLike[str], name: str, preset: str, **kw: Any
 
 
 def new_manager(preset: str, tp: int = 1, rank: int = 0, ep: int = 1, **cfg: Any):
-    from tp_lora.manager import LoRAConfig, LoRAManager
-    from tp_lora.model import ModelSpec
-    from tp_lora.parallel import ParallelSpec
+    from tp_lora.runtime.manager import LoRAConfig, LoRAManager
+    from tp_lora.plan.model import ModelSpec
+    from tp_lora.plan.parallel import ParallelSpec
 
     cfg.setdefault("chunk_bytes", 4096)
     cfg.setdefault("max_lora_rank", 8)

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tp_lora.adapter import AdapterSource
+from tp_lora.format.adapter import AdapterSource
 from tp_lora.errors import (AdapterConfigError, AdapterError, AdapterFormatError, AdapterShapeError,
                             TPLoRAError, UnsupportedAdapterError)
-from tp_lora.model import ModelSpec
-from tp_lora.synthetic import write_synthetic_adapter
+from tp_lora.plan.model import ModelSpec
+from tp_lora.job.synthetic import write_synthetic_adapter
 
 DENSE = ModelSpec.from_preset("tiny-dense")   # hidden 64, 4 heads x 16, 2 kv heads, I=128, vocab 250, 2 layers
 MOE = ModelSpec.from_preset("tiny-moe")       # 8 experts, I_moe=32

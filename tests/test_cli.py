@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tp_lora import cli
-from tp_lora.adapter import AdapterSource
-from tp_lora.model import ModelSpec
-from tp_lora.parallel import ParallelSpec
-from tp_lora.planner import plan_rank
+from tp_lora.job import cli
+from tp_lora.format.adapter import AdapterSource
+from tp_lora.plan.model import ModelSpec
+from tp_lora.plan.parallel import ParallelSpec
+from tp_lora.plan.planner import plan_rank
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,10 +147,10 @@ def test_as_a_subprocess_and_the_script(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert f"wrote {out}" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "tp_lora.cli", "plan", str(out), "--model", "tiny-qwen2-moe",
+    r = subprocess.run([sys.executable, "-m", "tp_lora.job.cli", "plan", str(out), "--model", "tiny-qwen2-moe",
                         "--tp", "4", "--ep", "4"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "total" in r.stdout and "tp_size=4, ep_size=4" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "tp_lora.cli", "plan", str(out), "--model", "tiny-qwen2-moe",
+    r = subprocess.run([sys.executable, "-m", "tp_lora.job.cli", "plan", str(out), "--model", "tiny-qwen2-moe",
                         "--tp", "3"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "tp_size=3" in r.stderr

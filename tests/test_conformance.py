@@ -25,10 +25,10 @@ import pytest
 import torch
 from distributed import run_distributed
 
-from tp_lora.manager import LoRAConfig, LoRAManager
-from tp_lora.model import ModelSpec
-from tp_lora.ops import LoRAOps
-from tp_lora.parallel import ParallelSpec
+from tp_lora.runtime.manager import LoRAConfig, LoRAManager
+from tp_lora.plan.model import ModelSpec
+from tp_lora.ops.layer import LoRAOps
+from tp_lora.plan.parallel import ParallelSpec
 from tp_lora.reference import TPModel
 
 PRESETS = {"dense": "tiny-dense", "moe": "tiny-moe"}

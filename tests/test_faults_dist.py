@@ -46,9 +46,9 @@ def _private_copy(root: str, rank: int) -> Path:
 
 
 def _manager(rank: int, world: int, preset: str = "tiny-moe", **kw: Any) -> Any:
-    from tp_lora.manager import LoRAConfig, LoRAManager
-    from tp_lora.model import ModelSpec
-    from tp_lora.parallel import ParallelSpec
+    from tp_lora.runtime.manager import LoRAConfig, LoRAManager
+    from tp_lora.plan.model import ModelSpec
+    from tp_lora.plan.parallel import ParallelSpec
 
     cfg = dict(max_loras=3, max_lora_rank=8, chunk_bytes=4096, host_cache_bytes=1 << 20,
                activation_timeout_s=TIMEOUT_S)
@@ -217,8 +217,8 @@ def _faults_worker(rank: int, world: int, root: str) -> dict[str, Any]:
     # 5. the pinned cache budget is exhausted by adapters in flight: rank 0 has no budget at all, rank 1
     #    room for one, the others for two; three adapters are prefetched (queued) and activated together,
     #    then a streamed load fails mid-read on rank 0
-    from tp_lora.planner import plan_rank
-    from tp_lora.adapter import AdapterSource
+    from tp_lora.plan.planner import plan_rank
+    from tp_lora.format.adapter import AdapterSource
     one = plan_rank(AdapterSource.open(mine / "b1", mgr.model), mgr.model, mgr.parallel).nbytes
     budget = {0: 0, 1: int(1.5 * one)}.get(rank, int(2.5 * one))
     small = _manager(rank, world, host_cache_bytes=budget, ring_slots=2)
@@ -429,8 +429,8 @@ def _stress_worker(rank: int, world: int, root: str, seed: int, n_ops: int) -> d
         digest[n] = ref.pool.checksum(ref.activate(n)[n])
         ref.unregister(n)
     ref.close()
-    from tp_lora.adapter import AdapterSource
-    from tp_lora.planner import plan_rank
+    from tp_lora.format.adapter import AdapterSource
+    from tp_lora.plan.planner import plan_rank
     sizes = sorted(plan_rank(AdapterSource.open(mine / n, ref.model), ref.model, ref.parallel).nbytes
                    for n in STRESS_NAMES)
     # a budget of the median adapter: the larger half is streamed, the smaller ones evict each other
@@ -589,8 +589,8 @@ def _stress_worker(rank: int, world: int, root: str, seed: int, n_ops: int) -> d
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tp_lora.model import ModelSpec
-    from tp_lora.synthetic import write_synthetic_adapter
+    from tp_lora.plan.model import ModelSpec
+    from tp_lora.job.synthetic import write_synthetic_adapter
 
     root = tmp_path_factory.mktemp("faults")
     moe = ModelSpec.from_preset("tiny-moe")
@@ -691,8 +691,8 @@ def test_stress_2000_ops_4_ranks(adapters: Path) -> None:
 def test_activate_does_not_evict_its_own_names(tmp_path: Path) -> None:
     """Regression (found by the stress model): activate([a, c]) with a active and LRU chose a's slot for
     c, returned {a: None} and left a inactive."""
-    from tp_lora.model import ModelSpec
-    from tp_lora.synthetic import write_synthetic_adapter
+    from tp_lora.plan.model import ModelSpec
+    from tp_lora.job.synthetic import write_synthetic_adapter
 
     mgr = _manager(0, 1, "tiny-dense", max_loras=2)
     dense = ModelSpec.from_preset("tiny-dense")

@@ -31,16 +31,16 @@ from hostile_corpus import read_raw, write_raw
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tp_lora.adapter import AdapterSource
+from tp_lora.format.adapter import AdapterSource
 from tp_lora.errors import TPLoRAError
-from tp_lora.manager import LoRAConfig, LoRAManager
-from tp_lora.model import ModelSpec
-from tp_lora.naming import POOL_MODULES
-from tp_lora.parallel import ParallelSpec
-from tp_lora.planner import plan_rank
-from tp_lora.pool import module_shapes
-from tp_lora.synthetic import write_synthetic_adapter
-from tp_lora.transfer import SliceReader
+from tp_lora.runtime.manager import LoRAConfig, LoRAManager
+from tp_lora.plan.model import ModelSpec
+from tp_lora.format.naming import POOL_MODULES
+from tp_lora.plan.parallel import ParallelSpec
+from tp_lora.plan.planner import plan_rank
+from tp_lora.device.pool import module_shapes
+from tp_lora.job.synthetic import write_synthetic_adapter
+from tp_lora.device.transfer import SliceReader
 
 FUZZ_SECONDS = float(os.environ.get("TP_LORA_FUZZ_SECONDS", "60"))
 MAX_RANK = 16

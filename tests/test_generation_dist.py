@@ -12,9 +12,9 @@ def _scenario(rank: int, world: int, good1: str, good2: str) -> dict:
     import torch.distributed as dist
 
     from tp_lora.errors import TPLoRAError
-    from tp_lora.manager import LoRAConfig, LoRAManager
-    from tp_lora.model import ModelSpec
-    from tp_lora.parallel import ParallelSpec
+    from tp_lora.runtime.manager import LoRAConfig, LoRAManager
+    from tp_lora.plan.model import ModelSpec
+    from tp_lora.plan.parallel import ParallelSpec
 
     spec = ModelSpec.from_preset("tiny-dense")
     mgr = LoRAManager(LoRAConfig(max_loras=2, max_lora_rank=8, dtype="float32", activation_timeout_s=20),

@@ -20,8 +20,8 @@ from hostile_corpus import (CORPUS_MAX_RANK, Case, build_corpus, corpus_model, w
                             write_malicious_pickle)
 
 from tp_lora.errors import AdapterActivationError, AdapterFormatError, TPLoRAError
-from tp_lora.manager import LoRAConfig, LoRAManager
-from tp_lora.parallel import ParallelSpec
+from tp_lora.runtime.manager import LoRAConfig, LoRAManager
+from tp_lora.plan.parallel import ParallelSpec
 
 CHUNK = 4096  # the smallest chunk: a load is many chunks, so failures land mid-transfer
 

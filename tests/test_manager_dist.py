@@ -395,7 +395,7 @@ class _FakeCollective:
 
 
 def _agree_all(names, verdicts_by_rank):
-    from tp_lora.activation import agree
+    from tp_lora.runtime.activation import agree
 
     W = len(verdicts_by_rank)
     sent = []
@@ -409,7 +409,7 @@ def _agree_all(names, verdicts_by_rank):
 
 
 def test_agreement_decoding_large_world():
-    from tp_lora.activation import RankVerdict
+    from tp_lora.runtime.activation import RankVerdict
 
     W, fp = 64, (1 << 20) - 1
     ok = [[RankVerdict(True, 3, 2, fingerprint=fp), RankVerdict(True, 1, 1, fingerprint=5)] for _ in range(W)]

@@ -18,12 +18,12 @@ from typing import Callable
 import pytest
 import torch
 
-from tp_lora.batch import BatchInfo, build_batch
-from tp_lora.model import ModelSpec
-from tp_lora.naming import EXPERT_MODULES, POOL_MODULES
-from tp_lora.ops import LoRAOps
-from tp_lora.parallel import ParallelSpec
-from tp_lora.pool import GpuPool
+from tp_lora.runtime.batch import BatchInfo, build_batch
+from tp_lora.plan.model import ModelSpec
+from tp_lora.format.naming import EXPERT_MODULES, POOL_MODULES
+from tp_lora.ops.layer import LoRAOps
+from tp_lora.plan.parallel import ParallelSpec
+from tp_lora.device.pool import GpuPool
 
 DENSE = ModelSpec.from_preset("tiny-dense")
 MOE = ModelSpec.from_preset("tiny-moe")

@@ -13,7 +13,7 @@ import torch
 
 from runtime_ref import ALL_DENSE, ReadRecorder, expected_slot, make_adapter, new_manager, slot_diff
 from tp_lora.errors import ConfigError
-from tp_lora.pinned_cache import PinnedCache
+from tp_lora.host.pinned_cache import PinnedCache
 
 
 class Alloc:

@@ -41,12 +41,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from tp_lora.adapter import AdapterHeader, AdapterSource
+from tp_lora.format.adapter import AdapterHeader, AdapterSource
 from tp_lora.errors import LayoutError
-from tp_lora.model import ModelSpec
-from tp_lora.parallel import ParallelSpec
-from tp_lora.planner import SlicePlan, plan_rank
-from tp_lora.synthetic import write_synthetic_adapter
+from tp_lora.plan.model import ModelSpec
+from tp_lora.plan.parallel import ParallelSpec
+from tp_lora.plan.planner import SlicePlan, plan_rank
+from tp_lora.job.synthetic import write_synthetic_adapter
 
 ALL_LAYOUTS = [(tp, ep) for tp in (1, 2, 4, 8) for ep in (1, 2, 4) if tp % ep == 0]
 CHUNK_SIZES = (1, 100, 4096, 1 << 30)
@@ -464,7 +464,7 @@ def recast_randomly(folder: Path | str, seed: int) -> None:
 
 
 def _targets(model: ModelSpec, kw: dict) -> tuple[str, ...]:
-    from tp_lora.synthetic import default_targets
+    from tp_lora.job.synthetic import default_targets
     base = kw["targets"] or default_targets(model)
     return tuple(base) + tuple(kw.get("extra", ()))
 
@@ -740,7 +740,7 @@ def random_case(draw):
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(random_case())
 def test_random_models_and_layouts(case):
-    from tp_lora.synthetic import default_targets
+    from tp_lora.job.synthetic import default_targets
     spec, tp, ep, kw = case
     ParallelSpec(tp_size=tp, ep_size=ep).validate(spec)
     extra = kw.pop("extra")
@@ -768,7 +768,7 @@ def _shift_kv(monkeypatch):
 
 def _contiguous_fused_cols(monkeypatch):
     """Fused-expert B columns taken as e*r .. e*r+r (a plausible misreading) instead of j*E+e."""
-    import tp_lora.planner as planner
+    import tp_lora.plan.planner as planner
     orig = planner.SliceOp
 
     def make(*args, **kw):

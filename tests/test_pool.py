@@ -14,9 +14,9 @@ import torch
 
 from runtime_ref import ALL_DENSE, expected_slot, make_adapter, new_manager, slot_diff, slot_is_zero
 from tp_lora.errors import AdapterActivationError, NoFreeSlotError, PoolError
-from tp_lora.model import ModelSpec
-from tp_lora.parallel import ParallelSpec
-from tp_lora.pool import GpuPool
+from tp_lora.plan.model import ModelSpec
+from tp_lora.plan.parallel import ParallelSpec
+from tp_lora.device.pool import GpuPool
 
 ALL_MODULES = ("q", "k", "v", "o", "gate", "up", "down", "shared.gate", "shared.up", "shared.down",
                "experts.w1", "experts.w3", "experts.w2", "embed", "lm_head")

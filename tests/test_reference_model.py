@@ -25,8 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tp_lora.errors import ConfigError, LayoutError
-from tp_lora.model import ModelSpec
-from tp_lora.parallel import ParallelSpec
+from tp_lora.plan.model import ModelSpec
+from tp_lora.plan.parallel import ParallelSpec
 from tp_lora.reference import TPModel, hf_config_dict, write_random_checkpoint
 
 LENS = [5, 11, 8]

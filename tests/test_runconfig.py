@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tp_lora.errors import ConfigError
-from tp_lora.runconfig import apply_override, load_run_config
+from tp_lora.job.runconfig import apply_override, load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def test_missing_file_and_overrides(tmp_path: Path) -> None:
 
 
 def test_main_exits_2_with_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tp_lora.run import main
+    from tp_lora.job.run import main
 
     assert main([str(_write(tmp_path, "max_lora_rank: -1\n"))]) == 2
     assert "max_lora_rank must be positive" in capsys.readouterr().err

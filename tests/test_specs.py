@@ -8,8 +8,8 @@ import warnings
 import pytest
 
 from tp_lora.errors import ConfigError, LayoutError
-from tp_lora.model import FAMILIES, PRESET_DIR, ModelSpec, load_model_spec
-from tp_lora.parallel import ParallelSpec
+from tp_lora.plan.model import FAMILIES, PRESET_DIR, ModelSpec, load_model_spec
+from tp_lora.plan.parallel import ParallelSpec
 
 warnings.filterwarnings("ignore", module="transformers")
 

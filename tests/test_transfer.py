@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from runtime_ref import ALL_DENSE, ReadRecorder, expected_slot, make_adapter, new_manager, slot_diff
 from tp_lora.errors import AdapterDataError
-from tp_lora.transfer import LoadJob
+from tp_lora.device.transfer import LoadJob
 
 LAYOUTS = {
     # name: (preset, tp, rank, ep, adapter kwargs)

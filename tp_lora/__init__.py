@@ -7,11 +7,11 @@ a mixed-adapter batch at each TP layer. See README.md and docs/ARCHITECTURE.md.
 
 from .errors import (AdapterActivationError, AdapterError, CollectiveTimeoutError, NoFreeSlotError,
                      TPLoRAError)
-from .manager import LoRAConfig, LoRAManager
-from .model import ModelSpec, load_model_spec
-from .ops import LoRABackend, LoRAOps, TorchBackend
-from .parallel import ParallelSpec
-from .planner import SlicePlan, plan_rank
+from .runtime.manager import LoRAConfig, LoRAManager
+from .plan.model import ModelSpec, load_model_spec
+from .ops.layer import LoRABackend, LoRAOps, TorchBackend
+from .plan.parallel import ParallelSpec
+from .plan.planner import SlicePlan, plan_rank
 
 __version__ = "0.1.0"
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from test_ops import DENSE, MOE, QWEN2_MOE, check_dense_ops, check_embedding, check_expert_ops  # noqa: E402
 
-from tp_lora.parallel import ParallelSpec  # noqa: E402
+from tp_lora.plan.parallel import ParallelSpec  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPU op checks)")]

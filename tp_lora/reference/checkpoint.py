@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import ConfigError
-from ..model import ModelSpec
+from ..plan.model import ModelSpec
 
 Span = tuple[int, int]
 """[start, stop) along one dimension."""

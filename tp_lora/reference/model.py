@@ -32,8 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..errors import ConfigError, LayoutError
-from ..model import ModelSpec
-from ..parallel import ParallelSpec
+from ..plan.model import ModelSpec
+from ..plan.parallel import ParallelSpec
 from .checkpoint import FUSED_EXPERTS, PER_EXPERT_NAMES, CheckpointReader, Span, moe_layout
 
 

@@ -19,11 +19,11 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
-from .adapter import AdapterSource
-from .errors import TPLoRAError
-from .model import ModelSpec, load_model_spec
-from .parallel import ParallelSpec
-from .planner import plan_rank
+from ..format.adapter import AdapterSource
+from ..errors import TPLoRAError
+from ..plan.model import ModelSpec, load_model_spec
+from ..plan.parallel import ParallelSpec
+from ..plan.planner import plan_rank
 
 #: Modules ``write-adapter --targets`` accepts (canonical names plus ``experts``, ``embed``, ``lm_head``).
 TARGET_CHOICES = ("q", "k", "v", "o", "gate", "up", "down", "shared.gate", "shared.up", "shared.down",

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from .manager import ManagerStats
-from .model import ModelSpec
-from .planner import SlicePlan
+from ..runtime.manager import ManagerStats
+from ..plan.model import ModelSpec
+from ..plan.planner import SlicePlan
 
 
 def _pct(xs: list[float], q: float) -> float:

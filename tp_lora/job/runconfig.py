@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 @dataclass(kw_only=True)

@@ -17,8 +17,8 @@ from typing import Protocol
 
 import torch
 
-from .batch import BatchInfo
-from .pool import GpuPool
+from ..runtime.batch import BatchInfo
+from ..device.pool import GpuPool
 
 
 class LoRABackend(Protocol):

@@ -24,17 +24,17 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .activation import Collective, RankVerdict, agree, raise_for
-from .adapter import AdapterHeader, AdapterSource
+from ..format.adapter import AdapterHeader, AdapterSource
 from .batch import BatchInfo, build_batch
-from .errors import (AdapterActivationError, AdapterError, AdapterStateError, ConfigError,
+from ..errors import (AdapterActivationError, AdapterError, AdapterStateError, ConfigError,
                      TPLoRAError)
-from .model import ModelSpec
-from .naming import POOL_MODULES
-from .parallel import ParallelSpec
-from .pinned_cache import PinnedCache
-from .planner import SlicePlan, plan_rank
-from .pool import GpuPool
-from .transfer import Device, LoadJob, LoadResult, LoadStats, TransferEngine
+from ..plan.model import ModelSpec
+from ..format.naming import POOL_MODULES
+from ..plan.parallel import ParallelSpec
+from ..host.pinned_cache import PinnedCache
+from ..plan.planner import SlicePlan, plan_rank
+from ..device.pool import GpuPool
+from ..device.transfer import Device, LoadJob, LoadResult, LoadStats, TransferEngine
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from .adapter import FLOAT_DTYPES, AdapterHeader
-from .errors import AdapterDataError, AdapterError, TPLoRAError
-from .pinned_cache import PinnedCache
-from .planner import Chunk, SliceOp, SlicePlan
+from ..format.adapter import FLOAT_DTYPES, AdapterHeader
+from ..errors import AdapterDataError, AdapterError, TPLoRAError
+from ..host.pinned_cache import PinnedCache
+from ..plan.planner import Chunk, SliceOp, SlicePlan
 from .pool import GpuPool
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class SliceReader:
         """The file may have been rewritten since registration with the same size: the planned offsets
         are only valid if every planned tensor still has the dtype, shape and offsets it had then
         (header bytes only; a rewrite with another layout would otherwise load other tensors' bytes)."""
-        from .adapter import read_safetensors_header
+        from ..format.adapter import read_safetensors_header
 
         h = self.header
         if h.header_digest:

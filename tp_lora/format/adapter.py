@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import (AdapterConfigError, AdapterFormatError, AdapterShapeError, UnsupportedAdapterError)
-from .model import ModelSpec
+from ..errors import (AdapterConfigError, AdapterFormatError, AdapterShapeError, UnsupportedAdapterError)
+from ..plan.model import ModelSpec
 from .naming import GLOBAL_MODULES, ParsedKey, UnknownKey, parse_peft_key
 
 CONFIG_NAME = "adapter_config.json"

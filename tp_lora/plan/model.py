@@ -16,13 +16,13 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 FAMILIES = DENSE_FAMILIES + MOE_FAMILIES
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .adapter import AdapterHeader, LoRATarget, TensorInfo, FLOAT_DTYPES
-from .errors import AdapterShapeError
+from ..format.adapter import AdapterHeader, LoRATarget, TensorInfo, FLOAT_DTYPES
+from ..errors import AdapterShapeError
 from .model import ModelSpec
-from .naming import GLOBAL_MODULES, POOL_MODULES, canonical_name
+from ..format.naming import GLOBAL_MODULES, POOL_MODULES, canonical_name
 from .parallel import ParallelSpec
 
 _MODULE_ORDER = {m: i for i, m in enumerate(POOL_MODULES)}

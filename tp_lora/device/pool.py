@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import NoFreeSlotError, PoolError
-from .model import ModelSpec
-from .naming import EXPERT_MODULES, POOL_MODULES
-from .parallel import ParallelSpec
+from ..errors import NoFreeSlotError, PoolError
+from ..plan.model import ModelSpec
+from ..format.naming import EXPERT_MODULES, POOL_MODULES
+from ..plan.parallel import ParallelSpec
 
 
 @dataclass(frozen=True)

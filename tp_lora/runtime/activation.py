@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import AdapterActivationError, CollectiveTimeoutError
+from ..errors import AdapterActivationError, CollectiveTimeoutError
 
 REASON_BYTES = 160
 #: pass as ``group`` for a rank-local manager (a single-process reference inside a distributed job)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import LayoutError
+from ..errors import LayoutError
 from .model import ModelSpec
 
 

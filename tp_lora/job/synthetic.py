@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import torch
 from safetensors.torch import save_file
 
-from .model import ModelSpec
+from ..plan.model import ModelSpec
 
 DENSE_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
 _PEFT_PATH = {

@@ -1,0 +1,298 @@
+"""The main job: a multi-adapter serving run on the reference TP model, with a report.
+
+    torchrun --nproc-per-node 2 -m tp_lora.run configs/demo.yaml [--json out.json] [--set key=value ...]
+
+Every rank builds its shard of the model and a LoRAManager; a seeded stream of requests mixes more
+adapters than there are GPU slots, so adapters are prefetched, activated, evicted and re-activated from
+the pinned cache. Every ``verify_every``-th batch is checked on rank 0 against a single-process (TP=1)
+reference. Rank 0 prints the report (and writes it as JSON with ``--json``).
+Without torchrun (no RANK in the environment) it runs as a single rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..runtime.activation import LOCAL
+from ..errors import TPLoRAError
+from ..runtime.manager import LoRAConfig, LoRAManager
+from ..plan.model import ModelSpec, load_model_spec
+from ..format.naming import POOL_MODULES
+from ..ops.layer import LoRAOps
+from ..plan.parallel import ParallelSpec
+from .report import build_report, format_report
+from .runconfig import RunConfig, load_run_config
+from .synthetic import write_synthetic_adapter
+
+log = logging.getLogger("tp_lora.run")
+
+_DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------------
+# process group
+# --------------------------------------------------------------------------------------------------
+def init_distributed(cfg: RunConfig, timeout_s: float) -> tuple[int, int, torch.device]:
+    """(rank, world, device). gloo + CPU without CUDA, NCCL + one GPU per rank with it."""
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise TPLoRAError("device: cuda requested but CUDA is not available")
+    if "RANK" not in os.environ:
+        dev = torch.device("cuda", 0) if want_cuda else torch.device("cpu")
+        return 0, 1, dev
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if want_cuda:
+        dev = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=max(timeout_s, 60.0)),
+                            **({"device_id": dev} if backend == "nccl" else {}))
+    return rank, world, dev
+
+
+def _barrier(world: int, dev: torch.device) -> None:
+    if world > 1:
+        if dev.type == "cuda":
+            dist.barrier(device_ids=[dev.index])
+        else:
+            dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs: base weights and adapters (written once per node, atomically)
+# --------------------------------------------------------------------------------------------------
+def _atomic_dir(final: Path, make) -> Path:
+    if (final / ".complete").exists():
+        return final
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    make(tmp)
+    (tmp / ".complete").write_text("ok")
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another node's rank 0 got there first (shared file system)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def prepare_inputs(cfg: RunConfig, spec: ModelSpec, local_rank: int, world: int,
+                   dev: torch.device) -> tuple[Path, dict[str, Path]]:
+    from ..reference.checkpoint import write_random_checkpoint
+
+    root = cfg.cache_path
+    base = Path(cfg.base_weights) if cfg.base_weights else root / f"base-{spec.name}-seed{cfg.seed}"
+    names: dict[str, Path] = {}
+    if cfg.adapters:
+        names = {n: Path(p) for n, p in cfg.adapters.items()}
+    else:
+        s = cfg.synthetic
+        for i in range(s.count):
+            r = s.ranks[i % len(s.ranks)]
+            names[f"syn{i}-r{r}"] = root / f"adapters-{spec.name}" / f"syn{i}-r{r}-{s.dtype}-seed{s.seed + i}"
+    if local_rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if not cfg.base_weights:
+            _atomic_dir(base, lambda d: write_random_checkpoint(spec, d, seed=cfg.seed))
+        if not cfg.adapters:
+            s = cfg.synthetic
+            for i, (n, p) in enumerate(names.items()):
+                r = s.ranks[i % len(s.ranks)]
+                p.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_dir(p, lambda d, r=r, i=i: write_synthetic_adapter(
+                    d, spec, rank=r, targets=s.targets, dtype=s.dtype, seed=s.seed + i))
+    _barrier(world, dev)
+    return base, names
+
+
+# --------------------------------------------------------------------------------------------------
+# the serving loop
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Request:
+    adapter: str | None
+    tokens: torch.Tensor  # [n]
+
+
+def make_workload(cfg: RunConfig, names: list[str], vocab: int, max_loras: int) -> list[list[Request]]:
+    """Seeded batches; each batch uses at most ``max_loras`` distinct adapters (a slot each)."""
+    w = cfg.workload
+    rng = random.Random(w.seed)
+    g = torch.Generator().manual_seed(w.seed)
+    weights = [1.0 / (i + 1) for i in range(len(names))]  # Zipf-like popularity
+    batches: list[list[Request]] = []
+    left = w.requests
+    while left > 0:
+        n = min(w.batch_size, left)
+        left -= n
+        pool = rng.choices(names, weights=weights, k=max_loras) if names else []
+        batch = []
+        for _ in range(n):
+            ad = None if (not pool or rng.random() < w.no_adapter_fraction) else rng.choice(pool)
+            ln = rng.randint(w.tokens_min, w.tokens_max)
+            batch.append(Request(ad, torch.randint(0, vocab, (ln,), generator=g)))
+        batches.append(batch)
+    return batches
+
+
+def ensure_active(mgr: LoRAManager, need: set[str]) -> None:
+    """Activate what a batch needs. ``activate`` holds the listed adapters that are already active
+    while it chooses slots for the others, so passing all of them keeps them from being evicted."""
+    if any(not mgr.is_active(n) for n in need):
+        mgr.activate(sorted(need))
+
+
+def _forward(model: Any, batch: list[Request], mgr: LoRAManager | None) -> torch.Tensor:
+    ids = torch.cat([r.tokens for r in batch])
+    pos = torch.cat([torch.arange(len(r.tokens)) for r in batch])
+    lens = [len(r.tokens) for r in batch]
+    if mgr is None:
+        return model.forward(ids, pos, lens)
+    with mgr.prepare_batch([r.adapter for r in batch], lens) as info:
+        return model.forward(ids, pos, lens, lora=LoRAOps(mgr.pool, info))
+
+
+def run(cfg: RunConfig, *, json_path: str | None = None, progress: bool | None = None) -> dict[str, Any] | None:
+    from ..reference.model import TPModel
+
+    rank, world, dev = init_distributed(cfg, cfg.activation_timeout_s)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    t_start = time.perf_counter()
+    try:
+        spec = load_model_spec(cfg.model)
+        parallel = ParallelSpec(tp_size=world, tp_rank=rank, ep_size=cfg.ep_size)
+        parallel.validate(spec)
+        base, adapters = prepare_inputs(cfg, spec, local_rank, world, dev)
+        group = dist.group.WORLD if world > 1 else None
+        dtype = _DT[cfg.dtype]
+        model = TPModel(spec, parallel, group, dtype=dtype, device=dev)
+        model.load_hf_weights(base)
+        lcfg = LoRAConfig(max_loras=cfg.max_loras, max_lora_rank=cfg.max_lora_rank,
+                          target_modules=tuple(cfg.target_modules or POOL_MODULES),
+                          host_cache_bytes=cfg.host_cache_bytes, dtype=cfg.dtype, device=str(dev),
+                          chunk_bytes=cfg.chunk_bytes, activation_timeout_s=cfg.activation_timeout_s)
+        mgr = LoRAManager(lcfg, spec, parallel, group=group)
+        ref = ref_mgr = None
+        if rank == 0 and cfg.workload.verify_every > 0:
+            ref = TPModel(spec, ParallelSpec(tp_size=1, tp_rank=0), None, dtype=dtype, device=dev)
+            ref.load_hf_weights(base)
+            ref_mgr = LoRAManager(dataclasses.replace(lcfg, host_cache_bytes=0), spec,
+                                  ParallelSpec(tp_size=1, tp_rank=0), group=LOCAL)
+        for n, p in adapters.items():
+            mgr.register(n, p)
+            if ref_mgr is not None:
+                ref_mgr.register(n, p)
+        batches = make_workload(cfg, list(adapters), spec.vocab_size, cfg.max_loras)
+        show = rank == 0 and (sys.stderr.isatty() if progress is None else progress)
+        it: Any = batches
+        if show:
+            try:
+                from tqdm import tqdm
+
+                it = tqdm(batches, desc="serving", unit="batch")
+            except ImportError:
+                pass
+        verify: list[dict[str, Any]] = []
+        tokens = 0
+        t_serve = time.perf_counter()
+        for bi, batch in enumerate(it):
+            ensure_active(mgr, {r.adapter for r in batch if r.adapter is not None})
+            logits = _forward(model, batch, mgr)
+            tokens += sum(len(r.tokens) for r in batch)
+            if ref is not None and bi % cfg.workload.verify_every == 0:
+                verify.append(_verify(ref, ref_mgr, batch, logits, cfg))
+        serve_s = time.perf_counter() - t_serve
+        stats = mgr.aggregate_stats()
+        nodes = _gather_nodes(world)
+        report = None
+        if rank == 0:
+            report = build_report(cfg=cfg, spec=spec, world=world, device=dev, stats=stats,
+                                  plans={n: mgr.plan(n) for n in adapters}, verify=verify,
+                                  serve_s=serve_s, tokens=tokens, batches=len(batches),
+                                  wall_s=time.perf_counter() - t_start, nodes=nodes)
+            print(format_report(report), flush=True)
+            if json_path:
+                Path(json_path).write_text(json.dumps(report, indent=2, default=str))
+            failed = [v for v in verify if not v["ok"]]
+            if failed:
+                raise TPLoRAError(f"verification failed on {len(failed)} of {len(verify)} checked batches: "
+                                  f"{failed[0]}")
+        mgr.close()
+        if ref_mgr is not None:
+            ref_mgr.close()
+        _barrier(world, dev)
+        return report
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _gather_nodes(world: int) -> list[str]:
+    """Which node each rank ran on (Slurm node name, else torchrun's node rank, else the host)."""
+    import socket
+
+    me = os.environ.get("SLURMD_NODENAME") or (f"node{os.environ['GROUP_RANK']}" if "GROUP_RANK" in os.environ
+                                               else socket.gethostname())
+    if world == 1:
+        return [me]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, me)
+    return [str(x) for x in out]
+
+
+def _verify(ref: Any, ref_mgr: LoRAManager, batch: list[Request], logits: torch.Tensor,
+            cfg: RunConfig) -> dict[str, Any]:
+    """Logits of the TP run vs the single-process reference (adapters activated there one batch at a
+    time; the reference pool has max_loras slots too)."""
+    need = sorted({r.adapter for r in batch if r.adapter is not None})
+    ensure_active(ref_mgr, set(need))
+    expect = _forward(ref, batch, ref_mgr).float()
+    got = logits.float()
+    err = (got - expect).abs()
+    tol = cfg.workload.verify_atol + cfg.workload.verify_rtol * expect.abs()
+    return {"requests": len(batch), "adapters": need, "max_abs_err": float(err.max()),
+            "max_rel_err": float((err / expect.abs().clamp_min(1e-6)).max()),
+            "ok": bool((err <= tol).all())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tp_lora.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", nargs="?", default=None, help="run config YAML (configs/demo.yaml)")
+    ap.add_argument("--json", dest="json_path", default=None, help="write the report as JSON here")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, e.g. --set workload.requests=100 (repeatable)")
+    ap.add_argument("--progress", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--log-level", default=os.environ.get("TP_LORA_LOG", "WARNING"))
+    args = ap.parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        run(cfg, json_path=args.json_path,
+            progress=None if args.progress == "auto" else args.progress == "on")
+    except TPLoRAError as e:
+        print(f"[rank {rank}] error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
