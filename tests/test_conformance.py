@@ -2,7 +2,7 @@
 
 Tiny random Llama and Qwen3-MoE models from ``transformers``, and real PEFT adapters made here
 (``init_lora_weights=False``; every linear, embed_tokens, lm_head, and the MoE experts through
-``target_parameters``), saved with ``save_pretrained`` (``tests/peft_fixtures.py``). The reference is peft
+``target_parameters``), saved with ``save_pretrained`` (``tests/support/peft_fixtures.py``). The reference is peft
 itself: ``PeftModel.from_pretrained`` of each saved adapter, each request run alone.
 
 On tp_lora's side each rank (real gloo groups, TP 1/2/4, EP 1/2/4 for the MoE) builds the reference
@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import torch
-from distributed import run_distributed
+from support.distributed import run_distributed
 
 from tp_lora.runtime.manager import LoRAConfig, LoRAManager
 from tp_lora.plan.model import ModelSpec
@@ -123,7 +123,7 @@ def _rank_run(rank: int, world: int, jobs: list[tuple[str, int, str, dict[str, s
 # -- fixtures -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    import peft_fixtures as pf
+    from support import peft_fixtures as pf
     pf.require_hf()
     root = tmp_path_factory.mktemp("conformance")
     out = {}

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from distributed import run_distributed
+from support.distributed import run_distributed
 
 TIMEOUT_S = 3.0  # activation_timeout_s of the fault tests
 STRESS_OPS = 2000
@@ -46,16 +46,15 @@ def _private_copy(root: str, rank: int) -> Path:
 
 
 def _manager(rank: int, world: int, preset: str = "tiny-moe", **kw: Any) -> Any:
-    from tp_lora.runtime.manager import LoRAConfig, LoRAManager
+    from support.runtime_ref import new_manager
     from tp_lora.plan.model import ModelSpec
-    from tp_lora.plan.parallel import ParallelSpec
 
     cfg = dict(max_loras=3, max_lora_rank=8, chunk_bytes=4096, host_cache_bytes=1 << 20,
-               activation_timeout_s=TIMEOUT_S)
+               activation_timeout_s=TIMEOUT_S, dtype="bfloat16")
     cfg.update(kw)
     model = ModelSpec.from_preset(preset)
     ep = world if model.is_moe and world <= 2 else (2 if model.is_moe else 1)
-    return LoRAManager(LoRAConfig(**cfg), model, ParallelSpec(tp_size=world, tp_rank=rank, ep_size=ep))
+    return new_manager(model, world, rank, ep, **cfg)
 
 
 def _attempt(fn: Callable[[], Any]) -> dict[str, Any]:

@@ -27,13 +27,14 @@ from typing import Any
 
 import pytest
 import torch
-from hostile_corpus import read_raw, write_raw
+from support.hostile_corpus import read_raw, write_raw
+from support.runtime_ref import new_manager
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tp_lora.format.adapter import AdapterSource
 from tp_lora.errors import TPLoRAError
-from tp_lora.runtime.manager import LoRAConfig, LoRAManager
+from tp_lora.runtime.manager import LoRAManager
 from tp_lora.plan.model import ModelSpec
 from tp_lora.format.naming import POOL_MODULES
 from tp_lora.plan.parallel import ParallelSpec
@@ -88,8 +89,8 @@ def _managers(name: str) -> list[LoRAManager]:
     out = []
     for tp, ep in BASES[name][2]:
         for r in sorted({0, tp - 1}):
-            cfg = LoRAConfig(max_loras=2, max_lora_rank=MAX_RANK, chunk_bytes=4096, host_cache_bytes=1 << 20)
-            out.append(LoRAManager(cfg, model, ParallelSpec(tp_size=tp, tp_rank=r, ep_size=ep)))
+            out.append(new_manager(model, tp, r, ep, max_loras=2, max_lora_rank=MAX_RANK, chunk_bytes=4096,
+                                   host_cache_bytes=1 << 20, dtype="bfloat16"))
             atexit.register(out[-1].close)
     return out
 

@@ -1,4 +1,4 @@
-"""The hostile-adapter corpus (tests/hostile_corpus.py) thrown at one LoRAManager.
+"""The hostile-adapter corpus (tests/support/hostile_corpus.py) thrown at one LoRAManager.
 
 For every case: the exact exception type and a message naming the file and the problem. Cases whose
 problem shows in the header raise at ``register`` with no pinned/host buffer allocated and nothing
@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 import torch
-from hostile_corpus import (CORPUS_MAX_RANK, Case, build_corpus, corpus_model, write_good,
-                            write_malicious_pickle)
+from support.hostile_corpus import (CORPUS_MAX_RANK, Case, build_corpus, corpus_model, write_good,
+                                    write_malicious_pickle)
+from support.runtime_ref import new_manager
 
 from tp_lora.errors import AdapterActivationError, AdapterFormatError, TPLoRAError
-from tp_lora.runtime.manager import LoRAConfig, LoRAManager
-from tp_lora.plan.parallel import ParallelSpec
+from tp_lora.runtime.manager import LoRAManager
 
 CHUNK = 4096  # the smallest chunk: a load is many chunks, so failures land mid-transfer
 
@@ -32,9 +32,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Case]:
 
 
 def _manager(**kw: Any) -> LoRAManager:
-    cfg = dict(max_loras=3, max_lora_rank=CORPUS_MAX_RANK, chunk_bytes=CHUNK, host_cache_bytes=1 << 20)
+    cfg = dict(max_loras=3, max_lora_rank=CORPUS_MAX_RANK, chunk_bytes=CHUNK, host_cache_bytes=1 << 20,
+               dtype="bfloat16")
     cfg.update(kw)
-    return LoRAManager(LoRAConfig(**cfg), corpus_model(), ParallelSpec())
+    return new_manager(corpus_model(), **cfg)
 
 
 class _AllocCounter:

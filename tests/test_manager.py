@@ -16,16 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime_ref import ALL_DENSE, expected_slot, make_adapter, new_manager, poison_tensor, slot_diff
+from support.runtime_ref import ALL_DENSE, expected_slot, make_adapter, new_manager, poison_tensor, slot_diff
 from tp_lora.errors import (AdapterActivationError, AdapterDataError, AdapterError, AdapterFormatError,
                             AdapterShapeError, AdapterStateError, NoFreeSlotError, TPLoRAError)
 
 WEIGHTS = "adapter_model.safetensors"
-
-
-@pytest.fixture(scope="module")
-def adir(tmp_path_factory):
-    return tmp_path_factory.mktemp("manager_adapters")
 
 
 # ------------------------------------------------------------------------------------------------

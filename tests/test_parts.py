@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime_ref import ALL_DENSE, expected_slot, make_adapter, new_manager, slot_diff
-
-
-@pytest.fixture
-def adir(tmp_path_factory):
-    return tmp_path_factory.mktemp("parts")
+from support.runtime_ref import ALL_DENSE, expected_slot, make_adapter, new_manager, slot_diff
 
 
 @pytest.mark.parametrize("preset,tp,ep,fused", [("tiny-dense", 2, 1, False), ("tiny-moe", 4, 2, True),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime_ref import ALL_DENSE, ReadRecorder, expected_slot, make_adapter, new_manager, slot_diff
+from support.runtime_ref import ALL_DENSE, ReadRecorder, expected_slot, make_adapter, new_manager, slot_diff
 from tp_lora.errors import ConfigError
 from tp_lora.host.pinned_cache import PinnedCache
 
@@ -118,11 +118,6 @@ def test_negative_budget_rejected():
 # ------------------------------------------------------------------------------------------------
 # through the manager
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def adir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache_adapters")
-
-
 def _count_alloc(mgr) -> list[int]:
     calls: list[int] = []
     real = mgr.cache._alloc

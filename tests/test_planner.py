@@ -1,4 +1,4 @@
-"""The key property test of the ShardPlanner.
+"""The key property test of the planner (``plan_rank``).
 
 For many layouts (tp in 1, 2, 4, 8; ep in 1, 2, 4 with ep | tp; MoE-TP with ep < tp and pure EP with
 ep == tp), many models (presets, variants with 8 or 16 heads so that tp=8 is legal, kv replication with
@@ -8,7 +8,7 @@ qkv+gate_up / rank_pattern / alpha_pattern / rsLoRA adapters) we apply every ran
 tensor bytes and check:
 
 (i)   the union over ranks covers every element of every source tensor;
-(ii)  every rank holds exactly what an INDEPENDENT reference of DESIGN.md's TP rule says (written below from
+(ii)  every rank holds exactly what an INDEPENDENT reference of the TP rule says (tests/support/tp_reference.py, from
       the ModelSpec numbers only: head ownership, kv replication, vLLM/SGLang vocab padding, contiguous
       expert blocks, MoE-TP slices, peft's fused-expert interleave ``A row e*r+j``, ``B column j*E+e``),
       at the destination (module, side, layer, local expert) and under the canonical name;
@@ -48,70 +48,12 @@ from tp_lora.plan.parallel import ParallelSpec
 from tp_lora.plan.planner import SlicePlan, plan_rank
 from tp_lora.job.synthetic import write_synthetic_adapter
 
+from support.tp_reference import VOCAB_PAD, RefRank
+
 ALL_LAYOUTS = [(tp, ep) for tp in (1, 2, 4, 8) for ep in (1, 2, 4) if tp % ep == 0]
 CHUNK_SIZES = (1, 100, 4096, 1 << 30)
 TORCH_DTYPE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-VOCAB_PAD = 64  # vLLM / SGLang DEFAULT_VOCAB_PADDING_SIZE
 _TMP = tempfile.TemporaryDirectory(prefix="tp_lora_test_planner_")  # removed when the session ends
-
-
-# ==================================================================================================
-# The independent reference of the TP rule (DESIGN.md "TP rules"). Written from the numbers of the
-# ModelSpec only; it never calls ParallelSpec's ownership methods or planner code.
-# ==================================================================================================
-@dataclasses.dataclass(frozen=True)
-class RefRank:
-    model: ModelSpec
-    tp: int
-    ep: int
-    rank: int
-
-    @property
-    def moe_tp(self) -> int:
-        return self.tp // self.ep
-
-    @property
-    def moe_tp_rank(self) -> int:
-        return self.rank % self.moe_tp
-
-    def q_rows(self) -> list[int]:
-        """Global rows of q (and columns of o's input) of this rank's attention heads."""
-        m = self.model
-        heads_per_rank = m.num_attention_heads // self.tp
-        return [g for g in range(m.q_size) if (g // m.head_dim) // heads_per_rank == self.rank]
-
-    def kv_rows(self) -> list[int]:
-        """k/v rows: kv heads split when tp <= kv heads, else head ``rank // (tp / kv)`` replicated."""
-        m = self.model
-        kv = m.num_key_value_heads
-        if self.tp <= kv:
-            owner = lambda head: head // (kv // self.tp)  # noqa: E731
-        else:
-            owner = lambda head: head  # noqa: E731
-        want = self.rank if self.tp <= kv else self.rank // (self.tp // kv)
-        return [g for g in range(m.kv_size) if owner(g // m.head_dim) == want]
-
-    def split(self, n: int, parts: int, index: int) -> list[int]:
-        return [g for g in range(n) if g // (n // parts) == index]
-
-    def tp_split(self, n: int) -> list[int]:
-        return self.split(n, self.tp, self.rank)
-
-    def moe_split(self) -> list[int]:
-        return self.split(self.model.moe_intermediate_size, self.moe_tp, self.moe_tp_rank)
-
-    def vocab_rows(self) -> list[int]:
-        """vLLM/SGLang VocabParallelEmbedding: pad the vocab to a multiple of 64, split evenly."""
-        v = self.model.vocab_size
-        padded = math.ceil(v / VOCAB_PAD) * VOCAB_PAD
-        per = padded // self.tp
-        return [g for g in range(v) if g // per == self.rank]
-
-    def local_experts(self) -> list[int]:
-        """Expert group ``rank // moe_tp`` holds the contiguous block of E/ep experts."""
-        e_all = self.model.num_experts
-        group = self.rank // self.moe_tp
-        return [e for e in range(e_all) if e // (e_all // self.ep) == group]
 
 
 def canonical(module: str, side: str, layer: int, expert: int | None) -> str:

@@ -2,7 +2,7 @@
 load -> evict -> reload cycles that must give bit-identical slot contents (CPU pool, world 1).
 
 Slot contents are compared with ``runtime_ref.expected_slot``: built from the full safetensors tensors and
-DESIGN.md's TP table by hand (no planner), so a wrong slice, destination, cast or stray write fails.
+the one TP reference (tests/support/tp_reference.py; no planner), so a wrong slice, destination, cast or stray write fails.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from runtime_ref import ALL_DENSE, expected_slot, make_adapter, new_manager, slot_diff, slot_is_zero
+from support.runtime_ref import ALL_DENSE, expected_slot, make_adapter, new_manager, slot_diff, slot_is_zero
 from tp_lora.errors import AdapterActivationError, NoFreeSlotError, PoolError
 from tp_lora.plan.model import ModelSpec
 from tp_lora.plan.parallel import ParallelSpec
@@ -20,11 +20,6 @@ from tp_lora.device.pool import GpuPool
 
 ALL_MODULES = ("q", "k", "v", "o", "gate", "up", "down", "shared.gate", "shared.up", "shared.down",
                "experts.w1", "experts.w3", "experts.w2", "embed", "lm_head")
-
-
-@pytest.fixture(scope="module")
-def adir(tmp_path_factory):
-    return tmp_path_factory.mktemp("pool_adapters")
 
 
 def _pool(preset="tiny-dense", tp=1, rank=0, ep=1, S=3, R=8, dtype=torch.float32):

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from distributed import DistributedTestError, run_distributed
+from support.distributed import DistributedTestError, run_distributed
 from safetensors import safe_open
 from safetensors.torch import save_file
 

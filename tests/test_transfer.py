@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runtime_ref import ALL_DENSE, ReadRecorder, expected_slot, make_adapter, new_manager, slot_diff
+from support.runtime_ref import ALL_DENSE, ReadRecorder, expected_slot, make_adapter, new_manager, slot_diff
 from tp_lora.errors import AdapterDataError
 from tp_lora.device.transfer import LoadJob
 
@@ -23,11 +23,6 @@ LAYOUTS = {
                                                               "shared.up", "shared.down", "lm_head"))),
 }
 _TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@pytest.fixture(scope="module")
-def adir(tmp_path_factory):
-    return tmp_path_factory.mktemp("transfer_adapters")
 
 
 def _block(pool, op, slot):

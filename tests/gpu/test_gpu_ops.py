@@ -17,17 +17,12 @@ allow 8 * 2**-11 * mag, which holds even if TF32 (10-bit mantissa, u = 2**-11) i
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_ops import DENSE, MOE, QWEN2_MOE, check_dense_ops, check_embedding, check_expert_ops
 
-from test_ops import DENSE, MOE, QWEN2_MOE, check_dense_ops, check_embedding, check_expert_ops  # noqa: E402
-
-from tp_lora.plan.parallel import ParallelSpec  # noqa: E402
+from tp_lora.plan.parallel import ParallelSpec
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPU op checks)")]

@@ -1,23 +1,19 @@
 """The CUDA path of the pipeline (pinned host chunks, copy stream, device-side place + cast, events).
 
 Skipped without CUDA. Checks: pool contents on the GPU equal the independent CPU reference (full
-safetensors tensors + DESIGN.md's TP table, cast by torch) for bf16/fp16/fp32 sources into a bf16 pool,
+safetensors tensors + the TP reference of tests/support, cast by torch) for bf16/fp16/fp32 sources into a bf16 pool,
 cached, warm and streamed, both pin modes; a warm activation reads nothing from disk and pins nothing;
 ``activate`` does not block the compute stream (an event wait, not a synchronisation).
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (runtime_ref)
-
-from runtime_ref import ALL_DENSE, ReadRecorder, expected_slot, make_adapter, new_manager, slot_diff  # noqa: E402
+from support.runtime_ref import ALL_DENSE, ReadRecorder, expected_slot, make_adapter, new_manager, slot_diff
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -29,11 +25,6 @@ LAYOUTS = {
     "qwen2moe-tp2": ("tiny-qwen2-moe", 2, 0, 1, dict(targets=("q", "k", "v", "o", "experts", "shared.gate",
                                                               "shared.up", "shared.down", "lm_head"))),
 }
-
-
-@pytest.fixture(scope="module")
-def adir(tmp_path_factory):
-    return tmp_path_factory.mktemp("gpu_adapters")
 
 
 def _gpu_manager(preset, tp, rank, ep, **cfg):

@@ -1,7 +1,7 @@
 """Independent references for the runtime tests (pool / cache / pipeline / manager).
 
 Nothing here uses ``tp_lora``'s reader, naming tables or planner: the expected slot contents are built
-from the full tensors (``safetensors.torch.load_file``) and the TP table of DESIGN.md, written out by
+from the full tensors (``safetensors.torch.load_file``) and the TP reference (``tp_reference``), written out by
 hand for the PEFT key layouts that ``write_synthetic_adapter`` produces. Tests compare the pool with
 these, so a wrong slice, a wrong destination, a missing cast or a stray write shows up.
 """
@@ -18,40 +18,23 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-PAD_VOCAB = 64  # ParallelSpec.vocab_pad_to default (vLLM / SGLang)
+from .tp_reference import RefRank, span
+
 
 
 # --------------------------------------------------------------------------------------------------
-# ownership, from DESIGN.md's TP table (hand-written; no tp_lora.plan.parallel)
+# ownership: the one TP reference (tp_reference.RefRank; hand-written, no tp_lora.plan), as spans
 # --------------------------------------------------------------------------------------------------
 class Owner:
     def __init__(self, model: Any, tp: int, rank: int, ep: int = 1):
-        self.m, self.tp, self.rank, self.ep = model, tp, rank, ep
-        hd = model.head_dim
-        hp = model.num_attention_heads // tp
-        self.q_rows = (rank * hp * hd, (rank + 1) * hp * hd)
-        kv = model.num_key_value_heads
-        if tp <= kv:
-            per = kv // tp
-            self.kv_rows = (rank * per * hd, (rank + 1) * per * hd)
-        else:
-            head = rank // (tp // kv)
-            self.kv_rows = (head * hd, (head + 1) * hd)
-        i = model.intermediate_size // tp
-        self.i_rows = (rank * i, (rank + 1) * i)
-        s = model.shared_expert_intermediate_size // tp
-        self.s_rows = (rank * s, (rank + 1) * s)
-        moe_tp = tp // ep
-        mr = rank % moe_tp
-        im = (model.moe_intermediate_size // moe_tp) if model.num_experts else 0
-        self.m_rows = (mr * im, (mr + 1) * im)
-        per_e = model.num_experts // ep if model.num_experts else 0
-        er = rank // moe_tp
-        self.experts = range(er * per_e, (er + 1) * per_e)
-        padded = -(-model.vocab_size // PAD_VOCAB) * PAD_VOCAB
-        vper = -(-padded // tp)
-        v0 = min(rank * vper, model.vocab_size)
-        self.vocab = (v0, min(v0 + vper, model.vocab_size))
+        ref = RefRank(model, tp, ep, rank)
+        self.q_rows = span(ref.q_rows())
+        self.kv_rows = span(ref.kv_rows())
+        self.i_rows = span(ref.tp_split(model.intermediate_size))
+        self.s_rows = span(ref.tp_split(model.shared_expert_intermediate_size))
+        self.m_rows = span(ref.moe_split())
+        self.experts = range(*span(ref.local_experts()))
+        self.vocab = span(ref.vocab_rows())
 
 
 _LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)\.(lora_A|lora_B)\.weight$")
@@ -224,7 +207,9 @@ def make_adapter(root: str | os.PathLike[str], name: str, preset: str, **kw: Any
     return out
 
 
-def new_manager(preset: str, tp: int = 1, rank: int = 0, ep: int = 1, **cfg: Any):
+def new_manager(model: Any, tp: int = 1, rank: int = 0, ep: int = 1, *, group: Any = None, **cfg: Any):
+    """The tests' one LoRAManager factory: ``model`` is a preset name or a ModelSpec; ``cfg`` LoRAConfig
+    fields (small chunks, rank 8, 2 slots and float32 unless given)."""
     from tp_lora.runtime.manager import LoRAConfig, LoRAManager
     from tp_lora.plan.model import ModelSpec
     from tp_lora.plan.parallel import ParallelSpec
@@ -233,8 +218,9 @@ def new_manager(preset: str, tp: int = 1, rank: int = 0, ep: int = 1, **cfg: Any
     cfg.setdefault("max_lora_rank", 8)
     cfg.setdefault("max_loras", 2)
     cfg.setdefault("dtype", "float32")
-    return LoRAManager(LoRAConfig(**cfg), ModelSpec.from_preset(preset),
-                       ParallelSpec(tp_size=tp, tp_rank=rank, ep_size=ep))
+    spec = ModelSpec.from_preset(model) if isinstance(model, str) else model
+    return LoRAManager(LoRAConfig(**cfg), spec, ParallelSpec(tp_size=tp, tp_rank=rank, ep_size=ep),
+                       group=group)
 
 
 class ReadRecorder:
