@@ -1,25 +1,28 @@
 #!/usr/bin/env python3
-"""GPU benchmark of the adapter load path: ours vs the hardware peak vs the algorithms in use.
+"""Benchmark of the adapter load path: ours vs the machine's floor vs the loaders in use, same run.
 
-Run on one GPU (a rank of a larger layout is benchmarked alone: the load path has no collective before
-activation, so one rank's path is the real per-rank path):
+    PYTHONPATH=. python scripts/bench_load.py --out out/bench [--cases all|NAME,...] [--repeats 3]
+        [--peers] [--baselines] [--drop-caches] [--overlap]
+    PYTHONPATH=. python scripts/bench_load.py --tiny --out /tmp/b      # CPU smoke mode (tiny presets)
 
-    PYTHONPATH=. python scripts/bench_load.py --out out/bench [--cases all|quick] [--repeats 5]
+Each case runs in a FRESH process (``--case-run``), so its first activation is a first activation in a
+fresh process; everything compared with it (the floor, the peers, the baselines) runs in that same
+process on the same file. Prints a table and writes ``bench.json`` (+ ``bench.png``) into --out.
 
-Prints a table and writes ``bench.json`` (+ ``bench.png`` with matplotlib) into --out. Every number is
-the median of --repeats runs measured in this process, beside the peak measured in the same process.
+Per case (JSON): ``cold_s`` (file in the page cache, cache entry dropped, arena kept: later cold loads),
+``first_cold_s`` (first activation of the process; the arena was reserved in the background at register,
+``reserve_s`` apart), ``warm_s`` (from the pinned cache), ``floor_s`` (the same byte count read with one
+thread per core in 8 MiB preads into memory pinned beforehand, each 64 MiB H2D issued as its parts
+arrive), ``cold_over_floor``, ``<peer>_s`` for each peer loading the whole file to the GPU:
+``safetensors_s`` (``load_file(device=cuda)``), ``instanttensor_<backend>_s`` (its default O_DIRECT
+backend, MMAP, URING_BUFFERED), ``fastsafetensors_s`` (``nogds=True``), ``runai_s`` (Run:ai model
+streamer), beside the eager / lazy (SGLang PR #20876) baselines; with ``--drop-caches`` (root): the disk's
+read bandwidth and our cold load with the page cache dropped, measured in the same process.
 
-Cases (synthetic PEFT adapters, bf16, real shapes from configs/models):
-  llama8b-r16-tp1     Llama-3-8B r=16, q k v o gate up down, TP=1
-  llama70b-r64-tp8    Llama-3-70B r=64, rank 0 of TP=8
-  qwen3moe-r16-ep8    Qwen3-30B-A3B r=16, attention + all 128 experts, rank 0 of TP=8/EP=8
-  llama31-70b-r128-tp1 / -tp8   Llama-3.1-70B r=128, all 7 linear modules (SGLang PR #20876's case)
-Baselines (faithful small re-implementations, named as such):
-  eager      pin every whole tensor at load on every rank, slice at transfer, per-tensor copies
-             (SGLang before PR #20876)
-  lazy       pin rank slices at first transfer, pipelined by layer, per-tensor copies (PR #20876)
-  pageable   safetensors load_file, then per-tensor .to(device) of each slice
-  peft       peft's own load_adapter into a Llama-3-8B-shaped model on the GPU (TP=1), and hotswap
+Cases (synthetic PEFT adapters, bf16, real shapes from configs/models; a rank of a larger layout is
+measured alone: the load path has no collective before activation):
+  llama8b-r16-tp1, llama31-70b-r128-tp1, llama31-70b-r128-tp8 (rank 0), llama70b-r64-tp8 (rank 0),
+  qwen3moe-r16-ep8 (rank 0 of TP=8/EP=8), qwen3moe-r16-tp8 (rank 0 of TP=8 without EP: tiny slices)
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import argparse
 import concurrent.futures as cf
 import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,25 +45,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tp_lora.format.adapter import AdapterSource  # noqa: E402
 from tp_lora.runtime.manager import LoRAConfig, LoRAManager  # noqa: E402
 from tp_lora.plan.model import ModelSpec  # noqa: E402
+from tp_lora.plan.packing import read_counts  # noqa: E402
 from tp_lora.plan.parallel import ParallelSpec  # noqa: E402
 from tp_lora.plan.planner import plan_rank  # noqa: E402
 from tp_lora.job.synthetic import write_synthetic_adapter  # noqa: E402
-from tp_lora.device.transfer import SliceReader  # noqa: E402
+from tp_lora.device.transfer import default_read_workers  # noqa: E402
 
-DEV = torch.device("cuda", 0)
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda", 0) if CUDA else torch.device("cpu")
 GB = 1e9
+W = "adapter_model.safetensors"
 
 CASES = {
     "llama8b-r16-tp1": dict(preset="llama-3-8b", rank=16, tp=1, ep=1),
-    "llama70b-r64-tp8": dict(preset="llama-3-70b", rank=64, tp=8, ep=1),
-    "qwen3moe-r16-ep8": dict(preset="qwen3-30b-a3b", rank=16, tp=8, ep=8),
     "llama31-70b-r128-tp1": dict(preset="llama-3.1-70b", rank=128, tp=1, ep=1),
     "llama31-70b-r128-tp8": dict(preset="llama-3.1-70b", rank=128, tp=8, ep=1),
+    "llama70b-r64-tp8": dict(preset="llama-3-70b", rank=64, tp=8, ep=1),
+    "qwen3moe-r16-ep8": dict(preset="qwen3-30b-a3b", rank=16, tp=8, ep=8),
+    "qwen3moe-r16-tp8": dict(preset="qwen3-30b-a3b", rank=16, tp=8, ep=1),
 }
+TINY_CASES = {
+    "tiny-dense-r8-tp1": dict(preset="tiny-dense", rank=8, tp=1, ep=1),
+    "tiny-dense-r8-tp4": dict(preset="tiny-dense", rank=8, tp=4, ep=1),
+    "tiny-moe-r8-tp4": dict(preset="tiny-moe", rank=8, tp=4, ep=1),
+}
+#: goal of cold / floor per case (the tiny-slice case: 1.5x the floor of the rank's bytes)
+GOAL = {"qwen3moe-r16-tp8": 1.5}
 
 
 def empty_host_cache() -> None:
-    """Give cached pinned blocks back, so a 'cold' run really pins."""
+    """Give torch's cached pinned blocks back (the baselines pin through it)."""
     gc.collect()
     for fn in ("_host_emptyCache", "_cuda_emptyHostCache", "_accelerator_emptyHostCache"):
         f = getattr(torch._C, fn, None)
@@ -75,41 +91,122 @@ def med(xs: list[float]) -> float:
 
 
 def sync() -> None:
-    torch.cuda.synchronize(DEV)
+    if CUDA:
+        torch.cuda.synchronize(DEV)
 
 
 # ------------------------------------------------------------------------------------------------
-# peak
+# the machine: peak H2D, the floor, the disk
 # ------------------------------------------------------------------------------------------------
 def measure_peak(repeats: int) -> dict:
-    out = {}
-    for size_name, n in (("64MiB", 64 << 20), ("1GiB", 1 << 30)):
-        pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-        pinned.random_(0, 255)
-        pageable = torch.empty(n, dtype=torch.uint8)
-        pageable.random_(0, 255)
-        dst = torch.empty(n, dtype=torch.uint8, device=DEV)
-        for name, src in (("h2d_pinned", pinned), ("h2d_pageable", pageable)):
-            dst.copy_(src, non_blocking=True)
-            sync()
-            ts = []
-            for _ in range(repeats):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                dst.copy_(src, non_blocking=True)
-                e.record()
-                e.synchronize()
-                ts.append(s.elapsed_time(e) / 1e3)
-            out[f"{name}_{size_name}_GBps"] = n / med(ts) / GB
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            p = pageable.pin_memory()
-            ts.append(time.perf_counter() - t)
-            del p
-        out[f"pin_copy_{size_name}_GBps"] = n / med(ts) / GB
-        del pinned, pageable, dst
-    return out
+    if not CUDA:
+        return {"h2d_pinned_1GiB_GBps": float("nan")}
+    n = 1 << 30
+    pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    pinned.fill_(1)
+    dst = torch.empty(n, dtype=torch.uint8, device=DEV)
+    dst.copy_(pinned, non_blocking=True)
+    sync()
+    ts = []
+    for _ in range(repeats):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        dst.copy_(pinned, non_blocking=True)
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    del pinned, dst
+    empty_host_cache()
+    return {"h2d_pinned_1GiB_GBps": n / med(ts) / GB}
+
+
+def _parts(offset: int, nbytes: int, part: int) -> list[tuple[int, int, int]]:
+    """(file offset, buffer offset, bytes) of nbytes from offset in ``part``-byte pieces."""
+    return [(offset + o, o, min(part, nbytes - o)) for o in range(0, nbytes, part)]
+
+
+class Floor:
+    """The same byte count read with ``threads`` preads into memory pinned beforehand, copied to the
+    device in ``group``-byte H2D copies as soon as all parts of a group have arrived."""
+
+    def __init__(self, nbytes: int, threads: int, part: int = 8 << 20, group: int = 64 << 20):
+        self.nbytes, self.threads, self.part, self.group = nbytes, threads, part, group
+        self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=CUDA)
+        self.host.fill_(0)
+        self.dev = torch.empty(nbytes, dtype=torch.uint8, device=DEV) if CUDA else None
+        self.stream = torch.cuda.Stream(DEV) if CUDA else None
+        self.pool = cf.ThreadPoolExecutor(threads)
+
+    def run(self, path: Path, offset: int) -> float:
+        mv = memoryview(self.host.numpy()).cast("B")
+        fd = os.open(path, os.O_RDONLY)
+        parts = _parts(offset, self.nbytes, self.part)
+        per_group = self.group // self.part
+        left = {g: 0 for g in range(-(-len(parts) // per_group))}
+        for i in range(len(parts)):
+            left[i // per_group] += 1
+
+        def read(i: int) -> int:
+            f, o, n = parts[i]
+            got = os.preadv(fd, [mv[o:o + n]], f)
+            assert got == n, (got, n)
+            return i
+
+        sync()
+        t = time.perf_counter()
+        futs = [self.pool.submit(read, i) for i in range(len(parts))]
+        for fu in cf.as_completed(futs):
+            g = fu.result() // per_group
+            left[g] -= 1
+            if left[g] == 0 and CUDA:
+                a, b = g * self.group, min(self.nbytes, (g + 1) * self.group)
+                with torch.cuda.stream(self.stream):
+                    self.dev[a:b].copy_(self.host[a:b], non_blocking=True)
+        if CUDA:
+            self.stream.synchronize()
+        dt = time.perf_counter() - t
+        os.close(fd)
+        return dt
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        del self.host, self.dev
+        empty_host_cache()
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def disk_bandwidth(path: Path, threads: int) -> float:
+    """Sequential read bandwidth of the disk holding ``path`` (page cache dropped first), GB/s."""
+    size = path.stat().st_size
+    drop_caches()
+    buf = torch.empty(min(size, 8 << 20) * threads, dtype=torch.uint8)
+    mv = memoryview(buf.numpy()).cast("B")
+    fd = os.open(path, os.O_RDONLY)
+    parts = _parts(0, size, 8 << 20)
+
+    def read(i: int) -> int:
+        f, _, n = parts[i]
+        slot = (i % threads) * (8 << 20)
+        return os.preadv(fd, [mv[slot:slot + n]], f)
+
+    t = time.perf_counter()
+    with cf.ThreadPoolExecutor(threads) as ex:
+        got = sum(ex.map(read, range(len(parts))))
+    dt = time.perf_counter() - t
+    os.close(fd)
+    assert got == size
+    return size / dt / GB
+
+
+def page_cache(path: Path) -> None:
+    with open(path / W, "rb") as f:
+        while f.read(64 << 20):
+            pass
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,7 +215,7 @@ def measure_peak(repeats: int) -> dict:
 def make_adapter(root: Path, name: str, c: dict) -> Path:
     # one file per (preset, rank): the TP=1 and TP=8 cases of a model read the same adapter
     p = root / f"{c['preset']}-r{c['rank']}"
-    if (p / "adapter_model.safetensors").exists():
+    if (p / W).exists():
         return p
     spec = ModelSpec.from_preset(c["preset"])
     targets = ["q", "k", "v", "o", "experts"] if spec.is_moe else ["q", "k", "v", "o", "gate", "up", "down"]
@@ -127,112 +224,182 @@ def make_adapter(root: Path, name: str, c: dict) -> Path:
     return p
 
 
-def page_cache(path: Path) -> None:
-    with open(path / "adapter_model.safetensors", "rb") as f:
-        while f.read(64 << 20):
-            pass
-
-
 # ------------------------------------------------------------------------------------------------
 # ours
 # ------------------------------------------------------------------------------------------------
-def bench_ours(path: Path, c: dict, repeats: int, chunk_bytes: int, pin_mode: str, read_workers: int = 4,
-               pin_workers: int = 1,
-               part_bytes: int | None = None) -> dict:
+def _manager(c: dict, args: argparse.Namespace, **over) -> LoRAManager:
     spec = ModelSpec.from_preset(c["preset"])
     par = ParallelSpec(tp_size=c["tp"], tp_rank=0, ep_size=c["ep"])
-    cfg = LoRAConfig(max_loras=1, max_lora_rank=c["rank"], dtype="bfloat16", device="cuda:0",
-                     host_cache_bytes=64 << 30, chunk_bytes=chunk_bytes, pin_mode=pin_mode,
-                     read_workers=read_workers,
-                     pin_workers=pin_workers, part_bytes=part_bytes)
-    mgr = LoRAManager(cfg, spec, par)
+    kw = dict(max_loras=1, max_lora_rank=c["rank"], dtype="bfloat16", device=str(DEV),
+              host_cache_bytes=64 << 30, chunk_bytes=args.chunk_bytes, pin_mode=args.pin_mode,
+              read_workers=args.read_workers, pin_workers=args.pin_workers, part_bytes=args.part_bytes,
+              read_mode=args.read_mode)
+    kw.update(over)
+    return LoRAManager(LoRAConfig(**kw), spec, par)
+
+
+def _cold(mgr: LoRAManager, path: Path, name: str) -> tuple[float, dict]:
+    for n in mgr.registered():
+        mgr.cache.evict(n)  # the entry's blocks go back to the arena; the arena stays reserved
+    page_cache(path)
+    t = time.perf_counter()
+    mgr.activate(name)
+    return time.perf_counter() - t, mgr.stats().load_stats[-1]
+
+
+def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    mgr = _manager(c, args)
+    init_s = time.perf_counter() - t0
     plan = mgr.register("a", path)
     mgr.register("b", path)
-    nbytes = plan.nbytes
-    cold, warm = [], []
-    cold_stats = []
-    for i in range(repeats):
-        # cold: nothing pinned (cache dropped, pinned blocks returned), file in the page cache
-        for n in ("a", "b"):
-            mgr.cache.evict(n)
-        empty_host_cache()
-        page_cache(path)
-        t = time.perf_counter()
-        mgr.activate("a" if i % 2 == 0 else "b")
-        cold.append(time.perf_counter() - t)
-        cold_stats.append(mgr.stats().load_stats[-1])
-    # warm: both cached; alternate so each activation evicts the other from the one slot
+    t = time.perf_counter()
+    mgr.arena.wait_reserved()  # reported apart: a server registers well before the first activation
+    reserve_wait_s = time.perf_counter() - t
+    reserve_s = mgr.arena.snapshot().reserve_s
+    page_cache(path)
+    t = time.perf_counter()
+    mgr.activate("a")  # the first activation of this process
+    first = time.perf_counter() - t
+    first_ls = mgr.stats().load_stats[-1]
+    cold, cold_ls = [], []
+    for i in range(args.repeats):
+        dt, ls = _cold(mgr, path, "b" if i % 2 == 0 else "a")
+        cold.append(dt)
+        cold_ls.append(ls)
     mgr.activate("a")
     mgr.activate("b")
-    for i in range(repeats + 1):
+    warm = []
+    for i in range(args.repeats + 1):
         t = time.perf_counter()
         mgr.activate("a" if i % 2 == 0 else "b")
-        dt = time.perf_counter() - t
         if i:
-            warm.append(dt)
+            warm.append(time.perf_counter() - t)
     st = mgr.stats()
-    warm_ls = [x for x in st.load_stats if x["warm"]][-repeats:]
-    # stages alone
-    stages = stage_times(mgr, "a", repeats)
-    mgr_part_bytes = mgr.engine.part_bytes
-    mgr.close()
-    del mgr
-    gc.collect()
-    torch.cuda.empty_cache()
-    return {
-        "bytes": nbytes, "full_bytes": plan.full_bytes, "slices": len(plan.ops),
-        "chunks": len(plan.chunks(chunk_bytes)),
-        "parts": sum(max(1, len(c.parts)) for c in plan.chunks(chunk_bytes, mgr_part_bytes)),
-        "cold_s": med(cold), "warm_s": med(warm),
-        "warm_GBps": nbytes / med(warm) / GB, "cold_GBps": nbytes / med(cold) / GB,
-        "warm_h2d_s": med([x["h2d_s"] for x in warm_ls]),
-        "cold_read_s": med([x["read_s"] for x in cold_stats]),
-        "cold_alloc_s": med([x["alloc_s"] for x in cold_stats]),
-        "cold_wait_s": med([x.get("wait_s", 0.0) for x in cold_stats]),
-        "cold_issue_s": med([x.get("issue_s", 0.0) for x in cold_stats]),
-        "cold_device_span_s": med([x["h2d_s"] for x in cold_stats]),
+    warm_ls = [x for x in st.load_stats if x["warm"]][-args.repeats:]
+    ar = mgr.arena.snapshot()
+    counts = read_counts(mgr.engine.chunks(plan))
+    out = {
+        "bytes": plan.nbytes, "full_bytes": plan.full_bytes, "file_bytes": (path / W).stat().st_size,
+        "slices": len(plan.ops), "chunks": len(mgr.engine.chunks(plan)), "readers": mgr.engine.read_workers,
+        "read_mode": args.read_mode, "bytes_owned": counts.owned, "bytes_read": cold_ls[-1]["bytes_read"],
+        "syscalls": counts.syscalls, "span_ops": counts.span_ops,
+        "init_s": init_s, "reserve_s": reserve_s, "reserve_wait_s": reserve_wait_s,
+        "first_cold_s": first, "first_cold_load_total_s": first_ls["total_s"],
+        "cold_s": med(cold), "cold_all_s": cold, "warm_s": med(warm), "warm_all_s": warm,
+        "cold_read_s": med([x["read_s"] for x in cold_ls]), "cold_wait_s": med([x["wait_s"] for x in cold_ls]),
+        "cold_issue_s": med([x["issue_s"] for x in cold_ls]), "cold_alloc_s": med([x["alloc_s"] for x in cold_ls]),
+        "cold_device_span_s": med([x["h2d_s"] for x in cold_ls]),
         "warm_device_span_s": med([x["h2d_s"] for x in warm_ls]),
-        "warm_queued_s": med([x.get("queued_s", 0.0) for x in warm_ls]),
-        "warm_enqueue_s": med([x.get("enqueue_s", 0.0) for x in warm_ls]),
-        "warm_sync_s": med([x.get("sync_s", 0.0) for x in warm_ls]),
-        "warm_total_s": med([x.get("total_s", 0.0) for x in warm_ls]),
-        "pinned_bytes": st.pinned_bytes_now, "pinned_planned": st.pinned_planned_now,
-        **stages,
+        "pinned_in_use": st.pinned_bytes_now, "pinned_planned": st.pinned_planned_now,
+        "pinned_reserved": st.pinned_reserved_bytes, "pinned_free": st.pinned_free_bytes,
+        "arena_grow_in_load": ar.grow_in_load,
     }
+    out["mgr"] = mgr
+    return out
 
 
-def stage_times(mgr: LoRAManager, name: str, repeats: int) -> dict:
-    a = mgr._adapters[name]
-    plan, header = a.plan, a.header
-    chunks = plan.chunks(mgr.engine.chunk_bytes, mgr.engine.part_bytes)
-    sizes = [c.nbytes for c in chunks]
-    units = [(c, p, i) for i, c in enumerate(chunks) for p in (c.parts or (None,))]
-    read, pin = [], []
-    for _ in range(repeats):
-        page_cache(Path(header.path))
-        bufs = [torch.empty(s, dtype=torch.uint8) for s in sizes]
-        for b in bufs:
-            b.fill_(0)  # fault the pages in: measure reading, not page faults of fresh memory
-        rd = SliceReader(header)
-        t = time.perf_counter()
-        # the same parallelism as the pipeline's readers
-        with cf.ThreadPoolExecutor(mgr.config.read_workers) as ex:
-            list(ex.map(lambda u: rd.read_part(u[0], u[1], bufs[u[2]]), units))
-        read.append(time.perf_counter() - t)
-        rd.close()
-        del bufs
-        empty_host_cache()
-        t = time.perf_counter()
-        with cf.ThreadPoolExecutor(mgr.config.pin_workers) as ex:  # the pipeline's parallelism
-            pb = list(ex.map(mgr.device.alloc_host, sizes))
-        pin.append(time.perf_counter() - t)
-        del pb
-        empty_host_cache()
-    return {"stage_read_s": med(read), "stage_pin_s": med(pin)}
+def bench_mode(path: Path, c: dict, args: argparse.Namespace, mode: str, repeats: int) -> float:
+    """Later cold loads with another read mode (the strategies measured side by side)."""
+    mgr = _manager(c, args, read_mode=mode)
+    mgr.register("a", path)
+    mgr.register("b", path)  # alternate: each activation evicts the other from the one slot, so it loads
+    mgr.arena.wait_reserved()
+    _cold(mgr, path, "a")
+    ts = [_cold(mgr, path, "b" if i % 2 == 0 else "a")[0] for i in range(repeats)]
+    mgr.close()
+    return med(ts)
 
 
 # ------------------------------------------------------------------------------------------------
-# baselines
+# peers: each loads the whole file to the GPU (what they do; we read only the rank's bytes)
+# ------------------------------------------------------------------------------------------------
+def _timed(fn) -> float:
+    sync()
+    t = time.perf_counter()
+    keep = fn()
+    sync()
+    dt = time.perf_counter() - t
+    del keep
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+    return dt
+
+
+def peer_safetensors(f: str):
+    from safetensors.torch import load_file
+
+    return load_file(f, device=str(DEV))
+
+
+def peer_instanttensor(f: str, backend: str | None):
+    from instanttensor import Backend, safe_open
+
+    kw = {} if backend is None else {"backend": getattr(Backend, backend)}
+    out = {}
+    with safe_open(f, framework="pt", device=DEV.index or 0, **kw) as sf:
+        for k, t in sf.tensors():
+            out[k] = t
+    return out
+
+
+def peer_fastsafetensors(f: str):
+    from fastsafetensors import SafeTensorsFileLoader
+
+    loader = SafeTensorsFileLoader(None, device=str(DEV), nogds=True)
+    loader.add_filenames({0: [f]})
+    fb = loader.copy_files_to_device()
+    out = {k: fb.get_tensor(k).clone() for k in loader.get_keys()}
+    fb.close()
+    loader.close()
+    return out
+
+
+def peer_runai(f: str):
+    from runai_model_streamer import SafetensorsStreamer
+
+    out = {}
+    with SafetensorsStreamer() as s:
+        s.stream_file(f)
+        for k, t in s.get_tensors():
+            out[k] = t.to(DEV, copy=True)
+    return out
+
+
+PEERS = {
+    "safetensors": (peer_safetensors, "safetensors.torch.load_file(device=cuda)"),
+    "instanttensor_default": (lambda f: peer_instanttensor(f, None),
+                              "instanttensor safe_open, default backend (O_DIRECT: reads the disk)"),
+    "instanttensor_mmap": (lambda f: peer_instanttensor(f, "MMAP"), "instanttensor backend=MMAP"),
+    "instanttensor_uring_buffered": (lambda f: peer_instanttensor(f, "URING_BUFFERED"),
+                                     "instanttensor backend=URING_BUFFERED"),
+    "fastsafetensors": (peer_fastsafetensors, "fastsafetensors SafeTensorsFileLoader(nogds=True)"),
+    "runai": (peer_runai, "runai_model_streamer SafetensorsStreamer (to CPU), .to(cuda)"),
+}
+
+
+def bench_peers(path: Path, repeats: int, names: list[str]) -> dict:
+    out: dict = {}
+    f = str(path / W)
+    for name in names:
+        fn, desc = PEERS[name]
+        ts = []
+        try:
+            for _ in range(repeats):
+                page_cache(path)
+                ts.append(_timed(lambda: fn(f)))
+                if ts[-1] > 1.5:
+                    break  # slow peers: one run is enough to place them
+            out[f"{name}_s"] = min(ts)
+        except Exception as e:  # noqa: BLE001 - a peer that fails here is reported, not fatal
+            out[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+        out[f"{name}_setting"] = desc
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# baselines (faithful small re-implementations; they need CUDA)
 # ------------------------------------------------------------------------------------------------
 def _targets(path: Path, c: dict):
     spec = ModelSpec.from_preset(c["preset"])
@@ -322,76 +489,6 @@ def _slice_lazy(f, op) -> torch.Tensor:
     return sl[r0:r1, c0:c1][:, ::st].contiguous()
 
 
-def baseline_pageable(path: Path, c: dict) -> float:
-    """safetensors load_file, then per-tensor .to(device) of each slice (pageable memory)."""
-    from safetensors.torch import load_file
-
-    header, plan = _targets(path, c)
-    dst = _dst_buffers(plan)
-    page_cache(path)
-    sync()
-    t = time.perf_counter()
-    sd = load_file(str(header.weights_path))
-    for op in plan.ops:
-        dst[op.key].copy_(_slice(sd[op.tensor], op).to(DEV))
-    sync()
-    dt = time.perf_counter() - t
-    del sd, dst
-    return dt
-
-
-def baseline_peft(path: Path, repeats: int) -> dict:
-    """peft's own load_adapter into a Llama-3-8B-shaped model on the GPU; and hotswap if present."""
-    from peft import PeftModel
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    spec = ModelSpec.from_preset("llama-3-8b")
-    cfg = LlamaConfig(hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-                      num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-                      num_key_value_heads=spec.num_key_value_heads, vocab_size=spec.vocab_size,
-                      head_dim=spec.head_dim)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device=DEV).to(torch.bfloat16)
-    page_cache(path)
-    t = time.perf_counter()
-    pm = PeftModel.from_pretrained(model, str(path), adapter_name="a0")
-    sync()
-    first = time.perf_counter() - t
-    loads = []
-    for i in range(repeats):
-        page_cache(path)
-        sync()
-        t = time.perf_counter()
-        pm.load_adapter(str(path), adapter_name=f"a{i + 1}")
-        sync()
-        loads.append(time.perf_counter() - t)
-        pm.delete_adapter(f"a{i + 1}")
-    hot = []
-    try:
-        from peft.utils.hotswap import hotswap_adapter
-
-        for _ in range(repeats):
-            page_cache(path)
-            sync()
-            t = time.perf_counter()
-            hotswap_adapter(pm, str(path), adapter_name="a0", torch_device="cuda:0")
-            sync()
-            hot.append(time.perf_counter() - t)
-    except Exception as e:  # noqa: BLE001
-        hot_err = f"{type(e).__name__}: {e}"
-    else:
-        hot_err = ""
-    del pm, model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return {"peft_first_s": first, "peft_load_adapter_s": med(loads), "peft_hotswap_s": med(hot),
-            "peft_hotswap_error": hot_err}
-
-
-# ------------------------------------------------------------------------------------------------
-# overlap: a GEMM loop on the compute stream while a cold load streams on the copy stream
-# ------------------------------------------------------------------------------------------------
 def bench_overlap(path: Path, c: dict, chunk_bytes: int) -> dict:
     a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
@@ -434,63 +531,136 @@ def bench_overlap(path: Path, c: dict, chunk_bytes: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# one case, in this (fresh) process
+# ------------------------------------------------------------------------------------------------
+def case_run(name: str, c: dict, path: Path, args: argparse.Namespace) -> dict:
+    r: dict = {"case": c, "pid": os.getpid()}
+    o = bench_ours(path, c, args)
+    mgr = o.pop("mgr")
+    r["ours"] = o
+    data_start = 8 + mgr._adapters["a"].header.header_bytes  # noqa: SLF001 - the file layout, for the floor
+    mgr.close()
+    del mgr
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+    threads = args.floor_threads or default_read_workers()
+    fl = Floor(o["bytes"], threads)
+    fl.run(path / W, data_start)  # first touch of the floor's own memory is not the floor
+    floors = []
+    for _ in range(args.repeats):
+        page_cache(path)
+        floors.append(fl.run(path / W, data_start))
+    fl.close()
+    r["floor_s"] = med(floors)
+    r["floor_threads"] = threads
+    r["peak"] = measure_peak(3)
+    r["cold_s"], r["first_cold_s"], r["warm_s"] = o["cold_s"], o["first_cold_s"], o["warm_s"]
+    r["cold_over_floor"] = o["cold_s"] / r["floor_s"]
+    r["first_over_cold"] = o["first_cold_s"] / o["cold_s"]
+    peak = r["peak"]["h2d_pinned_1GiB_GBps"]
+    r["warm_frac_of_peak"] = o["bytes"] / o["warm_s"] / GB / peak if CUDA else float("nan")
+    if args.modes:
+        for m in args.modes.split(","):
+            if m != args.read_mode:
+                r[f"cold_{m}_s"] = bench_mode(path, c, args, m, max(1, args.repeats // 2))
+    if args.peers and args.peer_file:
+        names = list(PEERS) if args.peers == "all" else args.peers.split(",")
+        r.update(bench_peers(path, 2, names))
+    if args.baselines and CUDA:
+        for bname, fn in (("eager", baseline_eager), ("lazy", baseline_lazy)):
+            try:
+                r[bname + "_s"] = fn(path, c)
+            except Exception as e:  # noqa: BLE001
+                r[bname + "_error"] = f"{type(e).__name__}: {e}"[:300]
+    if args.drop_caches:
+        try:
+            r["disk_GBps"] = disk_bandwidth(path / W, threads)
+            mgr = _manager(c, args)
+            mgr.register("a", path)
+            mgr.arena.wait_reserved()
+            drop_caches()
+            t = time.perf_counter()
+            mgr.activate("a")
+            r["cold_dropped_s"] = time.perf_counter() - t
+            read = mgr.stats().load_stats[-1]["bytes_read"]
+            r["cold_dropped_bytes_read"] = read
+            r["cold_dropped_over_disk"] = r["cold_dropped_s"] / (read / (r["disk_GBps"] * GB))
+            mgr.close()
+        except Exception as e:  # noqa: BLE001 - not root, no /proc: reported
+            r["drop_caches_error"] = f"{type(e).__name__}: {e}"[:300]
+    return r
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/bench")
     ap.add_argument("--adapters", default="/tmp/tp_lora_bench_adapters")
     ap.add_argument("--cases", default="all", help="all, or comma-separated case names")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny presets, the same code paths")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk-bytes", type=int, default=64 << 20)
-    ap.add_argument("--pin-mode", default="register", choices=["caching", "register"])
-    ap.add_argument("--read-workers", type=int, default=4)
-    ap.add_argument("--pin-workers", type=int, default=2)
     ap.add_argument("--part-bytes", type=int, default=None)
-    ap.add_argument("--no-baselines", action="store_true")
-    ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--pin-mode", default="register", choices=["caching", "register"])
+    ap.add_argument("--read-workers", type=int, default=None, help="default: one per core")
+    ap.add_argument("--pin-workers", type=int, default=2)
+    ap.add_argument("--read-mode", default="auto", choices=["auto", "exact", "span"])
+    ap.add_argument("--modes", default="", help="also time later cold loads with these read modes")
+    ap.add_argument("--floor-threads", type=int, default=None)
+    ap.add_argument("--peers", default="", help="'all' or comma-separated peers, once per file")
+    ap.add_argument("--baselines", action="store_true", help="eager / lazy (PR #20876) baselines")
+    ap.add_argument("--drop-caches", action="store_true", help="disk bandwidth + cold with the page cache dropped")
+    ap.add_argument("--drop-cases", default="llama8b-r16-tp1,llama31-70b-r128-tp1,qwen3moe-r16-ep8")
+    ap.add_argument("--overlap", action="store_true", help="GEMM slowdown while a cold load streams")
+    ap.add_argument("--case-run", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--peer-file", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    table = TINY_CASES if args.tiny else CASES
+    root = Path(args.adapters)
+    if args.case_run:  # child: one case in a fresh process
+        c = table[args.case_run]
+        r = case_run(args.case_run, c, make_adapter(root, args.case_run, c), args)
+        Path(args.json).write_text(json.dumps(r, indent=2, default=str))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    root = Path(args.adapters)
     root.mkdir(parents=True, exist_ok=True)
-    cases = list(CASES) if args.cases == "all" else args.cases.split(",")
-    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": torch.cuda.get_device_name(DEV),
+    cases = list(table) if args.cases == "all" else args.cases.split(",")
+    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                 "device": torch.cuda.get_device_name(DEV) if CUDA else "cpu", "cores": default_read_workers(),
                  "torch": torch.__version__, "cuda": torch.version.cuda, "argv": sys.argv,
                  "chunk_bytes": args.chunk_bytes, "pin_mode": args.pin_mode, "repeats": args.repeats,
-                 "read_workers": args.read_workers, "pin_workers": args.pin_workers,
-}
-    print(f"# {res['device']} torch {res['torch']} cuda {res['cuda']}", flush=True)
-    res["peak"] = measure_peak(args.repeats)
-    peak = res["peak"]["h2d_pinned_1GiB_GBps"]
-    print("peak", json.dumps(res["peak"]), flush=True)
-    res["cases"] = {}
+                 "read_mode": args.read_mode, "cases": {}}
+    print(f"# {res['device']} torch {res['torch']} cuda {res['cuda']} cores {res['cores']}", flush=True)
+    seen_files: set[str] = set()
     for name in cases:
-        c = CASES[name]
+        c = table[name]
         t = time.perf_counter()
         path = make_adapter(root, name, c)
         gen_s = time.perf_counter() - t
-        r = {"case": c, "gen_s": gen_s}
-        r["ours"] = bench_ours(path, c, args.repeats, args.chunk_bytes, args.pin_mode, args.read_workers,
-                               args.pin_workers, args.part_bytes)
-        if not args.no_baselines:
-            for bname, fn in (("eager", baseline_eager), ("lazy", baseline_lazy),
-                              ("pageable", baseline_pageable)):
-                ts = [fn(path, c) for _ in range(max(1, args.repeats // 2))]
-                r[bname + "_s"] = med(ts)
-        if name == "llama8b-r16-tp1" and not args.no_peft:
-            try:
-                r["peft"] = baseline_peft(path, max(1, args.repeats // 2))
-            except Exception as e:  # noqa: BLE001
-                r["peft"] = {"error": f"{type(e).__name__}: {e}"}
-        o = r["ours"]
-        r["warm_frac_of_peak"] = o["warm_GBps"] / peak
-        slowest = max(o["stage_read_s"], o["stage_pin_s"], o["warm_s"])
-        r["cold_over_slowest_stage"] = o["cold_s"] / slowest
+        child = [sys.executable, __file__, "--case-run", name, "--json", str(out / f".{name}.json")]
+        for a in sys.argv[1:]:
+            child.append(a)
+        if str(path) not in seen_files:
+            seen_files.add(str(path))
+            child.append("--peer-file")  # peers load the whole file: once per file
+        if not (args.drop_caches and name in args.drop_cases.split(",")):
+            child = [a for a in child if a != "--drop-caches"]
+        p = subprocess.run(child, capture_output=True, text=True)
+        if p.returncode != 0:
+            res["cases"][name] = {"error": p.stderr[-2000:]}
+            print(f"{name}: FAILED\n{p.stderr[-2000:]}", flush=True)
+            continue
+        r = json.loads((out / f".{name}.json").read_text())
+        (out / f".{name}.json").unlink()
+        r["gen_s"] = gen_s
         res["cases"][name] = r
-        print(f"{name}: {json.dumps(r, default=str)}", flush=True)
+        print(f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'ours'}, default=str)}", flush=True)
         (out / "bench.json").write_text(json.dumps(res, indent=2, default=str))
-    if "llama31-70b-r128-tp1" in cases or "llama8b-r16-tp1" in cases:
-        oc = "llama31-70b-r128-tp1" if "llama31-70b-r128-tp1" in cases else "llama8b-r16-tp1"
-        res["overlap"] = bench_overlap(make_adapter(root, oc, CASES[oc]), CASES[oc], args.chunk_bytes)
+    if args.overlap and CUDA:
+        oc = "llama31-70b-r128-tp1" if "llama31-70b-r128-tp1" in cases else cases[0]
+        res["overlap"] = bench_overlap(make_adapter(root, oc, table[oc]), table[oc], args.chunk_bytes)
         res["overlap"]["case"] = oc
     (out / "bench.json").write_text(json.dumps(res, indent=2, default=str))
     print_table(res)
@@ -501,27 +671,30 @@ def main() -> int:
     return 0
 
 
+PEER_COLS = ["safetensors", "instanttensor_default", "instanttensor_mmap", "instanttensor_uring_buffered",
+             "fastsafetensors", "runai"]
+
+
 def print_table(res: dict) -> None:
-    peak = res["peak"]["h2d_pinned_1GiB_GBps"]
-    print(f"\npeak pinned H2D (1 GiB) {peak:.1f} GB/s; pageable {res['peak']['h2d_pageable_1GiB_GBps']:.1f}; "
-          f"pin copy {res['peak']['pin_copy_1GiB_GBps']:.1f}")
-    hdr = (f"{'case':<22}{'MiB':>8}{'warm ms':>9}{'%peak':>7}{'cold ms':>9}{'read':>7}{'pin':>7}"
-           f"{'cold/slow':>10}{'eager':>8}{'lazy':>8}{'pageable':>9}{'x eager':>8}{'x lazy':>7}")
+    print(f"\n{res['device']}, {res['cores']} cores, {res['date']}; times in ms")
+    hdr = (f"{'case':<22}{'MiB':>8}{'read MiB':>9}{'first':>8}{'cold':>8}{'floor':>8}{'c/floor':>8}"
+           f"{'1st/c':>7}{'warm':>8}{'%peak':>7}" + "".join(f"{p[:12]:>13}" for p in PEER_COLS)
+           + f"{'eager':>8}{'lazy':>8}")
     print(hdr)
     for name, r in res["cases"].items():
+        if "error" in r:
+            print(f"{name:<22} error")
+            continue
         o = r["ours"]
-        e, l, p = (r.get(k, float("nan")) for k in ("eager_s", "lazy_s", "pageable_s"))
-        print(f"{name:<22}{o['bytes'] / 2**20:8.1f}{o['warm_s'] * 1e3:9.2f}{r['warm_frac_of_peak']:7.1%}"
-              f"{o['cold_s'] * 1e3:9.1f}{o['stage_read_s'] * 1e3:7.1f}{o['stage_pin_s'] * 1e3:7.1f}"
-              f"{r['cold_over_slowest_stage']:10.2f}{e * 1e3:8.1f}{l * 1e3:8.1f}{p * 1e3:9.1f}"
-              f"{e / o['cold_s']:8.2f}{l / o['cold_s']:7.2f}")
-        print(f"   cold: read(sum) {o['cold_read_s'] * 1e3:.1f} alloc {o['cold_alloc_s'] * 1e3:.1f} wait "
-              f"{o['cold_wait_s'] * 1e3:.1f} issue {o['cold_issue_s'] * 1e3:.1f} device-span "
-              f"{o['cold_device_span_s'] * 1e3:.1f} ms; warm device-span {o['warm_device_span_s'] * 1e3:.2f} ms, "
-              f"queued {o['warm_queued_s'] * 1e3:.2f} enqueue {o['warm_enqueue_s'] * 1e3:.2f} sync "
-              f"{o['warm_sync_s'] * 1e3:.2f} load-total {o['warm_total_s'] * 1e3:.2f} ms")
-        if "peft" in r:
-            print(f"   peft: {r['peft']}")
+        ms = lambda k: r.get(k, float("nan")) * 1e3  # noqa: E731
+        print(f"{name:<22}{o['bytes'] / 2**20:8.1f}{o['bytes_read'] / 2**20:9.1f}{ms('first_cold_s'):8.1f}"
+              f"{ms('cold_s'):8.1f}{ms('floor_s'):8.1f}{r['cold_over_floor']:8.2f}{r['first_over_cold']:7.2f}"
+              f"{ms('warm_s'):8.2f}{r['warm_frac_of_peak']:7.1%}"
+              + "".join(f"{ms(p + '_s'):13.1f}" for p in PEER_COLS) + f"{ms('eager_s'):8.1f}{ms('lazy_s'):8.1f}")
+        extra = {k: v for k, v in r.items() if k.startswith(("cold_exact", "cold_span", "cold_auto", "disk",
+                                                              "cold_dropped"))}
+        if extra:
+            print("   ", json.dumps(extra))
     if "overlap" in res:
         print("overlap:", res["overlap"])
 
@@ -532,24 +705,30 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(res["cases"])
-    peak = res["peak"]["h2d_pinned_1GiB_GBps"]
-    fig, ax = plt.subplots(figsize=(11, 5))
-    series = [("ours warm", lambda r: r["ours"]["bytes"] / r["ours"]["warm_s"]),
-              ("ours cold", lambda r: r["ours"]["bytes"] / r["ours"]["cold_s"]),
-              ("lazy (PR #20876)", lambda r: r["ours"]["bytes"] / r.get("lazy_s", float("nan"))),
-              ("eager (before)", lambda r: r["ours"]["bytes"] / r.get("eager_s", float("nan"))),
-              ("pageable", lambda r: r["ours"]["bytes"] / r.get("pageable_s", float("nan")))]
-    w = 0.16
-    for i, (lab, f) in enumerate(series):
-        ax.bar([j + (i - 2) * w for j in range(len(names))], [f(res["cases"][n]) / GB for n in names], w,
-               label=lab)
-    ax.axhline(peak, color="k", ls="--", label=f"pinned H2D peak {peak:.1f} GB/s")
+    names = [n for n, r in res["cases"].items() if "error" not in r]
+    series = [("ours first (fresh process)", "first_cold_s"), ("ours cold", "cold_s"), ("floor", "floor_s"),
+              ("ours warm", "warm_s"), ("safetensors", "safetensors_s"),
+              ("InstantTensor best buffered", None), ("fastsafetensors", "fastsafetensors_s"),
+              ("Run:ai", "runai_s")]
+    fig, ax = plt.subplots(figsize=(12, 5))
+    w = 0.8 / len(series)
+    for i, (lab, key) in enumerate(series):
+        vals = []
+        for n in names:
+            r = res["cases"][n]
+            if key is None:
+                v = min((r[k] for k in ("instanttensor_mmap_s", "instanttensor_uring_buffered_s") if k in r),
+                        default=float("nan"))
+            else:
+                v = r.get(key, float("nan"))
+            vals.append(v * 1e3)
+        ax.bar([j + (i - len(series) / 2) * w for j in range(len(names))], vals, w, label=lab)
+    ax.set_yscale("log")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=15)
-    ax.set_ylabel("effective GB/s of this rank's slice bytes")
-    ax.set_title(f"adapter load, one rank — {res['device']}, torch {res['torch']}")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("ms (log)")
+    ax.set_title(f"adapter load, one rank — {res['device']}, {res['date']}")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -228,7 +228,7 @@ def test_adapter_larger_than_budget_is_streamed_within_inflight_bound(adir, chun
     small = make_adapter(adir, "st-small", "tiny-dense", rank=4, dtype="bf16", targets=("q",), seed=60)
     big = make_adapter(adir, "st-big", "tiny-dense", rank=16, dtype="fp32", targets=ALL_DENSE, seed=61)
     with new_manager("tiny-dense", tp=2, rank=0, max_loras=1, max_lora_rank=16, chunk_bytes=chunk_bytes,
-                     ring_slots=3, host_cache_bytes=20000) as mgr:
+                     ring_slots=3, host_cache_bytes=20000, read_mode="exact") as mgr:
         ps = mgr.register("small", small).nbytes
         pb = mgr.register("big", big)
         assert pb.nbytes > 20000 and max(op.nbytes for op in pb.ops) >= 8192

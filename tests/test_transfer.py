@@ -96,7 +96,7 @@ def _covered(iv, by):
 @pytest.mark.parametrize("rank", range(4))
 def test_reads_only_this_ranks_bytes_dense_tp4(adir, monkeypatch, rank):
     path = make_adapter(adir, "reads-dense", "tiny-dense", rank=8, dtype="bf16", targets=ALL_DENSE, seed=9)
-    with new_manager("tiny-dense", tp=4, rank=rank, max_loras=1) as mgr:
+    with new_manager("tiny-dense", tp=4, rank=rank, max_loras=1, read_mode="exact") as mgr:
         plan = mgr.register("x", path)
         rec = ReadRecorder(monkeypatch)
         mgr.activate("x")
@@ -122,7 +122,7 @@ def test_reads_only_this_ranks_bytes_moe_tp4_ep2(adir, monkeypatch, fused):
     path = make_adapter(adir, f"reads-moe-{fused}", "tiny-moe", rank=4, dtype="fp32", fused_experts=fused,
                         targets=("q", "o", "experts", "embed"), seed=10)
     for rank in (0, 3):
-        with new_manager("tiny-moe", tp=4, rank=rank, ep=2, max_loras=1) as mgr:
+        with new_manager("tiny-moe", tp=4, rank=rank, ep=2, max_loras=1, read_mode="exact") as mgr:
             plan = mgr.register("x", path)
             rec = ReadRecorder(monkeypatch)
             mgr.activate("x")
@@ -146,7 +146,7 @@ def test_reads_only_this_ranks_bytes_moe_tp4_ep2(adir, monkeypatch, fused):
 
 def test_many_chunks_and_stats(adir):
     path = make_adapter(adir, "chunks", "tiny-dense", rank=8, dtype="fp32", targets=ALL_DENSE, seed=11)
-    with new_manager("tiny-dense", tp=2, rank=0, max_loras=1, chunk_bytes=4096) as mgr:
+    with new_manager("tiny-dense", tp=2, rank=0, max_loras=1, chunk_bytes=4096, read_mode="exact") as mgr:
         plan = mgr.register("x", path)
         chunks = plan.chunks(4096)
         assert len(chunks) >= 10

@@ -55,7 +55,8 @@ def test_cuda_pool_equals_cpu_reference(adir, layout, src):
 def test_cuda_streamed_and_pin_modes(adir, pin_mode):
     # fp32 rank 16: slices larger than a 4096-byte chunk, streamed through the ring with CUDA events
     big = make_adapter(adir, "big16", "tiny-dense", rank=16, dtype="fp32", targets=ALL_DENSE, seed=3)
-    with _gpu_manager("tiny-dense", 2, 1, 1, max_lora_rank=16, host_cache_bytes=0, pin_mode=pin_mode) as mgr:
+    with _gpu_manager("tiny-dense", 2, 1, 1, max_lora_rank=16, host_cache_bytes=0, pin_mode=pin_mode,
+                      read_mode="exact") as mgr:
         plan = mgr.register("big", big)
         mgr.activate("big")
         torch.cuda.synchronize()

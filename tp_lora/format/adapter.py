@@ -161,6 +161,7 @@ class AdapterHeader:
     fingerprint: str  # sha256 of config + header bytes + size: detects a different adapter under a name
     header_bytes: int
     header_digest: str = ""  # sha256 of the 8-byte length + header JSON, as registered
+    file_identity: tuple[int, int, int, int] | None = None  # (st_dev, st_ino, size, mtime_ns) when hashed
 
     @property
     def max_rank(self) -> int:
@@ -468,6 +469,7 @@ class AdapterSource:
         targets = _validate(tensors, cfg, model, name=name, path=str(weights), max_rank=max_rank)
         with open(weights, "rb") as f:
             raw_header = f.read(8 + hlen)
+            st = os.fstat(f.fileno())  # the identity of the very file whose header was hashed
         header_digest = hashlib.sha256(raw_header).hexdigest()
         h = hashlib.sha256()
         h.update(cfg_raw)
@@ -475,7 +477,8 @@ class AdapterSource:
         h.update(str(size).encode())
         return AdapterHeader(name=name, path=str(folder), weights_path=str(weights), config=cfg,
                              targets=targets, file_size=size, fingerprint=h.hexdigest(), header_bytes=hlen,
-                             header_digest=header_digest)
+                             header_digest=header_digest,
+                             file_identity=(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
 
 
 def _convert_pickle(pickle: Path, name: str, cache_dir: str | None) -> Path:

@@ -5,8 +5,9 @@ A later activation of a complete entry is pure H2D. Budgeted in bytes; whole ada
 when not in flight. An adapter larger than the budget (or one that cannot fit because other adapters
 are in flight) is streamed through a bounded ring instead, and the stats say so.
 
-The cache holds host buffers it gets from an allocator (pinned on CUDA, plain on CPU); it never pins
-anything itself, so it has no CUDA code.
+The cache holds host buffers it gets from an allocator (the pinned arena on CUDA, plain memory on CPU)
+and gives them back to it when an entry goes (``free``); it never pins anything itself, so it has no
+CUDA code. Its budget is a budget of the arena: the arena's in-use bytes are the cache's plus the ring.
 """
 
 from __future__ import annotations
@@ -54,12 +55,14 @@ class CacheStats:
 
 class PinnedCache:
     def __init__(self, budget_bytes: int, alloc: Callable[[int], torch.Tensor],
-                 wait_event: Callable[[Any], None] = lambda ev: None):
+                 wait_event: Callable[[Any], None] = lambda ev: None,
+                 free: Callable[[torch.Tensor], None] | None = None):
         if budget_bytes < 0:
             raise ValueError(f"host_cache_bytes must be >= 0, got {budget_bytes}")
         self.budget = budget_bytes
         self._alloc = alloc
         self._wait_event = wait_event
+        self._free = free
         self._entries: dict[str, CacheEntry] = {}
         self._reserved = 0  # bytes promised to entries (complete or being filled)
         self._lock = threading.RLock()
@@ -156,6 +159,10 @@ class PinnedCache:
         if e.last_event is not None:
             self._wait_event(e.last_event)  # an H2D may still read these buffers
         self.stats.pinned_bytes -= e.allocated_bytes
+        if self._free is not None:
+            for b in e.buffers:
+                if b is not None:
+                    self._free(b)
         if e.complete:
             self.stats.planned_bytes -= e.nbytes
             self.stats.entries -= 1

@@ -26,6 +26,7 @@ from ..errors import AdapterShapeError
 from .model import ModelSpec
 from ..format.naming import GLOBAL_MODULES, POOL_MODULES, canonical_name
 from .parallel import ParallelSpec
+from .packing import Chunk, CopyGroup, Part, pack  # noqa: F401 - packing moved there; re-exported
 
 _MODULE_ORDER = {m: i for i, m in enumerate(POOL_MODULES)}
 
@@ -80,53 +81,6 @@ class SliceOp:
 
 
 @dataclass(frozen=True)
-class CopyGroup:
-    """A run of same-shaped slices, packed back to back, whose destinations are consecutive blocks:
-    placed on the device by ONE strided copy (with the dtype cast)."""
-
-    module: str
-    side: str
-    dtype: str
-    shape: tuple[int, int]
-    flat_start: int
-    count: int
-    byte_offset: int  # in the chunk
-
-    @property
-    def nbytes(self) -> int:
-        return self.count * self.shape[0] * self.shape[1] * FLOAT_DTYPES[self.dtype][0]
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A unit of the pipeline: slices packed contiguously, moved by one H2D copy."""
-
-    index: int
-    ops: tuple[SliceOp, ...]
-    offsets: tuple[int, ...]  # byte offset of each op in the chunk
-    groups: tuple[CopyGroup, ...]
-    nbytes: int
-    reads: tuple[tuple[int, tuple[tuple[int, int], ...]], ...] = ()
-    """Scatter reads: (file offset, ((chunk offset, bytes), ...)) — one preadv each, reading a
-    contiguous run of the file into several places of the chunk. Covers every op with step-1 columns."""
-    gathers: tuple[int, ...] = ()
-    """Indices (into ``ops``) of strided-column slices, read by span + gather."""
-    parts: tuple["Part", ...] = ()
-    """Byte ranges of the chunk read (and copied to the device) as they arrive, so a large chunk still
-    pipelines finely; empty = the chunk is one part."""
-
-
-@dataclass(frozen=True)
-class Part:
-    """A run of consecutive slices of a chunk: the unit of the cold pipeline (read, then H2D)."""
-
-    start: int  # byte range in the chunk buffer
-    end: int
-    reads: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]
-    gathers: tuple[int, ...]  # indices into the chunk's ops
-
-
-@dataclass(frozen=True)
 class SlicePlan:
     """This rank's part of one adapter."""
 
@@ -152,100 +106,9 @@ class SlicePlan:
     def cache_keys(self) -> list[str]:
         return [f"{self.adapter}/{op.key}" for op in self.ops]
 
-    def chunks(self, chunk_bytes: int, part_bytes: int | None = None) -> list[Chunk]:
-        """Memoised: a plan is immutable, and warm activations must not re-plan."""
-        key = ("chunks", chunk_bytes, part_bytes)
-        if key not in self._memo:
-            self._memo[key] = self._chunks(chunk_bytes, part_bytes)
-        return self._memo[key]
-
-    def _chunks(self, chunk_bytes: int, part_bytes: int | None = None) -> list[Chunk]:
-        """Split the ops into chunks of at most ``chunk_bytes`` (or one op, if larger) at op boundaries, in
-        layer order (a chunk is a run of consecutive layers), each sorted so same-module slices are
-        adjacent and land with one device copy per (module, side)."""
-        out: list[Chunk] = []
-        cur: list[SliceOp] = []
-        size = 0
-        for op in self.ops:
-            if cur and size + op.nbytes > chunk_bytes:
-                out.append(self._make_chunk(len(out), cur, part_bytes))
-                cur, size = [], 0
-            cur.append(op)
-            size += op.nbytes
-        if cur:
-            out.append(self._make_chunk(len(out), cur, part_bytes))
-        return out
-
-    def _make_chunk(self, index: int, ops: list[SliceOp], part_bytes: int | None = None) -> Chunk:
-        ordered = sorted(ops, key=lambda o: (_MODULE_ORDER[o.module], o.side, o.layer,
-                                             -1 if o.local_expert is None else o.local_expert))
-        offsets, groups = [], []
-        pos = 0
-        for op in ordered:
-            # align each slice to its element size so the device can view it in its dtype; a
-            # single-dtype adapter (the usual case) gets no padding: pinned bytes == planned bytes
-            pos = -(-pos // op.itemsize) * op.itemsize
-            offsets.append(pos)
-            flat = op.flat_index(self.n_local_experts)
-            g = groups[-1] if groups else None
-            if (g is not None and g.module == op.module and g.side == op.side and g.dtype == op.dtype
-                    and g.shape == op.shape and g.flat_start + g.count == flat
-                    and g.byte_offset + g.nbytes == pos):
-                groups[-1] = CopyGroup(g.module, g.side, g.dtype, g.shape, g.flat_start, g.count + 1,
-                                       g.byte_offset)
-            else:
-                groups.append(CopyGroup(op.module, op.side, op.dtype, op.shape, flat, 1, pos))
-            pos += op.nbytes
-        reads, gathers = _read_runs(ordered, offsets)
-        parts: list[Part] = []
-        if part_bytes is not None and pos > part_bytes:
-            first = 0
-            for i in range(len(ordered)):
-                end = offsets[i] + ordered[i].nbytes
-                if end - offsets[first] >= part_bytes or i == len(ordered) - 1:
-                    r, g = _read_runs(ordered[first:i + 1], offsets[first:i + 1])
-                    parts.append(Part(offsets[first], end, r, tuple(first + j for j in g)))
-                    first = i + 1
-        return Chunk(index, tuple(ordered), tuple(offsets), tuple(groups), pos, reads, gathers, tuple(parts))
-
-
-_IOV_MAX = 512  # well under Linux's 1024 iovecs per preadv
-
-
-def _read_runs(ops: list[SliceOp], offsets: list[int]):
-    """Turn a chunk's slices into few syscalls: every step-1 slice is a list of (file range, chunk
-    range) pieces (one per row when only some columns are owned); pieces whose file ranges touch are
-    merged into one scatter read (preadv with one iovec per destination)."""
-    pieces: list[tuple[int, int, int]] = []  # (file offset, chunk offset, bytes)
-    gathers: list[int] = []
-    for i, (op, off) in enumerate(zip(ops, offsets)):
-        rows, cols = op.src_shape
-        isz = op.itemsize
-        r0, r1 = op.rows
-        c0, c1, step = op.cols
-        row_bytes = cols * isz
-        if step != 1:
-            gathers.append(i)
-        elif c0 == 0 and c1 == cols:
-            pieces.append((op.src_offset + r0 * row_bytes, off, op.nbytes))
-        else:
-            w = op.ncols * isz
-            for j in range(r1 - r0):
-                pieces.append((op.src_offset + (r0 + j) * row_bytes + c0 * isz, off + j * w, w))
-    pieces.sort()
-    runs: list[tuple[int, list[tuple[int, int]]]] = []
-    end = -1
-    for f, o, n in pieces:
-        if runs and f == end and len(runs[-1][1]) < _IOV_MAX:
-            last = runs[-1][1][-1]
-            if last[0] + last[1] == o:  # destination contiguous too: extend the iovec
-                runs[-1][1][-1] = (last[0], last[1] + n)
-            else:
-                runs[-1][1].append((o, n))
-        else:
-            runs.append((f, [(o, n)]))
-        end = f + n
-    return tuple((f, tuple(p)) for f, p in runs), tuple(gathers)
+    def chunks(self, chunk_bytes: int, part_bytes: int | None = None, read_mode: str = "auto") -> list[Chunk]:
+        """This plan's chunks: a shortcut for ``packing.pack`` (memoised there, per plan)."""
+        return pack(self, chunk_bytes, part_bytes, read_mode)  # type: ignore[arg-type]
 
 
 def _pack_sort_key(op: SliceOp) -> tuple:

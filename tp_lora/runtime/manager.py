@@ -35,6 +35,7 @@ from ..host.pinned_cache import PinnedCache
 from ..plan.planner import SlicePlan, plan_rank
 from ..device.pool import GpuPool
 from ..device.transfer import Device, LoadJob, LoadResult, LoadStats, TransferEngine
+from ..host.memory import HostArena
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,12 @@ class LoRAConfig:
     """Cold pipeline unit (default chunk_bytes / 8): read+pack of part n+1 overlaps the H2D of part n."""
     ring_slots: int = 3
     """Host buffers for streamed (uncached) adapters: in-flight bound = ring_slots * chunk_bytes."""
-    read_workers: int = 4
-    """Reader threads of the cold pipeline (pread releases the GIL: chunks are read in parallel)."""
+    read_workers: int | None = None
+    """Reader threads of the cold pipeline (preadv releases the GIL: parts are read in parallel); None:
+    one per core this process may run on."""
+    read_mode: str = "auto"
+    """How slices of many short rows are read: "exact" (only owned bytes, one syscall per row), "span"
+    (the row range once, then sliced), "auto" (a cost model per slice). The cache holds owned bytes only."""
     pin_workers: int = 2
     """Threads allocating (pinning) chunk buffers ahead of the readers."""
     activation_timeout_s: float = 60.0
@@ -84,7 +89,9 @@ class LoRAConfig:
             raise ConfigError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if self.host_cache_bytes < 0:
             raise ConfigError(f"host_cache_bytes must be >= 0, got {self.host_cache_bytes}")
-        if self.read_workers < 1:
+        if self.read_mode not in ("auto", "exact", "span"):
+            raise ConfigError(f"read_mode must be 'auto', 'exact' or 'span', got {self.read_mode!r}")
+        if self.read_workers is not None and self.read_workers < 1:
             raise ConfigError(f"read_workers must be >= 1, got {self.read_workers}")
         if self.chunk_bytes < 4096:
             raise ConfigError(f"chunk_bytes must be >= 4096, got {self.chunk_bytes}")
@@ -134,6 +141,9 @@ class ManagerStats:
     read_s: float = 0.0
     pinned_bytes_now: int = 0
     pinned_planned_now: int = 0
+    pinned_reserved_bytes: int = 0  # arena slabs (pinned on CUDA), reserved ahead and reused
+    pinned_free_bytes: int = 0  # reserved but free
+    pinned_reserve_s: float = 0.0  # time spent reserving (pinning) them, mostly in the background
     cache_hits: int = 0
     cache_misses: int = 0
     cache_evictions: int = 0
@@ -161,10 +171,14 @@ class LoRAManager:
         self.device = Device(config.device, pin_mode=config.pin_mode)
         self.pool = GpuPool(model, parallel, max_loras=config.max_loras, max_rank=config.max_lora_rank,
                             modules=config.target_modules, dtype=config.torch_dtype, device=self.device.device)
-        self.cache = PinnedCache(config.host_cache_bytes, self.device.alloc_host, Device.sync_event)
+        # pinned host memory: one arena (cache budget + streamed ring), reserved ahead and reused
+        self.arena = HostArena(self.device, config.host_cache_bytes + max(2, config.ring_slots) * config.chunk_bytes,
+                               slab_bytes=max(config.chunk_bytes, 256 << 20), workers=config.pin_workers)
+        self.cache = PinnedCache(config.host_cache_bytes, self.arena.alloc, Device.sync_event, free=self.arena.free)
         self.engine = TransferEngine(self.device, self.pool, self.cache, chunk_bytes=config.chunk_bytes,
                                      ring_slots=config.ring_slots, read_workers=config.read_workers,
-                                     pin_workers=config.pin_workers, part_bytes=config.part_bytes)
+                                     pin_workers=config.pin_workers, part_bytes=config.part_bytes,
+                                     read_mode=config.read_mode, arena=self.arena)
         self.collective = Collective(group, self.device.device, config.activation_timeout_s)
         self.rank = self.collective.rank
         self._adapters: dict[str, _Adapter] = {}
@@ -200,6 +214,7 @@ class LoRAManager:
         # register calls failed differently still agree once they hold the same files
         gen = int(header.fingerprint[:5], 16)
         self._adapters[name] = _Adapter(name, str(path), header, plan, gen)
+        self.engine.expect(plan, sum(a.plan.nbytes for a in self._adapters.values()))
         with self._stats_lock:
             self._stats.registered = len(self._adapters)
         log.debug("[rank %d] registered %s: %d slices, %d bytes", self.rank, name, len(plan.ops), plan.nbytes)
@@ -447,6 +462,9 @@ class LoRAManager:
             cs = self.cache.stats
             st.pinned_bytes_now = cs.pinned_bytes
             st.pinned_planned_now = cs.planned_bytes
+            ar = self.arena.snapshot()
+            st.pinned_reserved_bytes, st.pinned_free_bytes, st.pinned_reserve_s = (
+                ar.reserved_bytes, ar.free_bytes, ar.reserve_s)
             st.cache_hits, st.cache_misses, st.cache_evictions = cs.hits, cs.misses, cs.evictions
             st.slot_evictions = self.pool.evictions
             st.peak_inflight_bytes = self.engine.peak_inflight_bytes
@@ -474,6 +492,7 @@ class LoRAManager:
             self._closed = True
             self._loader.shutdown(wait=True)
             self.engine.close()
+            self.arena.close()
 
     def __enter__(self) -> "LoRAManager":
         return self

@@ -1,0 +1,88 @@
+"""HostArena (host/memory.py): blocks of exact sizes in reused slabs, ranges coalesce, reservation ahead
+(in the background), slabs above the limit released once empty; through the manager: the cache draws
+from the arena, pinned in use == planned bytes of cached adapters, and a later adapter reuses freed
+bytes (the reservation does not grow per load)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime_ref import ALL_DENSE, expected_slot, make_adapter, new_manager, slot_diff
+from tp_lora.host.memory import Device, HostArena
+
+
+def _arena(limit=1 << 16, slab=1 << 14):
+    return HostArena(Device("cpu"), limit, slab_bytes=slab, workers=2)
+
+
+def test_blocks_exact_sizes_reuse_and_coalesce():
+    a = _arena()
+    x = a.alloc(1000)
+    y = a.alloc(3000)
+    st = a.snapshot()
+    assert x.numel() == 1000 and y.numel() == 3000 and st.in_use_bytes == 4000 and st.slabs == 1
+    assert st.reserved_bytes == 1 << 14 and st.grow_in_load == 1  # nothing reserved ahead: grown in the load
+    x.fill_(1)
+    y.fill_(2)
+    assert int(x.sum()) == 1000 and int(y.sum()) == 6000  # disjoint
+    a.free(x)
+    a.free(y)
+    st = a.snapshot()
+    assert st.in_use_bytes == 0 and st.free_bytes == st.reserved_bytes == 1 << 14  # coalesced back
+    z = a.alloc(1 << 14)  # the whole slab again: only possible if the ranges coalesced
+    assert a.snapshot().slabs == 1
+    a.free(z)
+    with pytest.raises(ValueError):
+        a.free(z)  # twice
+    with pytest.raises(ValueError):
+        a.free(torch.empty(10, dtype=torch.uint8))  # not ours
+    a.close()
+
+
+def test_reserve_ahead_in_background_and_release_above_limit():
+    a = _arena(limit=1 << 15, slab=1 << 14)
+    futs = a.reserve(1 << 20)  # capped at the limit
+    a.wait_reserved()
+    assert len(futs) == 2 and all(f.done() for f in futs)
+    st = a.snapshot()
+    assert st.reserved_bytes == 1 << 15 and st.reserve_s >= 0 and st.reserve_bg_s >= 0
+    blocks = [a.alloc(1 << 14) for _ in range(2)]
+    assert a.snapshot().grow_in_load == 0  # both came from the reservation
+    extra = a.alloc(1 << 14)  # beyond the limit: grown anyway (correctness first) ...
+    assert a.snapshot().reserved_bytes == 3 << 14
+    a.free(extra)  # ... and released once empty
+    assert a.snapshot().reserved_bytes == 1 << 15
+    for b in blocks:
+        a.free(b)
+    assert a.snapshot().reserved_bytes == 1 << 15  # within the limit: kept for reuse
+    a.close()
+
+
+@pytest.fixture(scope="module")
+def adir(tmp_path_factory):
+    return tmp_path_factory.mktemp("arena_adapters")
+
+
+def test_cache_draws_from_the_arena_and_reuses_it(adir):
+    paths = [make_adapter(adir, f"ar{i}", "tiny-dense", rank=8, dtype="bf16", targets=ALL_DENSE, seed=30 + i)
+             for i in range(3)]
+    with new_manager("tiny-dense", tp=2, rank=0, max_loras=1, chunk_bytes=4096) as mgr:
+        plans = [mgr.register(f"a{i}", p) for i, p in enumerate(paths)]
+        mgr.arena.wait_reserved()
+        reserved0 = mgr.stats().pinned_reserved_bytes
+        assert reserved0 >= sum(p.nbytes for p in plans)  # reserved while registering, ahead of any load
+        for i, p in enumerate(paths):
+            mgr.activate(f"a{i}")
+            st = mgr.stats()
+            assert st.pinned_bytes_now == st.pinned_planned_now == sum(pl.nbytes for pl in plans[:i + 1])
+            ar = mgr.arena.snapshot()
+            assert ar.in_use_bytes == st.pinned_bytes_now  # cache entries are arena blocks
+            assert st.pinned_free_bytes == ar.free_bytes and st.pinned_reserved_bytes == reserved0
+            assert slot_diff(mgr.pool, 0, expected_slot(p, mgr.model, 2, 0, 1, mgr.pool)) == []
+        assert mgr.arena.snapshot().grow_in_load == 0
+        mgr.unregister("a0")  # its blocks go back ...
+        assert mgr.arena.snapshot().in_use_bytes == plans[1].nbytes + plans[2].nbytes
+        mgr.register("a0", paths[0])
+        mgr.activate("a0")  # ... and are reused: the reservation did not grow
+        assert mgr.stats().pinned_reserved_bytes == reserved0

@@ -1,0 +1,134 @@
+"""SliceReader at load time (host/reader.py): one open per load, identity checked on that fd, links not
+followed, short and changed reads detected with our error naming the file (and tensor), no fd leak."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from runtime_ref import ALL_DENSE, make_adapter, new_manager
+from tp_lora.device.transfer import LoadJob
+from tp_lora.errors import AdapterActivationError, AdapterDataError
+from tp_lora.host.reader import SliceReader
+
+W = "adapter_model.safetensors"
+
+
+@pytest.fixture
+def adapter(tmp_path_factory, tmp_path):
+    src = make_adapter(tmp_path_factory.mktemp("reader"), "r", "tiny-dense", rank=8, dtype="bf16",
+                       targets=ALL_DENSE, seed=40)
+    path = tmp_path / "a"
+    shutil.copytree(src, path)
+    return path
+
+
+def _run(mgr, name="x"):
+    a = mgr._adapters[name]
+    mgr.pool.reserve(0, name)
+    try:
+        return mgr.engine.run(LoadJob(header=a.header, plan=a.plan, slot=0))
+    finally:
+        mgr.pool.free(0)
+
+
+def test_link_swapped_in_is_not_followed(adapter, tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(adapter / W, outside)  # same bytes, outside the folder
+    with new_manager("tiny-dense", tp=2, rank=0, max_loras=1) as mgr:
+        mgr.register("x", adapter)
+        (adapter / W).unlink()
+        os.symlink(outside, adapter / W)
+        with pytest.raises(AdapterDataError, match="symbolic link"):
+            _run(mgr)
+        assert mgr.cache.reserved_bytes == 0
+
+
+def test_replaced_file_same_bytes_is_refused(adapter):
+    with new_manager("tiny-dense", tp=2, rank=0, max_loras=1) as mgr:
+        mgr.register("x", adapter)
+        data = (adapter / W).read_bytes()
+        os.rename(adapter / W, adapter / "old")  # kept, so its inode number is not reused at once
+        (adapter / W).write_bytes(data)  # a new inode: not the file registration validated
+        with pytest.raises(AdapterDataError, match="replaced since registration"):
+            _run(mgr)
+
+
+def test_rewritten_in_place_same_header_is_read_other_header_refused(adapter):
+    with new_manager("tiny-dense", tp=2, rank=0, max_loras=1) as mgr:
+        mgr.register("x", adapter)
+        p = adapter / W
+        raw = bytearray(p.read_bytes())
+        with open(p, "r+b") as f:  # same inode, new mtime, header unchanged: offsets still valid
+            f.write(bytes(raw))
+        assert not _run(mgr).stats.warm
+        mgr.cache.evict("x")
+        hl = int.from_bytes(raw[:8], "little")
+        i = raw.index(b'"shape"', 8, 8 + hl)
+        raw[i + 1] = ord("S")  # same size, another header
+        p.write_bytes(bytes(raw))
+        with pytest.raises(AdapterDataError, match="header differs"):
+            _run(mgr)
+
+
+def test_change_during_the_read_is_detected(adapter):
+    with new_manager("tiny-dense", tp=2, rank=0, max_loras=1, chunk_bytes=4096) as mgr:
+        mgr.register("x", adapter)
+        p = adapter / W
+        data = p.read_bytes()
+        a = mgr._adapters["x"]
+        done = []
+
+        def fault(stage, i):  # truncated and regrown to the same size while the load reads
+            if stage == "read" and not done:
+                done.append(i)
+                with open(p, "r+b") as f:
+                    f.truncate(8)
+                    f.seek(0)
+                    f.write(data)
+                    f.flush()
+                    os.utime(p, ns=(1, 1))
+
+        mgr.pool.reserve(0, "x")
+        with pytest.raises(AdapterDataError, match="changed while it was read"):
+            mgr.engine.run(LoadJob(header=a.header, plan=a.plan, slot=0, fault=fault))
+        mgr.pool.free(0)
+        assert mgr.cache.names() == [] and mgr.cache.reserved_bytes == 0 and done
+
+
+def test_short_read_names_the_tensor(adapter):
+    with new_manager("tiny-dense", tp=2, rank=0, max_loras=1) as mgr:
+        mgr.register("x", adapter)
+        rd = SliceReader(mgr._adapters["x"].header)
+        try:
+            chunk = mgr.engine.chunks(mgr._adapters["x"].plan)[-1]
+            os.truncate(adapter / W, chunk.reads[0][0] + 1 if chunk.reads else 9)
+            with pytest.raises(AdapterDataError, match="truncated while reading.*|tensor '"):
+                rd.read_chunk(chunk, torch.empty(chunk.nbytes, dtype=torch.uint8))
+        finally:
+            rd.close()
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_no_fd_leak_when_ring_allocation_fails(adapter, monkeypatch):
+    with new_manager("tiny-dense", tp=2, rank=0, max_loras=1, host_cache_bytes=0) as mgr:
+        mgr.register("x", adapter)
+
+        def boom(n):
+            raise MemoryError("injected ring allocation failure")
+
+        monkeypatch.setattr(mgr.arena, "alloc", boom)
+        _run_fail = lambda: pytest.raises((MemoryError, AdapterActivationError))  # noqa: E731
+        with _run_fail():
+            _run(mgr)
+        before = _fds()
+        for _ in range(20):
+            with _run_fail():
+                _run(mgr)
+        assert _fds() == before

@@ -1,0 +1,342 @@
+"""Packing: how a rank's SlicePlan is cut into pipeline units and read from the file. Pure: no I/O.
+
+    chunk   slices packed back to back: the cache unit, one H2D copy when warm, placed on the device by
+            one strided copy per CopyGroup (same module, side, shape, consecutive destination blocks)
+    part    a byte range of a chunk: the cold pipeline's unit (read, then H2D as it arrives)
+    reads   scatter reads: (file offset, ((buffer offset, bytes), ...)), one ``preadv`` each, built once
+            per plan (the hot loop only turns them into memoryviews and calls preadv, which drops the GIL)
+    spans   coalesced span reads: one contiguous file range read into scratch memory, from which strided
+            slices are copied to their packed place (fused-expert B columns interleave experts at element
+            granularity; a column slice of a small tensor is many tiny rows)
+
+Whether a step-1 slice of many short rows is read exactly (one syscall per row) or as a span (its whole
+row range once, then one strided copy) is the cost model's choice (``ReadCost``, per slice): extra bytes
+against saved syscalls. In both cases only owned bytes land in the chunk: the pinned cache holds exactly
+the planned bytes, and the read counters report bytes read beside bytes owned.
+
+``pack(plan, chunk_bytes, part_bytes, read_mode)`` is memoised here, per plan (a warm activation must not
+re-pack 5000 slices); ``stream_units`` cuts chunks larger than a ring buffer into row pieces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from ..format.adapter import FLOAT_DTYPES
+from ..format.naming import POOL_MODULES
+from .memo import PerPlan
+
+if TYPE_CHECKING:  # packing consumes plans; the planner imports this module for its chunks() shortcut
+    from .planner import SliceOp, SlicePlan
+
+ReadMode = Literal["auto", "exact", "span"]
+READ_MODES: tuple[str, ...] = ("auto", "exact", "span")
+
+IOV_MAX = 512
+"""iovecs per preadv: well under Linux's 1024."""
+
+MAX_SPAN_BYTES = 64 << 20
+"""Neighbouring spans are merged up to this size (the scratch of one reader thread)."""
+
+_MODULE_ORDER = {m: i for i, m in enumerate(POOL_MODULES)}
+
+ScatterRead = tuple[int, tuple[tuple[int, int], ...]]
+"""(file offset, ((buffer offset, bytes), ...)): one preadv of a contiguous file range."""
+
+
+@dataclass(frozen=True)
+class ReadCost:
+    """The per-slice cost model of reading exactly vs as a span (seconds, one reader thread).
+
+    Defaults measured on the H200 host (docs/PERF_NOTES.md): a small ``preadv`` from Python costs about
+    2 us (call + kernel entry + page-cache lookup), a thread copies from the page cache at about 5 GB/s,
+    and a strided torch copy out of the scratch costs about 3 us to dispatch.
+    """
+
+    syscall_s: float = 2e-6
+    byte_s: float = 1 / 5e9
+    copy_s: float = 3e-6
+
+    def prefers_span(self, op: "SliceOp") -> bool:
+        """Step-1 slice of ``op.nrows`` rows of ``ncols`` of ``src_shape[1]`` columns: span if cheaper."""
+        exact = op.nrows * self.syscall_s + op.nbytes * self.byte_s
+        span = self.syscall_s + self.copy_s + span_of(op)[1] * self.byte_s
+        return span < exact
+
+    def merge_gap(self) -> int:
+        """Bytes of gap between two spans worth reading to save one syscall."""
+        return int(self.syscall_s / self.byte_s)
+
+
+DEFAULT_COST = ReadCost()
+
+
+@dataclass(frozen=True)
+class CopyGroup:
+    """A run of same-shaped slices, packed back to back, whose destinations are consecutive blocks:
+    placed on the device by ONE strided copy (with the dtype cast)."""
+
+    module: str
+    side: str
+    dtype: str
+    shape: tuple[int, int]
+    flat_start: int
+    count: int
+    byte_offset: int  # in the chunk
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.shape[0] * self.shape[1] * FLOAT_DTYPES[self.dtype][0]
+
+
+@dataclass(frozen=True)
+class SpanRead:
+    """File bytes [file_offset, file_offset + nbytes) read once into scratch memory; then each slice in
+    ``ops`` (indices into the chunk's ops) is copied out, strided, to its packed place in the chunk."""
+
+    file_offset: int
+    nbytes: int
+    ops: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Part:
+    """A run of consecutive slices of a chunk: the unit of the cold pipeline (read, then H2D)."""
+
+    start: int  # byte range in the chunk buffer
+    end: int
+    reads: tuple[ScatterRead, ...]
+    spans: tuple[SpanRead, ...]
+
+    @property
+    def syscalls(self) -> int:
+        return len(self.reads) + len(self.spans)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A unit of the pipeline: slices packed contiguously, moved by one H2D copy.
+
+    ``row0`` > 0 only for a row piece of a chunk's single slice (streamed loads of a slice larger than a
+    ring buffer): its rows land at [row0, row0 + nrows) of the destination block."""
+
+    index: int
+    ops: tuple["SliceOp", ...]
+    offsets: tuple[int, ...]  # byte offset of each op in the chunk
+    groups: tuple[CopyGroup, ...]
+    nbytes: int
+    reads: tuple[ScatterRead, ...] = ()
+    """Scatter reads covering every op read exactly (step-1 columns, exact by the cost model)."""
+    spans: tuple[SpanRead, ...] = ()
+    """Span reads of the other ops (strided columns; many short rows where spans are cheaper)."""
+    parts: tuple[Part, ...] = ()
+    """Byte ranges of the chunk read (and copied to the device) as they arrive, so a large chunk still
+    pipelines finely; empty = the chunk is one part."""
+    row0: int = 0
+
+    @property
+    def whole(self) -> Part:
+        """The chunk as one part."""
+        return Part(0, self.nbytes, self.reads, self.spans)
+
+    def units(self) -> tuple[Part, ...]:
+        return self.parts if self.parts else (self.whole,)
+
+
+@dataclass(frozen=True)
+class ReadCounts:
+    """What a plan's packing reads: bytes owned (== planned), bytes read from the file, syscalls."""
+
+    owned: int
+    read: int
+    syscalls: int
+    span_ops: int
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
+# ------------------------------------------------------------------------------------------------
+_PACKED = PerPlan()
+
+
+def pack(plan: "SlicePlan", chunk_bytes: int, part_bytes: int | None = None, read_mode: ReadMode = "auto",
+         cost: ReadCost = DEFAULT_COST) -> list[Chunk]:
+    """The plan's chunks (memoised per plan: a plan is immutable, and warm activations must not re-pack).
+
+    Chunks hold at most ``chunk_bytes`` (or one larger slice) cut at slice boundaries in layer order (a
+    chunk is a run of consecutive layers), each sorted so same-module slices are adjacent and land with
+    one device copy per (module, side)."""
+    check_read_mode(read_mode)
+    key = ("chunks", chunk_bytes, part_bytes, read_mode, cost)
+    return _PACKED.get(plan, key, lambda: _chunks(plan, chunk_bytes, part_bytes, read_mode, cost))
+
+
+def stream_units(plan: "SlicePlan", chunk_bytes: int, part_bytes: int | None = None,
+                 read_mode: ReadMode = "auto", cost: ReadCost = DEFAULT_COST) -> list[Chunk]:
+    """The chunks of a streamed (uncached) load, each at most ``chunk_bytes`` (a ring buffer): a chunk of
+    one slice larger than that is cut into row pieces, each read, copied and placed on its own (unless one
+    row alone exceeds ``chunk_bytes``)."""
+    def make() -> list[Chunk]:
+        out: list[Chunk] = []
+        for ch in pack(plan, chunk_bytes, part_bytes, read_mode, cost):
+            if ch.nbytes <= chunk_bytes or len(ch.ops) != 1:
+                out.append(ch)
+                continue
+            op = ch.ops[0]
+            rows = max(1, chunk_bytes // max(1, op.ncols * op.itemsize))
+            for i in range(0, op.nrows, rows):
+                sub = dataclasses.replace(op, rows=(op.rows[0] + i, op.rows[0] + min(op.nrows, i + rows)))
+                out.append(_make_chunk(plan, ch.index, [sub], None, read_mode, cost, row0=i))
+        return out
+
+    check_read_mode(read_mode)
+    return _PACKED.get(plan, ("stream", chunk_bytes, part_bytes, read_mode, cost), make)
+
+
+def read_counts(chunks: list[Chunk]) -> ReadCounts:
+    """Bytes owned and read, syscalls, and slices read as spans, over the units of ``chunks``."""
+    owned = read = sys = nspan = 0
+    for ch in chunks:
+        owned += sum(op.nbytes for op in ch.ops)
+        for u in ch.units():
+            read += sum(n for _, p in u.reads for _, n in p) + sum(s.nbytes for s in u.spans)
+            sys += u.syscalls
+            nspan += sum(len(s.ops) for s in u.spans)
+    return ReadCounts(owned, read, sys, nspan)
+
+
+def span_of(op: "SliceOp") -> tuple[int, int]:
+    """(file offset, bytes) of the smallest contiguous file range holding every byte of ``op``."""
+    cols = op.src_shape[1]
+    isz = op.itemsize
+    r0, r1 = op.rows
+    c0, _, step = op.cols
+    row_bytes = cols * isz
+    first, last = c0 * isz, (c0 + (op.ncols - 1) * step + 1) * isz
+    return op.src_offset + r0 * row_bytes + first, (r1 - r0 - 1) * row_bytes + (last - first)
+
+
+# ------------------------------------------------------------------------------------------------
+# internals
+# ------------------------------------------------------------------------------------------------
+def check_read_mode(read_mode: str) -> None:
+    """ValueError unless ``read_mode`` is one of READ_MODES."""
+    if read_mode not in READ_MODES:
+        raise ValueError(f"read_mode must be one of {READ_MODES}, got {read_mode!r}")
+
+
+def _chunks(plan: "SlicePlan", chunk_bytes: int, part_bytes: int | None, read_mode: ReadMode,
+            cost: ReadCost) -> list[Chunk]:
+    out: list[Chunk] = []
+    cur: list["SliceOp"] = []
+    size = 0
+    for op in plan.ops:
+        if cur and size + op.nbytes > chunk_bytes:
+            out.append(_make_chunk(plan, len(out), cur, part_bytes, read_mode, cost))
+            cur, size = [], 0
+        cur.append(op)
+        size += op.nbytes
+    if cur:
+        out.append(_make_chunk(plan, len(out), cur, part_bytes, read_mode, cost))
+    return out
+
+
+def _make_chunk(plan: "SlicePlan", index: int, ops: list["SliceOp"], part_bytes: int | None,
+                read_mode: ReadMode, cost: ReadCost, row0: int = 0) -> Chunk:
+    ordered = sorted(ops, key=lambda o: (_MODULE_ORDER[o.module], o.side, o.layer,
+                                         -1 if o.local_expert is None else o.local_expert))
+    offsets, groups = [], []
+    pos = 0
+    for op in ordered:
+        # align each slice to its element size so the device can view it in its dtype; a
+        # single-dtype adapter (the usual case) gets no padding: pinned bytes == planned bytes
+        pos = -(-pos // op.itemsize) * op.itemsize
+        offsets.append(pos)
+        flat = op.flat_index(plan.n_local_experts)
+        g = groups[-1] if groups else None
+        if (g is not None and g.module == op.module and g.side == op.side and g.dtype == op.dtype
+                and g.shape == op.shape and g.flat_start + g.count == flat
+                and g.byte_offset + g.nbytes == pos):
+            groups[-1] = CopyGroup(g.module, g.side, g.dtype, g.shape, g.flat_start, g.count + 1,
+                                   g.byte_offset)
+        else:
+            groups.append(CopyGroup(op.module, op.side, op.dtype, op.shape, flat, 1, pos))
+        pos += op.nbytes
+    span = [_read_as_span(op, read_mode, cost) for op in ordered]
+    # "exact" reads no byte outside each slice's own span (strided slices: one span read each, as before
+    # spans existed); the other modes merge neighbouring and overlapping spans
+    gap = -1 if read_mode == "exact" else cost.merge_gap()
+    reads, spans = _read_runs(ordered, offsets, span, range(len(ordered)), gap)
+    parts: list[Part] = []
+    if part_bytes is not None and pos > part_bytes:
+        first = 0
+        for i in range(len(ordered)):
+            end = offsets[i] + ordered[i].nbytes
+            if end - offsets[first] >= part_bytes or i == len(ordered) - 1:
+                r, s = _read_runs(ordered, offsets, span, range(first, i + 1), gap)
+                parts.append(Part(offsets[first], end, r, s))
+                first = i + 1
+    return Chunk(index, tuple(ordered), tuple(offsets), tuple(groups), pos, reads, spans, tuple(parts), row0)
+
+
+def _read_as_span(op: "SliceOp", read_mode: ReadMode, cost: ReadCost) -> bool:
+    c0, c1, step = op.cols
+    if step != 1:
+        return True  # strided columns: element-granular interleave, never one syscall per element
+    if op.nrows <= 1 or (c0 == 0 and c1 == op.src_shape[1]):
+        return False  # one contiguous file range already
+    return read_mode == "span" or (read_mode == "auto" and cost.prefers_span(op))
+
+
+def _read_runs(ops: list["SliceOp"], offsets: list[int], as_span: list[bool], idx: range,
+               gap: int) -> tuple[tuple[ScatterRead, ...], tuple[SpanRead, ...]]:
+    """Turn slices ``ops[idx]`` into few syscalls. Exact slices become (file range, chunk range) pieces
+    (one per row when only some columns are owned); pieces whose file ranges touch are merged into one
+    scatter read (preadv with one iovec per destination). Span slices become span reads, neighbouring
+    spans merged when at most ``gap`` bytes apart (reading the gap costs less than a syscall; -1: never)."""
+    pieces: list[tuple[int, int, int]] = []  # (file offset, chunk offset, bytes)
+    span_list: list[tuple[int, int, int]] = []  # (file offset, bytes, op index)
+    for i in idx:
+        op, off = ops[i], offsets[i]
+        if as_span[i]:
+            f, n = span_of(op)
+            span_list.append((f, n, i))
+            continue
+        cols = op.src_shape[1]
+        isz = op.itemsize
+        r0, r1 = op.rows
+        c0, c1, _ = op.cols
+        row_bytes = cols * isz
+        if c0 == 0 and c1 == cols:
+            pieces.append((op.src_offset + r0 * row_bytes, off, op.nbytes))
+        else:
+            w = op.ncols * isz
+            for j in range(r1 - r0):
+                pieces.append((op.src_offset + (r0 + j) * row_bytes + c0 * isz, off + j * w, w))
+    pieces.sort()
+    runs: list[tuple[int, list[tuple[int, int]]]] = []
+    end = -1
+    for f, o, n in pieces:
+        if runs and f == end and len(runs[-1][1]) < IOV_MAX:
+            last = runs[-1][1][-1]
+            if last[0] + last[1] == o:  # destination contiguous too: extend the iovec
+                runs[-1][1][-1] = (last[0], last[1] + n)
+            else:
+                runs[-1][1].append((o, n))
+        else:
+            runs.append((f, [(o, n)]))
+        end = f + n
+    span_list.sort()
+    merged: list[tuple[int, int, list[int]]] = []
+    for f, n, i in span_list:
+        # bounded: the scratch a reader thread holds is one merged span
+        if (merged and gap >= 0 and f <= merged[-1][0] + merged[-1][1] + gap
+                and max(merged[-1][1], f + n - merged[-1][0]) <= MAX_SPAN_BYTES):
+            s0, sn, members = merged[-1]
+            merged[-1] = (s0, max(sn, f + n - s0), members + [i])
+        else:
+            merged.append((f, n, [i]))
+    return (tuple((f, tuple(p)) for f, p in runs),
+            tuple(SpanRead(f, n, tuple(m)) for f, n, m in merged))
