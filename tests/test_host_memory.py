@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime_ref import ALL_DENSE, expected_slot, make_adapter, new_manager, slot_diff
+from support.runtime_ref import ALL_DENSE, expected_slot, make_adapter, new_manager, slot_diff
 from tp_lora.host.memory import Device, HostArena
 
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from runtime_ref import ALL_DENSE, make_adapter, new_manager
+from support.runtime_ref import ALL_DENSE, make_adapter, new_manager
 from tp_lora.device.transfer import LoadJob
 from tp_lora.errors import AdapterActivationError, AdapterDataError
 from tp_lora.host.reader import SliceReader
