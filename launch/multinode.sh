@@ -17,12 +17,13 @@
 #   RDZV_ID        job id shared by all nodes of one run    [$SLURM_JOB_ID, else tp_lora]
 #   RDZV_BACKEND   c10d, or static (then RDZV_HOST:RDZV_PORT is the master address)  [c10d]
 #   RDZV_CONF      torchrun --rdzv-conf, e.g. "join_timeout=120"  [empty: torchrun's defaults]
-#   CONFIG         first argument of the entry              [configs/demo.yaml]
+#   CONFIG         first argument of the entry              [<checkout>/configs/demo.yaml]
 #   TP_LORA_ENTRY  module run by each rank                  [tp_lora.run]
 #   TORCHRUN       the torchrun command                     [torchrun, else `python3 -m torch.distributed.run`]
 #   TORCHRUN_ARGS  extra torchrun flags, word-split         [empty]
 # NCCL_NVLS_ENABLE is exported as 0; set NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME / NCCL_IB_* as your
 # network needs (see launch/slurm.sbatch).
+# Runs from any directory (the checkout's root goes first on PYTHONPATH; see launch/_common.sh).
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"

@@ -1,4 +1,6 @@
-"""The ``tp-lora`` command line: ``plan`` and ``write-adapter`` (in process, and once as a subprocess)."""
+"""The ``tp-lora`` command line: ``plan``, ``write-adapter`` and ``run`` (in process, and as subprocesses):
+help everywhere, options before or after positionals, one-line errors, exit status 2 (usage) / 1 (runtime),
+atomic adapter writes."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_write_adapter_then_plan_json(tmp_path, capsys):
     out = tmp_path / "moe"
     assert cli.main(["write-adapter", str(out), "--model", "tiny-moe", "--rank", "4", "--fused-experts",
-                     "--targets", "q", "k", "v", "o", "experts", "embed", "lm_head", "--dtype", "fp16",
+                     "--targets", "q,k,v,o,experts,embed,lm_head", "--dtype", "fp16",
                      "--seed", "3"]) == 0
     said = capsys.readouterr().out
     assert f"wrote {out}" in said and "experts.gate_up" in said
@@ -74,7 +76,7 @@ def test_plan_with_hf_config(tmp_path, capsys):
     cfg.save_pretrained(tmp_path / "cfg")
     out = tmp_path / "a"
     assert cli.main(["write-adapter", str(out), "--model", str(tmp_path / "cfg" / "config.json"), "--rank",
-                     "2", "--targets", "q", "v"]) == 0
+                     "2", "--targets", "q", "--targets", "v"]) == 0
     capsys.readouterr()
     assert cli.main(["plan", str(out), "--model", str(tmp_path / "cfg"), "--tp", "4", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
@@ -107,14 +109,17 @@ def test_plan_errors(tmp_path, capsys):
 
 
 def test_write_adapter_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="--fused-experts needs an MoE model"):
-        cli.main(["write-adapter", str(tmp_path / "x"), "--model", "tiny-dense", "--rank", "2",
-                  "--fused-experts"])
-    with pytest.raises(SystemExit, match="--rank must be a positive integer"):
+    assert cli.main(["write-adapter", str(tmp_path / "x"), "--model", "tiny-dense", "--rank", "2",
+                     "--fused-experts"]) == 2
+    assert "--fused-experts needs an MoE model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as ei:  # argparse: a usage error, exit status 2 like every other
         cli.main(["write-adapter", str(tmp_path / "x"), "--model", "tiny-dense", "--rank", "0"])
-    with pytest.raises(SystemExit):  # argparse: invalid choice
+    assert ei.value.code == 2 and "--rank: must be a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as ei:  # argparse: invalid choice
         cli.main(["write-adapter", str(tmp_path / "x"), "--model", "tiny-dense", "--rank", "2",
-                  "--targets", "bogus"])
+                  "--targets", "q,bogus"])
+    assert ei.value.code == 2 and "unknown module(s) bogus" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_write_adapter_is_seeded(tmp_path, capsys):

@@ -215,14 +215,21 @@ def _main_args(cache: Path) -> list[str]:
     return [f"--set=cache_dir={cache}", "--set=workload.requests=18", "--set=workload.verify_every=2"]
 
 
+def _report_nodes(out: str) -> dict[str, tuple[str, list[int]]]:
+    """`ranks per node: node0 (host): [0, 1]  node1 (host): [2, 3]` -> {node: (host, ranks)}."""
+    line = re.search(r"^ranks per node: (.*)$", out, flags=re.M)
+    assert line, out
+    return {n: (h, [int(x) for x in rs.split(",")])
+            for n, h, rs in re.findall(r"(node\d+) \((\S+)\): \[([\d, ]+)\]", line.group(1))}
+
+
 def _check_report(out: str, world: int, nodes: dict[str, list[int]] | None = None) -> None:
     assert f"world={world} (tp={world}, ep=1)" in out, out
     assert re.search(r"verification vs single-process reference: [1-9]\d* batches checked, 0 failed", out), out
-    rows = re.findall(r"^rank (\d+) ", out, flags=re.M)
-    assert sorted(int(r) for r in rows) == list(range(world)), out  # a stats row per rank
+    rows = re.findall(r"^  (\d+)  +node\d+ ", out, flags=re.M)  # the bytes table: a row per rank
+    assert sorted(int(r) for r in rows) == list(range(world)), out
     if nodes is not None:
-        expect = "ranks per node: " + "  ".join(f"{n}: {rs}" for n, rs in nodes.items())
-        assert expect in out, out
+        assert {n: rs for n, (_h, rs) in _report_nodes(out).items()} == nodes, out
 
 
 def test_main_job_torchrun_two_ranks(tmp_path: Path) -> None:
@@ -265,11 +272,10 @@ def test_main_job_slurm_two_nodes_two_ranks_each(local_slurm: dict[str, str], tm
     try:
         job_id, state, output, context = _sbatch_and_wait(env, tmp_path / "job.out", _main_args(cache), 5, 300)
         assert state == "COMPLETED", context
-        # 2 emulated nodes x 2 ranks; which node got global ranks 0-1 depends on rendezvous order
-        nodes = re.search(r"ranks per node: (\S+): \[(\d), (\d)\]  (\S+): \[(\d), (\d)\]", output)
-        assert nodes, context
-        assert {nodes.group(1), nodes.group(4)} == {"n1", "n2"}, context
-        assert sorted(int(nodes.group(i)) for i in (2, 3, 5, 6)) == [0, 1, 2, 3], context
+        # 2 emulated nodes x 2 ranks; which host got global ranks 0-1 depends on rendezvous order
+        nodes = _report_nodes(output)
+        assert {h for h, _rs in nodes.values()} == {"n1", "n2"}, context
+        assert {n: rs for n, (_h, rs) in nodes.items()} == {"node0": [0, 1], "node1": [2, 3]}, context
         _check_report(output, 4)
     finally:
         shutil.rmtree(cache, ignore_errors=True)

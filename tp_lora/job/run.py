@@ -1,12 +1,15 @@
 """The main job: a multi-adapter serving run on the reference TP model, with a report.
 
     torchrun --nproc-per-node 2 -m tp_lora.run configs/demo.yaml [--json out.json] [--set key=value ...]
+    tp-lora run demo                      # one process; a shipped run config by name, from any directory
 
 Every rank builds its shard of the model and a LoRAManager; a seeded stream of requests mixes more
 adapters than there are GPU slots, so adapters are prefetched, activated, evicted and re-activated from
 the pinned cache. Every ``verify_every``-th batch is checked on rank 0 against a single-process (TP=1)
 reference. Rank 0 prints the report (and writes it as JSON with ``--json``).
-Without torchrun (no RANK in the environment) it runs as a single rank.
+Without torchrun (no RANK in the environment) it runs as a single rank. The TP size is the world size
+(every process is one TP rank). Exit status and error lines: ``tp_lora.job.console``; the report's
+columns and JSON keys: docs/REPORT.md.
 """
 
 from __future__ import annotations
@@ -27,14 +30,16 @@ import torch
 import torch.distributed as dist
 
 from ..runtime.activation import LOCAL
-from ..errors import TPLoRAError
+from ..errors import ConfigError, LayoutError, TPLoRAError
 from ..runtime.manager import LoRAConfig, LoRAManager
 from ..plan.model import ModelSpec, load_model_spec
 from ..format.naming import POOL_MODULES
 from ..ops.layer import LoRAOps
 from ..plan.parallel import ParallelSpec
+from . import console
+from .atomic import write_folder
 from .report import build_report, format_report
-from .runconfig import RunConfig, load_run_config
+from .runconfig import RunConfig, load_run_config, run_config_help, verify_tolerance
 from .synthetic import write_synthetic_adapter
 
 log = logging.getLogger("tp_lora.run")
@@ -49,7 +54,8 @@ def init_distributed(cfg: RunConfig, timeout_s: float) -> tuple[int, int, torch.
     """(rank, world, device). gloo + CPU without CUDA, NCCL + one GPU per rank with it."""
     want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise TPLoRAError("device: cuda requested but CUDA is not available")
+        raise ConfigError("device: cuda, but CUDA is not available here (device: auto picks cuda when present, "
+                          "else cpu)")
     if "RANK" not in os.environ:
         dev = torch.device("cuda", 0) if want_cuda else torch.device("cpu")
         return 0, 1, dev
@@ -77,18 +83,14 @@ def _barrier(world: int, dev: torch.device) -> None:
 # --------------------------------------------------------------------------------------------------
 # inputs: base weights and adapters (written once per node, atomically)
 # --------------------------------------------------------------------------------------------------
-def _atomic_dir(final: Path, make) -> Path:
-    if (final / ".complete").exists():
-        return final
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    make(tmp)
-    (tmp / ".complete").write_text("ok")
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another node's rank 0 got there first (shared file system)
-        import shutil
+def _cached_folder(final: Path, make) -> Path:
+    """``final`` built once (atomically, see ``atomic.write_folder``); a ``.complete`` marker says it is whole."""
+    if not (final / ".complete").exists():
+        def build(tmp: Path) -> None:
+            make(tmp)
+            (tmp / ".complete").write_text("ok")
 
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_folder(final, build)  # False: another node's rank 0 got there first (shared file system)
     return final
 
 
@@ -109,13 +111,13 @@ def prepare_inputs(cfg: RunConfig, spec: ModelSpec, local_rank: int, world: int,
     if local_rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if not cfg.base_weights:
-            _atomic_dir(base, lambda d: write_random_checkpoint(spec, d, seed=cfg.seed))
+            _cached_folder(base, lambda d: write_random_checkpoint(spec, d, seed=cfg.seed))
         if not cfg.adapters:
             s = cfg.synthetic
             for i, (n, p) in enumerate(names.items()):
                 r = s.ranks[i % len(s.ranks)]
                 p.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_dir(p, lambda d, r=r, i=i: write_synthetic_adapter(
+                _cached_folder(p, lambda d, r=r, i=i: write_synthetic_adapter(
                     d, spec, rank=r, targets=s.targets, dtype=s.dtype, seed=s.seed + i))
     _barrier(world, dev)
     return base, names
@@ -168,16 +170,65 @@ def _forward(model: Any, batch: list[Request], mgr: LoRAManager | None) -> torch
         return model.forward(ids, pos, lens, lora=LoRAOps(mgr.pool, info))
 
 
+class VerificationError(TPLoRAError):
+    """The TP run's logits differ from the single-process reference by more than the tolerance."""
+
+
+def job_layout(cfg: RunConfig, spec: ModelSpec, world: int, rank: int) -> ParallelSpec:
+    """This rank's layout: TP over every process (tp_size = world size), EP from the config. Checked before
+    any process group exists, so a bad layout is one clean error on every rank."""
+    parallel = ParallelSpec(tp_size=world, tp_rank=rank, ep_size=cfg.ep_size)
+    try:
+        parallel.validate(spec)
+    except LayoutError as e:
+        how = ("torchrun --nproc-per-node N" if "RANK" in os.environ
+               else "one process here; start N with torchrun --nproc-per-node N")
+        raise LayoutError(f"{e} (the job's tp_size is its world size, the number of processes: {world}, "
+                          f"{how}; ep_size={cfg.ep_size} comes from the run config)") from None
+    return parallel
+
+
+def check_json_path(path: str | None) -> None:
+    """Fail before the run, not after it, when the report cannot be written where asked."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--json {path}: is a folder; give a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"--json {path}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ConfigError(f"--json {path}: not writable")
+
+
+def _write_json(path: str, report: dict[str, Any]) -> None:
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def run(cfg: RunConfig, *, json_path: str | None = None, progress: bool | None = None) -> dict[str, Any] | None:
+    """The whole job on this rank; returns the report on rank 0 (None elsewhere).
+
+    Everything that can be checked without a process group (model, layout, --json path) is checked first;
+    the process group is destroyed on every way out (also on NCCL, also with one rank under torchrun)."""
     from ..reference.model import TPModel
 
-    rank, world, dev = init_distributed(cfg, cfg.activation_timeout_s)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    spec = load_model_spec(cfg.model)
+    parallel = job_layout(cfg, spec, world, rank)
+    if rank == 0:
+        check_json_path(json_path)
+    tol = verify_tolerance(cfg)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     t_start = time.perf_counter()
     try:
-        spec = load_model_spec(cfg.model)
-        parallel = ParallelSpec(tp_size=world, tp_rank=rank, ep_size=cfg.ep_size)
-        parallel.validate(spec)
+        rank, world, dev = init_distributed(cfg, cfg.activation_timeout_s)
         base, adapters = prepare_inputs(cfg, spec, local_rank, world, dev)
         group = dist.group.WORLD if world > 1 else None
         dtype = _DT[cfg.dtype]
@@ -216,82 +267,95 @@ def run(cfg: RunConfig, *, json_path: str | None = None, progress: bool | None =
             logits = _forward(model, batch, mgr)
             tokens += sum(len(r.tokens) for r in batch)
             if ref is not None and bi % cfg.workload.verify_every == 0:
-                verify.append(_verify(ref, ref_mgr, batch, logits, cfg))
+                verify.append(_verify(ref, ref_mgr, batch, logits, tol))
         serve_s = time.perf_counter() - t_serve
         stats = mgr.aggregate_stats()
         nodes = _gather_nodes(world)
         report = None
         if rank == 0:
             report = build_report(cfg=cfg, spec=spec, world=world, device=dev, stats=stats,
-                                  plans={n: mgr.plan(n) for n in adapters}, verify=verify,
+                                  plans={n: mgr.plan(n) for n in adapters}, verify=verify, tolerance=tol,
                                   serve_s=serve_s, tokens=tokens, batches=len(batches),
                                   wall_s=time.perf_counter() - t_start, nodes=nodes)
             print(format_report(report), flush=True)
             if json_path:
-                Path(json_path).write_text(json.dumps(report, indent=2, default=str))
-            failed = [v for v in verify if not v["ok"]]
-            if failed:
-                raise TPLoRAError(f"verification failed on {len(failed)} of {len(verify)} checked batches: "
-                                  f"{failed[0]}")
+                _write_json(json_path, report)
         mgr.close()
         if ref_mgr is not None:
             ref_mgr.close()
         _barrier(world, dev)
+        failed = [v for v in verify if not v["ok"]]
+        if failed:  # after the barrier: the other ranks finish cleanly, rank 0 reports the failure
+            worst = max(failed, key=lambda v: v["rel_err"])
+            raise VerificationError(
+                f"verification failed on {len(failed)} of {len(verify)} checked batches: max abs err / max "
+                f"|reference| = {worst['rel_err']:.3g} > tolerance {tol:.3g} (adapters {worst['adapters']})")
         return report
     finally:
-        if world > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _gather_nodes(world: int) -> list[str]:
-    """Which node each rank ran on (Slurm node name, else torchrun's node rank, else the host)."""
+def _gather_nodes(world: int) -> list[tuple[int, str]]:
+    """(node index, host) of each rank: torchrun's node rank (GROUP_RANK, 0 for one process) and the host
+    name (Slurm's node name when Slurm started us)."""
     import socket
 
-    me = os.environ.get("SLURMD_NODENAME") or (f"node{os.environ['GROUP_RANK']}" if "GROUP_RANK" in os.environ
-                                               else socket.gethostname())
+    me = (int(os.environ.get("GROUP_RANK", 0)), os.environ.get("SLURMD_NODENAME") or socket.gethostname())
     if world == 1:
         return [me]
     out: list[Any] = [None] * world
     dist.all_gather_object(out, me)
-    return [str(x) for x in out]
+    return [(int(n), str(h)) for n, h in out]
 
 
 def _verify(ref: Any, ref_mgr: LoRAManager, batch: list[Request], logits: torch.Tensor,
-            cfg: RunConfig) -> dict[str, Any]:
+            tol: float) -> dict[str, Any]:
     """Logits of the TP run vs the single-process reference (adapters activated there one batch at a
-    time; the reference pool has max_loras slots too)."""
+    time; the reference pool has max_loras slots too).
+
+    The metric is normwise: max |got - ref| / max |ref| over the batch's logits. An element-wise relative
+    error means nothing on logits near zero (it is a ratio of two rounding errors there)."""
     need = sorted({r.adapter for r in batch if r.adapter is not None})
     ensure_active(ref_mgr, set(need))
     expect = _forward(ref, batch, ref_mgr).float()
-    got = logits.float()
-    err = (got - expect).abs()
-    tol = cfg.workload.verify_atol + cfg.workload.verify_rtol * expect.abs()
-    return {"requests": len(batch), "adapters": need, "max_abs_err": float(err.max()),
-            "max_rel_err": float((err / expect.abs().clamp_min(1e-6)).max()),
-            "ok": bool((err <= tol).all())}
+    err = float((logits.float() - expect).abs().max())
+    scale = float(expect.abs().max())
+    rel = err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
+    return {"requests": len(batch), "adapters": need, "max_abs_err": err, "max_abs_ref": scale,
+            "rel_err": rel, "ok": rel <= tol}
+
+
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """The main job's options (``python -m tp_lora.run`` and ``tp-lora run``)."""
+    ap.add_argument("config", nargs="?", default=None, metavar="CONFIG",
+                    help=run_config_help())
+    ap.add_argument("--json", dest="json_path", default=None, metavar="FILE",
+                    help="also write the report as JSON to FILE (keys: docs/REPORT.md); checked before the run")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, e.g. --set workload.requests=100 (repeatable; VALUE is YAML)")
+    ap.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                    help="progress bar on rank 0 (needs tqdm; auto: when stderr is a terminal)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the job for parsed arguments; failures propagate (``console.run_command`` ends the command)."""
+    console.setup_logging(args.log_level)
+    cfg = load_run_config(args.config, args.overrides)
+    run(cfg, json_path=args.json_path, progress=None if args.progress == "auto" else args.progress == "on")
+    return console.EXIT_OK
+
+
+def build_parser(prog: str = "tp_lora.run") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, parents=[console.common_options()],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(ap)
+    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="tp_lora.run", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", nargs="?", default=None, help="run config YAML (configs/demo.yaml)")
-    ap.add_argument("--json", dest="json_path", default=None, help="write the report as JSON here")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config field, e.g. --set workload.requests=100 (repeatable)")
-    ap.add_argument("--progress", choices=["auto", "on", "off"], default="auto")
-    ap.add_argument("--log-level", default=os.environ.get("TP_LORA_LOG", "WARNING"))
-    args = ap.parse_args(argv)
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=args.log_level.upper(),
-                        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-        run(cfg, json_path=args.json_path,
-            progress=None if args.progress == "auto" else args.progress == "on")
-    except TPLoRAError as e:
-        print(f"[rank {rank}] error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    args = build_parser().parse_args(argv)
+    return console.run_command("tp_lora.run", lambda: run_from_args(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """RunConfig: the YAML run config of the main job (``configs/*.yaml``), validated field by field.
 
 Every field has a default; unknown keys and wrong types are errors that name the key. CLI overrides use
-``--set dotted.key=value`` (the value parsed as YAML).
+``--set dotted.key=value`` (the value parsed as YAML). A config is a path, or the name of one shipped with
+the package (``demo``, ``demo-moe``: ``tp_lora/configs/*.yaml``, the checkout's ``configs/``), so the demo
+runs from any directory and from a non-editable install.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ from typing import Any, get_type_hints
 import yaml
 
 from ..errors import ConfigError
+from ..plan.model import CONFIG_DIR
+
+#: Default of ``workload.verify_tol`` per model dtype: max |TP - reference| / max |reference| allowed.
+#: float32 differs by the order of reductions only; half precisions round every partial sum.
+DEFAULT_VERIFY_TOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 
 
 @dataclass(kw_only=True)
@@ -39,8 +46,9 @@ class Workload:
     seed: int = 0
     verify_every: int = 4
     """Check every N-th batch's logits against a single-process reference (0 = never)."""
-    verify_atol: float = 2e-3
-    verify_rtol: float = 2e-3
+    verify_tol: float | None = None
+    """Pass when max |TP logits - reference logits| / max |reference logits| <= this (per checked batch);
+    None = ``DEFAULT_VERIFY_TOL`` of the model dtype."""
 
 
 @dataclass(kw_only=True)
@@ -81,6 +89,9 @@ class RunConfig:
         if w.requests < 1 or w.batch_size < 1 or not 1 <= w.tokens_min <= w.tokens_max:
             raise ConfigError(f"workload: need requests >= 1, batch_size >= 1, 1 <= tokens_min <= tokens_max; "
                               f"got {dataclasses.asdict(w)}")
+        if w.verify_every < 0 or (w.verify_tol is not None and not w.verify_tol > 0):
+            raise ConfigError(f"workload: need verify_every >= 0 and verify_tol > 0 (or null), got "
+                              f"verify_every={w.verify_every}, verify_tol={w.verify_tol}")
         if not 0.0 <= w.no_adapter_fraction <= 1.0:
             raise ConfigError(f"workload.no_adapter_fraction must be in [0, 1], got {w.no_adapter_fraction}")
         s = self.synthetic
@@ -167,10 +178,54 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     cur[parts[-1]] = value
 
 
+def verify_tolerance(cfg: RunConfig) -> float:
+    """The verification tolerance in force: ``workload.verify_tol``, else the model dtype's default."""
+    t = cfg.workload.verify_tol
+    return DEFAULT_VERIFY_TOL[cfg.dtype] if t is None else t
+
+
+def shipped_run_configs() -> list[str]:
+    """Names of the run configs shipped with the package (``tp_lora/configs/*.yaml``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def run_config_help() -> str:
+    return (f"run config: a YAML path, or a shipped one by name ({', '.join(shipped_run_configs())}); "
+            "default: every field at its default")
+
+
+def resolve_run_config(ref: str | os.PathLike[str]) -> Path:
+    """A path to an existing file, else a shipped config by name (``demo`` or ``demo.yaml``)."""
+    p = Path(ref)
+    if p.is_file():
+        return p
+    shipped = CONFIG_DIR / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    if p.name == str(ref) and shipped.is_file():  # a bare name, not a path elsewhere
+        return shipped
+    hint = f"; the shipped one is {p.stem!r} (tp-lora run {p.stem})" if shipped.is_file() else ""
+    raise ConfigError(f"run config {str(ref)!r} not found (from {os.getcwd()}); shipped configs: "
+                      f"{shipped_run_configs()}{hint}")
+
+
+def check_adapter_folder(path: str | os.PathLike[str], what: str) -> None:
+    """A PEFT adapter is a folder (adapter_config.json + adapter_model.safetensors): name the folder to use
+    when one of its files was given."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_file():
+        hint = (f"; pass its folder {str(p.parent)!r}"
+                if p.name in ("adapter_model.safetensors", "adapter_config.json", "adapter_model.bin") or
+                p.suffix == ".safetensors" else "")
+        raise ConfigError(f"{what} {str(path)!r} is a file, not an adapter folder (adapter_config.json + "
+                          f"adapter_model.safetensors){hint}")
+    if not p.is_dir():
+        raise ConfigError(f"{what} {str(path)!r}: no such folder")
+
+
 def load_run_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> RunConfig:
+    """The run config at ``path`` (or shipped by that name), ``--set`` overrides applied, validated."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        p = resolve_run_config(path)
         if not p.is_file():
             raise ConfigError(f"run config {str(p)!r} not found")
         try:
@@ -181,4 +236,7 @@ def load_run_config(path: str | os.PathLike[str] | None, overrides: list[str] = 
             raise ConfigError(f"{p}: expected a mapping at the top level")
     for o in overrides:
         apply_override(data, o)
-    return _build(RunConfig, data, "")
+    cfg = _build(RunConfig, data, "")
+    for name, folder in cfg.adapters.items():
+        check_adapter_folder(folder, f"adapters.{name}:")
+    return cfg

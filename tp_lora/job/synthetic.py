@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import torch
 from safetensors.torch import save_file
 
+from ..errors import ConfigError
 from ..plan.model import ModelSpec
 
 DENSE_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
@@ -25,6 +26,28 @@ _PEFT_PATH = {
 }
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
            "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+#: Target names ``write_synthetic_adapter`` takes (canonical modules, ``experts`` = every routed expert).
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "shared.gate", "shared.up", "shared.down", "experts",
+           "embed", "lm_head")
+
+
+def unused_targets(model: ModelSpec, targets: Sequence[str],
+                   layers: Iterable[int] | None = None) -> dict[str, str]:
+    """Targets that would adapt nothing in ``model`` (on ``layers``), each with the reason."""
+    ids = list(range(model.num_hidden_layers)) if layers is None else list(layers)
+    out: dict[str, str] = {}
+    for t in targets:
+        if t in ("gate", "up", "down") and all(model.is_moe_layer(i) for i in ids):
+            out[t] = "every layer is an MoE layer: no dense MLP"
+        elif t.startswith("shared.") and not any(model.has_shared_expert(i) for i in ids):
+            out[t] = "the model has no shared expert"
+        elif t == "experts" and not any(model.is_moe_layer(i) for i in ids):
+            out[t] = "the model is dense: no routed experts" if not model.is_moe else "no MoE layer chosen"
+        elif t in ("q", "k", "v", "o") and not ids:
+            out[t] = "no layer chosen"
+    return out
 
 
 def default_targets(model: ModelSpec) -> tuple[str, ...]:
@@ -54,9 +77,11 @@ def write_synthetic_adapter(out_dir: str | os.PathLike[str], model: ModelSpec, *
     (transformers 5 layout) instead of one LoRA per expert linear.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tdtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
     targets = tuple(targets or default_targets(model))
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown:
+        raise ConfigError(f"unknown target(s) {unknown}; known: {', '.join(TARGETS)}")
     rank_pattern = dict(rank_pattern or {})
     alpha_pattern = dict(alpha_pattern or {})
     alpha = float(2 * rank if alpha is None else alpha)
@@ -138,6 +163,10 @@ def write_synthetic_adapter(out_dir: str | os.PathLike[str], model: ModelSpec, *
         "lora_dropout": 0.0, "init_lora_weights": False, "inference_mode": True,
         "base_model_name_or_path": model.name, "task_type": "CAUSAL_LM",
     }
+    if not tensors:  # refused before anything is written
+        raise ConfigError(f"targets {list(targets)} adapt nothing in model {model.name!r}: "
+                          f"{unused_targets(model, targets, layer_ids) or 'no layer chosen'}")
+    out.mkdir(parents=True, exist_ok=True)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     save_file(tensors, str(out / "adapter_model.safetensors"))
     return out

@@ -22,7 +22,9 @@ DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 FAMILIES = DENSE_FAMILIES + MOE_FAMILIES
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+#: Shipped configs (package data; the checkout's top-level ``configs`` links here): presets and run configs.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PRESET_DIR = CONFIG_DIR / "models"
 
 
 @dataclass(frozen=True, kw_only=True)
