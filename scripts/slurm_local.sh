@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # A real two-node Slurm on this one machine, for tests: nodes n1 and n2 are two slurmd daemons
 # (`slurmd -N n1`, `slurmd -N n2`) on 127.0.0.1 with distinct ports, one slurmctld, one munged.
-# Debian/Ubuntu, as root. See /work/shared/SLURM-LOCAL.md for the settings this relies on.
+# Debian/Ubuntu, as root. What it relies on: Debian's packages (slurmctld slurmd slurm-client munge);
+# munged started as the munge user with the key the package creates; Debian's `slurmd -N NAME` runs two
+# emulated nodes on one host when slurm.conf gives each `NodeHostname=<this host> NodeAddr=127.0.0.1` and a
+# distinct Port, with `%n` in the slurmd pid file and spool dir (see `write_conf` below for every setting).
 #
 #   scripts/slurm_local.sh install   apt-get the packages (skipped when installed)
 #   scripts/slurm_local.sh start     write the config, start the daemons, wait until n1 and n2 are idle

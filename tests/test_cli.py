@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -159,3 +160,183 @@ def test_as_a_subprocess_and_the_script(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tp_lora.job.cli", "plan", str(out), "--model", "tiny-qwen2-moe",
                         "--tp", "3"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "tp_size=3" in r.stderr
+
+
+# ------------------------------------------------------------------------- the newcomer's CLI contract
+
+
+def _hidden_leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_help_on_every_subcommand(capsys):
+    for argv in ([], *([name] for name in cli.SUBCOMMANDS)):
+        with pytest.raises(SystemExit) as ei:
+            cli.main([*argv, "--help"])
+        assert ei.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: {' '.join(['tp-lora', *argv])}"), out
+    assert {"plan", "write-adapter", "run"} <= set(cli.SUBCOMMANDS)
+
+
+def test_write_adapter_options_before_the_positional(tmp_path, capsys):
+    out = tmp_path / "a"
+    # --targets takes one comma-separated value: OUT_DIR after it stays the positional
+    assert cli.main(["write-adapter", "--targets", "q,v", str(out), "--model", "tiny-dense", "--rank", "2"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_write_adapter_refuses_targets_that_adapt_nothing(tmp_path, capsys):
+    out = tmp_path / "x"
+    assert cli.main(["write-adapter", "--targets", "experts", str(out), "--model", "tiny-dense", "--rank", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "experts (the model is dense: no routed experts)" in err, err
+    assert not out.exists() and _hidden_leftovers(tmp_path) == []
+    assert cli.main(["write-adapter", str(out), "--model", "tiny-moe", "--rank", "2", "--targets", "q,shared.up"]) == 2
+    assert "shared.up (the model has no shared expert)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_write_adapter_never_overwrites_without_force(tmp_path, capsys):
+    out = tmp_path / "a"
+    args = ["write-adapter", str(out), "--model", "tiny-dense", "--rank", "2", "--dtype", "fp32"]
+    assert cli.main([*args, "--seed", "1"]) == 0
+    first = (out / "adapter_model.safetensors").read_bytes()
+    assert cli.main([*args, "--seed", "2"]) == 2
+    assert "exists and is not empty; pass --force" in capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").read_bytes() == first
+    assert cli.main([*args, "--seed", "2", "--force"]) == 0
+    assert (out / "adapter_model.safetensors").read_bytes() != first
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert _hidden_leftovers(tmp_path) == []
+    # --force replaces an adapter, never an unrelated folder or a file
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    assert cli.main(["write-adapter", str(other), "--model", "tiny-dense", "--rank", "2", "--force"]) == 2
+    assert "holds no adapter_config.json" in capsys.readouterr().err
+    assert (other / "mine.txt").read_text() == "keep"
+    (tmp_path / "f").write_text("x")
+    assert cli.main(["write-adapter", str(tmp_path / "f"), "--model", "tiny-dense", "--rank", "2"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    # an existing empty folder is fine
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["write-adapter", str(tmp_path / "empty"), "--model", "tiny-dense", "--rank", "2"]) == 0
+
+
+def test_write_adapter_failure_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    from tp_lora.job import synthetic
+
+    def fails_midway(out_dir, *a, **kw):
+        (Path(out_dir) / "adapter_config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(synthetic, "write_synthetic_adapter", fails_midway)
+    out = tmp_path / "a"
+    assert cli.main(["write-adapter", str(out), "--model", "tiny-dense", "--rank", "2"]) == 1  # runtime
+    err = capsys.readouterr().err
+    assert err == "tp-lora write-adapter: error: OSError: [Errno 28] No space left on device\n", err
+    assert not out.exists() and _hidden_leftovers(tmp_path) == []
+
+
+def test_one_line_errors_and_debug(tmp_path, capsys):
+    out = tmp_path / "a"
+    assert cli.main(["write-adapter", str(out), "--model", "tiny-dense", "--rank", "2"]) == 0
+    capsys.readouterr()
+    # the weights file instead of the folder: says which folder to pass
+    assert cli.main(["plan", str(out / "adapter_model.safetensors"), "--model", "tiny-dense", "--tp", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"is a file, not an adapter folder" in err and f"pass its folder '{out}'" in err
+    # one line, traceback only with --debug; the exit status does not change
+    assert cli.main(["plan", str(out), "--model", "nope", "--tp", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert cli.main(["plan", str(out), "--model", "nope", "--tp", "1", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.rstrip().splitlines()[-1].startswith(
+        "tp-lora plan: error: model preset 'nope' not found")
+    # a bad log level is a usage error, not a traceback
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["plan", str(out), "--model", "tiny-dense", "--tp", "1", "--log-level", "verbose"])
+    assert ei.value.code == 2 and "'verbose' is not a log level" in capsys.readouterr().err
+    assert cli.main(["plan", str(out), "--model", "tiny-dense", "--tp", "1", "--log-level", "info"]) == 0
+
+
+def test_plan_of_a_dense_model_has_no_moe_columns(tmp_path, capsys):
+    out = tmp_path / "a"
+    cli.main(["write-adapter", str(out), "--model", "tiny-dense", "--rank", "2"])
+    capsys.readouterr()
+    assert cli.main(["plan", str(out), "--model", "tiny-dense", "--tp", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "moe_tp_size" not in text and "local experts" not in text
+    assert cli.main(["plan", str(out), "--model", "tiny-dense", "--tp", "2", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["moe_tp_size"] is None and {r["moe_tp_rank"] for r in rep["ranks"]} == {None}
+
+
+def test_exit_status_convention():
+    from tp_lora.errors import AdapterShapeError, ConfigError, LayoutError, NoFreeSlotError, TPLoRAError
+    from tp_lora.job import console
+
+    for e in (ConfigError("x"), LayoutError("x"), AdapterShapeError("x", adapter="a")):
+        assert console.exit_code(e) == 2
+    for e in (TPLoRAError("x"), NoFreeSlotError("x"), OSError("x"), RuntimeError("x")):
+        assert console.exit_code(e) == 1
+
+
+def test_broken_pipe_is_quiet(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = tmp_path / "a"
+    assert cli.main(["write-adapter", str(out), "--model", "tiny-dense", "--rank", "2"]) == 0
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte (`... | head` that already exited)
+    try:
+        r = subprocess.run([sys.executable, "-m", "tp_lora.job.cli", "plan", str(out), "--model", "tiny-dense",
+                            "--tp", "2", "--json"], stdout=write, stderr=subprocess.PIPE, text=True, env=env,
+                           timeout=120)
+    finally:
+        os.close(write)
+    assert r.returncode == 1 and r.stderr == "", r.stderr
+
+
+def test_run_subcommand_options_around_the_config(tmp_path, capsys, monkeypatch):
+    """`tp-lora run --set k=v CONFIG --json F`, under a one-rank torchrun environment: the process group is
+    destroyed at the end, the JSON is written, the CPU report has no CUDA-only columns and no nan."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    cache, report = tmp_path / "cache", tmp_path / "r.json"
+    assert cli.main(["run", "--set", f"cache_dir={cache}", "--set", "workload.requests=12", "demo",
+                     "--set", "workload.verify_every=1", "--json", str(report)]) == 0
+    assert not dist.is_initialized()
+    text = capsys.readouterr().out
+    assert not re.search(r"\bnan\b", text), text
+    heads = [ln for ln in text.splitlines() if ln.startswith("  rank  ")]
+    assert len(heads) == 2 and not any("pinned" in h or "H2D" in h for h in heads), heads
+    assert re.search(r"2 batches checked, 0 failed: max \|TP - ref\| / max \|ref\| = \S+ \(tolerance 0.0001;", text)
+    assert re.search(r"^ranks per node: node0 \(\S+\): \[0\]$", text, flags=re.M), text
+    rep = json.loads(report.read_text())
+    v = rep["verification"]
+    assert v["tolerance"] == 1e-4 and v["checked_batches"] == 2 and v["failed"] == 0
+    assert 0 <= v["max_rel_err"] <= 1e-4 and v["max_abs_ref"] > 0
+    r0 = rep["ranks"][0]
+    assert r0["bytes_pinned"] is None and r0["h2d_gbps"] is None and r0["node"] == "node0"
+    assert r0["host_cache_equals_planned"] is True and r0["bytes_read"] <= r0["bytes_planned"]
+    assert list(rep["nodes"]) == ["node0"] and rep["nodes"]["node0"]["ranks"] == [0]
+    assert not list(cache.rglob(".*.tmp*"))
+
+
+def test_run_checks_the_json_path_before_running(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert cli.main(["run", "demo", "--set", f"cache_dir={cache}", "--json", str(tmp_path / "no" / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err, err
+    assert not cache.exists()  # nothing ran

@@ -37,6 +37,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("synthetic: {ranks: [4, 64]}\n", "exceed max_lora_rank"),
     ("adapters: [a, b]\n", "adapters: expected a mapping"),
     ("synthetic: {targets: q}\n", "synthetic.targets: expected a list"),
+    ("synthetic: {targets: [q, qq]}\n", "synthetic.targets: unknown or none ['qq']"),
     ("- just\n- a list\n", "expected a mapping"),
     ("a: [unclosed\n", "not valid YAML"),
 ])
@@ -63,3 +64,118 @@ def test_main_exits_2_with_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
 
     assert main([str(_write(tmp_path, "max_lora_rank: -1\n"))]) == 2
     assert "max_lora_rank must be positive" in capsys.readouterr().err
+
+
+def test_shipped_configs_by_name_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tp_lora.job.runconfig import verify_tolerance
+
+    monkeypatch.chdir(tmp_path)
+    assert load_run_config("demo") == load_run_config("demo.yaml") == load_run_config(ROOT / "configs" / "demo.yaml")
+    assert load_run_config("demo-moe").ep_size == 2
+    with pytest.raises(ConfigError, match=r"not found .*shipped configs: \['demo', 'demo-moe'\]; the shipped one is "
+                                          r"'demo' \(tp-lora run demo\)"):
+        load_run_config("configs/demo.yaml")  # a checkout-relative path, from elsewhere
+    assert verify_tolerance(load_run_config("demo")) == 1e-4
+    assert verify_tolerance(load_run_config("demo", ["dtype=bfloat16"])) == 3e-2
+    assert verify_tolerance(load_run_config("demo", ["workload.verify_tol=0.5"])) == 0.5
+    with pytest.raises(ConfigError, match="verify_tol > 0"):
+        load_run_config("demo", ["workload.verify_tol=0"])
+
+
+def test_adapter_paths_must_be_folders(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"adapters.x: .* is a file, not an adapter folder .*pass its folder"):
+        load_run_config(None, [f"adapters={{x: {tmp_path / 'a' / 'adapter_model.safetensors'}}}"])
+    with pytest.raises(ConfigError, match="no such folder"):
+        load_run_config(None, [f"adapters={{x: {tmp_path / 'b'}}}"])
+
+
+def _env() -> dict[str, str]:
+    import os
+    import re
+
+    leaked = re.compile(r"^(SLURM_|SLURMD_|TORCHELASTIC_)|^(RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|GROUP_RANK|"
+                        r"MASTER_ADDR|MASTER_PORT)$")
+    env = {k: v for k, v in os.environ.items() if not leaked.search(k)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def test_layout_error_under_torchrun_is_one_line_per_rank(tmp_path: Path) -> None:
+    """Every rank fails before any process group, with one line each: the layout error (it says tp is the
+    world size), or SIGTERM when torchrun stopped it after the other one failed first."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "tp_lora.run", "demo-moe", "--set", "ep_size=4", "--set", f"cache_dir={tmp_path}"],
+                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if "tp_lora.run: error:" in ln and ln.startswith("[rank")]
+    assert sorted(ln.split("]")[0] for ln in lines) == ["[rank 0", "[rank 1"], res.stderr
+    layout = [ln for ln in lines if "the job's tp_size is its world size, the number of processes: 2" in ln]
+    assert layout and all(ln in layout or "error: stopped by SIGTERM" in ln for ln in lines), lines
+    assert "tp_lora/" not in res.stderr.replace("tp_lora.run", ""), res.stderr  # no library traceback
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_failed_input_writing_leaves_no_temp_files(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from tp_lora.job.run import main
+    from tp_lora.reference import checkpoint
+
+    def broken(spec, folder, seed=0):
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise ModuleNotFoundError("No module named 'numpy'")
+
+    monkeypatch.setattr(checkpoint, "write_random_checkpoint", broken)
+    assert main(["demo", "--set", f"cache_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert err == "tp_lora.run: error: ModuleNotFoundError: No module named 'numpy'\n", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_sigterm_removes_temp_files(tmp_path: Path) -> None:
+    """torchrun stops the other ranks with SIGTERM when one fails: the half-written inputs go away."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from tp_lora.reference import checkpoint\n"
+        "real = checkpoint.write_random_checkpoint\n"
+        "def slow(spec, folder, seed=0):\n"
+        "    real(spec, folder, seed=seed)\n"
+        "    print('WRITTEN', flush=True)\n"
+        "    time.sleep(120)\n"
+        "checkpoint.write_random_checkpoint = slow\n"
+        "from tp_lora.job.run import main\n"
+        f"sys.exit(main(['demo', '--set', 'cache_dir={tmp_path}']))\n")
+    p = subprocess.Popen([sys.executable, "-c", script], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "WRITTEN"
+        assert [x.name for x in tmp_path.iterdir() if x.name.startswith(".base-")]  # the temp folder exists
+        p.send_signal(signal.SIGTERM)
+        _out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1].startswith("tp_lora.run: error: stopped by SIGTERM"), err
+    assert sorted(x.name for x in tmp_path.iterdir()) == [], err
+
+
+def test_synthetic_targets_that_adapt_nothing_stop_the_job_before_it_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tp_lora.job.run import main
+
+    assert main(["demo-moe", "--set", "model=tiny-dense", "--set", "ep_size=1", "--set", f"cache_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("tp_lora.run: error: synthetic.targets: nothing to adapt in model 'tiny-dense' for experts "
+                   "(the model is dense: no routed experts)\n"), err
+    assert not any(tmp_path.iterdir())

@@ -33,12 +33,10 @@ from ..plan.parallel import ParallelSpec
 from ..plan.planner import plan_rank
 from . import console
 from .atomic import check_new_folder, write_folder
-from .runconfig import check_adapter_folder
+from .runconfig import TARGETS, check_adapter_folder
 
-#: Modules ``write-adapter --targets`` accepts (canonical names plus ``experts``, ``embed``, ``lm_head``);
-#: the same list as ``synthetic.TARGETS`` (checked by a test; kept here so ``plan`` does not import torch).
-TARGET_CHOICES = ("q", "k", "v", "o", "gate", "up", "down", "shared.gate", "shared.up", "shared.down",
-                  "experts", "embed", "lm_head")
+#: Modules ``write-adapter --targets`` accepts (canonical names plus ``experts``, ``embed``, ``lm_head``).
+TARGET_CHOICES = TARGETS
 
 
 def positive_int(value: str) -> int:
@@ -235,17 +233,14 @@ def add_write_adapter_arguments(ap: argparse.ArgumentParser) -> None:
 
 def write_adapter_from_args(args: argparse.Namespace) -> int:
     """Check everything, write to a temporary folder, read it back, rename it to OUT_DIR."""
-    from .synthetic import unused_targets, write_synthetic_adapter  # imports torch: only when writing
+    from .synthetic import check_targets, write_synthetic_adapter  # imports torch: only when writing
 
     console.setup_logging(args.log_level)
     model = load_model_spec(args.model)
     if args.fused_experts and not model.is_moe:
         raise ConfigError(f"--fused-experts needs an MoE model; {model.name!r} is dense")
     targets = list(dict.fromkeys(t for group in args.targets for t in group)) if args.targets else None
-    unused = unused_targets(model, targets or ())
-    if unused:
-        raise ConfigError(f"--targets: nothing to adapt in model {model.name!r} for "
-                          + "; ".join(f"{t} ({why})" for t, why in unused.items()))
+    check_targets(model, targets, "--targets")
     out = Path(args.out_dir)
     check_new_folder(out, force=args.force, marker="adapter_config.json")
     header = None

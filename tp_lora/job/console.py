@@ -87,7 +87,7 @@ def error_line(prog: str, e: BaseException) -> str:
     from ..errors import TPLoRAError
 
     msg = " ".join(str(e).split()) or type(e).__name__
-    if not isinstance(e, TPLoRAError):
+    if not isinstance(e, (TPLoRAError, Terminated)):
         msg = f"{type(e).__name__}: {msg}"
     return f"{rank_prefix()}{prog}: error: {msg}"
 

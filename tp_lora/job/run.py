@@ -40,7 +40,7 @@ from . import console
 from .atomic import write_folder
 from .report import build_report, format_report
 from .runconfig import RunConfig, load_run_config, run_config_help, verify_tolerance
-from .synthetic import write_synthetic_adapter
+from .synthetic import check_targets, write_synthetic_adapter
 
 log = logging.getLogger("tp_lora.run")
 
@@ -177,14 +177,14 @@ class VerificationError(TPLoRAError):
 def job_layout(cfg: RunConfig, spec: ModelSpec, world: int, rank: int) -> ParallelSpec:
     """This rank's layout: TP over every process (tp_size = world size), EP from the config. Checked before
     any process group exists, so a bad layout is one clean error on every rank."""
-    parallel = ParallelSpec(tp_size=world, tp_rank=rank, ep_size=cfg.ep_size)
     try:
+        parallel = ParallelSpec(tp_size=world, tp_rank=rank, ep_size=cfg.ep_size)
         parallel.validate(spec)
     except LayoutError as e:
         how = ("torchrun --nproc-per-node N" if "RANK" in os.environ
                else "one process here; start N with torchrun --nproc-per-node N")
-        raise LayoutError(f"{e} (the job's tp_size is its world size, the number of processes: {world}, "
-                          f"{how}; ep_size={cfg.ep_size} comes from the run config)") from None
+        raise LayoutError(f"{e}; the job's tp_size is its world size, the number of processes: {world} "
+                          f"({how}); ep_size={cfg.ep_size} comes from the run config") from None
     return parallel
 
 
@@ -222,6 +222,8 @@ def run(cfg: RunConfig, *, json_path: str | None = None, progress: bool | None =
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     spec = load_model_spec(cfg.model)
     parallel = job_layout(cfg, spec, world, rank)
+    if not cfg.adapters:
+        check_targets(spec, cfg.synthetic.targets, "synthetic.targets")
     if rank == 0:
         check_json_path(json_path)
     tol = verify_tolerance(cfg)

@@ -24,6 +24,12 @@ from ..plan.model import CONFIG_DIR
 DEFAULT_VERIFY_TOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 
 
+#: Modules a synthetic adapter can target (``write_synthetic_adapter``, ``write-adapter --targets``): the
+#: pool's names plus ``experts`` (every routed expert), ``embed`` and ``lm_head``.
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "shared.gate", "shared.up", "shared.down", "experts",
+           "embed", "lm_head")
+
+
 @dataclass(kw_only=True)
 class SyntheticAdapters:
     count: int = 4
@@ -97,6 +103,9 @@ class RunConfig:
         s = self.synthetic
         if not self.adapters and (s.count < 1 or not s.ranks or any(r < 1 for r in s.ranks)):
             raise ConfigError(f"synthetic: need count >= 1 and positive ranks, got {dataclasses.asdict(s)}")
+        if not self.adapters and s.targets is not None and (not s.targets or set(s.targets) - set(TARGETS)):
+            raise ConfigError(f"synthetic.targets: unknown or none {sorted(set(s.targets) - set(TARGETS))}; "
+                              f"known: {', '.join(TARGETS)}")
         if not self.adapters and max(s.ranks) > self.max_lora_rank:
             raise ConfigError(f"synthetic.ranks {s.ranks} exceed max_lora_rank={self.max_lora_rank}")
 

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from ..errors import ConfigError
 from ..plan.model import ModelSpec
+from .runconfig import TARGETS
 
 DENSE_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
 _PEFT_PATH = {
@@ -28,9 +29,6 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
            "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
 
-#: Target names ``write_synthetic_adapter`` takes (canonical modules, ``experts`` = every routed expert).
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "shared.gate", "shared.up", "shared.down", "experts",
-           "embed", "lm_head")
 
 
 def unused_targets(model: ModelSpec, targets: Sequence[str],
@@ -48,6 +46,14 @@ def unused_targets(model: ModelSpec, targets: Sequence[str],
         elif t in ("q", "k", "v", "o") and not ids:
             out[t] = "no layer chosen"
     return out
+
+
+def check_targets(model: ModelSpec, targets: Sequence[str] | None, what: str) -> None:
+    """Refuse targets that would adapt nothing in ``model`` (before anything is written)."""
+    unused = unused_targets(model, targets or ())
+    if unused:
+        raise ConfigError(f"{what}: nothing to adapt in model {model.name!r} for "
+                          + "; ".join(f"{t} ({why})" for t, why in unused.items()))
 
 
 def default_targets(model: ModelSpec) -> tuple[str, ...]:
@@ -163,9 +169,8 @@ def write_synthetic_adapter(out_dir: str | os.PathLike[str], model: ModelSpec, *
         "lora_dropout": 0.0, "init_lora_weights": False, "inference_mode": True,
         "base_model_name_or_path": model.name, "task_type": "CAUSAL_LM",
     }
-    if not tensors:  # refused before anything is written
-        raise ConfigError(f"targets {list(targets)} adapt nothing in model {model.name!r}: "
-                          f"{unused_targets(model, targets, layer_ids) or 'no layer chosen'}")
+    # an adapter without tensors is written as asked (tests need such folders); callers that must not write
+    # one check the targets first (``check_targets``)
     out.mkdir(parents=True, exist_ok=True)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     save_file(tensors, str(out / "adapter_model.safetensors"))
