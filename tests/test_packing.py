@@ -24,7 +24,7 @@ def adir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("preset,tp,ep,fused", [("tiny-dense", 2, 1, False), ("tiny-moe", 4, 2, True),
-                                                ("tiny-moe", 2, 2, False)])
+                                                ("tiny-moe", 2, 2, False), ("tiny-moe", 4, 1, False)])
 @pytest.mark.parametrize("read_mode", ["exact", "auto", "span"])
 def test_parts_cold_and_warm_equal_reference(adir, preset, tp, ep, fused, read_mode):
     targets = ALL_DENSE if preset == "tiny-dense" else ("q", "k", "v", "o", "experts", "embed", "lm_head")
@@ -38,7 +38,7 @@ def test_parts_cold_and_warm_equal_reference(adir, preset, tp, ep, fused, read_m
             chunks = plan.chunks(mgr.engine.chunk_bytes, mgr.engine.part_bytes)
             assert any(len(c.parts) > 1 for c in chunks), "the test must exercise several parts per chunk"
             # parts tile each chunk exactly, in order
-            for c in chunks:
+            for c in (c for c in chunks if c.parts):  # a chunk smaller than a part is one part
                 assert c.parts[0].start == 0 and c.parts[-1].end == c.nbytes
                 assert all(a.end == b.start for a, b in zip(c.parts, c.parts[1:]))
             want = expected_slot(path, mgr.model, tp, rank, ep, mgr.pool)
@@ -137,3 +137,21 @@ def test_recorded_reads_match_the_packing(adir, monkeypatch, read_mode):
         assert slot_diff(mgr.pool, 0, expected_slot(path, mgr.model, 4, 2, 1, mgr.pool)) == []
         st = mgr.stats()
         assert st.pinned_bytes_now == st.pinned_planned_now == plan.nbytes  # owned bytes only
+
+
+def test_file_order_units_for_sharded_moe(adir):
+    """MoE at TP without EP: the slices of one expert are file neighbours but land in different parts of
+    the module-sorted chunk; file-order units merge their reads (fewer syscalls), the last unit of a
+    chunk copies the whole chunk, and the units still read every owned byte."""
+    _, plan = _plan(adir, "tiny-moe", 4, 0, ep=1, targets=("q", "k", "v", "o", "experts"))
+    exact, auto = pack(plan, 1 << 16, 4096, "exact"), pack(plan, 1 << 16, 4096, "auto")
+    assert read_counts(auto).syscalls * 2 < read_counts(exact).syscalls
+    fo = [c for c in auto if any(u.start == u.end for u in c.parts)]
+    assert fo, "file-order units expected for a sharded MoE chunk"
+    for c in fo:
+        assert all(u.start == u.end == 0 for u in c.parts[:-1]) and (c.parts[-1].start, c.parts[-1].end) == (0, c.nbytes)
+        # the units' reads cover exactly the chunk's reads
+        assert sorted(r for u in c.parts for r in u.reads) == sorted(c.reads)
+        assert sorted((s.file_offset, s.nbytes) for u in c.parts for s in u.spans) == \
+            sorted((s.file_offset, s.nbytes) for s in c.spans)
+    assert all(u.start < u.end for c in exact for u in c.parts)  # exact keeps packed-order parts

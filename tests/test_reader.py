@@ -47,13 +47,22 @@ def test_link_swapped_in_is_not_followed(adapter, tmp_path):
         assert mgr.cache.reserved_bytes == 0
 
 
-def test_replaced_file_same_bytes_is_refused(adapter):
+def test_replaced_file_loads_only_with_the_registered_header(adapter, caplog):
     with new_manager("tiny-dense", tp=2, rank=0, max_loras=1) as mgr:
         mgr.register("x", adapter)
-        data = (adapter / W).read_bytes()
+        data = bytearray((adapter / W).read_bytes())
         os.rename(adapter / W, adapter / "old")  # kept, so its inode number is not reused at once
-        (adapter / W).write_bytes(data)  # a new inode: not the file registration validated
-        with pytest.raises(AdapterDataError, match="replaced since registration"):
+        (adapter / W).write_bytes(bytes(data))  # a new inode: not the file registration validated
+        with caplog.at_level("WARNING", logger="tp_lora.host.reader"):
+            assert not _run(mgr).stats.warm  # same header: offsets hold; loaded, with a warning
+        assert "replaced or rewritten since registration" in caplog.text
+        mgr.cache.evict("x")
+        hl = int.from_bytes(data[:8], "little")
+        i = data.index(b'"shape"', 8, 8 + hl)
+        data[i + 1] = ord("S")
+        os.rename(adapter / W, adapter / "old2")
+        (adapter / W).write_bytes(bytes(data))  # replaced by a same-size file with another header
+        with pytest.raises(AdapterDataError, match="replaced and its safetensors header differs"):
             _run(mgr)
 
 

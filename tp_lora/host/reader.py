@@ -4,9 +4,11 @@ One open per load: every check and every read of the load goes through that one 
 
 - Opened with O_NOFOLLOW | O_NONBLOCK: a link swapped in since registration is not followed (it could
   point out of the adapter folder), a FIFO does not block the loader thread.
-- ``fstat`` on that fd: a regular file with the identity registration recorded (device, inode, size; an
-  mtime change is accepted only if the header bytes, read from the same fd, are those registered: the
-  planned offsets then still hold, and the finite check covers the data).
+- ``fstat`` on that fd: a regular file of the registered size. Its identity (device, inode, mtime) is
+  compared with what registration recorded; a file replaced or rewritten since is loaded only if its
+  header bytes, read from the same fd, are exactly those registered (the planned offsets then hold, and
+  the finite check covers the data), with a warning naming the file. Refusing it outright would also
+  refuse a file restored from a copy (the suite's repair-by-copy case loads with the same registration).
 - Short reads (a file truncated during the load) and changes during the load (size, mtime or ctime
   differ at the end: truncated and regrown to the same size) raise AdapterDataError naming the file and
   the tensor.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import logging
 import os
 import stat
 import threading
@@ -27,6 +30,8 @@ import torch
 from ..errors import AdapterDataError
 from ..format.adapter import AdapterHeader
 from ..plan.packing import Chunk, Part, span_of
+
+log = logging.getLogger(__name__)
 
 _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
                | getattr(os, "O_CLOEXEC", 0))
@@ -45,6 +50,7 @@ class SliceReader:
         self.header = header
         self.path = header.weights_path
         self.fd = -1
+        self.replaced = False  # the file's identity differs from the registered one (header identical)
         self.bytes_read = 0
         self.syscalls = 0
         self._lock = threading.Lock()
@@ -77,9 +83,11 @@ class SliceReader:
         if st.st_size != h.file_size:
             raise self._err(f"file size changed since registration: {h.file_size} -> {st.st_size} bytes")
         ident = h.file_identity
-        if ident is not None and (st.st_dev, st.st_ino) != tuple(ident[:2]):
-            raise self._err(f"the weights were replaced since registration (device/inode {tuple(ident[:2])} "
-                            f"-> {(st.st_dev, st.st_ino)}); register the adapter again")
+        self.replaced = ident is not None and file_identity(st) != tuple(ident)
+        if self.replaced:
+            log.warning("adapter %r: %s was replaced or rewritten since registration (dev, ino, size, "
+                        "mtime_ns %s -> %s); loading it only if its header is the registered one",
+                        h.name, self.path, tuple(ident), file_identity(st))
         return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def _check_header(self) -> None:
@@ -90,8 +98,9 @@ class SliceReader:
             return
         raw = self._pread_bytes(8 + h.header_bytes, 0)
         if hashlib.sha256(raw).hexdigest() != h.header_digest:
-            raise self._err("the file changed since registration: its safetensors header differs (tensor "
-                            "layout or names); register the adapter again")
+            what = "it was replaced and its" if self.replaced else "its"
+            raise self._err(f"the file changed since registration: {what} safetensors header differs (tensor "
+                            f"layout or names); register the adapter again")
 
     def verify_unchanged(self) -> None:
         """After the last read: the file did not change while it was read (truncated and regrown to the

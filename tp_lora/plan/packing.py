@@ -2,7 +2,8 @@
 
     chunk   slices packed back to back: the cache unit, one H2D copy when warm, placed on the device by
             one strided copy per CopyGroup (same module, side, shape, consecutive destination blocks)
-    part    a byte range of a chunk: the cold pipeline's unit (read, then H2D as it arrives)
+    part    the cold pipeline's unit (read, then H2D as it arrives): a byte range of a chunk, or, where
+            that saves syscalls, a file-ordered share of the chunk's reads (H2D after the chunk's last)
     reads   scatter reads: (file offset, ((buffer offset, bytes), ...)), one ``preadv`` each, built once
             per plan (the hot loop only turns them into memoryviews and calls preadv, which drops the GIL)
     spans   coalesced span reads: one contiguous file range read into scratch memory, from which strided
@@ -48,16 +49,18 @@ ScatterRead = tuple[int, tuple[tuple[int, int], ...]]
 
 @dataclass(frozen=True)
 class ReadCost:
-    """The per-slice cost model of reading exactly vs as a span (seconds, one reader thread).
+    """The per-slice cost model of reading exactly vs as a span (wall seconds of a load's readers).
 
-    Defaults measured on the H200 host (docs/PERF_NOTES.md): a small ``preadv`` from Python costs about
-    2 us (call + kernel entry + page-cache lookup), a thread copies from the page cache at about 5 GB/s,
-    and a strided torch copy out of the scratch costs about 3 us to dispatch.
+    The readers run in parallel, but the Python around each syscall holds the GIL: per-call costs add up
+    serially, bytes are copied at the readers' aggregate bandwidth. Defaults from the H200 host
+    (docs/PERF_NOTES.md): Rank 0 of Llama-3-70B TP=8 read exactly issued 11k preadv of 2 KiB rows and took
+    4.8x the floor with 16 readers (about 8 us of wall time per call), while page cache -> memory runs at
+    about 30 GB/s with 16 threads; a strided torch copy out of the scratch costs about 10 us to dispatch.
     """
 
-    syscall_s: float = 2e-6
-    byte_s: float = 1 / 5e9
-    copy_s: float = 3e-6
+    syscall_s: float = 8e-6
+    byte_s: float = 1 / 30e9
+    copy_s: float = 10e-6
 
     def prefers_span(self, op: "SliceOp") -> bool:
         """Step-1 slice of ``op.nrows`` rows of ``ncols`` of ``src_shape[1]`` columns: span if cheaper."""
@@ -103,9 +106,12 @@ class SpanRead:
 
 @dataclass(frozen=True)
 class Part:
-    """A run of consecutive slices of a chunk: the unit of the cold pipeline (read, then H2D)."""
+    """A unit of the cold pipeline: its reads, then the H2D of bytes [start, end) of the chunk buffer.
 
-    start: int  # byte range in the chunk buffer
+    Packed-order parts are runs of consecutive slices and tile the chunk; file-order units (see
+    ``_file_order_units``) have empty ranges except the chunk's last, which copies the whole chunk."""
+
+    start: int
     end: int
     reads: tuple[ScatterRead, ...]
     spans: tuple[SpanRead, ...]
@@ -278,7 +284,42 @@ def _make_chunk(plan: "SlicePlan", index: int, ops: list["SliceOp"], part_bytes:
                 r, s = _read_runs(ordered, offsets, span, range(first, i + 1), gap)
                 parts.append(Part(offsets[first], end, r, s))
                 first = i + 1
+        if read_mode != "exact":
+            fo = _file_order_units(reads, spans, part_bytes, pos)
+            if 4 * sum(p.syscalls for p in fo) < 3 * sum(p.syscalls for p in parts):
+                parts = fo
     return Chunk(index, tuple(ordered), tuple(offsets), tuple(groups), pos, reads, spans, tuple(parts), row0)
+
+
+def _file_order_units(reads: tuple[ScatterRead, ...], spans: tuple[SpanRead, ...], part_bytes: int,
+                      nbytes: int) -> list[Part]:
+    """Read units in file order over the whole chunk. A chunk packs slices by module (one device copy per
+    module and side), so the slices of one part are rarely file neighbours: per expert of a sharded MoE,
+    ``down.B``, ``gate.A`` and ``gate.B``'s rows follow each other in the file but land in three parts.
+    Read in file order instead, the chunk's scatter runs merge across modules (fewer syscalls); the
+    price is that the chunk goes to the device in one H2D after its last unit (units before it have an
+    empty H2D range; the loader takes units in order, so all of them are read by then)."""
+    items = sorted([(f, "r", x) for x in reads for f in (x[0],)] + [(x.file_offset, "s", x) for x in spans],
+                   key=lambda t: t[0])
+    out: list[Part] = []
+    cur_r: list[ScatterRead] = []
+    cur_s: list[SpanRead] = []
+    size = 0
+    for _, kind, x in items:
+        if kind == "r":
+            cur_r.append(x)
+            size += sum(n for _, n in x[1])
+        else:
+            cur_s.append(x)
+            size += x.nbytes
+        if size >= part_bytes:
+            out.append(Part(0, 0, tuple(cur_r), tuple(cur_s)))
+            cur_r, cur_s, size = [], [], 0
+    if cur_r or cur_s or not out:
+        out.append(Part(0, 0, tuple(cur_r), tuple(cur_s)))
+    last = out[-1]
+    out[-1] = Part(0, nbytes, last.reads, last.spans)
+    return out
 
 
 def _read_as_span(op: "SliceOp", read_mode: ReadMode, cost: ReadCost) -> bool:
