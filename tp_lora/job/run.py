@@ -169,6 +169,9 @@ def _forward(model: Any, batch: list[Request], mgr: LoRAManager | None) -> torch
 
 
 def run(cfg: RunConfig, *, json_path: str | None = None, progress: bool | None = None) -> dict[str, Any] | None:
+    if cfg.engine == "transformers":
+        from ..integrations.transformers_job import run_transformers
+        return run_transformers(cfg, json_path=json_path, progress=progress)
     from ..reference.model import TPModel
 
     rank, world, dev = init_distributed(cfg, cfg.activation_timeout_s)
