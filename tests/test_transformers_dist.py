@@ -30,6 +30,10 @@ NEW_TOKENS = 16
 TOL = 1e-4
 # (adapter or None, prompt index) per request, in batch order: a1 twice, not adjacent
 MIXED = (("a1", 0), (None, 1), ("a2", 2), ("a3", 3), ("a1", 4))
+# (family, ep_size) per world size (tp = world). Each spawned rank imports transformers (the slow part on a
+# shared 2-core CI box) and then loads every case of its world; the MoE at world 4 covers the attention path
+# of both families. EP: DistributedConfig(tp_size=world, ep_size=world), whole experts per rank.
+CASES = {2: (("dense", 1), ("moe", 1), ("moe", 2)), 4: (("moe", 1), ("moe", 4))}
 
 
 def _spec(family: str) -> ModelSpec:
@@ -57,9 +61,15 @@ def _rank(rank: int, world: int, fams: dict[str, dict[str, Any]]) -> dict[str, A
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     out: dict[str, Any] = {}
-    for fam, f in fams.items():
+    for fam, ep in CASES[world]:
+        f = fams[fam]
+        if ep > 1:
+            from transformers.distributed import DistributedConfig
+            load = dict(distributed_config=DistributedConfig(tp_size=world, ep_size=ep))
+        else:
+            load = dict(tp_plan="auto")
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            f["base"], tp_plan="auto", dtype=torch.float32, attn_implementation="eager").eval()
+            f["base"], dtype=torch.float32, attn_implementation="eager", **load).eval()
         mgr = build_manager(model, LoRAConfig(max_loras=3, max_lora_rank=16, dtype="float32",
                                               activation_timeout_s=30))
         lora = attach(model, mgr)
@@ -75,8 +85,8 @@ def _rank(rank: int, world: int, fams: dict[str, dict[str, Any]]) -> dict[str, A
         lora.detach()
         with torch.no_grad():
             base = model(input_ids=ids).logits
-        out[fam] = {"logits": logits, "tokens": tokens, "base_after_detach": base,
-                    "tp": mgr.parallel.tp_size}
+        out[(fam, ep)] = {"logits": logits, "tokens": tokens, "base_after_detach": base,
+                          "tp": mgr.parallel.tp_size, "ep": mgr.parallel.ep_size}
         mgr.close()
     return out
 
@@ -111,13 +121,14 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
 @pytest.mark.parametrize("world", [2, 4])
 def test_transformers_tp_matches_peft(families: dict[str, dict[str, Any]], world: int) -> None:
     send = {k: {"base": v["base"], "adapters": v["adapters"], "prompts": v["prompts"]} for k, v in families.items()}
-    results = run_distributed(_rank, world, send, timeout=240)
-    for fam, f in families.items():
-        r0 = results[0][fam]
-        assert r0["tp"] == world
+    results = run_distributed(_rank, world, send, timeout=300)
+    for fam, ep in CASES[world]:
+        f, r0 = families[fam], results[0][(fam, ep)]
+        assert (r0["tp"], r0["ep"]) == (world, ep)
         for r in results[1:]:   # every rank ends with the same (gathered / all-reduced) logits and tokens
-            assert torch.equal(r[fam]["tokens"], r0["tokens"])
-            assert torch.allclose(r[fam]["logits"], r0["logits"], atol=1e-5)
+            assert torch.equal(r[(fam, ep)]["tokens"], r0["tokens"])
+            assert torch.allclose(r[(fam, ep)]["logits"], r0["logits"], atol=1e-5)
+        fam = f"{fam} ep={ep}"
         for b, (a, i) in enumerate(MIXED):
             ref = f["ref"][(a, i)]
             err = float((r0["logits"][b] - ref).abs().max()) / max(1.0, float(ref.abs().max()))
@@ -128,3 +139,35 @@ def test_transformers_tp_matches_peft(families: dict[str, dict[str, Any]], world
                 f"{fam} tp={world} request {b} ({a}): greedy tokens differ from peft's"
             base_err = float((r0["base_after_detach"][b] - f["ref"][(None, i)]).abs().max())
             assert base_err <= TOL * max(1.0, float(ref.abs().max())), f"{fam}: detach() left a delta"
+
+
+# -- the sharding check (pure: no processes, no transformers) ---------------------------------------------
+def test_sharding_check_names_each_mismatching_module() -> None:
+    from tp_lora import LoRAConfig, LoRAManager, ParallelSpec
+    from tp_lora.errors import LayoutError
+    from tp_lora.integrations.transformers import TargetModule, check_sharding, expected_shapes
+    from tp_lora.runtime.activation import LOCAL
+
+    spec = ModelSpec.from_preset("tiny-dense")            # 4 heads, 2 kv heads of 16, vocab 250
+    par = ParallelSpec(tp_size=4, tp_rank=1, vocab_pad_to=1)
+    with LoRAManager(LoRAConfig(max_loras=1, max_lora_rank=4, dtype="float32"), spec, par, group=LOCAL) as mgr:
+        exp = expected_shapes({m: mgr.pool.A[m].shape for m in mgr.pool.modules},
+                              {m: mgr.pool.B[m].shape for m in mgr.pool.modules})
+    good = [TargetModule("model.layers.0.self_attn.q_proj", "q", 0, "colwise", (16, 64)),
+            TargetModule("model.layers.0.self_attn.k_proj", "k", 0, "colwise", (16, 64)),
+            TargetModule("model.layers.0.self_attn.o_proj", "o", 0, "rowwise", (64, 16)),
+            TargetModule("model.layers.0.mlp.down_proj", "down", 0, "rowwise", (64, 32)),
+            TargetModule("model.embed_tokens", "embed", 0, "embedding_rowwise", (63, 64)),
+            TargetModule("lm_head", "lm_head", 0, "colwise_gather_output", (63, 64))]
+    check_sharding(good, exp, par, spec)                  # tp_lora's own slicing passes
+    bad = [TargetModule("model.layers.0.self_attn.k_proj", "k", 0, "colwise", (8, 64)),   # half a kv head
+           TargetModule("model.layers.1.self_attn.o_proj", "o", 1, None, (64, 64)),       # not sharded
+           TargetModule("model.embed_tokens", "embed", 0, None, (250, 64)),               # replicated (5.17)
+           TargetModule("lm_head", "lm_head", 0, "colwise_gather_output", (64, 64))]      # other vocab split
+    with pytest.raises(LayoutError) as e:
+        check_sharding(good[:1] + bad, exp, par, spec)
+    msg = str(e.value)
+    for path in ("layers.0.self_attn.k_proj", "layers.1.self_attn.o_proj", "model.embed_tokens", "lm_head"):
+        assert path in msg, (path, msg)
+    assert "q_proj" not in msg
+    assert "replicated" in msg and "num_key_value_heads=2" in msg

@@ -65,6 +65,8 @@ _LM_HEAD_STYLES = ("colwise_gather_output", "colwise_rep", "colwise")
 _EMBED_STYLES = ("embedding_rowwise",)
 _EXPERT_STYLES = ("moe_tp_experts",)
 _EXPERT_PARAM_STYLES = {"gate_up_proj": ("packed_colwise",), "down_proj": ("rowwise",)}
+_EP_EXPERT_STYLES = ("ep_dispatch_experts",)
+_EP_PARAM_STYLES = {"gate_up_proj": ("grouped_gemm",), "down_proj": ("grouped_gemm",)}
 _ROW_MODULES = ("o", "down", "shared.down")
 
 
@@ -119,25 +121,48 @@ def tp_mesh(model: torch.nn.Module) -> Any:
     raise LayoutError(f"{type(model).__name__}: device mesh {mesh} has no 'tp' dimension")
 
 
-def layout(model: torch.nn.Module) -> Layout:
-    """ModelSpec, ParallelSpec and TP group of a transformers model (loaded with or without ``tp_plan``).
+def _closure(f: Any) -> dict[str, Any]:
+    code = getattr(f, "__code__", None)
+    if code is None or not f.__closure__:
+        return {}
+    return {n: c for n, c in zip(code.co_freevars, f.__closure__)}
 
-    Expert parallelism (``ep_plan``) is refused: see docs/TRANSFORMERS.md.
-    """
+
+def _ep_mesh(model: torch.nn.Module) -> Any:
+    """The EP mesh of the model's ``ep_dispatch_experts`` modules (from transformers' ``ep_forward``), or None."""
+    for mod in model.modules():
+        cells = _closure(mod.__dict__.get("forward"))
+        if "implementation" in cells and "ep_mesh" in cells:
+            return cells["ep_mesh"].cell_contents
+    return None
+
+
+def layout(model: torch.nn.Module) -> Layout:
+    """ModelSpec, ParallelSpec and TP group of a transformers model (loaded with or without ``tp_plan``,
+    with or without expert parallelism over the TP group: ``DistributedConfig(tp_size=n, ep_size=n)``)."""
     config = model.config.to_dict()
     spec = ModelSpec.from_hf_config(config, name=getattr(model, "name_or_path", None) or None)
     mesh = tp_mesh(model)
-    dc = getattr(model.config, "distributed_config", None)
-    if dc is not None and (getattr(dc, "ep_size", 1) or 1) > 1 or getattr(dc, "enable_expert_parallel", False):
-        raise LayoutError(f"{type(model).__name__}: expert parallelism (distributed_config ep_size > 1) is not "
-                          f"supported by tp_lora's transformers integration; load with tp_plan only "
-                          f"(the experts are then tensor-parallel)")
+    ep_mesh = _ep_mesh(model)
     if mesh is None or mesh.size() == 1:
+        if ep_mesh is not None and ep_mesh.size() > 1:
+            raise LayoutError(f"{type(model).__name__}: expert parallelism without tensor parallelism (tp_size=1, "
+                              f"ep_size={ep_mesh.size()}): the ranks hold different batches; tp_lora needs the EP "
+                              f"group to share the batch (ep_size == tp_size)")
         parallel = ParallelSpec(tp_size=1, tp_rank=0, vocab_pad_to=1)
         import torch.distributed as dist
         group = LOCAL if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
     else:
-        parallel = ParallelSpec(tp_size=mesh.size(), tp_rank=mesh.get_local_rank(), vocab_pad_to=1)
+        tp, rank = mesh.size(), mesh.get_local_rank()
+        ep = 1
+        if ep_mesh is not None and ep_mesh.size() > 1:
+            ep = ep_mesh.size()
+            if ep != tp or ep_mesh.get_local_rank() != rank:
+                raise LayoutError(f"{type(model).__name__}: EP group of size {ep} (this rank {ep_mesh.get_local_rank()}) "
+                                  f"is not the TP group (size {tp}, this rank {rank}); tp_lora supports EP over the "
+                                  f"TP group (ep_size == tp_size, the batch shared), where whole experts "
+                                  f"[rank*E/ep, (rank+1)*E/ep) sit on each rank")
+        parallel = ParallelSpec(tp_size=tp, tp_rank=rank, ep_size=ep, vocab_pad_to=1)
         group = mesh.get_group()
     parallel.validate(spec)
     return Layout(spec, parallel, group)
@@ -175,11 +200,15 @@ def discover(model: torch.nn.Module, family: str, pool_modules: Sequence[str]) -
     plan = dict(getattr(model, "tp_plan", None) or getattr(model, "_tp_plan", None) or {})
     sharded = tp_mesh(model) is not None and tp_mesh(model).size() > 1
     plan = plan if sharded else {}
+    ep_plan = dict(getattr(model, "ep_plan", None) or getattr(model, "_ep_plan", None) or {})
+    ep_plan = ep_plan if _ep_mesh(model) is not None else {}
     layer_re = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
     out: list[TargetModule] = []
     pool = set(pool_modules)
     for name, mod in model.named_modules():
         style = _style(plan, name) if sharded and _hooked(mod) else None
+        if "implementation" in _closure(mod.__dict__.get("forward")):
+            style = _style(ep_plan, name)
         if isinstance(mod, torch.nn.Embedding) and name.split(".")[-1] == "embed_tokens":
             if "embed" in pool:
                 out.append(TargetModule(name, "embed", 0, style, _local_shape(mod.weight)))
@@ -202,7 +231,8 @@ def discover(model: torch.nn.Module, family: str, pool_modules: Sequence[str]) -
         elif rest == table.fused_expert_module and hasattr(mod, "gate_up_proj") and hasattr(mod, "down_proj"):
             if pool & {"experts.w1", "experts.w3", "experts.w2"}:
                 shapes = {p: _local_shape(getattr(mod, p)) for p in ("gate_up_proj", "down_proj")}
-                pstyles = tuple((p, _style(plan, f"{name}.{p}")) for p in ("gate_up_proj", "down_proj"))
+                pplan = ep_plan if style in _EP_EXPERT_STYLES else plan
+                pstyles = tuple((p, _style(pplan, f"{name}.{p}")) for p in ("gate_up_proj", "down_proj"))
                 out.append(TargetModule(name, "experts", layer, style, shapes, pstyles))
     return out
 
@@ -234,21 +264,25 @@ def check_sharding(targets: Sequence[TargetModule], expected: dict[str, tuple[in
     vocab_local = parallel.vocab_range(spec)[1] - parallel.vocab_range(spec)[0]
     for t in targets:
         if t.kind == "experts":
-            if not want_style(t, _EXPERT_STYLES, "as tensor-parallel experts (every expert on every rank)"):
+            ep = parallel.ep_size > 1
+            styles, pstyles = (_EP_EXPERT_STYLES, _EP_PARAM_STYLES) if ep else (_EXPERT_STYLES, _EXPERT_PARAM_STYLES)
+            if not want_style(t, styles, "as expert-parallel experts over the TP group" if ep
+                              else "as tensor-parallel experts (every expert on every rank)"):
                 continue
             for p, st in t.param_styles:
-                if tp > 1 and st not in _EXPERT_PARAM_STYLES[p]:
-                    problems.append(f"{t.path}.{p}: transformers style {st!r}, tp_lora needs "
-                                    f"{list(_EXPERT_PARAM_STYLES[p])}")
+                if tp > 1 and st not in pstyles[p]:
+                    problems.append(f"{t.path}.{p}: transformers style {st!r}, tp_lora needs {list(pstyles[p])}")
             gu, dn = t.local_shape["gate_up_proj"], t.local_shape["down_proj"]
+            n_local = len(parallel.local_experts(spec))
             for m, got, want in (("experts.w1", gu[1] // 2, "out"), ("experts.w2", dn[2], "in")):
                 if m in expected:
                     o, i = expected[m]
                     w = o if want == "out" else i
-                    if got != w or gu[0] != spec.num_experts:
+                    if got != w or gu[0] != n_local:
                         problems.append(f"{t.path}: this rank holds {gu[0]} experts x {got} intermediate "
-                                        f"rows ({m}); tp_lora expects {spec.num_experts} x {w} "
-                                        f"(moe_intermediate_size={spec.moe_intermediate_size} / tp {tp})")
+                                        f"rows ({m}); tp_lora expects {n_local} x {w} "
+                                        f"(experts {list(parallel.local_experts(spec))}, moe_intermediate_size="
+                                        f"{spec.moe_intermediate_size} / moe_tp {parallel.moe_tp_size})")
             continue
         out_l, in_l = expected[t.module]
         shape = tuple(t.local_shape)
@@ -300,6 +334,7 @@ class TransformersLoRA:
         self.backend = backend
         self._restore: list[Callable[[], None]] = []
         self._adapters: tuple[str | None, ...] | None = None
+        self._active = False   # some request of the current requests() block has an adapter
         self._ops: dict[int, LoRAOps] = {}
         self._batches: list[BatchInfo] = []
 
@@ -320,10 +355,11 @@ class TransformersLoRA:
                 raise AdapterStateError(f"adapter {a!r} is not active on rank {self.manager.rank}; "
                                         f"activate() it first")
         self._adapters = adapters
+        self._active = any(a is not None for a in adapters)
         try:
             yield self
         finally:
-            self._adapters = None
+            self._adapters, self._active = None, False
             self._ops = {}
             batches, self._batches = self._batches, []
             for b in batches:
@@ -332,7 +368,7 @@ class TransformersLoRA:
     def _ops_for(self, tokens: int, where: str) -> LoRAOps | None:
         """The layer ops of a forward whose module sees ``tokens`` = B*S rows (built once per S)."""
         ads = self._adapters
-        if ads is None or all(a is None for a in ads):
+        if ads is None or not self._active:
             return None
         B = len(ads)
         if tokens % B:
@@ -393,6 +429,44 @@ class TransformersLoRA:
                     module.forward = f
         self._restore.append(restore)
 
+    def _install_ep(self, t: TargetModule, module: torch.nn.Module) -> None:
+        """EP (transformers ``ep_dispatch_experts``): the EP implementation runs this rank's experts through its
+        ``experts_forward`` on local expert ids. Only ``AllReduceEP`` keeps every token on every rank (the batch
+        rows the BatchInfo indexes); a token-moving implementation (all-to-all) is refused at run time."""
+        impl = _closure(module.__dict__.get("forward"))["implementation"].cell_contents
+        name = type(impl).__name__
+        shared = getattr(impl, "all_reduce", impl if name == "AllReduceEP" else None)
+        if shared is None or getattr(impl, "megamoe", None) is not None:
+            raise LayoutError(f"{t.path}: EP implementation {name} moves tokens between ranks; tp_lora needs the "
+                              f"batch shared by the EP group (ep_implementation 'auto' or 'all_reduce' with "
+                              f"ep_size == tp_size)")
+        offset = self.manager.parallel.local_experts(self.manager.model).start
+        lora, layer = self, t.layer
+
+        def shared_forward(hidden: torch.Tensor, local_index: torch.Tensor, weights: torch.Tensor,
+                           *args: Any, _orig: Callable = shared.experts_forward, **kwargs: Any) -> torch.Tensor:
+            if not lora._active:
+                return _orig(hidden, local_index, weights, *args, **kwargs)
+            ops = lora._ops_for(hidden.shape[0], t.path)
+            return _experts_forward(module, layer, ops, hidden, local_index, weights, offset)
+
+        patched = [(shared, shared.experts_forward)]
+        shared.experts_forward = shared_forward
+        other = getattr(impl, "all_to_all", None)
+        if other is not None:
+            def refuse(*args: Any, _orig: Callable = other.experts_forward, **kwargs: Any) -> torch.Tensor:
+                if lora._active:
+                    raise TPLoRAError(f"{t.path}: transformers chose its all-to-all EP path (autograd is on); "
+                                      f"run the forward under torch.no_grad() or torch.inference_mode()")
+                return _orig(*args, **kwargs)
+            patched.append((other, other.experts_forward))
+            other.experts_forward = refuse
+
+        def restore() -> None:
+            for obj, f in patched:
+                obj.experts_forward = f
+        self._restore.append(restore)
+
     def detach(self) -> None:
         """Remove every wrapper: the model is transformers' own again."""
         while self._restore:
@@ -406,7 +480,7 @@ class TransformersLoRA:
         def make(orig: Callable) -> Callable:
             def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
                 out = orig(x, *args, **kwargs)
-                if lora._adapters is None:
+                if not lora._active:
                     return out
                 ops = lora._ops_for(x.shape[:-1].numel(), t.path)
                 if ops is None:
@@ -436,7 +510,7 @@ class TransformersLoRA:
         def make(orig: Callable) -> Callable:
             def forward(ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
                 out = orig(ids, *args, **kwargs)
-                if lora._adapters is None:
+                if not lora._active:
                     return out
                 ops = lora._ops_for(ids.numel(), t.path)
                 if ops is None:
@@ -455,7 +529,7 @@ class TransformersLoRA:
         def make(orig: Callable) -> Callable:
             def forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                         *args: Any, **kwargs: Any) -> torch.Tensor:
-                if lora._adapters is None:
+                if not lora._active:
                     return orig(hidden, top_k_index, top_k_weights, *args, **kwargs)
                 ops = lora._ops_for(hidden.shape[0], t.path)
                 if ops is None:
@@ -466,12 +540,15 @@ class TransformersLoRA:
 
 
 def _experts_forward(module: torch.nn.Module, layer: int, ops: LoRAOps, hidden: torch.Tensor,
-                     top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+                     top_k_index: torch.Tensor, top_k_weights: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """transformers' eager fused-experts loop (Qwen3-MoE / Qwen2-MoE / Mixtral ``*Experts``) with the LoRA
     deltas of each expert's gate, up and down. Runs inside transformers' context, where ``gate_up_proj``
     ``[E, 2*I_local, H]`` (gate rows then up rows of this rank's shard) and ``down_proj``
     ``[E, H, I_local]`` are this rank's local tensors; the output is the partial sum that the
-    ``moe_tp_experts`` all-reduce completes. ``hidden`` ``[T, H]``, ``top_k_*`` ``[T, k]``."""
+    ``moe_tp_experts`` all-reduce completes. ``hidden`` ``[T, H]``, ``top_k_*`` ``[T, k]``.
+
+    Under EP, ``top_k_index`` holds local expert ids (``E_local`` = a route to another rank, weight 0) and
+    global expert ``offset + i`` is local expert ``i``."""
     gate_up, down = _local(module.gate_up_proj), _local(module.down_proj)
     n_exp, im = gate_up.shape[0], gate_up.shape[1] // 2
     final = torch.zeros_like(hidden)
@@ -482,11 +559,12 @@ def _experts_forward(module: torch.nn.Module, layer: int, ops: LoRAOps, hidden: 
         x = hidden.index_select(0, tok)
         gu = F.linear(x, gate_up[e])
         g, u = gu[:, :im], gu[:, im:]
-        ops.expert_column(layer, "experts.w1", e, x, tok, g)
-        ops.expert_column(layer, "experts.w3", e, x, tok, u)
+        ge = offset + e
+        ops.expert_column(layer, "experts.w1", ge, x, tok, g)
+        ops.expert_column(layer, "experts.w3", ge, x, tok, u)
         h = module.act_fn(g) * u
         y = F.linear(h, down[e])
-        ops.expert_row(layer, "experts.w2", e, h, tok, y)
+        ops.expert_row(layer, "experts.w2", ge, h, tok, y)
         y = y * top_k_weights[tok, pos, None]
         final.index_add_(0, tok, y.to(final.dtype))
     return final
@@ -502,8 +580,8 @@ def attach(model: torch.nn.Module, manager: LoRAManager, *, backend: LoRABackend
     if lay.spec.to_dict() | {"name": ""} != manager.model.to_dict() | {"name": ""}:
         raise ConfigError(f"the manager's ModelSpec {manager.model.name!r} is not the model's shape "
                           f"({type(model).__name__}); build it with build_manager(model, config)")
-    if (manager.parallel.tp_size, manager.parallel.tp_rank, manager.parallel.vocab_pad_to) != \
-            (lay.parallel.tp_size, lay.parallel.tp_rank, 1):
+    if (manager.parallel.tp_size, manager.parallel.tp_rank, manager.parallel.ep_size, manager.parallel.vocab_pad_to) \
+            != (lay.parallel.tp_size, lay.parallel.tp_rank, lay.parallel.ep_size, 1):
         raise LayoutError(f"the manager's ParallelSpec {manager.parallel} is not this rank's place in the model's "
                           f"mesh {lay.parallel}; build it with build_manager(model, config)")
     pool = manager.pool
@@ -520,7 +598,9 @@ def attach(model: torch.nn.Module, manager: LoRAManager, *, backend: LoRABackend
     try:
         for t in targets:
             mod = modules[t.path]
-            if t.kind == "experts":
+            if t.kind == "experts" and t.style in _EP_EXPERT_STYLES:
+                lora._install_ep(t, mod)
+            elif t.kind == "experts":
                 lora._install(t, mod, lora._experts(t, mod))
             elif t.kind == "embed":
                 lora._install(t, mod, lora._embedding(t))

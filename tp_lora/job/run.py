@@ -217,6 +217,9 @@ def run(cfg: RunConfig, *, json_path: str | None = None, progress: bool | None =
 
     Everything that can be checked without a process group (model, layout, --json path) is checked first;
     the process group is destroyed on every way out (also on NCCL, also with one rank under torchrun)."""
+    if cfg.engine == "transformers":
+        from ..integrations.transformers_job import run_transformers
+        return run_transformers(cfg, json_path=json_path, progress=progress)
     from ..reference.model import TPModel
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -61,6 +61,9 @@ class Workload:
 class RunConfig:
     model: str = "tiny-dense"
     """A preset in configs/models, a preset YAML path, or an HF config.json (or its folder)."""
+    engine: str = "reference"
+    """reference (tp_lora's own TP model) or transformers (transformers' tp_plan="auto" with tp_lora attached;
+    needs transformers >= 5.17)."""
     base_weights: str | None = None
     """HF save_pretrained folder of the base model; None = seeded random weights in cache_dir."""
     ep_size: int = 1
@@ -82,6 +85,8 @@ class RunConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.engine not in ("reference", "transformers"):
+            raise ConfigError(f"engine must be reference or transformers, got {self.engine!r}")
         if self.ep_size < 1:
             raise ConfigError(f"ep_size must be >= 1, got {self.ep_size}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -1,0 +1,140 @@
+"""The main job on transformers' own TP model (``engine: transformers`` in the run config).
+
+Same run as the reference engine (``tp_lora.job.run``): the same inputs (a local HF model folder in
+``base_weights``, or the seeded tiny checkpoint written once; PEFT adapter folders or synthetic ones),
+the same seeded workload, activations, report and verification, but every rank loads the model with
+``from_pretrained(tp_plan="auto")`` (``DistributedConfig(tp_size=world, ep_size=ep_size)`` with EP) and
+tp_lora is attached to it (``tp_lora.integrations.transformers``). Every ``verify_every``-th batch is
+checked on rank 0 against tp_lora's single-process reference model: two engines, one answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import TPLoRAError
+from ..format.naming import POOL_MODULES
+from ..job.report import build_report, format_report
+from ..job.run import (_barrier, _gather_nodes, _verify, ensure_active, init_distributed, make_workload,
+                       prepare_inputs)
+from ..job.runconfig import RunConfig
+from ..plan.model import load_model_spec
+from ..plan.parallel import ParallelSpec
+from ..runtime.activation import LOCAL
+from ..runtime.manager import LoRAConfig, LoRAManager
+from .transformers import attach, build_manager
+
+_DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _load(base: Path, world: int, ep: int, dtype: torch.dtype, dev: torch.device) -> Any:
+    import transformers
+
+    kw: dict[str, Any] = dict(dtype=dtype, attn_implementation="eager")
+    if world > 1 and ep > 1:
+        from transformers.distributed import DistributedConfig
+        kw["distributed_config"] = DistributedConfig(tp_size=world, ep_size=ep)
+    elif world > 1:
+        kw["tp_plan"] = "auto"
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, **kw)
+    if world == 1:
+        model = model.to(dev)
+    return model.eval()
+
+
+def _forward(model: Any, lora: Any, batch: list[Any], dev: torch.device) -> torch.Tensor:
+    """Logits ``[T, vocab]`` of the batch's requests, concatenated (right padding: causal attention never
+    lets a real token see a pad)."""
+    lens = [len(r.tokens) for r in batch]
+    S = max(lens)
+    ids = torch.zeros(len(batch), S, dtype=torch.long)
+    mask = torch.zeros(len(batch), S, dtype=torch.long)
+    for b, r in enumerate(batch):
+        ids[b, : lens[b]] = r.tokens
+        mask[b, : lens[b]] = 1
+    with torch.no_grad(), lora.requests([r.adapter for r in batch]):
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+    return torch.cat([logits[b, : lens[b]] for b in range(len(batch))])
+
+
+def run_transformers(cfg: RunConfig, *, json_path: str | None = None,
+                     progress: bool | None = None) -> dict[str, Any] | None:
+    from ..reference.model import TPModel
+
+    rank, world, dev = init_distributed(cfg, cfg.activation_timeout_s)
+    os.environ.setdefault("LOCAL_RANK", "0")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    t_start = time.perf_counter()
+    try:
+        spec = load_model_spec(cfg.model if not cfg.base_weights else cfg.base_weights)
+        base, adapters = prepare_inputs(cfg, spec, local_rank, world, dev)
+        dtype = _DT[cfg.dtype]
+        model = _load(base, world, cfg.ep_size, dtype, dev)
+        lcfg = LoRAConfig(max_loras=cfg.max_loras, max_lora_rank=cfg.max_lora_rank,
+                          target_modules=tuple(cfg.target_modules or POOL_MODULES),
+                          host_cache_bytes=cfg.host_cache_bytes, dtype=cfg.dtype, device=str(dev),
+                          chunk_bytes=cfg.chunk_bytes, activation_timeout_s=cfg.activation_timeout_s)
+        mgr = build_manager(model, lcfg)
+        lora = attach(model, mgr)
+        ref = ref_mgr = None
+        if rank == 0 and cfg.workload.verify_every > 0:
+            ref = TPModel(mgr.model, ParallelSpec(tp_size=1, tp_rank=0), None, dtype=dtype, device=dev)
+            ref.load_hf_weights(base)
+            ref_mgr = LoRAManager(dataclasses.replace(lcfg, host_cache_bytes=0), mgr.model,
+                                  ParallelSpec(tp_size=1, tp_rank=0), group=LOCAL)
+        for n, p in adapters.items():
+            mgr.register(n, p)
+            if ref_mgr is not None:
+                ref_mgr.register(n, p)
+        batches = make_workload(cfg, list(adapters), spec.vocab_size, cfg.max_loras)
+        it: Any = batches
+        if rank == 0 and (sys.stderr.isatty() if progress is None else progress):
+            try:
+                from tqdm import tqdm
+                it = tqdm(batches, desc="serving (transformers)", unit="batch")
+            except ImportError:
+                pass
+        verify: list[dict[str, Any]] = []
+        tokens = 0
+        t_serve = time.perf_counter()
+        for bi, batch in enumerate(it):
+            ensure_active(mgr, {r.adapter for r in batch if r.adapter is not None})
+            logits = _forward(model, lora, batch, dev)
+            tokens += sum(len(r.tokens) for r in batch)
+            if ref is not None and bi % cfg.workload.verify_every == 0:
+                verify.append(_verify(ref, ref_mgr, batch, logits, cfg))
+        serve_s = time.perf_counter() - t_serve
+        stats = mgr.aggregate_stats()
+        nodes = _gather_nodes(world)
+        report = None
+        if rank == 0:
+            report = build_report(cfg=cfg, spec=mgr.model, world=world, device=dev, stats=stats,
+                                  plans={n: mgr.plan(n) for n in adapters}, verify=verify,
+                                  serve_s=serve_s, tokens=tokens, batches=len(batches),
+                                  wall_s=time.perf_counter() - t_start, nodes=nodes)
+            report["engine"] = "transformers"
+            print(format_report(report), flush=True)
+            if json_path:
+                Path(json_path).write_text(json.dumps(report, indent=2, default=str))
+            failed = [v for v in verify if not v["ok"]]
+            if failed:
+                raise TPLoRAError(f"verification failed on {len(failed)} of {len(verify)} checked batches: "
+                                  f"{failed[0]}")
+        lora.detach()
+        mgr.close()
+        if ref_mgr is not None:
+            ref_mgr.close()
+        _barrier(world, dev)
+        return report
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
