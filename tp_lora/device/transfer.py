@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from ..format.adapter import FLOAT_DTYPES, AdapterHeader
+from ..format.adapter import AdapterHeader
+from ..format.dtypes import safetensors_torch
 from ..errors import AdapterDataError, AdapterError, TPLoRAError
 from ..host.pinned_cache import PinnedCache
 from ..plan.planner import Chunk, SliceOp, SlicePlan
@@ -37,7 +38,6 @@ from .pool import GpuPool
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES = {k: getattr(torch, v[1]) for k, v in FLOAT_DTYPES.items()}
 
 
 class Device:
@@ -201,7 +201,7 @@ class SliceReader:
         """The file may have been rewritten since registration with the same size: the planned offsets
         are only valid if every planned tensor still has the dtype, shape and offsets it had then
         (header bytes only; a rewrite with another layout would otherwise load other tensors' bytes)."""
-        from ..format.adapter import read_safetensors_header
+        from ..format.safetensors_header import read_safetensors_header
 
         h = self.header
         if h.header_digest:
@@ -348,7 +348,7 @@ class TransferEngine:
     def _place_views(self, chunk: Chunk, src: torch.Tensor, slot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         pairs = []
         for g in chunk.groups:
-            dt = TORCH_DTYPES[g.dtype]
+            dt = safetensors_torch(g.dtype)
             r, c = g.shape
             row0 = getattr(chunk, "row0", 0)  # a _Piece: rows [row0, row0 + r) of its slice
             part = src[g.byte_offset:g.byte_offset + g.nbytes].view(dt).view(g.count, r, c)
@@ -379,7 +379,7 @@ class TransferEngine:
                 oks.append(torch.isfinite(part).all())
         if check_finite and not mixed and chunk.nbytes:
             # one dtype: the chunk is packed without padding, so one check covers every slice
-            oks.append(torch.isfinite(src[:chunk.nbytes].view(TORCH_DTYPES[chunk.groups[0].dtype])).all())
+            oks.append(torch.isfinite(src[:chunk.nbytes].view(safetensors_torch(chunk.groups[0].dtype))).all())
 
     # -- the load --------------------------------------------------------------------------------
     def run(self, job: LoadJob) -> LoadResult:

@@ -19,9 +19,10 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
-from ..format.adapter import AdapterSource
+from ..plan.validate import AdapterSource
 from ..errors import TPLoRAError
 from ..plan.model import ModelSpec, load_model_spec
+from ..plan.layout import RankLayout
 from ..plan.parallel import ParallelSpec
 from ..plan.planner import plan_rank
 
@@ -55,11 +56,11 @@ def plan_report(adapter_dir: str, model: ModelSpec, tp: int, ep: int = 1, *,
     """The data ``tp-lora plan`` prints: one entry per rank plus totals (a JSON-ready dict)."""
     header = AdapterSource.open(adapter_dir, model, max_rank=max_rank, allow_pickle=allow_pickle)
     base = ParallelSpec(tp_size=tp, ep_size=ep)
-    base.validate(model)
     ranks = []
     for par in base.all_ranks():
-        plan = plan_rank(header, model, par)
-        local = par.local_experts(model) if model.is_moe else range(0)
+        layout = RankLayout(model, par)
+        plan = plan_rank(header, model, layout)
+        local = layout.local_experts
         ranks.append({
             "tp_rank": par.tp_rank,
             "ep_rank": par.ep_rank,

@@ -30,8 +30,10 @@ from ..runtime.activation import LOCAL
 from ..errors import TPLoRAError
 from ..runtime.manager import LoRAConfig, LoRAManager
 from ..plan.model import ModelSpec, load_model_spec
-from ..format.naming import POOL_MODULES
+from ..format.dtypes import serving_dtype
+from ..format.modules import POOL_MODULES
 from ..ops.layer import LoRAOps
+from ..plan.layout import RankLayout
 from ..plan.parallel import ParallelSpec
 from .report import build_report, format_report
 from .runconfig import RunConfig, load_run_config
@@ -39,7 +41,6 @@ from .synthetic import write_synthetic_adapter
 
 log = logging.getLogger("tp_lora.run")
 
-_DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,11 +177,10 @@ def run(cfg: RunConfig, *, json_path: str | None = None, progress: bool | None =
     t_start = time.perf_counter()
     try:
         spec = load_model_spec(cfg.model)
-        parallel = ParallelSpec(tp_size=world, tp_rank=rank, ep_size=cfg.ep_size)
-        parallel.validate(spec)
+        parallel = RankLayout(spec, ParallelSpec(tp_size=world, tp_rank=rank, ep_size=cfg.ep_size))
         base, adapters = prepare_inputs(cfg, spec, local_rank, world, dev)
         group = dist.group.WORLD if world > 1 else None
-        dtype = _DT[cfg.dtype]
+        dtype = serving_dtype(cfg.dtype)
         model = TPModel(spec, parallel, group, dtype=dtype, device=dev)
         model.load_hf_weights(base)
         lcfg = LoRAConfig(max_loras=cfg.max_loras, max_lora_rank=cfg.max_lora_rank,

@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import torch
 from safetensors.torch import save_file
 
+from ..format.dtypes import serving_dtype
 from ..plan.model import ModelSpec
 
 DENSE_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
@@ -23,8 +24,6 @@ _PEFT_PATH = {
     "gate_up": "mlp.gate_up_proj", "shared.gate": "mlp.shared_expert.gate_proj",
     "shared.up": "mlp.shared_expert.up_proj", "shared.down": "mlp.shared_expert.down_proj",
 }
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
 
 def default_targets(model: ModelSpec) -> tuple[str, ...]:
@@ -55,7 +54,7 @@ def write_synthetic_adapter(out_dir: str | os.PathLike[str], model: ModelSpec, *
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tdtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    tdtype = serving_dtype(dtype) if isinstance(dtype, str) else dtype
     targets = tuple(targets or default_targets(model))
     rank_pattern = dict(rank_pattern or {})
     alpha_pattern = dict(alpha_pattern or {})
