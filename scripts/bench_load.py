@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tp_lora.format.adapter import AdapterSource  # noqa: E402
+from tp_lora.plan.validate import AdapterSource  # noqa: E402
 from tp_lora.runtime.manager import LoRAConfig, LoRAManager  # noqa: E402
 from tp_lora.plan.model import ModelSpec  # noqa: E402
 from tp_lora.plan.packing import read_counts  # noqa: E402

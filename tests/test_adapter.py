@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tp_lora.format.adapter import AdapterSource
+from tp_lora.plan.validate import AdapterSource
 from tp_lora.errors import (AdapterConfigError, AdapterError, AdapterFormatError, AdapterShapeError,
                             TPLoRAError, UnsupportedAdapterError)
 from tp_lora.plan.model import ModelSpec
@@ -258,12 +258,22 @@ def test_modules_to_save_full_weight(tmp_path):
     raises(UnsupportedAdapterError, d, DENSE, re.escape(key), "full weight", "modules_to_save")
 
 
-def test_saved_base_embedding_is_refused_with_a_hint(tmp_path):
-    """peft's default save_embedding_layers=True stores the base embedding next to its LoRA."""
-    d = make(tmp_path, targets=("q", "embed"))
-    key = "base_model.model.model.embed_tokens.base_layer.weight"
-    edit_tensors(d, lambda t: t.__setitem__(key, torch.zeros(250, 64, dtype=torch.bfloat16)))
-    raises(UnsupportedAdapterError, d, DENSE, re.escape(key), r"save_embedding_layers=False")
+def test_saved_base_embedding_is_skipped_and_added_tokens_refused(tmp_path):
+    """peft's default save_embedding_layers=True stores the base embedding next to its LoRA: of the base
+    vocabulary it is the base's own weight (skipped, never planned); a larger one means added tokens."""
+    d = make(tmp_path, targets=("q", "embed", "lm_head"))
+    ref = AdapterSource.open(d, DENSE)
+    keys = ("base_model.model.model.embed_tokens.base_layer.weight", "base_model.model.lm_head.base_layer.weight")
+    edit_tensors(d, lambda t: t.update({k: torch.zeros(250, 64, dtype=torch.bfloat16) for k in keys}))
+    h = AdapterSource.open(d, DENSE)
+    same = lambda hh: [(t.module, t.layer, t.A.key, t.A.shape, t.B.key, t.B.shape, t.scaling)  # noqa: E731
+                       for t in hh.targets]
+    assert same(h) == same(ref) and h.data_bytes == ref.data_bytes
+    assert not {t.A.key for t in h.targets} & set(keys)
+    edit_tensors(d, lambda t: t.__setitem__(keys[0], torch.zeros(256, 64, dtype=torch.bfloat16)))
+    raises(UnsupportedAdapterError, d, DENSE, re.escape(keys[0]), "adds 6 tokens", "added tokens are not supported")
+    edit_tensors(d, lambda t: t.__setitem__(keys[0], torch.zeros(200, 64, dtype=torch.bfloat16)))
+    raises(AdapterShapeError, d, DENSE, re.escape(keys[0]), r"must be \[250, 64\]")
 
 
 def test_other_peft_types_and_features(tmp_path):

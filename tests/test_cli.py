@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tp_lora.job import cli
-from tp_lora.format.adapter import AdapterSource
+from tp_lora.plan.validate import AdapterSource
 from tp_lora.plan.model import ModelSpec
 from tp_lora.plan.parallel import ParallelSpec
 from tp_lora.plan.planner import plan_rank

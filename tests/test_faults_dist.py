@@ -217,7 +217,7 @@ def _faults_worker(rank: int, world: int, root: str) -> dict[str, Any]:
     #    room for one, the others for two; three adapters are prefetched (queued) and activated together,
     #    then a streamed load fails mid-read on rank 0
     from tp_lora.plan.planner import plan_rank
-    from tp_lora.format.adapter import AdapterSource
+    from tp_lora.plan.validate import AdapterSource
     one = plan_rank(AdapterSource.open(mine / "b1", mgr.model), mgr.model, mgr.parallel).nbytes
     budget = {0: 0, 1: int(1.5 * one)}.get(rank, int(2.5 * one))
     small = _manager(rank, world, host_cache_bytes=budget, ring_slots=2)
@@ -428,7 +428,7 @@ def _stress_worker(rank: int, world: int, root: str, seed: int, n_ops: int) -> d
         digest[n] = ref.pool.checksum(ref.activate(n)[n])
         ref.unregister(n)
     ref.close()
-    from tp_lora.format.adapter import AdapterSource
+    from tp_lora.plan.validate import AdapterSource
     from tp_lora.plan.planner import plan_rank
     sizes = sorted(plan_rank(AdapterSource.open(mine / n, ref.model), ref.model, ref.parallel).nbytes
                    for n in STRESS_NAMES)

@@ -32,11 +32,11 @@ from support.runtime_ref import new_manager
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tp_lora.format.adapter import AdapterSource
+from tp_lora.plan.validate import AdapterSource
 from tp_lora.errors import TPLoRAError
 from tp_lora.runtime.manager import LoRAManager
 from tp_lora.plan.model import ModelSpec
-from tp_lora.format.naming import POOL_MODULES
+from tp_lora.format.modules import POOL_MODULES
 from tp_lora.plan.parallel import ParallelSpec
 from tp_lora.plan.planner import plan_rank
 from tp_lora.device.pool import module_shapes

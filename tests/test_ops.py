@@ -20,7 +20,7 @@ import torch
 
 from tp_lora.runtime.batch import BatchInfo, build_batch
 from tp_lora.plan.model import ModelSpec
-from tp_lora.format.naming import EXPERT_MODULES, POOL_MODULES
+from tp_lora.format.modules import EXPERT_MODULES, POOL_MODULES
 from tp_lora.ops.layer import LoRAOps
 from tp_lora.plan.parallel import ParallelSpec
 from tp_lora.device.pool import GpuPool

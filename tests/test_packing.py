@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from support.runtime_ref import ALL_DENSE, ReadRecorder, expected_slot, make_adapter, new_manager, slot_diff
-from tp_lora.format.adapter import AdapterSource
+from tp_lora.plan.validate import AdapterSource
 from tp_lora.plan.model import ModelSpec
 from tp_lora.plan.packing import ReadCost, pack, read_counts, span_of, stream_units
 from tp_lora.plan.parallel import ParallelSpec

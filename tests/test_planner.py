@@ -41,7 +41,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from tp_lora.format.adapter import AdapterHeader, AdapterSource
+from tp_lora.format.adapter import AdapterHeader
+from tp_lora.plan.validate import AdapterSource
 from tp_lora.errors import LayoutError
 from tp_lora.plan.model import ModelSpec
 from tp_lora.plan.parallel import ParallelSpec

@@ -16,7 +16,8 @@ import torch
 
 from ..errors import NoFreeSlotError, PoolError
 from ..plan.model import ModelSpec
-from ..format.naming import EXPERT_MODULES, POOL_MODULES
+from ..format.modules import MODULES
+from ..plan.layout import RankLayout
 from ..plan.parallel import ParallelSpec
 
 
@@ -33,69 +34,38 @@ class ModuleShape:
         return self.layers * max(self.experts, 1)
 
 
-def module_shapes(model: ModelSpec, parallel: ParallelSpec, max_rank: int,
+def module_shapes(model: ModelSpec, parallel: ParallelSpec | RankLayout, max_rank: int,
                   modules: tuple[str, ...] | list[str] | set[str]) -> dict[str, ModuleShape]:
-    """Local buffer shapes of the pool modules that exist in this model (pure)."""
-    R, h, tp = max_rank, model.hidden_size, parallel.tp_size
-    hd = model.head_dim
-    heads = len(parallel.heads_range(model))
-    kvh = len(parallel.kv_heads_range(model))
-    L = model.num_hidden_layers
-    has_dense = any(not model.is_moe_layer(i) for i in range(L))
+    """Local buffer shapes of the pool modules that exist in this model (pure), from the module table:
+    A ``(R, in_local)``, B ``(out_local, R)`` where the TP kind's split dimension is this rank's slice."""
+    layout = RankLayout.of(model, parallel)
     out: dict[str, ModuleShape] = {}
-    for m in POOL_MODULES:
-        if m not in modules:
+    for m, kind in MODULES.items():
+        if m not in modules or not model.has_scope(kind.scope):
             continue
-        if m in ("gate", "up", "down") and not has_dense:
-            continue
-        if m.startswith("shared.") and not model.shared_expert_intermediate_size:
-            continue
-        if m in EXPERT_MODULES and not model.is_moe:
-            continue
-        if m == "q":
-            s = ModuleShape(m, L, 0, (R, h), (heads * hd, R))
-        elif m in ("k", "v"):
-            s = ModuleShape(m, L, 0, (R, h), (kvh * hd, R))
-        elif m == "o":
-            s = ModuleShape(m, L, 0, (R, heads * hd), (h, R))
-        elif m in ("gate", "up"):
-            s = ModuleShape(m, L, 0, (R, h), (model.intermediate_size // tp, R))
-        elif m == "down":
-            s = ModuleShape(m, L, 0, (R, model.intermediate_size // tp), (h, R))
-        elif m in ("shared.gate", "shared.up"):
-            s = ModuleShape(m, L, 0, (R, h), (model.shared_expert_intermediate_size // tp, R))
-        elif m == "shared.down":
-            s = ModuleShape(m, L, 0, (R, model.shared_expert_intermediate_size // tp), (h, R))
-        elif m in ("experts.w1", "experts.w3"):
-            e = len(parallel.local_experts(model))
-            s = ModuleShape(m, L, e, (R, h), (model.moe_intermediate_size // parallel.moe_tp_size, R))
-        elif m == "experts.w2":
-            e = len(parallel.local_experts(model))
-            s = ModuleShape(m, L, e, (R, model.moe_intermediate_size // parallel.moe_tp_size), (h, R))
-        elif m == "embed":
-            s = ModuleShape(m, 1, 0, (R, parallel.vocab_per_rank(model)), (h, R))
-        elif m == "lm_head":
-            s = ModuleShape(m, 1, 0, (R, h), (parallel.vocab_per_rank(model), R))
-        else:  # pragma: no cover
-            raise AssertionError(m)
-        out[m] = s
+        col = kind.tp.splits_output
+        d_out = layout.local(kind.out_dim) if col else model.dim(kind.out_dim)
+        d_in = model.dim(kind.in_dim) if col else layout.local(kind.in_dim)
+        out[m] = ModuleShape(m, 1 if kind.is_global else model.num_hidden_layers,
+                             layout.n_local_experts if kind.per_expert else 0, (max_rank, d_in), (d_out, max_rank))
     return out
 
 
 class GpuPool:
     """Device buffers and slot bookkeeping. Not thread-safe: the manager serialises calls."""
 
-    def __init__(self, model: ModelSpec, parallel: ParallelSpec, *, max_loras: int, max_rank: int,
+    def __init__(self, model: ModelSpec, parallel: ParallelSpec | RankLayout, *, max_loras: int, max_rank: int,
                  modules: tuple[str, ...] | list[str] | set[str], dtype: torch.dtype,
                  device: torch.device | str):
         if max_loras < 1:
             raise PoolError(f"max_loras must be >= 1, got {max_loras}")
         if max_rank < 1:
             raise PoolError(f"max_lora_rank must be >= 1, got {max_rank}")
-        self.model, self.parallel = model, parallel
+        self.layout = RankLayout.of(model, parallel)
+        self.model, self.parallel = model, self.layout.parallel
         self.max_loras, self.max_rank = max_loras, max_rank
         self.dtype, self.device = dtype, torch.device(device)
-        self.shapes = module_shapes(model, parallel, max_rank, set(modules))
+        self.shapes = module_shapes(model, self.layout, max_rank, set(modules))
         S = max_loras
         self.A: dict[str, torch.Tensor] = {}
         self.B: dict[str, torch.Tensor] = {}

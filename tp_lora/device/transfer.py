@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import AdapterDataError, AdapterError
-from ..format.adapter import FLOAT_DTYPES, AdapterHeader
+from ..format.adapter import AdapterHeader
 from ..host.memory import Device, HostArena, register_host  # noqa: F401 - Device re-exported
 from ..host.pinned_cache import CacheEntry, PinnedCache
 from ..host.reader import SliceReader
@@ -42,7 +42,6 @@ from .stats import LoadStats
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES = {k: getattr(torch, v[1]) for k, v in FLOAT_DTYPES.items()}
 
 __all__ = ["Device", "LoadJob", "LoadResult", "LoadStats", "SliceReader", "TransferEngine",
            "default_read_workers"]
@@ -256,7 +255,7 @@ class TransferEngine:
         pairs = []
         row0 = chunk.row0  # a row piece: rows [row0, row0 + r) of its slice
         for g in chunk.groups:
-            dt = TORCH_DTYPES[g.dtype]
+            dt = safetensors_torch(g.dtype)
             r, c = g.shape
             part = src[g.byte_offset:g.byte_offset + g.nbytes].view(dt).view(g.count, r, c)
             dst = self.pool.block(g.module, g.side, slot)
@@ -287,7 +286,7 @@ class TransferEngine:
                 oks.append(torch.isfinite(part).all())
         if check_finite and not mixed and chunk.nbytes:
             # one dtype: the chunk is packed without padding, so one check covers every slice
-            oks.append(torch.isfinite(src[:chunk.nbytes].view(TORCH_DTYPES[chunk.groups[0].dtype])).all())
+            oks.append(torch.isfinite(src[:chunk.nbytes].view(safetensors_torch(chunk.groups[0].dtype))).all())
 
     # -- the load --------------------------------------------------------------------------------
     def run(self, job: LoadJob) -> LoadResult:

@@ -1,7 +1,8 @@
 """PEFT key -> canonical LoRA name, one table per model family.
 
 The planner speaks only canonical names; everything family-specific about where PEFT puts a LoRA
-tensor lives in the tables below.
+tensor lives in the tables below. What each canonical module *is* (TP kind, dimensions, merged members)
+is the module-kind table of ``modules.py``.
 
 Canonical *source* modules (what a PEFT tensor adapts):
 ``q k v o gate up down qkv gate_up`` (dense; ``qkv``/``gate_up`` are merged projections),
@@ -13,8 +14,9 @@ gate_up or the down parameter is decided from the tensor shapes by the adapter r
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from .modules import GLOBAL_MODULES
 
 # Per-family tables: module path inside a decoder layer -> canonical source module.
 _ATTN = {
@@ -59,17 +61,8 @@ FAMILY_TABLES: dict[str, FamilyTable] = {
                            {**_MIXTRAL_EXPERT, **_QWEN_EXPERT}, "mlp.experts"),
 }
 
-# Dense-model modules a pool can hold, in a fixed order (the planner and the pool iterate in it).
-POOL_MODULES = ("q", "k", "v", "o", "gate", "up", "down", "shared.gate", "shared.up", "shared.down",
-                "experts.w1", "experts.w3", "experts.w2", "embed", "lm_head")
-EXPERT_MODULES = ("experts.w1", "experts.w3", "experts.w2")
-ROW_PARALLEL = ("o", "down", "shared.down", "experts.w2")
-GLOBAL_MODULES = ("embed", "lm_head")  # not per layer: stored at layer index 0
-
-_KEY_RE = re.compile(
-    r"^(?P<prefix>.*?)(?P<path>(?:model\.)?layers\.(?P<layer>\d+)\.(?P<module>.+?)|(?:model\.)?embed_tokens|lm_head)"
-    r"\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?"
-    r"(?P<weight>\.weight)?$", re.ASCII)  # ASCII: \d must not take other scripts' digits ("layers.١")
+_KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+MAX_LAYER_DIGITS = 9  # a layer or expert index longer than this is refused (no 4,300-digit int() parses)
 
 
 @dataclass(frozen=True)
@@ -100,19 +93,61 @@ class UnknownKey(Exception):
     """Internal: a key that is not a LoRA tensor of a known module (the reader turns it into an error)."""
 
 
+def _index(token: str) -> int | None:
+    """A layer / expert index: ASCII digits only ("layers.١" is no index), bounded length."""
+    if not token.isascii() or not token.isdigit():
+        return None
+    if len(token) > MAX_LAYER_DIGITS:
+        raise UnknownKey(f"index {token[:20]}... has more than {MAX_LAYER_DIGITS} digits")
+    return int(token)
+
+
+def _readings(key: str):
+    """Each reading (path tokens, kind, adapter name, has '.weight') of '<path>.<kind>[.<adapter>][.weight]',
+    shortest path first (as the lazy groups of the former regex chose).
+
+    Token by token, so linear in the key's length (that regex was quadratic on names like "layers.0." * k)."""
+    if "\n" in key:
+        return
+    parts = key.split(".")
+    for i in range(max(1, len(parts) - 3), len(parts)):
+        if parts[i] not in _KINDS:
+            continue
+        tail = parts[i + 1:]
+        if len(tail) == 2 and tail[1] != "weight" or any(not t for t in tail):
+            continue
+        adapter = tail[0] if len(tail) == 2 or (tail and tail[0] != "weight") else None
+        yield parts[:i], parts[i], adapter, bool(tail) and tail[-1] == "weight"
+
+
+def _locate(path: list[str]) -> tuple[int, int | None, str] | None:
+    """Where the module path starts in the tokens, its layer (None: embed / lm_head) and module name."""
+    for j in range(len(path) - 2):  # the earliest "layers.<n>.<module>" (the regex's lazy prefix)
+        if path[j] == "layers":
+            layer = _index(path[j + 1])
+            if layer is not None and all(path[j + 2:]):
+                return (j - 1 if j and path[j - 1] == "model" else j), layer, ".".join(path[j + 2:])
+    if path and path[-1] == "embed_tokens":
+        return (len(path) - 2 if len(path) > 1 and path[-2] == "model" else len(path) - 1), None, "embed_tokens"
+    if path and path[-1] == "lm_head":
+        return len(path) - 1, None, "lm_head"
+    return None
+
+
 def parse_peft_key(key: str, family: str) -> ParsedKey:
     """Map one PEFT safetensors key to its canonical module; raise UnknownKey with the reason."""
-    m = _KEY_RE.match(key)
-    if not m:
+    for path, kind, adapter, has_weight in _readings(key):
+        where = _locate(path)
+        if where is not None:
+            break
+    else:
         raise UnknownKey("not a LoRA A/B tensor key (expected '...<module>.lora_A.weight', "
                          "'...lora_B.weight' or '...lora_embedding_A/B')")
-    kind = m.group("kind")
+    start, layer, mod = where
     side = "A" if kind.endswith("A") else "B"
-    path = m.group("path")
-    prefix = m.group("prefix")
-    module_path = path if not prefix.startswith("base_model.model.") else path
-    if m.group("layer") is None:
-        if path.endswith("embed_tokens"):
+    module_path = ".".join(path[start:])
+    if layer is None:
+        if mod == "embed_tokens":
             if not kind.startswith("lora_embedding"):
                 raise UnknownKey("embed_tokens LoRA must be lora_embedding_A/B")
             return ParsedKey(key, "embed", side, 0, None, module_path)
@@ -121,24 +156,35 @@ def parse_peft_key(key: str, family: str) -> ParsedKey:
         return ParsedKey(key, "lm_head", side, 0, None, module_path)
     if kind.startswith("lora_embedding"):
         raise UnknownKey("lora_embedding_A/B outside embed_tokens")
-    has_weight = m.group("weight") is not None or m.group("adapter") == "weight"
-    if not has_weight:
+    if not (has_weight or adapter == "weight"):
         raise UnknownKey("lora_A/lora_B key without '.weight'")
     table = FAMILY_TABLES[family]
-    layer = int(m.group("layer"))
-    mod = m.group("module")
     if mod in table.layer_modules:
         return ParsedKey(key, table.layer_modules[mod], side, layer, None, module_path)
     for pref in table.expert_prefixes:
-        em = re.fullmatch(re.escape(pref) + r"\.(\d+)\.(\w+)", mod, re.ASCII)
-        if em and em.group(2) in table.expert_names:
-            return ParsedKey(key, table.expert_names[em.group(2)], side, layer, int(em.group(1)),
-                             module_path)
-    if table.fused_expert_module is not None:
-        fm = re.fullmatch(re.escape(table.fused_expert_module) + r"((?:\.base_layer)*)", mod)
-        if fm:
-            depth = fm.group(1).count("base_layer")
-            # expert=None; depth distinguishes nested ParamWrappers, shapes decide which parameter
-            return ParsedKey(key, f"experts.fused{depth}", side, layer, None,
+        rest = mod[len(pref) + 1:].split(".") if mod.startswith(pref + ".") else []
+        if len(rest) == 2 and rest[1] in table.expert_names:
+            expert = _index(rest[0])
+            if expert is not None:
+                return ParsedKey(key, table.expert_names[rest[1]], side, layer, expert, module_path)
+    fused = table.fused_expert_module
+    if fused is not None and (mod == fused or mod.startswith(fused + ".")):
+        wrappers = mod[len(fused):].split(".")[1:]
+        if all(w == "base_layer" for w in wrappers):
+            # expert=None; the depth distinguishes nested ParamWrappers, shapes decide which parameter
+            return ParsedKey(key, f"experts.fused{len(wrappers)}", side, layer, None,
                              module_path.replace(".base_layer", ""))
     raise UnknownKey(f"unknown module {mod!r} for model family {family!r}")
+
+
+_BASE_EMBEDDINGS = {"embed_tokens.base_layer.weight": "embed", "lm_head.base_layer.weight": "lm_head"}
+
+
+def base_embedding_module(key: str) -> str | None:
+    """``embed`` / ``lm_head`` when ``key`` is the base layer's own weight that peft's
+    ``save_pretrained(save_embedding_layers=True)`` (its default when embeddings are targeted) stores beside
+    the LoRA, e.g. ``base_model.model.model.embed_tokens.base_layer.weight``; else None."""
+    for suffix, module in _BASE_EMBEDDINGS.items():
+        if key == suffix or key.endswith("." + suffix):
+            return module
+    return None

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import TPLoRAError
-from ..format.naming import POOL_MODULES
+from ..format.modules import POOL_MODULES
 from ..job.report import build_report, format_report
 from ..job.run import (_barrier, _gather_nodes, _verify, ensure_active, init_distributed, make_workload,
                        prepare_inputs)

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError
-from ..format.adapter import AdapterSource
+from ..plan.validate import AdapterSource
 from ..plan.model import PRESET_DIR, ModelSpec, load_model_spec
+from ..plan.layout import RankLayout
 from ..plan.parallel import ParallelSpec
 from ..plan.planner import plan_rank
 from . import console
@@ -95,11 +96,11 @@ def plan_report(adapter_dir: str, model: ModelSpec, tp: int, ep: int = 1, *,
     check_adapter_folder(adapter_dir, "ADAPTER_DIR")
     header = AdapterSource.open(adapter_dir, model, max_rank=max_rank, allow_pickle=allow_pickle)
     base = ParallelSpec(tp_size=tp, ep_size=ep)
-    base.validate(model)
     ranks = []
     for par in base.all_ranks():
-        plan = plan_rank(header, model, par)
-        local = par.local_experts(model) if model.is_moe else range(0)
+        layout = RankLayout(model, par)
+        plan = plan_rank(header, model, layout)
+        local = layout.local_experts
         ranks.append({
             "tp_rank": par.tp_rank,
             "ep_rank": par.ep_rank,

@@ -33,8 +33,10 @@ from ..runtime.activation import LOCAL
 from ..errors import ConfigError, LayoutError, TPLoRAError
 from ..runtime.manager import LoRAConfig, LoRAManager
 from ..plan.model import ModelSpec, load_model_spec
-from ..format.naming import POOL_MODULES
+from ..format.dtypes import serving_dtype
+from ..format.modules import POOL_MODULES
 from ..ops.layer import LoRAOps
+from ..plan.layout import RankLayout
 from ..plan.parallel import ParallelSpec
 from . import console
 from .atomic import write_folder
@@ -44,7 +46,6 @@ from .synthetic import check_targets, write_synthetic_adapter
 
 log = logging.getLogger("tp_lora.run")
 
-_DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,18 +175,17 @@ class VerificationError(TPLoRAError):
     """The TP run's logits differ from the single-process reference by more than the tolerance."""
 
 
-def job_layout(cfg: RunConfig, spec: ModelSpec, world: int, rank: int) -> ParallelSpec:
+def job_layout(cfg: RunConfig, spec: ModelSpec, world: int, rank: int) -> RankLayout:
     """This rank's layout: TP over every process (tp_size = world size), EP from the config. Checked before
     any process group exists, so a bad layout is one clean error on every rank."""
     try:
-        parallel = ParallelSpec(tp_size=world, tp_rank=rank, ep_size=cfg.ep_size)
-        parallel.validate(spec)
+        layout = RankLayout(spec, ParallelSpec(tp_size=world, tp_rank=rank, ep_size=cfg.ep_size))
     except LayoutError as e:
         how = ("torchrun --nproc-per-node N" if "RANK" in os.environ
                else "one process here; start N with torchrun --nproc-per-node N")
         raise LayoutError(f"{e}; the job's tp_size is its world size, the number of processes: {world} "
                           f"({how}); ep_size={cfg.ep_size} comes from the run config") from None
-    return parallel
+    return layout
 
 
 def check_json_path(path: str | None) -> None:
@@ -236,7 +236,7 @@ def run(cfg: RunConfig, *, json_path: str | None = None, progress: bool | None =
         rank, world, dev = init_distributed(cfg, cfg.activation_timeout_s)
         base, adapters = prepare_inputs(cfg, spec, local_rank, world, dev)
         group = dist.group.WORLD if world > 1 else None
-        dtype = _DT[cfg.dtype]
+        dtype = serving_dtype(cfg.dtype)
         model = TPModel(spec, parallel, group, dtype=dtype, device=dev)
         model.load_hf_weights(base)
         lcfg = LoRAConfig(max_loras=cfg.max_loras, max_lora_rank=cfg.max_lora_rank,

@@ -17,6 +17,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from ..errors import ConfigError
+from ..format.dtypes import serving_names
 from ..plan.model import CONFIG_DIR
 
 #: Default of ``workload.verify_tol`` per model dtype: max |TP - reference| / max |reference| allowed.
@@ -91,7 +92,7 @@ class RunConfig:
             raise ConfigError(f"ep_size must be >= 1, got {self.ep_size}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
+        if self.dtype not in serving_names(aliases=False):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         for k in ("max_loras", "max_lora_rank", "host_cache_bytes", "chunk_bytes"):
             if getattr(self, k) < (0 if k == "host_cache_bytes" else 1):

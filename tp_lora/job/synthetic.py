@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import ConfigError
+from ..format.dtypes import serving_dtype
 from ..plan.model import ModelSpec
 from .runconfig import TARGETS
 
@@ -25,8 +26,6 @@ _PEFT_PATH = {
     "gate_up": "mlp.gate_up_proj", "shared.gate": "mlp.shared_expert.gate_proj",
     "shared.up": "mlp.shared_expert.up_proj", "shared.down": "mlp.shared_expert.down_proj",
 }
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
 
 
@@ -83,7 +82,7 @@ def write_synthetic_adapter(out_dir: str | os.PathLike[str], model: ModelSpec, *
     (transformers 5 layout) instead of one LoRA per expert linear.
     """
     out = Path(out_dir)
-    tdtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    tdtype = serving_dtype(dtype) if isinstance(dtype, str) else dtype
     targets = tuple(targets or default_targets(model))
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown:

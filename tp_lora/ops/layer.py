@@ -45,7 +45,7 @@ class LoRAOps:
     def __init__(self, pool: GpuPool, batch: BatchInfo, backend: LoRABackend | None = None):
         self.pool, self.batch = pool, batch
         self.backend = backend or TorchBackend()
-        self._local_experts = pool.parallel.local_experts(pool.model) if pool.model.is_moe else range(0)
+        self._local_experts = pool.layout.local_experts
 
     def _add(self, out: torch.Tensor, idx: torch.Tensor, d: torch.Tensor) -> None:
         out.index_add_(0, idx, d.to(out.dtype))
@@ -71,7 +71,7 @@ class LoRAOps:
         adds them); the embedding's all-reduce completes the sum."""
         if "embed" not in self.pool.A:
             return
-        per = self.pool.parallel.vocab_per_rank(self.pool.model)
+        per = self.pool.layout.vocab_per_rank
         start = self.pool.parallel.tp_rank * per
         for s, idx in self.batch.slot_tokens.items():
             A = self.pool.A["embed"][s, 0]  # [R, per]

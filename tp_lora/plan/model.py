@@ -1,13 +1,12 @@
 """ModelSpec: the base model's shape, from a YAML preset or a Hugging Face ``config.json``.
 
 The planner needs only shapes, never weights. Model-family knowledge (which HF config keys hold what)
-lives here and in ``naming.py``; nothing downstream special-cases a family.
+lives here and in ``format/naming.py``; nothing downstream special-cases a family.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from ..errors import ConfigError
+from ..format.modules import MODULES, SOURCES, Scope
 
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -111,34 +111,30 @@ class ModelSpec:
     def has_shared_expert(self, layer: int) -> bool:
         return self.is_moe_layer(layer) and self.shared_expert_intermediate_size > 0
 
-    def linear_shape(self, module: str, layer: int = 0) -> tuple[int, int]:
-        """(out_features, in_features) of the base linear a LoRA ``module`` adapts."""
-        table = self._linear_shapes()
-        if module not in table:
-            raise ConfigError(f"model {self.name!r}: unknown module {module!r}")
-        return table[module]
+    def dim(self, name: str) -> int:
+        """Full size of a model dimension named in the module table (``format.modules.DIMS``)."""
+        return {"hidden": self.hidden_size, "q": self.q_size, "kv": self.kv_size,
+                "intermediate": self.intermediate_size, "shared": self.shared_expert_intermediate_size,
+                "moe": self.moe_intermediate_size, "vocab": self.vocab_size}[name]
 
-    @functools.lru_cache(maxsize=64)  # noqa: B019 - specs are few, frozen and hashable
-    def _linear_shapes(self) -> dict[str, tuple[int, int]]:
-        h = self.hidden_size
-        return {
-            "q": (self.q_size, h),
-            "k": (self.kv_size, h),
-            "v": (self.kv_size, h),
-            "o": (h, self.q_size),
-            "gate": (self.intermediate_size, h),
-            "up": (self.intermediate_size, h),
-            "down": (h, self.intermediate_size),
-            "experts.w1": (self.moe_intermediate_size, h),
-            "experts.w3": (self.moe_intermediate_size, h),
-            "experts.w2": (h, self.moe_intermediate_size),
-            "shared.gate": (self.shared_expert_intermediate_size, h),
-            "shared.up": (self.shared_expert_intermediate_size, h),
-            "shared.down": (h, self.shared_expert_intermediate_size),
-            "lm_head": (self.vocab_size, h),
-            # embedding LoRA: A is [r, vocab], B is [hidden, r]; "in" is the vocabulary
-            "embed": (h, self.vocab_size),
-        }
+    def has_scope(self, scope: Scope, layer: int | None = None) -> bool:
+        """Whether the model (``layer`` None: any layer) has modules of ``scope`` (e.g. a dense MLP)."""
+        if scope in (Scope.ATTENTION, Scope.GLOBAL):
+            return True
+        if layer is None:
+            if scope is Scope.DENSE_MLP:
+                return any(not self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+            return self.is_moe if scope is Scope.EXPERTS else self.shared_expert_intermediate_size > 0
+        if scope is Scope.DENSE_MLP:
+            return not self.is_moe_layer(layer)
+        return self.is_moe_layer(layer) if scope is Scope.EXPERTS else self.has_shared_expert(layer)
+
+    def linear_shape(self, module: str, layer: int = 0) -> tuple[int, int]:
+        """(out_features, in_features) of the base linear a LoRA ``module`` (a source module) adapts."""
+        src = SOURCES.get(module)
+        if src is None:
+            raise ConfigError(f"model {self.name!r}: unknown module {module!r}")
+        return (sum(self.dim(MODULES[m].out_dim) for m in src.members), self.dim(src.kind.in_dim))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -25,8 +25,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from ..format.adapter import FLOAT_DTYPES
-from ..format.naming import POOL_MODULES
+from ..format.dtypes import safetensors_itemsize
+from ..format.modules import POOL_MODULES
 from .memo import PerPlan
 
 if TYPE_CHECKING:  # packing consumes plans; the planner imports this module for its chunks() shortcut
@@ -91,7 +91,7 @@ class CopyGroup:
 
     @property
     def nbytes(self) -> int:
-        return self.count * self.shape[0] * self.shape[1] * FLOAT_DTYPES[self.dtype][0]
+        return self.count * self.shape[0] * self.shape[1] * safetensors_itemsize(self.dtype)
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,13 @@ Not core: it exists so that tests and the demo can prove the LoRA layer ops righ
 models under real TP/EP sharding. Plain tensors and one function per layer kind, so the TP rule of each
 weight is readable next to the code that uses it.
 
-TP rules (``ParallelSpec`` decides every range; nothing here re-derives ranks):
+TP rules (``RankLayout`` holds every range; nothing here re-derives ranks):
 
 | weight | local part | after the matmul |
 |---|---|---|
-| q_proj | rows of ``heads_range`` | - |
-| k_proj, v_proj | rows of ``kv_heads_range`` (one replicated head when tp > kv heads) | - |
-| o_proj | columns of ``heads_range`` | LoRA ``row`` then all-reduce |
+| q_proj | rows of ``heads`` | - |
+| k_proj, v_proj | rows of ``kv_heads`` (one replicated head when tp > kv heads) | - |
+| o_proj | columns of ``heads`` | LoRA ``row`` then all-reduce |
 | gate/up_proj | rows ``shard(I, tp, tp_rank)`` | - |
 | down_proj | columns of the same shard | LoRA ``row`` then all-reduce |
 | embed_tokens | rows of ``vocab_range``, zero-padded to ``vocab_per_rank`` | LoRA ``embedding`` then all-reduce |
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, LayoutError
 from ..plan.model import ModelSpec
+from ..plan.layout import RankLayout
 from ..plan.parallel import ParallelSpec
 from .checkpoint import FUSED_EXPERTS, PER_EXPERT_NAMES, CheckpointReader, Span, moe_layout
 
@@ -122,9 +123,11 @@ class TPModel:
     ``tp_size == 1`` it may be None and no collective is issued.
     """
 
-    def __init__(self, spec: ModelSpec, parallel: ParallelSpec, group: dist.ProcessGroup | None = None,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        parallel.validate(spec)
+    def __init__(self, spec: ModelSpec, parallel: ParallelSpec | RankLayout,
+                 group: dist.ProcessGroup | None = None, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        self.layout = RankLayout.of(spec, parallel)  # validated once
+        parallel = self.layout.parallel
         if group is None and parallel.tp_size > 1:
             raise LayoutError(f"tp_size={parallel.tp_size} needs a process group; pass group= (e.g. "
                               f"torch.distributed.group.WORLD)")
@@ -135,11 +138,9 @@ class TPModel:
                                   f"tp_size={parallel.tp_size}, tp_rank={parallel.tp_rank}")
         self.spec, self.parallel, self.group = spec, parallel, group
         self.dtype, self.device = dtype, torch.device(device)
-        self.heads = parallel.heads_range(spec)
-        self.kv_heads = parallel.kv_heads_range(spec)
-        self.vocab_range = parallel.vocab_range(spec)
-        self.vocab_per_rank = parallel.vocab_per_rank(spec)
-        self.local_experts = parallel.local_experts(spec) if spec.is_moe else range(0)
+        lay = self.layout
+        self.heads, self.kv_heads, self.local_experts = lay.heads, lay.kv_heads, lay.local_experts
+        self.vocab_range, self.vocab_per_rank = lay.vocab_range, lay.vocab_per_rank
         # local kv head of each local q head (GQA): global q head h reads global kv head h // group
         group_size = spec.num_attention_heads // spec.num_key_value_heads
         self._kv_of_q = torch.tensor([h // group_size - self.kv_heads.start for h in self.heads],

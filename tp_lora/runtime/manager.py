@@ -24,12 +24,15 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .activation import Collective, RankVerdict, agree, raise_for
-from ..format.adapter import AdapterHeader, AdapterSource
+from ..format.adapter import AdapterHeader
+from ..plan.validate import AdapterSource
+from ..format.dtypes import serving_dtype, serving_names
 from .batch import BatchInfo, build_batch
 from ..errors import (AdapterActivationError, AdapterError, AdapterStateError, ConfigError,
                      TPLoRAError)
 from ..plan.model import ModelSpec
-from ..format.naming import POOL_MODULES
+from ..format.modules import POOL_MODULES
+from ..plan.layout import RankLayout
 from ..plan.parallel import ParallelSpec
 from ..host.pinned_cache import PinnedCache
 from ..plan.planner import SlicePlan, plan_rank
@@ -39,8 +42,6 @@ from ..host.memory import HostArena
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,8 +96,8 @@ class LoRAConfig:
             raise ConfigError(f"read_workers must be >= 1, got {self.read_workers}")
         if self.chunk_bytes < 4096:
             raise ConfigError(f"chunk_bytes must be >= 4096, got {self.chunk_bytes}")
-        if self.dtype not in _DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} is not one of {sorted(_DTYPES)}")
+        if self.dtype not in serving_names():
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {serving_names()}")
         bad = [m for m in self.target_modules if m not in POOL_MODULES]
         if bad:
             raise ConfigError(f"unknown target module(s) {bad}; known: {list(POOL_MODULES)}")
@@ -105,7 +106,7 @@ class LoRAConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return serving_dtype(self.dtype)
 
 
 @dataclass
@@ -164,12 +165,12 @@ class ManagerStats:
 class LoRAManager:
     """Per-rank LoRA runtime. See the module docstring for the call contract."""
 
-    def __init__(self, config: LoRAConfig, model: ModelSpec, parallel: ParallelSpec, *,
+    def __init__(self, config: LoRAConfig, model: ModelSpec, parallel: ParallelSpec | RankLayout, *,
                  group: Any = None):
-        parallel.validate(model)
-        self.config, self.model, self.parallel = config, model, parallel
+        self.layout = RankLayout.of(model, parallel)  # validated once, here
+        self.config, self.model, self.parallel = config, model, self.layout.parallel
         self.device = Device(config.device, pin_mode=config.pin_mode)
-        self.pool = GpuPool(model, parallel, max_loras=config.max_loras, max_rank=config.max_lora_rank,
+        self.pool = GpuPool(model, self.layout, max_loras=config.max_loras, max_rank=config.max_lora_rank,
                             modules=config.target_modules, dtype=config.torch_dtype, device=self.device.device)
         # pinned host memory: one arena (cache budget + streamed ring), reserved ahead and reused
         self.arena = HostArena(self.device, config.host_cache_bytes + max(2, config.ring_slots) * config.chunk_bytes,
@@ -201,7 +202,7 @@ class LoRAManager:
             raise AdapterStateError(f"adapter name must be a non-empty string without '/', got {name!r}")
         header = AdapterSource.open(path, self.model, name=name, max_rank=self.config.max_lora_rank,
                                     allow_pickle=self.config.allow_pickle)
-        plan = plan_rank(header, self.model, self.parallel, pool_modules=set(self.pool.modules))
+        plan = plan_rank(header, self.model, self.layout, pool_modules=set(self.pool.modules))
         old = self._adapters.get(name)
         if old is not None:
             if old.header.fingerprint == header.fingerprint and not replace:
