@@ -219,7 +219,8 @@ def run(cfg: RunConfig, *, json_path: str | None = None, progress: bool | None =
     the process group is destroyed on every way out (also on NCCL, also with one rank under torchrun)."""
     from ..reference.model import TPModel
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    torchrun = "RANK" in os.environ  # as init_distributed decides
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if torchrun else (0, 1)
     spec = load_model_spec(cfg.model)
     parallel = job_layout(cfg, spec, world, rank)
     if not cfg.adapters:
