@@ -283,6 +283,12 @@ def test_exit_status_convention():
         assert console.exit_code(e) == 2
     for e in (TPLoRAError("x"), NoFreeSlotError("x"), OSError("x"), RuntimeError("x")):
         assert console.exit_code(e) == 1
+    assert console.exit_code(KeyboardInterrupt()) == 130
+    # one line whatever the message holds; our errors speak for themselves, others say their type
+    assert console.error_line("p", RuntimeError("gloo:\n  Connection closed by peer")) == \
+        "p: error: RuntimeError: gloo: Connection closed by peer"
+    assert console.error_line("p", ConfigError("bad key")) == "p: error: bad key"
+    assert console.error_line("p", KeyboardInterrupt()) == "p: error: KeyboardInterrupt"
 
 
 def test_broken_pipe_is_quiet(tmp_path):

@@ -179,3 +179,17 @@ def test_synthetic_targets_that_adapt_nothing_stop_the_job_before_it_starts(
     assert err == ("tp_lora.run: error: synthetic.targets: nothing to adapt in model 'tiny-dense' for experts "
                    "(the model is dense: no routed experts)\n"), err
     assert not any(tmp_path.iterdir())
+
+
+def test_device_choice_one_gpu_per_rank() -> None:
+    from tp_lora.job.run import pick_device
+
+    assert str(pick_device("auto", 0, 0, 2)) == "cpu"
+    assert str(pick_device("cpu", 8, 3, 8)) == "cpu"
+    assert str(pick_device("auto", 8, 3, 8)) == "cuda:3"
+    assert str(pick_device("cuda", 2, 1, 2)) == "cuda:1"
+    assert str(pick_device("auto", 1, 1, 2)) == "cpu"  # two ranks cannot share one GPU under NCCL: gloo on CPU
+    with pytest.raises(ConfigError, match=r"2 ranks on this node but 1 GPU\(s\) visible.*--nproc-per-node 1"):
+        pick_device("cuda", 1, 1, 2)
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+        pick_device("cuda", 0, 0, 1)

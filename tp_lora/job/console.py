@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from typing import Callable, Sequence
@@ -86,8 +87,10 @@ def error_line(prog: str, e: BaseException) -> str:
     """One line: ``[rank R] PROG: error: message``. Our errors speak for themselves; others add their type."""
     from ..errors import TPLoRAError
 
-    msg = " ".join(str(e).split()) or type(e).__name__
-    if not isinstance(e, (TPLoRAError, Terminated)):
+    msg = " ".join(str(e).split())
+    if not msg:
+        msg = type(e).__name__  # e.g. KeyboardInterrupt
+    elif not isinstance(e, (TPLoRAError, Terminated)):
         msg = f"{type(e).__name__}: {msg}"
     return f"{rank_prefix()}{prog}: error: {msg}"
 
@@ -108,7 +111,9 @@ def _raise_terminated(signum: int, _frame: object) -> None:
 
 def run_command(prog: str, fn: Callable[[], int], *, debug: bool) -> int:
     """Run ``fn`` and turn any failure into one line on stderr and an exit status (the module docstring)."""
-    if hasattr(signal, "SIGTERM"):
+    # signal handlers can only be set from the main thread (an engine may call us from another one)
+    catch_term = hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread()
+    if catch_term:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return fn()
@@ -128,7 +133,7 @@ def run_command(prog: str, fn: Callable[[], int], *, debug: bool) -> int:
         _report(prog, e, debug)
         return exit_code(e)
     finally:
-        if hasattr(signal, "SIGTERM"):
+        if catch_term:
             signal.signal(signal.SIGTERM, previous)
 
 

@@ -51,23 +51,42 @@ log = logging.getLogger("tp_lora.run")
 # --------------------------------------------------------------------------------------------------
 # process group
 # --------------------------------------------------------------------------------------------------
+def pick_device(requested: str, gpus: int, local_rank: int, local_world: int) -> torch.device:
+    """This rank's device: one GPU per rank on its node (NCCL cannot put two ranks on one GPU), else CPU.
+
+    ``auto`` takes CUDA when the node has a GPU for each of its ranks and falls back to CPU (gloo) with a
+    warning when it has fewer; ``cuda`` insists and says what to change. Pure: the caller passes what it
+    sees (``torch.cuda.device_count()``, torchrun's LOCAL_RANK / LOCAL_WORLD_SIZE)."""
+    if requested == "cpu" or (requested == "auto" and gpus == 0):
+        return torch.device("cpu")
+    if gpus == 0:
+        raise ConfigError("device: cuda, but no CUDA GPU is visible here (device: auto picks cuda when "
+                          "present, else cpu)")
+    if local_world > gpus:
+        msg = (f"{local_world} ranks on this node but {gpus} GPU(s) visible; NCCL needs one GPU per rank: "
+               f"start at most {gpus} per node (torchrun --nproc-per-node {gpus})")
+        if requested == "cuda":
+            raise ConfigError(f"device: cuda: {msg}, or use device: cpu")
+        log.warning("device auto: %s; running on CPU with gloo instead", msg)
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
 def init_distributed(cfg: RunConfig, timeout_s: float) -> tuple[int, int, torch.device]:
     """(rank, world, device). gloo + CPU without CUDA, NCCL + one GPU per rank with it."""
-    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda, but CUDA is not available here (device: auto picks cuda when present, "
-                          "else cpu)")
-    if "RANK" not in os.environ:
-        dev = torch.device("cuda", 0) if want_cuda else torch.device("cpu")
+    torchrun = "RANK" in os.environ
+    local = int(os.environ.get("LOCAL_RANK", 0)) if torchrun else 0
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if torchrun else 1
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    dev = pick_device(cfg.device, gpus, local, local_world)
+    if not torchrun:
         return 0, 1, dev
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if want_cuda:
-        dev = torch.device("cuda", local % torch.cuda.device_count())
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
         backend = "nccl"
     else:
-        dev, backend = torch.device("cpu"), "gloo"
+        backend = "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=max(timeout_s, 60.0)),
                             **({"device_id": dev} if backend == "nccl" else {}))
     return rank, world, dev
@@ -222,7 +241,8 @@ def run(cfg: RunConfig, *, json_path: str | None = None, progress: bool | None =
         return run_transformers(cfg, json_path=json_path, progress=progress)
     from ..reference.model import TPModel
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    torchrun = "RANK" in os.environ  # as init_distributed decides
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if torchrun else (0, 1)
     spec = load_model_spec(cfg.model)
     parallel = job_layout(cfg, spec, world, rank)
     if not cfg.adapters:
