@@ -171,3 +171,22 @@ def test_sharding_check_names_each_mismatching_module() -> None:
         assert path in msg, (path, msg)
     assert "q_proj" not in msg
     assert "replicated" in msg and "num_key_value_heads=2" in msg
+
+
+# -- the main job on the transformers engine (one rank, in process) ----------------------------------------
+def test_main_job_engine_transformers(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from tp_lora.errors import ConfigError
+    from tp_lora.job.run import run
+    from tp_lora.job.runconfig import load_run_config
+
+    with pytest.raises(ConfigError, match="engine"):
+        load_run_config(None, ["engine=vllm"])
+    cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
+                          ["engine=transformers", f"cache_dir={tmp_path}", "workload.requests=12",
+                           "workload.verify_every=1", "synthetic.count=3"])
+    report = run(cfg, progress=False)
+    assert report["engine"] == "transformers"
+    v = report["verification"]   # every batch against tp_lora's own single-process reference model
+    assert v["checked_batches"] == report["batches"] >= 2 and v["failed"] == 0, v
+    assert v["max_abs_err"] <= 1e-4, v

@@ -29,6 +29,12 @@ This module attaches a ``LoRAManager`` to such a model:
   carries per-request adapters (greedy / sampling with one sequence per row; beam search and
   ``num_return_sequences > 1`` change the rows and are refused by the row-count check).
 
+Expert parallelism (transformers 5.24 ``DistributedConfig(tp_size=n, ep_size=n)``: whole experts
+``[r*E/n, (r+1)*E/n)`` on rank r, the batch shared by the group): the EP implementation's
+``experts_forward`` (``AllReduceEP``) is wrapped, the partial expert output rides its all-reduce. An EP
+group that does not share the batch (all-to-all token dispatch) is refused: the rows it receives are not
+the batch's rows.
+
 Inference only: under ``torch.no_grad()`` transformers runs the local fast path; with autograd on it
 keeps DTensors, and the wrapper refuses.
 """
@@ -142,8 +148,14 @@ def layout(model: torch.nn.Module) -> Layout:
     with or without expert parallelism over the TP group: ``DistributedConfig(tp_size=n, ep_size=n)``)."""
     config = model.config.to_dict()
     spec = ModelSpec.from_hf_config(config, name=getattr(model, "name_or_path", None) or None)
+    dc = getattr(model.config, "distributed_config", None)
     mesh = tp_mesh(model)
     ep_mesh = _ep_mesh(model)
+    if dc is not None and getattr(dc, "enable_expert_parallel", False) and ep_mesh is None:
+        # expert parallelism without transformers 5.24's ep_forward (the 5.17 router/expert plan)
+        raise LayoutError(f"{type(model).__name__}: transformers' enable_expert_parallel (the EP API of "
+                          f"transformers 5.17) is not supported; load with tensor parallelism only, or use "
+                          f"DistributedConfig(tp_size=n, ep_size=n) (transformers 5.24)")
     if mesh is None or mesh.size() == 1:
         if ep_mesh is not None and ep_mesh.size() > 1:
             raise LayoutError(f"{type(model).__name__}: expert parallelism without tensor parallelism (tp_size=1, "

@@ -3,7 +3,7 @@
 Same run as the reference engine (``tp_lora.job.run``): the same inputs (a local HF model folder in
 ``base_weights``, or the seeded tiny checkpoint written once; PEFT adapter folders or synthetic ones),
 the same seeded workload, activations, report and verification, but every rank loads the model with
-``from_pretrained(tp_plan="auto")`` (``DistributedConfig(tp_size=world, ep_size=ep_size)`` with EP) and
+``from_pretrained(distributed_config=DistributedConfig(tp_size=world))`` (``ep_size=ep_size`` with EP) and
 tp_lora is attached to it (``tp_lora.integrations.transformers``). Every ``verify_every``-th batch is
 checked on rank 0 against tp_lora's single-process reference model: two engines, one answer.
 """
@@ -40,11 +40,10 @@ def _load(base: Path, world: int, ep: int, dtype: torch.dtype, dev: torch.device
     import transformers
 
     kw: dict[str, Any] = dict(dtype=dtype, attn_implementation="eager")
-    if world > 1 and ep > 1:
+    if world > 1:
         from transformers.distributed import DistributedConfig
-        kw["distributed_config"] = DistributedConfig(tp_size=world, ep_size=ep)
-    elif world > 1:
-        kw["tp_plan"] = "auto"
+        kw["distributed_config"] = (DistributedConfig(tp_size=world, ep_size=ep) if ep > 1
+                                    else DistributedConfig(tp_size=world))
     model = transformers.AutoModelForCausalLM.from_pretrained(base, **kw)
     if world == 1:
         model = model.to(dev)
