@@ -64,7 +64,7 @@ def _forward(model: TPModel, mgr: LoRAManager, reqs: tuple, seqs: list[torch.Ten
     ids = torch.cat([seqs[i] for _, i in reqs])
     pos = torch.cat([torch.arange(n) for n in lens])
     with mgr.prepare_batch([a for a, _ in reqs], lens) as batch:
-        return model(ids, pos, lens, lora=LoRAOps(mgr.pool, batch))
+        return model(ids, pos, lens, lora=LoRAOps(mgr.pool, batch)).cpu()
 
 
 def _slot_problems(mgr: LoRAManager, name: str) -> list[str]:
@@ -89,17 +89,20 @@ def _slot_problems(mgr: LoRAManager, name: str) -> list[str]:
     return out
 
 
-def _rank_run(rank: int, world: int, jobs: list[tuple[str, int, str, dict[str, str]]]) -> dict:
+def _rank_run(rank: int, world: int, jobs: list[tuple[str, int, str, dict[str, str]]],
+              device: str = "cpu") -> dict:
+    """``device="cuda"``: the same on the GPU (tests/gpu/test_gpu_conformance.py), default LoRA backend
+    there being the Triton kernels."""
     import torch.distributed as dist
     group = dist.group.WORLD if world > 1 else None
     res: dict[tuple[str, int], dict[str, Any]] = {}
     for fam, ep, base_dir, dirs in jobs:
         spec = ModelSpec.from_preset(PRESETS[fam])
         par = ParallelSpec(tp_size=world, tp_rank=rank, ep_size=ep)
-        model = TPModel.from_pretrained(base_dir, par, group, spec=spec)
+        model = TPModel.from_pretrained(base_dir, par, group, spec=spec, device=device)
         seqs = _seqs(spec.vocab_size)
         out: dict[str, Any] = {}
-        cfg = dict(max_lora_rank=MAX_RANK, dtype="float32", device="cpu")
+        cfg = dict(max_lora_rank=MAX_RANK, dtype="float32", device=device)
         # scenario 1: three adapters and "no adapter" in one batch
         with LoRAManager(LoRAConfig(max_loras=4, **cfg), spec, par, group=group) as mgr:
             for n in ("a1", "a2", "a3"):

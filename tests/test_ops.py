@@ -13,7 +13,7 @@ CUDA with a bf16 pool.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -136,11 +136,11 @@ def _unchanged_rows(batch: BatchInfo, token_index: torch.Tensor | None = None) -
 # -- checks (shared with the GPU test) ---------------------------------------------------------------------------
 def check_dense_ops(spec: ModelSpec, par: ParallelSpec, *, device: str | torch.device = "cpu",
                     pool_dtype: torch.dtype = torch.float64, act_dtype: torch.dtype = torch.float64,
-                    tol: Tol = exact64, seed: int = 0) -> None:
+                    tol: Tol = exact64, seed: int = 0, backend: Callable[[], Any] | None = None) -> None:
     """column / row of every dense pool module (and lm_head) of every layer vs the per-token reference."""
     pool = make_pool(spec, par, dtype=pool_dtype, device=device, seed=seed)
     batch = make_batch(device)
-    ops = LoRAOps(pool, batch)
+    ops = LoRAOps(pool, batch, backend() if backend else None)
     g = torch.Generator().manual_seed(seed + 1)
     T = batch.num_tokens
     checked = 0
@@ -166,7 +166,7 @@ def check_dense_ops(spec: ModelSpec, par: ParallelSpec, *, device: str | torch.d
 
 def check_embedding(spec: ModelSpec, tp: int, *, device: str | torch.device = "cpu",
                     pool_dtype: torch.dtype = torch.float64, act_dtype: torch.dtype = torch.float64,
-                    tol: Tol = exact64, seed: int = 0) -> None:
+                    tol: Tol = exact64, seed: int = 0, backend: Callable[[], Any] | None = None) -> None:
     """Vocab-parallel embedding: each rank's pool holds its columns of one full A; tokens outside a rank's
     shard leave that rank's rows exactly unchanged, and the ranks' partial sums equal the unsharded delta."""
     g = torch.Generator().manual_seed(seed)
@@ -195,7 +195,7 @@ def check_embedding(spec: ModelSpec, tp: int, *, device: str | torch.device = "c
         pool.scaling["embed"][:, 0, 0] = scaling.to(device, torch.float32)
         base = torch.randn(T, h, generator=g, dtype=torch.float64).to(device, act_dtype)
         out = base.clone()
-        LoRAOps(pool, batch).embedding(ids.to(device), out)
+        LoRAOps(pool, batch, backend() if backend else None).embedding(ids.to(device), out)
         a, b = par.vocab_range(spec)
         outside = ((ids < a) | (ids >= b)) | _unchanged_rows(batch)
         assert torch.equal(out[outside.to(out.device)], base[outside.to(out.device)]), \
@@ -210,12 +210,12 @@ def check_embedding(spec: ModelSpec, tp: int, *, device: str | torch.device = "c
 
 def check_expert_ops(spec: ModelSpec, par: ParallelSpec, *, device: str | torch.device = "cpu",
                      pool_dtype: torch.dtype = torch.float64, act_dtype: torch.dtype = torch.float64,
-                     tol: Tol = exact64, seed: int = 0) -> None:
+                     tol: Tol = exact64, seed: int = 0, backend: Callable[[], Any] | None = None) -> None:
     """expert_column / expert_row for every local expert of every layer, with routed rows in an arbitrary
     order (rows -> batch tokens through ``token_index``), vs the per-row reference."""
     pool = make_pool(spec, par, dtype=pool_dtype, device=device, seed=seed)
     batch = make_batch(device)
-    ops = LoRAOps(pool, batch)
+    ops = LoRAOps(pool, batch, backend() if backend else None)
     g = torch.Generator().manual_seed(seed + 2)
     T = batch.num_tokens
     local = par.local_experts(spec)

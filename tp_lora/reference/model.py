@@ -302,9 +302,12 @@ class TPModel:
         if input_ids.dim() != 1 or positions.shape != input_ids.shape or int(lens.sum()) != T:
             raise ValueError(f"input_ids {list(input_ids.shape)} and positions {list(positions.shape)} must be "
                              f"[T] with T = sum(seq_lens) = {int(lens.sum())}")
-        seg = torch.repeat_interleave(torch.arange(len(lens), device=self.device), lens)
-        idx = torch.arange(T, device=self.device)
-        mask = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])   # [T(query), T(key)]
+        # attention runs per sequence (host-known bounds): nothing of one sequence, a NaN included, can
+        # reach another's rows (a batched masked softmax would multiply it by 0)
+        bounds, pos = [], 0
+        for n in lens.tolist():
+            bounds.append((pos, pos + n))
+            pos += n
         freqs = positions.float()[:, None] * self._inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
@@ -312,7 +315,7 @@ class TPModel:
         x = self._embed(input_ids, lora)
         for i, layer in enumerate(self.layers):
             x = x + self._attention(i, layer.attn, _rms_norm(x, layer.input_norm, s.rms_norm_eps),
-                                    cos, sin, mask, lora)
+                                    cos, sin, bounds, lora)
             hn = _rms_norm(x, layer.post_norm, s.rms_norm_eps)
             if layer.moe is not None:
                 x = x + self._moe(i, layer.moe, hn, lora)
@@ -337,7 +340,7 @@ class TPModel:
         return self._all_reduce(out)
 
     def _attention(self, i: int, a: _Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor, lora: LoRALayerOps | None) -> torch.Tensor:
+                   bounds: list[tuple[int, int]], lora: LoRALayerOps | None) -> torch.Tensor:
         T, hd = x.shape[0], self.spec.head_dim
         q = F.linear(x, a.q.weight, a.q.bias)                           # [T, heads_local*hd]
         k = F.linear(x, a.k.weight, a.k.bias)                           # [T, kv_heads_local*hd]
@@ -354,10 +357,17 @@ class TPModel:
         q = q * c + _rotate_half(q) * sn
         k = k * c + _rotate_half(k) * sn
         k, v = k[:, self._kv_of_q], v[:, self._kv_of_q]                 # [T, heads_local, hd]
-        scores = torch.einsum("qhd,khd->hqk", q, k) * hd ** -0.5
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
-        attn = torch.einsum("hqk,khd->qhd", probs, v).reshape(T, -1)   # [T, heads_local*hd]
+        attn = torch.empty_like(q)
+        for a0, a1 in bounds:
+            n = a1 - a0
+            if n == 0:
+                continue
+            causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+            scores = torch.einsum("qhd,khd->hqk", q[a0:a1], k[a0:a1]) * hd ** -0.5
+            scores = scores.masked_fill(~causal, float("-inf"))
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
+            attn[a0:a1] = torch.einsum("hqk,khd->qhd", probs, v[a0:a1])
+        attn = attn.reshape(T, -1)                                      # [T, heads_local*hd]
         out = F.linear(attn, a.o.weight)                                # partial [T, hidden]
         if lora is not None:
             lora.row(i, "o", attn, out)
@@ -389,21 +399,24 @@ class TPModel:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         top_w = top_w.to(self.dtype)
         out = torch.zeros_like(x)
-        for j, e in enumerate(self.local_experts):
-            token_index, slot = torch.where(top_e == e)
-            if token_index.numel() == 0:
-                continue
-            xe = x[token_index]                                         # [n, hidden]
-            g = F.linear(xe, m.w1[j])                                   # [n, I_moe/moe_tp]
-            u = F.linear(xe, m.w3[j])
-            if lora is not None:
-                lora.expert_column(i, "experts.w1", e, xe, token_index, g)
-                lora.expert_column(i, "experts.w3", e, xe, token_index, u)
-            he = F.silu(g) * u
-            y = F.linear(he, m.w2[j])                                   # partial [n, hidden]
-            if lora is not None:
-                lora.expert_row(i, "experts.w2", e, he, token_index, y)
-            out.index_add_(0, token_index, y * top_w[token_index, slot, None])
+        if lora is not None and hasattr(lora, "experts_column"):
+            self._moe_fused(i, m, x, top_w, top_e, lora, out)
+        else:
+            for j, e in enumerate(self.local_experts):
+                token_index, slot = torch.where(top_e == e)
+                if token_index.numel() == 0:
+                    continue
+                xe = x[token_index]                                     # [n, hidden]
+                g = F.linear(xe, m.w1[j])                               # [n, I_moe/moe_tp]
+                u = F.linear(xe, m.w3[j])
+                if lora is not None:
+                    lora.expert_column(i, "experts.w1", e, xe, token_index, g)
+                    lora.expert_column(i, "experts.w3", e, xe, token_index, u)
+                he = F.silu(g) * u
+                y = F.linear(he, m.w2[j])                               # partial [n, hidden]
+                if lora is not None:
+                    lora.expert_row(i, "experts.w2", e, he, token_index, y)
+                out.index_add_(0, token_index, y * top_w[token_index, slot, None])
         if m.shared is not None:
             shared = self._mlp_partial(i, m.shared, x, lora, "shared.")
             if m.shared.down.bias is not None and self.parallel.tp_rank == 0:
@@ -412,3 +425,36 @@ class TPModel:
             out += torch.sigmoid(F.linear(x, m.shared_gate)) * shared
         # one all-reduce covers EP (other ranks' experts), MoE-TP (other shards) and the shared expert
         return self._all_reduce(out)
+
+    def _moe_fused(self, i: int, m: _MoE, x: torch.Tensor, top_w: torch.Tensor, top_e: torch.Tensor,
+                   lora: LoRALayerOps, out: torch.Tensor) -> None:
+        """The routed experts with the LoRA of all local experts of the layer in one call per projection
+        (``experts_column`` / ``experts_row`` of ``LoRAOps``): rows grouped by expert, as a fused-MoE
+        engine holds them; the base GEMMs stay per expert (this is the reference, not an engine)."""
+        tok, slot, exp, spans, pos = [], [], [], [], 0
+        for e in self.local_experts:
+            token_index, s = torch.where(top_e == e)
+            tok.append(token_index)
+            slot.append(s)
+            exp.append(torch.full_like(token_index, e))
+            spans.append((pos, pos + token_index.numel()))
+            pos += token_index.numel()
+        if pos == 0:
+            return
+        tok_all, slot_all, exp_all = torch.cat(tok), torch.cat(slot), torch.cat(exp)
+        xr = x[tok_all]                                                 # [N, hidden]
+        im = m.w1.shape[1]
+        g = torch.empty(pos, im, dtype=x.dtype, device=x.device)
+        u = torch.empty_like(g)
+        for j, (a, b) in enumerate(spans):
+            g[a:b] = F.linear(xr[a:b], m.w1[j])
+            u[a:b] = F.linear(xr[a:b], m.w3[j])
+        routing = lora.expert_routing(tok_all, exp_all)
+        lora.experts_column(i, "experts.w1", xr, routing, g)
+        lora.experts_column(i, "experts.w3", xr, routing, u)
+        he = F.silu(g) * u
+        y = torch.empty(pos, x.shape[1], dtype=x.dtype, device=x.device)
+        for j, (a, b) in enumerate(spans):
+            y[a:b] = F.linear(he[a:b], m.w2[j])
+        lora.experts_row(i, "experts.w2", he, routing, y)
+        out.index_add_(0, tok_all, y * top_w[tok_all, slot_all, None])

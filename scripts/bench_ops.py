@@ -1,0 +1,482 @@
+"""Benchmark of the LoRA layer ops on one GPU: Triton backend vs the base layer, the torch path and SGLang.
+
+Dense cases (Llama-3-8B shapes: q_proj 4096->4096, down_proj 14336->4096): tokens 32 / 256 / 2048, ranks
+16 / 64 and a mixed-rank pool (half the adapters r16, half r64, max rank 64), 1 / 8 / 32 adapters in the
+batch, a pool of 32 slots, bf16. Per case, medians (``triton.testing.do_bench``) in seconds:
+
+* ``base_s`` / ``base_graph_s``: the base linear ``x @ W^T`` eagerly / replayed from a CUDA graph;
+* ``ours_s`` / ``ours_graph_s``: ``LoRAOps.column`` with the Triton backend (eager metadata / static
+  metadata, replayed from a CUDA graph);
+* ``torch_path_s``: the same op through ``TorchBackend`` (the torch path);
+* ``sglang_s``: SGLang's chunked SGMV shrink + expand Triton kernels (from the sglang wheel, loaded here with
+  stand-ins for the two names they import; never a dependency), same pool buffers, their chunk-size rule;
+* ``lora_over_base`` = ours_s / base_s, ``graph_over_base`` = ours_graph_s / base_graph_s.
+
+MoE cases (Qwen3-30B-A3B: 128 experts, top-8, hidden 2048, expert intermediate 768): the LoRA of one
+layer's experts (w1, w3, w2 over all routed rows, incl. building the (expert, slot) blocks) vs the base
+experts' grouped GEMM of the same three projections on the same routing (``torch._grouped_mm`` when it runs,
+else a per-expert loop: ``base_kind`` says which); ``torch_path_s`` is the torch path called per expert, as
+the reference model calls it.
+
+Usage: ``python3 scripts/bench_ops.py --out docs/bench/ops_h200.json [--sglang-wheel PATH] [--quick]``.
+Writes the JSON, a PNG beside it, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import math
+import random
+import sys
+import types
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tp_lora.device.pool import GpuPool  # noqa: E402
+from tp_lora.ops.layer import LoRAOps, TorchBackend  # noqa: E402
+from tp_lora.ops.meta import plan_dense_blocks  # noqa: E402
+from tp_lora.ops.triton_backend import TritonBackend  # noqa: E402
+from tp_lora.plan.model import ModelSpec  # noqa: E402
+from tp_lora.plan.parallel import ParallelSpec  # noqa: E402
+from tp_lora.runtime.batch import build_batch  # noqa: E402
+
+SLOTS = 32
+DT = torch.bfloat16
+
+
+def bench(fn: Callable[[], Any], rep_ms: int = 60) -> float:
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=15, rep=rep_ms, return_mode="median")) / 1e3
+
+
+def graphed(fn: Callable[[], Any]) -> Callable[[], None]:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+# -- SGLang's kernels, for comparison only -------------------------------------------------------------------
+def load_sglang(wheel: str | None) -> Any:
+    """SGLang's chunked SGMV shrink/expand modules from its wheel, with stand-ins for the batch-info
+    dataclass and the caching decorator they import. None if the wheel is not there."""
+    if not wheel or not Path(wheel).exists():
+        return None
+
+    @dataclasses.dataclass
+    class LoRABatchInfo:   # the fields the two kernels read
+        use_cuda_graph: bool
+        bs: int
+        num_segments: int
+        seg_indptr: torch.Tensor
+        weight_indices: torch.Tensor
+        lora_ranks: torch.Tensor
+        scalings: torch.Tensor
+        max_len: int
+        seg_lens: torch.Tensor | None
+        permutation: torch.Tensor
+
+    def cached_triton_kernel(key_fn):   # their decorator caches compiled kernels by key: identity here
+        return lambda f: f
+
+    for name in ("sglang", "sglang.srt", "sglang.srt.lora"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    utils = types.ModuleType("sglang.srt.lora.utils")
+    utils.LoRABatchInfo = LoRABatchInfo
+    srt_utils = types.ModuleType("sglang.srt.utils")
+    srt_utils.cached_triton_kernel = cached_triton_kernel
+    sys.modules["sglang.srt.lora.utils"] = utils
+    sys.modules["sglang.srt.utils"] = srt_utils
+    mods = types.SimpleNamespace(LoRABatchInfo=LoRABatchInfo)
+    with zipfile.ZipFile(wheel) as z:
+        for part in ("shrink", "expand"):
+            src = z.read(f"sglang/srt/lora/triton_ops/chunked_sgmv_{part}.py").decode()
+            spec = importlib.util.spec_from_loader(f"sglang_chunked_{part}", loader=None)
+            mod = importlib.util.module_from_spec(spec)
+            tmp = Path("/tmp") / f"sglang_chunked_sgmv_{part}.py"   # triton.jit needs a source file
+            tmp.write_text(src)
+            spec = importlib.util.spec_from_file_location(f"sglang_chunked_{part}", tmp)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            setattr(mods, part, mod)
+    return mods
+
+
+def sglang_chunk(num_tokens: int) -> int:
+    """SGLang's chunk-size rule (ChunkedSgmvLoRABackend._determine_chunk_size_for_tokens)."""
+    return 128 if num_tokens >= 256 else 32 if num_tokens >= 64 else 16
+
+
+def sglang_op(sg: Any, pool: GpuPool, batch: Any, module: str, x: torch.Tensor, out: torch.Tensor,
+              ranks: torch.Tensor) -> Callable[[], None]:
+    chunk = sglang_chunk(batch.num_tokens)
+    plan = plan_dense_blocks(batch, chunk)
+    dev = x.device
+    indptr = torch.zeros(plan.num_blocks + 1, dtype=torch.int32)
+    indptr[1:] = torch.cumsum(plan.blk_len, 0)
+    info = sg.LoRABatchInfo(use_cuda_graph=False, bs=plan.num_blocks, num_segments=plan.num_blocks,
+                            seg_indptr=indptr.to(dev), weight_indices=plan.blk_slot.to(dev),
+                            lora_ranks=ranks.to(dev), scalings=pool.scaling[module][:, 0, 0].contiguous(),
+                            max_len=chunk, seg_lens=plan.blk_len.to(dev), permutation=plan.perm.to(dev))
+    A = pool.A[module][:, 0]
+    B = pool.B[module][:, 0]
+    assert A.is_contiguous() and B.is_contiguous()
+    N = B.shape[1]
+    offsets = torch.tensor([0, N], dtype=torch.int32, device=dev)
+
+    def run() -> None:
+        p = sg.shrink.chunked_sgmv_lora_shrink_forward(x, A, info, 1)
+        sg.expand.chunked_sgmv_lora_expand_forward(p, B, info, offsets, N, out)
+    return run
+
+
+# -- pools and batches -----------------------------------------------------------------------------------------
+def fill_pool(pool: GpuPool, ranks: list[int], seed: int) -> None:
+    g = torch.Generator(device=pool.device).manual_seed(seed)
+    for m in pool.modules:
+        for s, r in enumerate(ranks):
+            A, B = pool.A[m][s], pool.B[m][s]
+            A[..., :r, :] = (torch.randn(A[..., :r, :].shape, generator=g, device=pool.device) * 0.02).to(DT)
+            B[..., :r] = (torch.randn(B[..., :r].shape, generator=g, device=pool.device) * 0.02).to(DT)
+        pool.scaling[m].uniform_(0.5, 2.0, generator=g)
+
+
+def make_batch(T: int, adapters: int, ranks: list[int], dev: torch.device, rng: random.Random) -> Any:
+    """32 requests of T/32 tokens (T >= 32), each of one of ``adapters`` slots (all used)."""
+    n_req = min(32, T)
+    lens = [T // n_req + (1 if i < T % n_req else 0) for i in range(n_req)]
+    chosen = rng.sample(range(SLOTS), adapters)
+    slots = [chosen[i % adapters] for i in range(n_req)]
+    rng.shuffle(slots)
+    return build_batch(slots, [f"a{s}" for s in slots], lens, {s: ranks[s] for s in set(slots)}, dev, None)
+
+
+def rank_list(kind: str) -> tuple[list[int], int]:
+    if kind == "mixed":
+        return [16 if s % 2 == 0 else 64 for s in range(SLOTS)], 64
+    r = int(kind)
+    return [r] * SLOTS, r
+
+
+# -- dense --------------------------------------------------------------------------------------------------------
+def dense_cases(args: argparse.Namespace, sg: Any) -> list[dict]:
+    dev = torch.device("cuda")
+    spec = dataclasses.replace(ModelSpec.from_preset("llama-3-8b"), num_hidden_layers=1)
+    par = ParallelSpec()
+    rows = []
+    rng = random.Random(0)
+    tokens = (32, 2048) if args.quick else (32, 256, 2048)
+    for rank_kind in (("16", "mixed") if args.quick else ("16", "64", "mixed")):
+        ranks, max_rank = rank_list(rank_kind)
+        pool = GpuPool(spec, par, max_loras=SLOTS, max_rank=max_rank, modules=("q", "down"), dtype=DT, device=dev)
+        fill_pool(pool, ranks, seed=1)
+        rank_t = torch.tensor(ranks, dtype=torch.int32)
+        for module, (K, N) in (("q", (4096, 4096)), ("down", (14336, 4096))):
+            W = torch.randn(N, K, device=dev, dtype=DT) * 0.02
+            for T in tokens:
+                for adapters in ((8,) if args.quick else (1, 8, 32)):
+                    if rank_kind == "mixed" and adapters == 1:
+                        continue
+                    batch = make_batch(T, adapters, ranks, dev, rng)
+                    x = torch.randn(T, K, device=dev, dtype=DT)
+                    out = torch.randn(T, N, device=dev, dtype=DT)
+                    base_out = torch.empty(T, N, device=dev, dtype=DT)
+                    base = lambda: torch.matmul(x, W.t(), out=base_out)  # noqa: E731
+                    ops = LoRAOps(pool, batch, TritonBackend())
+                    ours = lambda: ops.column(0, module, x, out)  # noqa: E731
+                    gb = TritonBackend(max_tokens=T)
+                    ops_g = LoRAOps(pool, batch, gb)
+                    ours_g = graphed(lambda: ops_g.column(0, module, x, out))
+                    ops_t = LoRAOps(pool, batch, TorchBackend())
+                    torch_path = lambda: ops_t.column(0, module, x, out)  # noqa: E731
+                    # exactness on this very case: ours vs the torch path (bf16 bound of docs/KERNELS.md)
+                    o1, o2 = out.clone(), out.clone()
+                    ops.column(0, module, x, o1)
+                    ops_t.column(0, module, x, o2)
+                    d1, d2 = (o1.float() - out.float()), (o2.float() - out.float())
+                    rel = float((d1 - d2).norm() / d2.norm())
+                    row = dict(kind="dense", module=module, shape=f"{K}->{N}", rank=rank_kind, adapters=adapters,
+                               tokens=T, base_s=bench(base), base_graph_s=bench(graphed(base)),
+                               ours_s=bench(ours), ours_graph_s=bench(ours_g),
+                               torch_path_s=bench(torch_path, rep_ms=40), rel_diff_vs_torch=rel)
+                    if sg is not None:
+                        o3 = out.clone()
+                        sg_run = sglang_op(sg, pool, batch, module, x, o3, rank_t)
+                        sg_run()
+                        rel_sg = float(((o3.float() - out.float()) - d2).norm() / d2.norm())
+                        row["sglang_s"] = bench(sg_run)
+                        row["sglang_rel_diff_vs_torch"] = rel_sg
+                    else:
+                        row["sglang_s"] = None
+                    finish(row)
+                    rows.append(row)
+                    print_row(row)
+        del pool
+        torch.cuda.empty_cache()
+    return rows
+
+
+# -- MoE ------------------------------------------------------------------------------------------------------------
+def grouped_base(x: torch.Tensor, Ws: list[torch.Tensor], offs: torch.Tensor, counts: list[int]) -> tuple:
+    """The three base projections of the experts on rows sorted by expert: grouped GEMM, or a loop."""
+    try:
+        y = torch._grouped_mm(x, Ws[0].transpose(-2, -1), offs=offs)
+        torch.cuda.synchronize()
+
+        def run() -> None:
+            g = torch._grouped_mm(x, Ws[0].transpose(-2, -1), offs=offs)
+            u = torch._grouped_mm(x, Ws[1].transpose(-2, -1), offs=offs)
+            torch._grouped_mm(g, Ws[2].transpose(-2, -1), offs=offs)
+            del u
+        del y
+        return run, "torch._grouped_mm"
+    except Exception as e:  # noqa: BLE001 - record and fall back
+        print(f"torch._grouped_mm unavailable ({type(e).__name__}: {e}); base = per-expert loop")
+        spans = []
+        pos = 0
+        for c in counts:
+            spans.append((pos, pos + c))
+            pos += c
+
+        def loop() -> None:
+            for j, (a, b) in enumerate(spans):
+                if b > a:
+                    g = x[a:b] @ Ws[0][j].t()
+                    x[a:b] @ Ws[1][j].t()
+                    g @ Ws[2][j].t()
+        return loop, "per-expert loop"
+
+
+def moe_cases(args: argparse.Namespace) -> list[dict]:
+    dev = torch.device("cuda")
+    spec = dataclasses.replace(ModelSpec.from_preset("qwen3-30b-a3b"), num_hidden_layers=1)
+    par = ParallelSpec()
+    E, k, h, im = spec.num_experts, spec.num_experts_per_tok, spec.hidden_size, spec.moe_intermediate_size
+    rows = []
+    rng = random.Random(1)
+    mods = ("experts.w1", "experts.w3", "experts.w2")
+    W1 = torch.randn(E, im, h, device=dev, dtype=DT) * 0.02
+    W3 = torch.randn(E, im, h, device=dev, dtype=DT) * 0.02
+    W2 = torch.randn(E, h, im, device=dev, dtype=DT) * 0.02
+    for rank_kind in (("16",) if args.quick else ("16", "64")):
+        ranks, max_rank = rank_list(rank_kind)
+        pool = GpuPool(spec, par, max_loras=SLOTS, max_rank=max_rank, modules=mods, dtype=DT, device=dev)
+        fill_pool(pool, ranks, seed=2)
+        for T in ((32, 2048) if args.quick else (32, 512, 2048)):
+            for adapters in ((8,) if args.quick else (1, 8, 32)):
+                batch = make_batch(T, adapters, ranks, dev, rng)
+                logits = torch.randn(T, E, device=dev)
+                top_e = torch.topk(logits, k, dim=-1).indices           # [T, k]
+                flat = top_e.flatten()
+                order = torch.argsort(flat, stable=True)
+                tok = (order // k)                                       # rows sorted by expert
+                exp = flat[order]
+                counts = torch.bincount(flat, minlength=E)
+                offs = torch.cumsum(counts, 0).to(torch.int32)
+                N = tok.numel()
+                xr = torch.randn(N, h, device=dev, dtype=DT)
+                g = torch.randn(N, im, device=dev, dtype=DT)
+                u = torch.randn(N, im, device=dev, dtype=DT)
+                hid = torch.randn(N, im, device=dev, dtype=DT)
+                y = torch.randn(N, h, device=dev, dtype=DT)
+                base, base_kind = grouped_base(xr, [W1, W3, W2], offs, counts.tolist())
+
+                def lora(ops: LoRAOps) -> Callable[[], None]:
+                    def run() -> None:
+                        r = ops.expert_routing(tok, exp)
+                        ops.experts_column(0, "experts.w1", xr, r, g)
+                        ops.experts_column(0, "experts.w3", xr, r, u)
+                        ops.experts_row(0, "experts.w2", hid, r, y)
+                    return run
+                ops = LoRAOps(pool, batch, TritonBackend())
+                ops_g = LoRAOps(pool, batch, TritonBackend(max_tokens=T))
+                ops_t = LoRAOps(pool, batch, TorchBackend())
+                spans, pos = [], 0
+                for c in counts.tolist():
+                    spans.append((pos, pos + c))
+                    pos += c
+
+                def torch_path() -> None:
+                    for e, (a, b) in enumerate(spans):
+                        if b > a:
+                            ti = tok[a:b]
+                            ops_t.expert_column(0, "experts.w1", e, xr[a:b], ti, g[a:b])
+                            ops_t.expert_column(0, "experts.w3", e, xr[a:b], ti, u[a:b])
+                            ops_t.expert_row(0, "experts.w2", e, hid[a:b], ti, y[a:b])
+                # exactness on this case: fused kernels vs the torch path (w1)
+                g0 = g.clone()
+                g1, g2 = g.clone(), g.clone()
+                r1 = ops.expert_routing(tok, exp)
+                ops.experts_column(0, "experts.w1", xr, r1, g1)
+                ops_t.experts_column(0, "experts.w1", xr, ops_t.expert_routing(tok, exp), g2)
+                d2 = g2.float() - g0.float()
+                rel = float(((g1.float() - g0.float()) - d2).norm() / d2.norm())
+                row = dict(kind="moe", module="experts.w1+w3+w2", shape=f"E{E} top{k} {h}/{im}", rank=rank_kind,
+                           adapters=adapters, tokens=T, routed_rows=N, base_kind=base_kind,
+                           base_s=bench(base), base_graph_s=bench(graphed(base)), ours_s=bench(lora(ops)),
+                           ours_graph_s=bench(graphed(lora(ops_g))),
+                           torch_path_s=(bench(torch_path, rep_ms=200) if not args.quick or T <= 32 else None),
+                           sglang_s=None, rel_diff_vs_torch=rel)
+                finish(row)
+                rows.append(row)
+                print_row(row)
+        del pool
+        torch.cuda.empty_cache()
+    return rows
+
+
+def finish(row: dict) -> None:
+    row["lora_over_base"] = row["ours_s"] / row["base_s"]
+    row["graph_over_base"] = row["ours_graph_s"] / row["base_graph_s"]
+    row["speedup_vs_torch_path"] = (row["torch_path_s"] / row["ours_s"]) if row.get("torch_path_s") else None
+    row["sglang_over_ours"] = (row["sglang_s"] / row["ours_s"]) if row.get("sglang_s") else None
+
+
+HEAD = (f"{'kind':5} {'module':16} {'rank':5} {'ad':>3} {'tokens':>6} {'base us':>8} {'ours us':>8} "
+        f"{'ours/base':>9} {'graph/base':>10} {'vs torch':>9} {'sglang us':>9} {'sg/ours':>7} {'rel':>8}")
+
+
+def print_row(r: dict) -> None:
+    us = lambda v: f"{v * 1e6:8.1f}" if v else f"{'-':>8}"  # noqa: E731
+    print(f"{r['kind']:5} {r['module']:16} {r['rank']:5} {r['adapters']:3d} {r['tokens']:6d} {us(r['base_s'])} "
+          f"{us(r['ours_s'])} {r['lora_over_base']:9.3f} {r['graph_over_base']:10.3f} "
+          f"{(r['speedup_vs_torch_path'] or float('nan')):8.1f}x {us(r.get('sglang_s')):>9} "
+          f"{(r['sglang_over_ours'] or float('nan')):7.2f} {r['rel_diff_vs_torch']:8.1e}", flush=True)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6))
+    for ax, kind in zip(axes, ("dense", "moe")):
+        sel = [r for r in rows if r["kind"] == kind]
+        labels = [f"{r['module'][:4]} r{r['rank']} a{r['adapters']} T{r['tokens']}" for r in sel]
+        xs = range(len(sel))
+        ax.bar([i - 0.3 for i in xs], [r["lora_over_base"] for r in sel], 0.2, label="ours eager / base eager")
+        ax.bar([i - 0.1 for i in xs], [r["graph_over_base"] for r in sel], 0.2, label="ours graph / base graph")
+        if kind == "dense":
+            ax.bar([i + 0.1 for i in xs], [(r["sglang_s"] or 0) / r["base_s"] for r in sel], 0.2,
+                   label="sglang eager / base eager")
+        ax.set_yscale("log")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, rotation=90, fontsize=6)
+        ax.axhline(1.0, color="k", lw=0.5)
+        ax.set_title(f"{kind}: LoRA delta time / base layer time (lower is better)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def profile_host(path: Path) -> None:
+    """Where the eager time goes on the host: torch.profiler over a few eager calls of a dense and an MoE
+    op, the top CPU entries written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+    dev = torch.device("cuda")
+    rng = random.Random(5)
+    lines = []
+    spec = dataclasses.replace(ModelSpec.from_preset("llama-3-8b"), num_hidden_layers=1)
+    ranks, mr = rank_list("16")
+    pool = GpuPool(spec, ParallelSpec(), max_loras=SLOTS, max_rank=mr, modules=("down",), dtype=DT, device=dev)
+    fill_pool(pool, ranks, 3)
+    batch = make_batch(32, 8, ranks, dev, rng)
+    x = torch.randn(32, 14336, device=dev, dtype=DT)
+    out = torch.randn(32, 4096, device=dev, dtype=DT)
+    ops = LoRAOps(pool, batch, TritonBackend())
+    for _ in range(5):
+        ops.column(0, "down", x, out)
+    torch.cuda.synchronize()
+    import time
+    t0 = time.perf_counter()
+    for _ in range(200):
+        ops.column(0, "down", x, out)
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    lines.append(f"dense down r16 a8 T32: host time per eager call {(t1 - t0) / 200 * 1e6:.1f} us")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            ops.column(0, "down", x, out)
+        torch.cuda.synchronize()
+    lines.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+    del pool
+    spec = dataclasses.replace(ModelSpec.from_preset("qwen3-30b-a3b"), num_hidden_layers=1)
+    pool = GpuPool(spec, ParallelSpec(), max_loras=SLOTS, max_rank=mr, modules=("experts.w1",), dtype=DT,
+                   device=dev)
+    fill_pool(pool, ranks, 3)
+    batch = make_batch(32, 8, ranks, dev, rng)
+    tok = torch.arange(32, device=dev).repeat_interleave(8)
+    exp = torch.randint(0, 128, (256,), device=dev)
+    xr = torch.randn(256, 2048, device=dev, dtype=DT)
+    g = torch.randn(256, 768, device=dev, dtype=DT)
+    ops = LoRAOps(pool, batch, TritonBackend())
+    run = lambda: ops.experts_column(0, "experts.w1", xr, ops.expert_routing(tok, exp), g)  # noqa: E731
+    for _ in range(5):
+        run()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(100):
+        run()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    lines.append(f"moe w1 r16 a8 T32: host time per eager call {(t1 - t0) / 100 * 1e6:.1f} us")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            run()
+        torch.cuda.synchronize()
+    lines.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    lines.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14))
+    path.write_text("\n".join(lines))
+    print("\n".join(lines[:1] + lines[2:3]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="docs/bench/ops_h200.json")
+    ap.add_argument("--sglang-wheel", default=None)
+    ap.add_argument("--quick", action="store_true", help="a few cases only")
+    ap.add_argument("--skip-moe", action="store_true")
+    ap.add_argument("--profile", default=None, help="write a host-side profile to this file first")
+    args = ap.parse_args()
+    if args.profile:
+        profile_host(Path(args.profile))
+    sg = load_sglang(args.sglang_wheel)
+    torch.manual_seed(0)
+    rows: list[dict] = []
+    print(HEAD)
+    rows += dense_cases(args, sg)
+    if not args.skip_moe:
+        rows += moe_cases(args)
+    import triton
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                command=" ".join(sys.argv), sglang=("0.5.10.post1 chunked_sgmv (wheel)" if sg else None),
+                dtype="bf16", pool_slots=SLOTS)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(meta=meta, cases=rows), indent=1))
+    plot(rows, out.with_suffix(".png"))
+    print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The Triton backend on CUDA: exactness against the per-token reference and the torch path, per-slot rank,
+row isolation, and a decode step with LoRA captured in a CUDA graph that replays with other adapter mixes
+(and base-only rows) without re-capture. Skipped without CUDA.
+
+Tolerances: ``tests/kernel_checks.py`` (float32 1e-5 * (mag + 1); bf16 12u * mag against the torch path).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernels)")]
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if torch.cuda.is_available():
+    import kernel_checks as kc  # noqa: E402
+    from test_ops import DENSE, MOE, QWEN2_MOE, make_pool, check_dense_ops, check_embedding  # noqa: E402
+    from test_ops import check_expert_ops  # noqa: E402
+    from tp_lora.ops.layer import LoRAOps, TorchBackend, default_backend  # noqa: E402
+    from tp_lora.ops.triton_backend import TritonBackend  # noqa: E402
+    from tp_lora.plan.parallel import ParallelSpec  # noqa: E402
+    from tp_lora.runtime.batch import build_batch  # noqa: E402
+
+FP32_TOL = lambda ref, mag: 1e-5 * (mag + 1.0)   # noqa: E731
+LAYOUTS = [(DENSE, 2, 1, 1), (MOE, 4, 3, 2), (QWEN2_MOE, 2, 0, 1)] if torch.cuda.is_available() else []
+
+
+def test_default_backend_on_cuda_is_triton() -> None:
+    assert isinstance(default_backend("cuda"), TritonBackend)
+    assert isinstance(default_backend("cpu"), TorchBackend)
+
+
+@pytest.mark.parametrize("spec,tp,rank,ep", LAYOUTS, ids=["dense-tp2", "moe-tp4-ep2", "qwen2moe-tp2"][:len(LAYOUTS)])
+def test_kernels_fp32_match_reference(spec, tp, rank, ep) -> None:
+    par = ParallelSpec(tp_size=tp, tp_rank=rank, ep_size=ep)
+    check_dense_ops(spec, par, device="cuda", pool_dtype=torch.float32, act_dtype=torch.float32,
+                    tol=FP32_TOL, backend=TritonBackend)
+    if spec.is_moe:
+        check_expert_ops(spec, par, device="cuda", pool_dtype=torch.float32, act_dtype=torch.float32,
+                         tol=FP32_TOL, backend=TritonBackend)
+    check_embedding(DENSE, tp, device="cuda", pool_dtype=torch.float32, act_dtype=torch.float32, tol=FP32_TOL,
+                    backend=TritonBackend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kernels_match_torch_path_random_mixed(dtype, seed) -> None:
+    par = ParallelSpec(tp_size=2, tp_rank=seed % 2, ep_size=2)
+    assert kc.compare_dense(MOE, par, dtype, "cuda", seed=seed, trials=4) >= 16
+    assert kc.compare_experts(MOE, par, dtype, "cuda", seed=seed, rows=200) == 3 * MOE.num_hidden_layers
+
+
+def test_rank_padding_never_read_cuda() -> None:
+    par = ParallelSpec(tp_size=2, tp_rank=0, ep_size=2)
+    pool = make_pool(MOE, par, dtype=torch.bfloat16, device="cuda")
+    kc.poison_rank_padding(pool, slot=1, rank=3)
+    batch = build_batch([1, 0, 1], [None] * 3, [3, 2, 40], {0: 8, 1: 3}, torch.device("cuda"), None)
+    ops = LoRAOps(pool, batch, TritonBackend())
+    T = batch.num_tokens
+    for m in ("q", "o", "lm_head"):
+        x = torch.randn(T, pool.shapes[m].a_shape[1], device="cuda", dtype=torch.bfloat16)
+        out = torch.zeros(T, pool.shapes[m].b_shape[0], device="cuda", dtype=torch.bfloat16)
+        ops.column(0, m, x, out)
+        assert bool(torch.isfinite(out).all()) and bool(out.abs().sum() > 0), m
+
+
+@pytest.mark.parametrize("kind", ["huge", "inf", "nan"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_isolation_cuda(kind, dtype) -> None:
+    par = ParallelSpec(tp_size=2, tp_rank=1, ep_size=2)
+    for backend, indep in ((TritonBackend, True), (TorchBackend, False)):
+        pool = make_pool(MOE, par, dtype=dtype, device="cuda", seed=1)
+        kc.hostile_slot(pool, 2, kind)
+        rng = random.Random(7)
+        for _ in range(4):
+            kc.isolation_trial(pool, backend, rng, "cuda", good_slots=[0, 1], bad_slots=[2],
+                               ranks={0: 8, 1: 3, 2: 5}, row_independent=indep)
+
+
+def test_cuda_graph_decode_step_replays_other_adapter_mixes() -> None:
+    """One captured decode step (q/o/lm_head, embedding and the fused experts of a layer, base-only rows
+    included) replays with three other adapter mixes, and equals an eager run of each mix."""
+    par = ParallelSpec(tp_size=2, tp_rank=1, ep_size=2)
+    pool = make_pool(MOE, par, dtype=torch.bfloat16, device="cuda", seed=3)
+    T = 12
+    ranks = {0: 8, 1: 3, 2: 5}
+    mixes = [[0] * T, [0, 1, 2, -1] * 3, [-1] * (T - 1) + [2], [2, 2, 1, 1, -1, -1, 0, 0, 1, 2, -1, 0]]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bf = torch.bfloat16
+    x = torch.randn(T, MOE.hidden_size, device="cuda", dtype=bf, generator=g)
+    xo = torch.randn(T, pool.shapes["o"].a_shape[1], device="cuda", dtype=bf, generator=g)
+    ids = torch.randint(0, MOE.vocab_size, (T,), device="cuda", generator=g)
+    local = par.local_experts(MOE)
+    tok = torch.arange(T, device="cuda").repeat_interleave(2)
+    ex = (torch.arange(2 * T, device="cuda") * 5) % len(local) + local.start
+    outs = {"q": torch.empty(T, pool.shapes["q"].b_shape[0], device="cuda", dtype=bf),
+            "o": torch.empty(T, MOE.hidden_size, device="cuda", dtype=bf),
+            "lm_head": torch.empty(T, pool.shapes["lm_head"].b_shape[0], device="cuda", dtype=bf),
+            "embed": torch.empty(T, MOE.hidden_size, device="cuda", dtype=bf),
+            "w1": torch.empty(2 * T, pool.shapes["experts.w1"].b_shape[0], device="cuda", dtype=bf)}
+    base = {k: torch.randn(v.shape, device="cuda", dtype=bf, generator=g) for k, v in outs.items()}
+    xe = x.repeat_interleave(2, 0)
+
+    def step(ops: LoRAOps) -> None:
+        for k, v in outs.items():
+            v.copy_(base[k])
+        ops.column(0, "q", x, outs["q"])
+        ops.row(0, "o", xo, outs["o"])
+        ops.lm_head(x, outs["lm_head"])
+        ops.embedding(ids, outs["embed"])
+        ops.experts_column(0, "experts.w1", xe, ops.expert_routing(tok, ex), outs["w1"])
+
+    def batch_of(slots):
+        return build_batch(slots, [None] * T, [1] * T, {s: ranks[s] for s in slots if s >= 0},
+                           torch.device("cuda"), None)
+
+    backend = TritonBackend(max_tokens=16)
+    ops = LoRAOps(pool, batch_of(mixes[0]), backend)
+    step(ops)   # compile + warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step(ops)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        step(ops)
+    for mix in mixes[1:] + mixes[:1]:
+        batch = batch_of(mix)
+        LoRAOps(pool, batch, backend)          # rewrites the static metadata in place
+        graph.replay()
+        got = {k: v.clone() for k, v in outs.items()}
+        step(LoRAOps(pool, batch, TritonBackend()))   # eager, fresh metadata
+        for k in outs:
+            assert torch.equal(got[k], outs[k]), f"mix {mix}: {k} replay != eager"
+        slots = torch.tensor(mix, device="cuda")
+        base_rows = slots < 0
+        for k in ("q", "o", "lm_head", "embed"):
+            assert torch.equal(got[k][base_rows], base[k][base_rows]), (mix, k)
+            assert bool((got[k][~base_rows] != base[k][~base_rows]).any()) or not bool((~base_rows).any())
+        assert torch.equal(got["w1"][base_rows.repeat_interleave(2)], base["w1"][base_rows.repeat_interleave(2)])
+    # a batch beyond the static capacity is refused with a clear error (no silent truncation)
+    from tp_lora.ops.meta import MetaCapacityError
+    big = build_batch([0], [None], [17], {0: 8}, torch.device("cuda"), None)
+    with pytest.raises(MetaCapacityError, match="17 tokens exceeds"):
+        LoRAOps(pool, big, backend)

@@ -1,0 +1,136 @@
+"""The Triton kernels on CPU under Triton's interpreter (``TRITON_INTERPRET=1``), on the tiny presets.
+
+Same checks as the GPU tests (``tests/gpu/test_kernels.py``): the per-token float64-derived reference of
+``tests/test_ops.py`` (float32 pools, 1e-5), the torch path on random mixed batches with base-only rows
+(float32 1e-5, bf16 12u * magnitude), the per-slot rank (NaN planted above a smaller adapter's rank never
+reaches its outputs: the kernels do not touch the padding), and row isolation: bit for bit the same output
+alone or batched with hostile adapters (3e38, inf, NaN). Also the pure block planning, and the tenant
+isolation property of the torch path and of the reference model's attention (issue 15).
+
+Skipped when Triton is not installed (it is in the ``test`` extra; not a runtime dependency on CPU), or
+when the kernels module was already imported without the interpreter in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+if "tp_lora.ops.triton_kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("kernels already compiled for a GPU in this process", allow_module_level=True)
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+import kernel_checks as kc  # noqa: E402
+from test_ops import DENSE, MOE, QWEN2_MOE, make_batch, make_pool, check_dense_ops, check_embedding  # noqa: E402
+from test_ops import check_expert_ops  # noqa: E402
+
+from tp_lora.ops import triton_kernels  # noqa: E402
+from tp_lora.ops.layer import LoRAOps, TorchBackend  # noqa: E402
+from tp_lora.ops.meta import expert_blocks, plan_dense_blocks  # noqa: E402
+from tp_lora.ops.triton_backend import TritonBackend  # noqa: E402
+from tp_lora.plan.parallel import ParallelSpec  # noqa: E402
+from tp_lora.runtime.batch import build_batch  # noqa: E402
+
+DEV = "cpu"
+pytestmark = pytest.mark.skipif(not triton_kernels.INTERPRET, reason="kernels compiled for a GPU here")
+FP32_TOL = lambda ref, mag: 1e-5 * (mag + 1.0)   # noqa: E731
+
+
+def test_plan_dense_blocks_groups_by_slot_and_chunks() -> None:
+    b = build_batch([2, -1, 0, 2, 0], [None] * 5, [3, 4, 20, 0, 2], {0: 4, 2: 8}, torch.device("cpu"), None)
+    p = plan_dense_blocks(b, block_m=16)
+    # slot 0: tokens 7..26 (request 2) then 27..28 (request 4) = 22 rows -> blocks of 16 and 6; slot 2: 0..2
+    assert p.blk_slot.tolist() == [0, 0, 2]
+    assert p.blk_len.tolist() == [16, 6, 3]
+    assert p.blk_start.tolist() == [0, 16, 22]
+    assert p.perm.tolist() == list(range(7, 29)) + [0, 1, 2]
+    assert 3 not in p.perm.tolist() and 6 not in p.perm.tolist()   # base-only tokens are in no block
+
+
+def test_expert_blocks_cover_each_adapter_row_once() -> None:
+    g = torch.Generator().manual_seed(0)
+    for N, E, S, bm in ((0, 4, 3, 16), (1, 4, 3, 16), (50, 4, 3, 16), (200, 8, 5, 16), (70, 2, 2, 64)):
+        slots = torch.randint(-1, S, (N,), generator=g)
+        experts = torch.randint(0, E, (N,), generator=g)
+        eb = expert_blocks(slots, experts, E, S, bm)
+        assert eb.blk_slot.numel() == -(-N // bm) + min(N, E * S)
+        seen = []
+        for b in range(eb.blk_slot.numel()):
+            s, n, st, e = (int(eb.blk_slot[b]), int(eb.blk_len[b]), int(eb.blk_start[b]),
+                           int(eb.blk_expert[b]))
+            if s < 0:
+                continue
+            assert 0 < n <= bm
+            rows = eb.perm[st:st + n].long()
+            assert bool((slots[rows] == s).all()) and bool((experts[rows] == e).all())
+            seen += rows.tolist()
+        assert sorted(seen) == sorted(torch.nonzero(slots >= 0).flatten().tolist())
+
+
+LAYOUTS = [(DENSE, 2, 1, 1), (MOE, 4, 2, 2), (QWEN2_MOE, 2, 0, 1)]
+
+
+@pytest.mark.parametrize("spec,tp,rank,ep", LAYOUTS, ids=["dense-tp2", "moe-tp4-ep2", "qwen2moe-tp2"])
+def test_kernels_match_per_token_reference_fp32(spec, tp, rank, ep) -> None:
+    par = ParallelSpec(tp_size=tp, tp_rank=rank, ep_size=ep)
+    check_dense_ops(spec, par, device=DEV, pool_dtype=torch.float32, act_dtype=torch.float32, tol=FP32_TOL,
+                    backend=TritonBackend)
+    if spec.is_moe:
+        check_expert_ops(spec, par, device=DEV, pool_dtype=torch.float32, act_dtype=torch.float32,
+                         tol=FP32_TOL, backend=TritonBackend)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_kernel_embedding_vocab_parallel(tp: int) -> None:
+    check_embedding(DENSE, tp, device=DEV, pool_dtype=torch.float32, act_dtype=torch.float32, tol=FP32_TOL,
+                    backend=TritonBackend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernels_match_torch_path_on_random_mixed_batches(dtype) -> None:
+    par = ParallelSpec(tp_size=2, tp_rank=1, ep_size=2)
+    assert kc.compare_dense(MOE, par, dtype, DEV, seed=3, trials=2) >= 8
+    assert kc.compare_experts(MOE, par, dtype, DEV, seed=4) == 3 * MOE.num_hidden_layers
+
+
+def test_rank_padding_is_never_read() -> None:
+    """Slot 1 is rank 3 in a rank-8 pool: NaN planted in its padding never reaches any output (the torch
+    path, which multiplies the padding's zeros, would return NaN)."""
+    par = ParallelSpec(tp_size=2, tp_rank=0, ep_size=2)
+    pool = make_pool(MOE, par, dtype=torch.float32)
+    kc.poison_rank_padding(pool, slot=1, rank=3)
+    batch = make_batch(slots=[1, 0, 1], tokens=[3, 2, 4])
+    ops = LoRAOps(pool, batch, TritonBackend())
+    T = batch.num_tokens
+    for m in ("q", "o", "lm_head"):
+        x = torch.randn(T, pool.shapes[m].a_shape[1])
+        out = torch.zeros(T, pool.shapes[m].b_shape[0])
+        ops.column(0, m, x, out)
+        assert bool(torch.isfinite(out).all()) and bool(out.abs().sum() > 0), m
+    x = torch.randn(8, MOE.hidden_size)
+    out = torch.zeros(8, pool.shapes["experts.w1"].b_shape[0])
+    le = par.local_experts(MOE)
+    ops.experts_column(0, "experts.w1", x, ops.expert_routing(torch.arange(8), torch.full((8,), le.start)), out)
+    assert bool(torch.isfinite(out).all())
+    torch_out = torch.zeros_like(out)
+    LoRAOps(pool, batch, TorchBackend()).experts_column(
+        0, "experts.w1", x, ops.expert_routing(torch.arange(8), torch.full((8,), le.start)), torch_out)
+    assert bool(torch.isnan(torch_out).any())   # the poison is real: a full-rank product sees it
+
+
+@pytest.mark.parametrize("kind", ["huge", "inf", "nan"])
+def test_kernels_isolate_rows_from_hostile_adapters(kind: str) -> None:
+    par = ParallelSpec(tp_size=2, tp_rank=1, ep_size=2)
+    pool = make_pool(MOE, par, dtype=torch.float32, seed=1)
+    kc.hostile_slot(pool, 2, kind)
+    rng = random.Random({"huge": 1, "inf": 2, "nan": 3}[kind])
+    for _ in range(3):
+        kc.isolation_trial(pool, TritonBackend, rng, DEV, good_slots=[0, 1], bad_slots=[2],
+                           ranks={0: 8, 1: 3, 2: 5})

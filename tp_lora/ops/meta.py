@@ -1,0 +1,210 @@
+"""Static batch metadata for the segmented LoRA kernels: what each kernel program works on.
+
+A kernel program handles one *block*: up to ``block_m`` rows that all use the same slot (and, for the
+expert op, the same local expert). Rows are addressed through a permutation (rows sorted by slot, or by
+(expert, slot)), so the activations are never copied or reordered; rows without an adapter are in no block
+and are never read or written. Blocks are the unit of row isolation: a program reads only its slot's
+weights and writes only its own rows, so nothing of one adapter (huge values, inf, NaN) can reach a row of
+another (no masking by multiplication anywhere).
+
+Dense ops: the blocks follow from host-side facts only (each request's slot and token count, known when the
+batch is built), so they are planned on the host once per batch (``plan_dense_blocks``, pure) and copied
+into device buffers with a non-blocking copy from pinned memory. In static mode (``DenseMeta`` with a fixed
+capacity) the buffers keep their addresses across batches and the grid is the capacity, so a forward
+captured in a CUDA graph replays with a new batch after ``update``; unused blocks have slot -1 and return
+at once.
+
+Expert ops: which rows go to which expert is decided on the device by the router, so the blocks are built
+on the device (``expert_blocks``: a stable sort by (expert, slot), a scatter-add count, cumulative sums and a
+search), all with shapes fixed by the number of routed rows: no host synchronisation, capturable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import TPLoRAError
+from ..runtime.batch import BatchInfo
+
+BLOCK_M = 16   # rows per block: the smallest tile tl.dot takes; one size for every batch, so a row's
+               # arithmetic (tile shapes, MMA instruction) never depends on the batch it is in
+BLOCK_M_DECODE = BLOCK_M
+
+
+class MetaCapacityError(TPLoRAError):
+    """A batch does not fit the static metadata buffers (CUDA-graph mode)."""
+
+
+def block_m_for(num_tokens: int) -> int:
+    """Rows per block. Fixed (``BLOCK_M``) whatever the batch size: a larger tile for prefill would use
+    other MMA shapes and could round a row differently alone and batched (bit-exact isolation)."""
+    return BLOCK_M
+
+
+def max_dense_blocks(num_tokens: int, num_slots: int, block_m: int) -> int:
+    """Upper bound of the blocks of any batch of ``num_tokens`` tokens over ``num_slots`` slots: each slot's
+    last block may be partial."""
+    return -(-num_tokens // block_m) + num_slots
+
+
+@dataclass(frozen=True)
+class DensePlan:
+    """Host-side plan of one batch (CPU int32 tensors).
+
+    ``perm[i]``: the batch token at sorted position i (tokens grouped by slot, in token order within a
+    slot; tokens without adapter are left out). Block b covers ``perm[blk_start[b] : blk_start[b] +
+    blk_len[b]]``, all of slot ``blk_slot[b]``.
+    """
+    perm: torch.Tensor
+    blk_start: torch.Tensor
+    blk_len: torch.Tensor
+    blk_slot: torch.Tensor
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.blk_slot.numel())
+
+
+def plan_dense_blocks(batch: BatchInfo, block_m: int) -> DensePlan:
+    """Blocks of ``batch`` from its host-side request slots and lengths (pure; no device access)."""
+    by_slot: dict[int, list[tuple[int, int]]] = {}
+    for s, start, n in zip(batch.request_slots, batch.seg_starts, batch.seg_lens):
+        if s >= 0 and n > 0:
+            by_slot.setdefault(s, []).append((start, n))
+    perm: list[int] = []
+    starts: list[int] = []
+    lens: list[int] = []
+    slots: list[int] = []
+    for s in sorted(by_slot):
+        first = len(perm)
+        for start, n in by_slot[s]:
+            perm.extend(range(start, start + n))
+        total = len(perm) - first
+        for off in range(0, total, block_m):
+            starts.append(first + off)
+            lens.append(min(block_m, total - off))
+            slots.append(s)
+    i32 = torch.int32
+    return DensePlan(torch.tensor(perm, dtype=i32), torch.tensor(starts, dtype=i32),
+                     torch.tensor(lens, dtype=i32), torch.tensor(slots, dtype=i32))
+
+
+def slot_rank_table(batch: BatchInfo, num_slots: int, max_rank: int) -> torch.Tensor:
+    """[num_slots] int32: each batch slot's rank (capped by the pool's), 0 for slots not in the batch, so a
+    kernel never computes on the zero padding above a smaller adapter's rank."""
+    t = torch.zeros(num_slots, dtype=torch.int32)
+    for s, r in batch.slot_ranks.items():
+        t[s] = min(int(r), max_rank)
+    return t
+
+
+class DenseMeta:
+    """Device buffers of the dense blocks, the per-token slots and the per-slot ranks.
+
+    ``capacity=None`` (eager): buffers sized to each batch, grid = the batch's blocks. ``capacity=T``
+    (static, for CUDA graphs): buffers for up to T tokens, allocated once; ``update`` rewrites them in
+    place and the grid is always the capacity's block bound.
+    """
+
+    def __init__(self, num_slots: int, max_rank: int, device: torch.device, capacity: int | None = None):
+        self.num_slots, self.max_rank, self.device = num_slots, max_rank, torch.device(device)
+        self.capacity = capacity
+        self.num_tokens = 0
+        self.block_m = block_m_for(capacity) if capacity is not None else BLOCK_M_DECODE
+        self.grid_blocks = 0
+        if capacity is not None:
+            nb = max_dense_blocks(capacity, num_slots, self.block_m)
+            z = lambda n: torch.zeros(n, dtype=torch.int32, device=self.device)  # noqa: E731
+            self.perm, self.blk_start, self.blk_len = z(max(capacity, 1)), z(nb), z(nb)
+            self.blk_slot = torch.full((nb,), -1, dtype=torch.int32, device=self.device)
+            self.token_slots = torch.full((max(capacity, 1),), -1, dtype=torch.int32, device=self.device)
+            self.slot_rank = z(num_slots)
+            self.grid_blocks = nb
+
+    def _put(self, host: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host.to(self.device)
+
+    def _copy(self, dst: torch.Tensor, host: torch.Tensor) -> None:
+        if host.numel():
+            src = host.pin_memory() if self.device.type == "cuda" else host
+            dst[: host.numel()].copy_(src, non_blocking=True)
+
+    def update(self, batch: BatchInfo) -> None:
+        """Point the buffers at ``batch`` (host planning + one non-blocking copy per buffer; no sync)."""
+        T = batch.num_tokens
+        ranks = slot_rank_table(batch, self.num_slots, self.max_rank)
+        tok = torch.repeat_interleave(torch.tensor(batch.request_slots, dtype=torch.int32),
+                                      torch.tensor(batch.seg_lens, dtype=torch.int64))
+        if self.capacity is None:
+            self.block_m = block_m_for(T)
+            plan = plan_dense_blocks(batch, self.block_m)
+            self.perm, self.blk_start = self._put(plan.perm), self._put(plan.blk_start)
+            self.blk_len, self.blk_slot = self._put(plan.blk_len), self._put(plan.blk_slot)
+            self.token_slots, self.slot_rank = self._put(tok), self._put(ranks)
+            self.grid_blocks = plan.num_blocks
+        else:
+            if T > self.capacity:
+                raise MetaCapacityError(f"batch of {T} tokens exceeds the static LoRA metadata capacity of "
+                                        f"{self.capacity} tokens (CUDA-graph mode); build the backend with a "
+                                        f"larger max_tokens")
+            plan = plan_dense_blocks(batch, self.block_m)
+            nb = self.blk_slot.numel()
+            slots = torch.full((nb,), -1, dtype=torch.int32)
+            slots[: plan.num_blocks] = plan.blk_slot
+            self._copy(self.perm, plan.perm)
+            self._copy(self.blk_start, plan.blk_start)
+            self._copy(self.blk_len, plan.blk_len)
+            self._copy(self.blk_slot, slots)
+            full_tok = torch.full((self.token_slots.numel(),), -1, dtype=torch.int32)
+            full_tok[:T] = tok
+            self._copy(self.token_slots, full_tok)
+            self._copy(self.slot_rank, ranks)
+        self.num_tokens = T
+
+
+@dataclass
+class ExpertBlocks:
+    """Device-built blocks of routed rows: rows sorted by (local expert, slot); -1 slot = unused block."""
+    perm: torch.Tensor       # [N] int32 routed-row index at each sorted position
+    blk_start: torch.Tensor  # [NB] int32
+    blk_len: torch.Tensor    # [NB] int32
+    blk_slot: torch.Tensor   # [NB] int32 (-1: nothing to do)
+    blk_expert: torch.Tensor  # [NB] int32 local expert
+    block_m: int
+
+
+def expert_blocks(row_slots: torch.Tensor, row_experts: torch.Tensor, num_experts: int, num_slots: int,
+                  block_m: int) -> ExpertBlocks:
+    """Blocks for routed rows with slot ``row_slots[i]`` (-1: no adapter) and local expert
+    ``row_experts[i]``, on the rows' device, with no host synchronisation (all shapes follow from N).
+
+    Every non-empty (expert, slot) group of g rows gets ceil(g / block_m) blocks; there are at most
+    ceil(N / block_m) + min(N, groups) of them, the static grid.
+    """
+    N = int(row_slots.numel())
+    dev = row_slots.device
+    G = num_experts * num_slots
+    valid = row_slots >= 0
+    key = torch.where(valid, row_experts.long() * num_slots + row_slots.long(), G)
+    perm = torch.argsort(key, stable=True).to(torch.int32)
+    counts = torch.zeros(G + 1, dtype=torch.int64, device=dev).scatter_add_(
+        0, key, torch.ones_like(key))[:G]
+    nblk = (counts + block_m - 1) // block_m
+    blk_end = torch.cumsum(nblk, 0)
+    grp_start = torch.cumsum(counts, 0) - counts
+    NB = -(-N // block_m) + min(N, G)
+    b = torch.arange(NB, device=dev, dtype=torch.int64)
+    g = torch.searchsorted(blk_end, b, right=True)
+    used = g < G
+    gc = g.clamp(max=G - 1)
+    first = blk_end[gc] - nblk[gc]
+    start = grp_start[gc] + (b - first) * block_m
+    length = torch.minimum(counts[gc] - (b - first) * block_m, torch.full_like(b, block_m))
+    i32 = torch.int32
+    return ExpertBlocks(perm=perm, blk_start=start.to(i32), blk_len=torch.where(used, length, 0).to(i32),
+                        blk_slot=torch.where(used, gc % num_slots, -1).to(i32),
+                        blk_expert=(gc // num_slots).to(i32), block_m=block_m)

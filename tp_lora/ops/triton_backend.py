@@ -1,0 +1,104 @@
+"""``TritonBackend``: the LoRA ops as segmented Triton kernels (docs/KERNELS.md).
+
+Per dense op two launches (shrink, expand) over the batch's blocks; per expert op two launches over the
+blocks of all routed rows of all local experts (built on the device once per layer and cached in the
+``ExpertRouting``); embedding a gather-shrink and an expand. Nothing in a forward reads device memory on
+the host.
+
+CUDA graphs: ``TritonBackend(max_tokens=T)`` keeps its metadata in static buffers sized for T tokens and
+launches the capacity grid. Capture a forward with ``LoRAOps(pool, batch, backend)``; for the next batch
+(other adapters, base-only rows, fewer tokens padded to the captured shape) construct
+``LoRAOps(pool, next_batch, backend)`` again, which rewrites the buffers in place, then replay. The pool's
+A/B/scaling buffers never move, so adapters loaded between replays are seen too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..device.pool import GpuPool
+from ..runtime.batch import BatchInfo
+from . import triton_kernels as K
+from .layer import BackendError, ExpertRouting, TorchBackend
+from .meta import BLOCK_M_DECODE, DenseMeta, expert_blocks
+
+
+class TritonBackend:
+    """Triton kernels on CUDA (or on CPU tensors under ``TRITON_INTERPRET=1``, for tests).
+
+    ``max_tokens``: None (eager: metadata sized per batch) or the static token capacity (CUDA graphs).
+    float64 activations fall back to ``TorchBackend`` (no float64 tensor-core path).
+    """
+
+    def __init__(self, max_tokens: int | None = None):
+        self.max_tokens = max_tokens
+        self.meta: DenseMeta | None = None
+        self._pool_id: int | None = None
+        self._torch = TorchBackend()
+
+    def prepare(self, pool: GpuPool, batch: BatchInfo) -> None:
+        if self.meta is None or self._pool_id != id(pool):
+            self.meta = DenseMeta(pool.max_loras, pool.max_rank, pool.device, capacity=self.max_tokens)
+            self._pool_id = id(pool)
+        self.meta.update(batch)
+
+    def _meta(self, pool: GpuPool) -> DenseMeta:
+        if self.meta is None or self._pool_id != id(pool):
+            raise BackendError("TritonBackend used before prepare(pool, batch) for this pool (construct "
+                               "LoRAOps with the backend first)")
+        return self.meta
+
+    @staticmethod
+    def _supported(x: torch.Tensor) -> bool:
+        return x.dtype in K.SUPPORTED_DTYPES
+
+    def _dense_blocks(self, m: DenseMeta) -> tuple:
+        return (m.perm, m.blk_start, m.blk_len, m.blk_slot, m.blk_slot)
+
+    def linear(self, pool: GpuPool, batch: BatchInfo, layer: int, module: str, x: torch.Tensor,
+               out: torch.Tensor) -> None:
+        if not self._supported(x):
+            return self._torch.linear(pool, batch, layer, module, x, out)
+        m = self._meta(pool)
+        blocks = self._dense_blocks(m)
+        A = pool.A[module][:, layer]          # [S, R, in]
+        B = pool.B[module][:, layer]          # [S, out, R]
+        sc = pool.scaling[module][:, layer, 0]  # [S]
+        P = K.shrink(x, A, None, blocks, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank)
+        K.expand(P, B, None, sc, None, out, blocks, m.grid_blocks, m.block_m, m.slot_rank, x.dtype)
+
+    def embedding(self, pool: GpuPool, batch: BatchInfo, token_ids: torch.Tensor, out: torch.Tensor) -> None:
+        if not self._supported(out):
+            return self._torch.embedding(pool, batch, token_ids, out)
+        m = self._meta(pool)
+        blocks = self._dense_blocks(m)
+        per = pool.layout.vocab_per_rank
+        A = pool.A["embed"][:, 0]             # [S, R, per]
+        P = K.embed_shrink(token_ids, A, pool.parallel.tp_rank * per, blocks, m.grid_blocks, m.block_m,
+                           m.slot_rank, pool.max_rank)
+        K.expand(P, pool.B["embed"][:, 0], None, pool.scaling["embed"][:, 0, 0], None, out, blocks,
+                 m.grid_blocks, m.block_m, m.slot_rank, out.dtype)
+
+    def expert_blocks(self, pool: GpuPool, routing: ExpertRouting) -> tuple:
+        """The routing's (expert, slot) blocks, built on the device once and cached in ``routing``."""
+        key = ("triton", id(pool))
+        if key not in routing.cache:
+            m = self._meta(pool)
+            row_slots = m.token_slots.index_select(0, routing.token_index.to(torch.int64))
+            E = len(pool.layout.local_experts)
+            eb = expert_blocks(row_slots, routing.local_expert, E, pool.max_loras, BLOCK_M_DECODE)
+            routing.cache[key] = ((eb.perm, eb.blk_start, eb.blk_len, eb.blk_slot, eb.blk_expert),
+                                  int(eb.blk_slot.numel()), eb.block_m)
+        return routing.cache[key]
+
+    def experts(self, pool: GpuPool, batch: BatchInfo, layer: int, module: str, x: torch.Tensor,
+                routing: ExpertRouting, out: torch.Tensor) -> None:
+        if not self._supported(x):
+            return self._torch.experts(pool, batch, layer, module, x, routing, out)
+        m = self._meta(pool)
+        blocks, nb, bm = self.expert_blocks(pool, routing)
+        A = pool.A[module][:, layer]          # [S, E, R, in]
+        B = pool.B[module][:, layer]          # [S, E, out, R]
+        sc = pool.scaling[module][:, layer]   # [S, E]
+        P = K.shrink(x, A, A.stride(1), blocks, nb, bm, m.slot_rank, pool.max_rank)
+        K.expand(P, B, B.stride(1), sc, sc.stride(1), out, blocks, nb, bm, m.slot_rank, x.dtype)
