@@ -31,6 +31,7 @@ import torch
 
 from ..errors import AdapterDataError, AdapterError
 from ..format.adapter import AdapterHeader
+from ..format.dtypes import safetensors_torch
 from ..host.memory import Device, HostArena, register_host  # noqa: F401 - Device re-exported
 from ..host.pinned_cache import CacheEntry, PinnedCache
 from ..host.reader import SliceReader
