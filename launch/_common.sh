@@ -18,7 +18,7 @@ gpu_count() {
 # Defaults every launcher shares; sets the arrays torchrun_cmd and extra.
 gpus=$(gpu_count)
 NPROC=${NPROC:-$(( gpus > 0 ? gpus : 2 ))}
-TP_LORA_ROOT=${TP_LORA_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+TP_LORA_ROOT=${TP_LORA_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)}
 CONFIG=${CONFIG:-$TP_LORA_ROOT/configs/demo.yaml}
 export PYTHONPATH="$TP_LORA_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 TP_LORA_ENTRY=${TP_LORA_ENTRY:-tp_lora.run}

@@ -77,6 +77,20 @@ def test_torchrun_single_node_two_ranks(port: str) -> None:
         assert sorted(int(r["local_rank"]) for r in _probe_ranks(res.stdout)) == [0, 1], out
 
 
+def test_torchrun_launcher_from_another_directory(tmp_path: Path) -> None:
+    """Started from elsewhere, the launcher runs its own checkout with its default config."""
+    env = _env(NPROC="2")
+    del env["CONFIG"]
+    env["PYTHONPATH"] = ""  # the launcher itself puts the checkout on the path
+    res = subprocess.run([str(ROOT / "launch" / "torchrun.sh")], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert expected_line(2, 1) in res.stdout, out
+    if PROBE:
+        assert f"PROBE-ARGS {ROOT / 'configs' / 'demo.yaml'}" in res.stdout, out
+
+
 # --------------------------------------------------------------------------- two nodes on localhost (c10d)
 
 

@@ -103,9 +103,21 @@ def _env() -> dict[str, str]:
     return env
 
 
+def test_layout_error_on_one_process_says_tp_is_the_world_size(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from tp_lora.job.run import main
+
+    assert main(["demo-moe", "--set", f"cache_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tp_lora.run: error: ep_size=2 does not divide tp_size=1") and err.count("\n") == 1, err
+    assert "the job's tp_size is its world size, the number of processes: 1 (one process here; start N with " \
+           "torchrun --nproc-per-node N)" in err, err
+
+
 def test_layout_error_under_torchrun_is_one_line_per_rank(tmp_path: Path) -> None:
     """Every rank fails before any process group, with one line each: the layout error (it says tp is the
     world size), or SIGTERM when torchrun stopped it after the other one failed first."""
+    import re
     import subprocess
     import sys
 
@@ -118,6 +130,8 @@ def test_layout_error_under_torchrun_is_one_line_per_rank(tmp_path: Path) -> Non
     layout = [ln for ln in lines if "the job's tp_size is its world size, the number of processes: 2" in ln]
     assert layout and all(ln in layout or "error: stopped by SIGTERM" in ln for ln in lines), lines
     assert "tp_lora/" not in res.stderr.replace("tp_lora.run", ""), res.stderr  # no library traceback
+    # torchrun's failure summary names our line (through its error file), not "To enable traceback see"
+    assert re.search(r"traceback : \[rank \d\] tp_lora.run: error: ", res.stderr), res.stderr
     assert not any(tmp_path.iterdir())  # nothing was written
 
 
