@@ -4,9 +4,10 @@ A tiny Llama and a tiny Qwen3-MoE (8 heads, 4 kv heads: GQA at tp 2 and 4) are b
 real PEFT adapters (``tests/peft_fixtures.py``: alpha/r, rsLoRA, rank/alpha patterns per module and per
 layer, embed_tokens and lm_head, fused experts through ``target_parameters`` and peft's own conversion).
 Each rank of a real gloo group loads the model with ``from_pretrained(tp_plan="auto")`` (weights as
-DTensors), attaches tp_lora (``tp_lora.integrations.transformers``) and runs ONE batch mixing three
-adapters and the base model through transformers' forward, then 16 greedy tokens per request through
-transformers' ``generate``. The reference is peft, single process, each request alone.
+DTensors), or with ``DistributedConfig(tp_size=n, ep_size=n)`` for expert parallelism (whole experts per
+rank, transformers' AllReduceEP at inference), attaches tp_lora (``tp_lora.integrations.transformers``)
+and runs ONE batch mixing three adapters and the base model through transformers' forward, then 16 greedy
+tokens per request through transformers' ``generate``. The reference is peft, single process, each request alone.
 
 The vocabulary (250) does not divide by 4: the last vocab shard of embed_tokens/lm_head is shorter.
 """
