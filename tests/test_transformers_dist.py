@@ -4,9 +4,11 @@ A tiny Llama and a tiny Qwen3-MoE (8 heads, 4 kv heads: GQA at tp 2 and 4) are b
 real PEFT adapters (``tests/peft_fixtures.py``: alpha/r, rsLoRA, rank/alpha patterns per module and per
 layer, embed_tokens and lm_head, fused experts through ``target_parameters`` and peft's own conversion).
 Each rank of a real gloo group loads the model with ``from_pretrained(tp_plan="auto")`` (weights as
-DTensors), attaches tp_lora (``tp_lora.integrations.transformers``) and runs ONE batch mixing three
-adapters and the base model through transformers' forward, then 16 greedy tokens per request through
-transformers' ``generate``. The reference is peft, single process, each request alone.
+DTensors), or with ``DistributedConfig(tp_size=n, ep_size=n)`` for expert parallelism (whole experts per
+rank, transformers' AllReduceEP at inference), attaches tp_lora (``tp_lora.integrations.transformers``)
+and runs ONE batch mixing three adapters and the base model through transformers' forward, then 16 greedy
+tokens per request through transformers' ``generate``, for equal-length prompts and for left-padded prompts
+of different lengths. The reference is peft, single process, each request alone.
 
 The vocabulary (250) does not divide by 4: the last vocab shard of embed_tokens/lm_head is shorter.
 """
@@ -30,6 +32,8 @@ NEW_TOKENS = 16
 TOL = 1e-4
 # (adapter or None, prompt index) per request, in batch order: a1 twice, not adjacent
 MIXED = (("a1", 0), (None, 1), ("a2", 2), ("a3", 3), ("a1", 4))
+# prompt lengths of the left-padded generation (same requests, prompts cut to these lengths)
+PAD_LENS = (6, 3, 5, 2, 4)
 # (family, ep_size) per world size (tp = world). Each spawned rank imports transformers (the slow part on a
 # shared 2-core CI box) and then loads every case of its world; the MoE at world 4 covers the attention path
 # of both families. EP: DistributedConfig(tp_size=world, ep_size=world), whole experts per rank.
@@ -40,6 +44,16 @@ def _spec(family: str) -> ModelSpec:
     # 8 heads / 4 kv heads: kv heads split at tp 2 and 4, two q heads per kv head
     return dataclasses.replace(ModelSpec.from_preset(PRESETS[family]), num_attention_heads=8,
                                num_key_value_heads=4, head_dim=8)
+
+
+def _left_padded(prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, PROMPT_LEN]`` ids and attention mask: request b's prompt cut to PAD_LENS[b], left-padded with 0."""
+    ids = torch.zeros(len(MIXED), PROMPT_LEN, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, ((_, i), n) in enumerate(zip(MIXED, PAD_LENS)):
+        ids[b, PROMPT_LEN - n:] = prompts[i][:n]
+        mask[b, PROMPT_LEN - n:] = 1
+    return ids, mask
 
 
 def _prompts(vocab: int) -> torch.Tensor:
@@ -82,10 +96,12 @@ def _rank(rank: int, world: int, fams: dict[str, dict[str, Any]]) -> dict[str, A
         with torch.no_grad(), lora.requests(adapters):
             logits = model(input_ids=ids).logits
         tokens = lora.generate(ids, adapters, NEW_TOKENS)
+        pad_ids, pad_mask = _left_padded(prompts)
+        padded = lora.generate(pad_ids, adapters, NEW_TOKENS, attention_mask=pad_mask)
         lora.detach()
         with torch.no_grad():
             base = model(input_ids=ids).logits
-        out[(fam, ep)] = {"logits": logits, "tokens": tokens, "base_after_detach": base,
+        out[(fam, ep)] = {"logits": logits, "tokens": tokens, "padded": padded, "base_after_detach": base,
                           "tp": mgr.parallel.tp_size, "ep": mgr.parallel.ep_size}
         mgr.close()
     return out
@@ -108,11 +124,12 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
         with torch.no_grad():
             for name in (None, "a1", "a2", "a3"):
                 m = load() if name is None else peft.PeftModel.from_pretrained(load(), f.adapter_dirs[name]).eval()
-                for a, i in MIXED:
+                for (a, i), n in zip(MIXED, PAD_LENS):
                     if a == name:
-                        g = m.generate(input_ids=prompts[i][None], max_new_tokens=NEW_TOKENS,
-                                       min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-                        tokens[(a, i)] = g[0, PROMPT_LEN:]
+                        for k in {PROMPT_LEN, n}:   # the full prompt, and the one cut for the padded batch
+                            g = m.generate(input_ids=prompts[i][None, :k], max_new_tokens=NEW_TOKENS,
+                                           min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+                            tokens[(a, i, k)] = g[0, k:]
         out[fam] = {"base": f.base_dir, "adapters": {k: f.adapter_dirs[k] for k in ("a1", "a2", "a3")},
                     "prompts": prompts, "ref": f.ref, "ref_tokens": tokens}
     return out
@@ -127,6 +144,7 @@ def test_transformers_tp_matches_peft(families: dict[str, dict[str, Any]], world
         assert (r0["tp"], r0["ep"]) == (world, ep)
         for r in results[1:]:   # every rank ends with the same (gathered / all-reduced) logits and tokens
             assert torch.equal(r[(fam, ep)]["tokens"], r0["tokens"])
+            assert torch.equal(r[(fam, ep)]["padded"], r0["padded"])
             assert torch.allclose(r[(fam, ep)]["logits"], r0["logits"], atol=1e-5)
         fam = f"{fam} ep={ep}"
         for b, (a, i) in enumerate(MIXED):
@@ -135,8 +153,10 @@ def test_transformers_tp_matches_peft(families: dict[str, dict[str, Any]], world
             assert err <= TOL, f"{fam} tp={world} request {b} ({a}): logits differ from peft by {err:.2e}"
             if a is not None:   # the adapter really changes this request (not a match of two base models)
                 assert float((ref - f["ref"][(None, i)]).abs().max()) > 1e-2
-            assert r0["tokens"][b].tolist() == f["ref_tokens"][(a, i)].tolist(), \
+            assert r0["tokens"][b].tolist() == f["ref_tokens"][(a, i, PROMPT_LEN)].tolist(), \
                 f"{fam} tp={world} request {b} ({a}): greedy tokens differ from peft's"
+            assert r0["padded"][b].tolist() == f["ref_tokens"][(a, i, PAD_LENS[b])].tolist(), \
+                f"{fam} tp={world} request {b} ({a}): left-padded greedy tokens differ from peft's"
             base_err = float((r0["base_after_detach"][b] - f["ref"][(None, i)]).abs().max())
             assert base_err <= TOL * max(1.0, float(ref.abs().max())), f"{fam}: detach() left a delta"
 

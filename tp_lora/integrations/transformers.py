@@ -170,8 +170,8 @@ def layout(model: torch.nn.Module) -> Layout:
         if ep_mesh is not None and ep_mesh.size() > 1:
             ep = ep_mesh.size()
             if ep != tp or ep_mesh.get_local_rank() != rank:
-                raise LayoutError(f"{type(model).__name__}: EP group of size {ep} (this rank {ep_mesh.get_local_rank()}) "
-                                  f"is not the TP group (size {tp}, this rank {rank}); tp_lora supports EP over the "
+                raise LayoutError(f"{type(model).__name__}: EP group of size {ep} (this rank "
+                                  f"{ep_mesh.get_local_rank()}) is not the TP group (size {tp}, this rank {rank}); tp_lora supports EP over the "
                                   f"TP group (ep_size == tp_size, the batch shared), where whole experts "
                                   f"[rank*E/ep, (rank+1)*E/ep) sit on each rank")
         parallel = ParallelSpec(tp_size=tp, tp_rank=rank, ep_size=ep, vocab_pad_to=1)
