@@ -8,6 +8,7 @@ batch, a pool of 32 slots, bf16. Per case, medians (``triton.testing.do_bench``)
 * ``ours_s`` / ``ours_graph_s``: ``LoRAOps.column`` with the Triton backend (eager metadata / static
   metadata, replayed from a CUDA graph);
 * ``torch_path_s``: the same op through ``TorchBackend`` (the torch path);
+* ``torch_path_graph_s`` / ``sglang_graph_s``: the same two, replayed from a CUDA graph (dense only);
 * ``sglang_s``: SGLang's chunked SGMV shrink + expand Triton kernels (from the sglang wheel, loaded here with
   stand-ins for the two names they import; never a dependency), same pool buffers, their chunk-size rule;
 * ``lora_over_base`` = ours_s / base_s, ``graph_over_base`` = ours_graph_s / base_graph_s.
@@ -221,9 +222,11 @@ def dense_cases(args: argparse.Namespace, sg: Any) -> list[dict]:
                         sg_run()
                         rel_sg = float(((o3.float() - out.float()) - d2).norm() / d2.norm())
                         row["sglang_s"] = bench(sg_run)
+                        row["sglang_graph_s"] = bench(graphed(sg_run))
                         row["sglang_rel_diff_vs_torch"] = rel_sg
                     else:
-                        row["sglang_s"] = None
+                        row["sglang_s"] = row["sglang_graph_s"] = None
+                    row["torch_path_graph_s"] = bench(graphed(torch_path), rep_ms=40)
                     finish(row)
                     rows.append(row)
                     print_row(row)
@@ -332,7 +335,8 @@ def moe_cases(args: argparse.Namespace) -> list[dict]:
                            base_s=bench(base), base_graph_s=bench(graphed(base)), ours_s=bench(lora(ops)),
                            ours_graph_s=bench(graphed(lora(ops_g))),
                            torch_path_s=(bench(torch_path, rep_ms=200) if not args.quick or T <= 32 else None),
-                           sglang_s=None, rel_diff_vs_torch=rel)
+                           sglang_s=None, sglang_graph_s=None, torch_path_graph_s=None,
+                           rel_diff_vs_torch=rel)
                 finish(row)
                 rows.append(row)
                 print_row(row)
@@ -346,10 +350,15 @@ def finish(row: dict) -> None:
     row["graph_over_base"] = row["ours_graph_s"] / row["base_graph_s"]
     row["speedup_vs_torch_path"] = (row["torch_path_s"] / row["ours_s"]) if row.get("torch_path_s") else None
     row["sglang_over_ours"] = (row["sglang_s"] / row["ours_s"]) if row.get("sglang_s") else None
+    row["sglang_graph_over_ours_graph"] = (row["sglang_graph_s"] / row["ours_graph_s"]
+                                           if row.get("sglang_graph_s") else None)
+    row["graph_speedup_vs_torch_path"] = (row["torch_path_graph_s"] / row["ours_graph_s"]
+                                          if row.get("torch_path_graph_s") else None)
 
 
 HEAD = (f"{'kind':5} {'module':16} {'rank':5} {'ad':>3} {'tokens':>6} {'base us':>8} {'ours us':>8} "
-        f"{'ours/base':>9} {'graph/base':>10} {'vs torch':>9} {'sglang us':>9} {'sg/ours':>7} {'rel':>8}")
+        f"{'ours/base':>9} {'graph/base':>10} {'vs torch':>9} {'sglang us':>9} {'sg/ours':>7} {'rel':>8} "
+        f"{'g-torch/g-ours':>14} {'g-sg/g-ours':>11}")
 
 
 def print_row(r: dict) -> None:
@@ -357,7 +366,9 @@ def print_row(r: dict) -> None:
     print(f"{r['kind']:5} {r['module']:16} {r['rank']:5} {r['adapters']:3d} {r['tokens']:6d} {us(r['base_s'])} "
           f"{us(r['ours_s'])} {r['lora_over_base']:9.3f} {r['graph_over_base']:10.3f} "
           f"{(r['speedup_vs_torch_path'] or float('nan')):8.1f}x {us(r.get('sglang_s')):>9} "
-          f"{(r['sglang_over_ours'] or float('nan')):7.2f} {r['rel_diff_vs_torch']:8.1e}", flush=True)
+          f"{(r['sglang_over_ours'] or float('nan')):7.2f} {r['rel_diff_vs_torch']:8.1e} "
+          f"{(r['graph_speedup_vs_torch_path'] or float('nan')):14.1f} "
+          f"{(r['sglang_graph_over_ours_graph'] or float('nan')):11.2f}", flush=True)
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -54,21 +54,29 @@ def test_plan_dense_blocks_groups_by_slot_and_chunks() -> None:
     assert 3 not in p.perm.tolist() and 6 not in p.perm.tolist()   # base-only tokens are in no block
 
 
-def test_expert_blocks_cover_each_adapter_row_once() -> None:
+@pytest.mark.parametrize("builder", ["torch", "triton"])
+def test_expert_blocks_cover_each_adapter_row_once(builder: str) -> None:
+    """Both builders of the (expert, slot) blocks (torch ops in ``meta``, the counting-sort kernels the
+    backend uses): every adapter row in exactly one block of its own expert and slot, none other."""
     g = torch.Generator().manual_seed(0)
     for N, E, S, bm in ((0, 4, 3, 16), (1, 4, 3, 16), (50, 4, 3, 16), (200, 8, 5, 16), (70, 2, 2, 64)):
         slots = torch.randint(-1, S, (N,), generator=g)
         experts = torch.randint(0, E, (N,), generator=g)
-        eb = expert_blocks(slots, experts, E, S, bm)
-        assert eb.blk_slot.numel() == -(-N // bm) + min(N, E * S)
+        if builder == "torch":
+            eb = expert_blocks(slots, experts, E, S, bm)
+            perm, bstart, blen, bslot, bexp = eb.perm, eb.blk_start, eb.blk_len, eb.blk_slot, eb.blk_expert
+            nb = eb.blk_slot.numel()
+        else:   # token i has slot slots[i]; row i is token i
+            (perm, bstart, blen, bslot, bexp), nb = triton_kernels.route_blocks(
+                torch.arange(N), experts.to(torch.int32), slots.to(torch.int32), E, S, bm)
+        assert nb == -(-N // bm) + min(N, E * S)
         seen = []
-        for b in range(eb.blk_slot.numel()):
-            s, n, st, e = (int(eb.blk_slot[b]), int(eb.blk_len[b]), int(eb.blk_start[b]),
-                           int(eb.blk_expert[b]))
+        for b in range(nb):
+            s, n, st, e = int(bslot[b]), int(blen[b]), int(bstart[b]), int(bexp[b])
             if s < 0:
                 continue
             assert 0 < n <= bm
-            rows = eb.perm[st:st + n].long()
+            rows = perm[st:st + n].long()
             assert bool((slots[rows] == s).all()) and bool((experts[rows] == e).all())
             seen += rows.tolist()
         assert sorted(seen) == sorted(torch.nonzero(slots >= 0).flatten().tolist())

@@ -28,9 +28,9 @@ import torch
 from ..errors import TPLoRAError
 from ..runtime.batch import BatchInfo
 
-BLOCK_M = 16   # rows per block: the smallest tile tl.dot takes; one size for every batch, so a row's
-               # arithmetic (tile shapes, MMA instruction) never depends on the batch it is in
-BLOCK_M_DECODE = BLOCK_M
+BLOCK_M_DECODE = 16     # rows per block up to PREFILL_TOKENS tokens (the smallest tile tl.dot takes)
+BLOCK_M_PREFILL = 64    # rows per block above: fewer re-reads of the adapters' factors
+PREFILL_TOKENS = 512
 
 
 class MetaCapacityError(TPLoRAError):
@@ -38,9 +38,10 @@ class MetaCapacityError(TPLoRAError):
 
 
 def block_m_for(num_tokens: int) -> int:
-    """Rows per block. Fixed (``BLOCK_M``) whatever the batch size: a larger tile for prefill would use
-    other MMA shapes and could round a row differently alone and batched (bit-exact isolation)."""
-    return BLOCK_M
+    """Rows per block: 16 up to ``PREFILL_TOKENS`` tokens (decode regime), 64 above (prefill regime).
+    Within a regime a row's arithmetic never depends on the rest of the batch (bit for bit); across the
+    two regimes the tile shapes differ, so a row may round differently (within the stated tolerance)."""
+    return BLOCK_M_DECODE if num_tokens <= PREFILL_TOKENS else BLOCK_M_PREFILL
 
 
 def max_dense_blocks(num_tokens: int, num_slots: int, block_m: int) -> int:

@@ -20,7 +20,7 @@ from ..device.pool import GpuPool
 from ..runtime.batch import BatchInfo
 from . import triton_kernels as K
 from .layer import BackendError, ExpertRouting, TorchBackend
-from .meta import BLOCK_M_DECODE, DenseMeta, expert_blocks
+from .meta import BLOCK_M_DECODE, DenseMeta
 
 
 class TritonBackend:
@@ -35,12 +35,26 @@ class TritonBackend:
         self.meta: DenseMeta | None = None
         self._pool_id: int | None = None
         self._torch = TorchBackend()
+        self._view_cache: dict[tuple[str, int], tuple] = {}
 
     def prepare(self, pool: GpuPool, batch: BatchInfo) -> None:
         if self.meta is None or self._pool_id != id(pool):
             self.meta = DenseMeta(pool.max_loras, pool.max_rank, pool.device, capacity=self.max_tokens)
             self._pool_id = id(pool)
+            self._view_cache = {}
         self.meta.update(batch)
+
+    def _views(self, pool: GpuPool, module: str, layer: int) -> tuple:
+        """A ``[S, (E,) R, in]``, B ``[S, (E,) out, R]``, scaling ``[S(, E)]`` of one layer: views of the
+        pool's buffers (which never move), made once per backend (slicing costs host time per call)."""
+        key = (module, layer)
+        v = self._view_cache.get(key)
+        if v is None:
+            sc = pool.scaling[module][:, layer]
+            v = (pool.A[module][:, layer], pool.B[module][:, layer],
+                 sc if module.startswith("experts.") else sc[:, 0])
+            self._view_cache[key] = v
+        return v
 
     def _meta(self, pool: GpuPool) -> DenseMeta:
         if self.meta is None or self._pool_id != id(pool):
@@ -61,9 +75,7 @@ class TritonBackend:
             return self._torch.linear(pool, batch, layer, module, x, out)
         m = self._meta(pool)
         blocks = self._dense_blocks(m)
-        A = pool.A[module][:, layer]          # [S, R, in]
-        B = pool.B[module][:, layer]          # [S, out, R]
-        sc = pool.scaling[module][:, layer, 0]  # [S]
+        A, B, sc = self._views(pool, module, layer)
         P = K.shrink(x, A, None, blocks, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank)
         K.expand(P, B, None, sc, None, out, blocks, m.grid_blocks, m.block_m, m.slot_rank, x.dtype)
 
@@ -84,11 +96,10 @@ class TritonBackend:
         key = ("triton", id(pool))
         if key not in routing.cache:
             m = self._meta(pool)
-            row_slots = m.token_slots.index_select(0, routing.token_index.to(torch.int64))
             E = len(pool.layout.local_experts)
-            eb = expert_blocks(row_slots, routing.local_expert, E, pool.max_loras, BLOCK_M_DECODE)
-            routing.cache[key] = ((eb.perm, eb.blk_start, eb.blk_len, eb.blk_slot, eb.blk_expert),
-                                  int(eb.blk_slot.numel()), eb.block_m)
+            blocks, nb = K.route_blocks(routing.token_index, routing.local_expert, m.token_slots, E,
+                                        pool.max_loras, BLOCK_M_DECODE)
+            routing.cache[key] = (blocks, nb, BLOCK_M_DECODE)
         return routing.cache[key]
 
     def experts(self, pool: GpuPool, batch: BatchInfo, layer: int, module: str, x: torch.Tensor,
@@ -97,8 +108,6 @@ class TritonBackend:
             return self._torch.experts(pool, batch, layer, module, x, routing, out)
         m = self._meta(pool)
         blocks, nb, bm = self.expert_blocks(pool, routing)
-        A = pool.A[module][:, layer]          # [S, E, R, in]
-        B = pool.B[module][:, layer]          # [S, E, out, R]
-        sc = pool.scaling[module][:, layer]   # [S, E]
+        A, B, sc = self._views(pool, module, layer)   # [S, E, R, in], [S, E, out, R], [S, E]
         P = K.shrink(x, A, A.stride(1), blocks, nb, bm, m.slot_rank, pool.max_rank)
         K.expand(P, B, B.stride(1), sc, sc.stride(1), out, blocks, nb, bm, m.slot_rank, x.dtype)

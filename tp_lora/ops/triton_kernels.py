@@ -170,9 +170,12 @@ _CDT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: t
 SUPPORTED_DTYPES = tuple(_CDT)
 
 
-def split_size(K: int) -> int:
-    """Columns of K per shrink program: a function of K only, so results never depend on the batch.
-    Short chunks keep decode parallel (a few blocks x many splits); the expand sums the splits."""
+def split_size(K: int, prefill: bool) -> int:
+    """Columns of K per shrink program: a function of K and the regime only (never of the batch's
+    content). Decode: short chunks keep a few blocks parallel over many splits; prefill has many blocks,
+    so longer chunks (fewer partials for the expand to sum)."""
+    if prefill:
+        return 1024 if K <= 8192 else 2048
     return 512 if K <= 4096 else 1024
 
 
@@ -193,7 +196,8 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, 
     written (and never read by ``expand``).
     """
     rows, K = x.shape
-    ks = split_size(K)
+    prefill = block_m > 16
+    ks = split_size(K, prefill)
     splits = max(1, -(-K // ks))
     r_pad = max(BLOCK_R, -(-max_rank // BLOCK_R) * BLOCK_R)
     P = torch.empty((splits, rows, r_pad), dtype=torch.float32, device=x.device)
@@ -205,7 +209,8 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, 
     _shrink_kernel[grid](x, x.stride(0), x.stride(1), A, A.stride(0), expert_stride or 0, sr, sk,
                          P, P.stride(0), P.stride(1), P.stride(2), perm, bs, bl, bslot, bexp, slot_rank,
                          K, ks, HAS_EXPERT=expert_stride is not None, IEEE=x.dtype == torch.float32, UPCAST=INTERPRET,
-                         BLOCK_M=block_m, BLOCK_R=BLOCK_R, BLOCK_K=_pow2(K, 16, 256), num_warps=4)
+                         BLOCK_M=block_m, BLOCK_R=BLOCK_R, BLOCK_K=_pow2(K, 16, 128 if prefill else 256),
+                         num_warps=4)
     return P
 
 
@@ -235,7 +240,7 @@ def expand(P: torch.Tensor, B: torch.Tensor, expert_stride: int | None, scaling:
     if grid_blocks == 0 or rows == 0 or N == 0:
         return
     perm, bs, bl, bslot, bexp = blocks
-    bn = _pow2(N, 16, 256 if rows > 512 else 128)   # wider tiles re-read P less often in prefill
+    bn = _pow2(N, 16, 128)
     grid = (triton.cdiv(N, bn), grid_blocks)
     _expand_kernel[grid](P, P.stride(0), P.stride(1), P.stride(2), B, B.stride(0), expert_stride or 0,
                          B.stride(-2), B.stride(-1), scaling, scaling.stride(0), scaling_expert_stride or 0,
@@ -243,3 +248,89 @@ def expand(P: torch.Tensor, B: torch.Tensor, expert_stride: int | None, scaling:
                          SPLITS=P.shape[0], HAS_EXPERT=expert_stride is not None,
                          IEEE=compute_dtype == torch.float32, UPCAST=INTERPRET, CDT=_CDT[compute_dtype], BLOCK_M=block_m,
                          BLOCK_N=bn, BLOCK_R=BLOCK_R, num_warps=4)
+
+
+# -- expert routing metadata on the device (a counting sort by (expert, slot)) ----------------------------------
+@triton.jit
+def _route_count_kernel(tok_ptr, exp_ptr, token_slots_ptr, key_ptr, counts_ptr, N, S, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    t = tl.load(tok_ptr + offs, mask=m, other=0)
+    s = tl.load(token_slots_ptr + t, mask=m, other=-1)
+    e = tl.load(exp_ptr + offs, mask=m, other=0)
+    key = tl.where(m & (s >= 0), e * S + s, -1)
+    tl.store(key_ptr + offs, key, mask=m)
+    tl.atomic_add(counts_ptr + key, 1, mask=key >= 0)
+
+
+@triton.jit
+def _route_scan_kernel(counts_ptr, grp_start_ptr, blk_first_ptr, blk_slot_ptr, G, NB, BM: tl.constexpr,
+                       BLOCK_G: tl.constexpr, BLOCK_NB: tl.constexpr):
+    offs = tl.arange(0, BLOCK_G)
+    m = offs < G
+    c = tl.load(counts_ptr + offs, mask=m, other=0)
+    nblk = (c + BM - 1) // BM
+    tl.store(grp_start_ptr + offs, tl.cumsum(c, 0) - c, mask=m)
+    tl.store(blk_first_ptr + offs, tl.cumsum(nblk, 0) - nblk, mask=m)
+    for b0 in range(0, NB, BLOCK_NB):
+        ob = b0 + tl.arange(0, BLOCK_NB)
+        tl.store(blk_slot_ptr + ob, tl.full((BLOCK_NB,), -1, tl.int32), mask=ob < NB)
+
+
+@triton.jit
+def _route_place_kernel(key_ptr, grp_start_ptr, cursor_ptr, perm_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    key = tl.load(key_ptr + offs, mask=offs < N, other=-1)
+    m = key >= 0
+    k = tl.where(m, key, 0)
+    pos = tl.atomic_add(cursor_ptr + k, 1, mask=m)   # order inside a group is free: rows are independent
+    st = tl.load(grp_start_ptr + k, mask=m, other=0)
+    tl.store(perm_ptr + st + pos, offs, mask=m)
+
+
+@triton.jit
+def _route_blocks_kernel(counts_ptr, grp_start_ptr, blk_first_ptr, blk_start_ptr, blk_len_ptr, blk_slot_ptr,
+                         blk_exp_ptr, S, BM: tl.constexpr):
+    g = tl.program_id(0)
+    c = tl.load(counts_ptr + g)
+    if c == 0:
+        return
+    st = tl.load(grp_start_ptr + g)
+    b = tl.load(blk_first_ptr + g)
+    for j in range(0, tl.cdiv(c, BM)):
+        tl.store(blk_start_ptr + b + j, st + j * BM)
+        tl.store(blk_len_ptr + b + j, tl.minimum(c - j * BM, BM))
+        tl.store(blk_slot_ptr + b + j, g % S)
+        tl.store(blk_exp_ptr + b + j, g // S)
+
+
+def route_blocks(token_index: torch.Tensor, local_expert: torch.Tensor, token_slots: torch.Tensor,
+                 num_experts: int, num_slots: int, block_m: int) -> tuple:
+    """The (expert, slot) blocks of routed rows in five launches (a counting sort; no host sync): same
+    contract as ``meta.expert_blocks`` (rows of a group may come in any order). Returns the block tuple
+    for ``shrink``/``expand`` and the static block count."""
+    N = int(token_index.numel())
+    dev = token_index.device
+    G = num_experts * num_slots
+    NB = -(-N // block_m) + min(N, G)
+    i32 = torch.int32
+    work = torch.zeros(2 * G, dtype=i32, device=dev)
+    counts, cursor = work[:G], work[G:]
+    key = torch.empty(max(N, 1), dtype=i32, device=dev)
+    grp = torch.empty(2 * G, dtype=i32, device=dev)
+    grp_start, blk_first = grp[:G], grp[G:]
+    perm = torch.empty(max(N, 1), dtype=i32, device=dev)
+    blk = torch.empty((4, max(NB, 1)), dtype=i32, device=dev)
+    blk_start, blk_len, blk_slot, blk_exp = blk[0], blk[1], blk[2], blk[3]
+    if N == 0:
+        blk_slot.fill_(-1)
+        return (perm, blk_start, blk_len, blk_slot, blk_exp), 0
+    B = 256
+    _route_count_kernel[(triton.cdiv(N, B),)](token_index, local_expert, token_slots, key, counts, N, num_slots,
+                                              BLOCK=B)
+    _route_scan_kernel[(1,)](counts, grp_start, blk_first, blk_slot, G, NB, BM=block_m,
+                             BLOCK_G=triton.next_power_of_2(G), BLOCK_NB=1024)
+    _route_place_kernel[(triton.cdiv(N, B),)](key, grp_start, cursor, perm, N, BLOCK=B)
+    _route_blocks_kernel[(G,)](counts, grp_start, blk_first, blk_start, blk_len, blk_slot, blk_exp, num_slots,
+                               BM=block_m)
+    return (perm, blk_start, blk_len, blk_slot, blk_exp), NB
