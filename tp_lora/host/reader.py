@@ -29,7 +29,7 @@ import torch
 
 from ..errors import AdapterDataError
 from ..format.adapter import AdapterHeader
-from ..plan.packing import Chunk, Part, span_of
+from ..plan.packing import JUNK_BYTES, Chunk, Part, span_of
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +134,15 @@ class SliceReader:
         mv = memoryview(buf.numpy()).cast("B")
         total = 0
         fd = self.fd
+        junk = self._junk()
         for file_off, pieces in u.reads:
-            iov = [mv[o:o + n] for o, n in pieces]
+            iov = [mv[o:o + n] if o >= 0 else junk[:n] for o, n in pieces]
             want = sum(n for _, n in pieces)
             if os.preadv(fd, iov, file_off) != want:
                 # short read (signal, end of a truncated file): finish piece by piece, raising at EOF
                 pos = file_off
-                for o, n in pieces:
-                    self._pread_into(mv[o:o + n], pos, chunk, o)
+                for v, (o, n) in zip(iov, pieces):
+                    self._pread_into(v, pos, chunk, max(o, 0))
                     pos += n
             total += want
         for sp in u.spans:
@@ -166,6 +167,13 @@ class SliceReader:
         with self._lock:
             self.bytes_read += total
             self.syscalls += u.syscalls
+
+    def _junk(self) -> memoryview:
+        """Per-thread scratch for the gaps inside scatter reads (their bytes are dropped)."""
+        j = getattr(self._local, "junk", None)
+        if j is None:
+            j = self._local.junk = memoryview(bytearray(JUNK_BYTES))
+        return j
 
     def _scratch(self, n: int) -> torch.Tensor:
         t = getattr(self._local, "buf", None)

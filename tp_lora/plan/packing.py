@@ -44,7 +44,11 @@ MAX_SPAN_BYTES = 64 << 20
 _MODULE_ORDER = {m: i for i, m in enumerate(POOL_MODULES)}
 
 ScatterRead = tuple[int, tuple[tuple[int, int], ...]]
-"""(file offset, ((buffer offset, bytes), ...)): one preadv of a contiguous file range."""
+"""(file offset, ((buffer offset, bytes), ...)): one preadv of a contiguous file range. A buffer offset of
+-1 is a gap between owned ranges, read into scratch and dropped (cheaper than another syscall)."""
+
+JUNK_BYTES = 1 << 20
+"""Largest gap read into scratch inside a scatter read (the reader's per-thread junk buffer)."""
 
 
 @dataclass(frozen=True)
@@ -335,7 +339,8 @@ def _read_runs(ops: list["SliceOp"], offsets: list[int], as_span: list[bool], id
                gap: int) -> tuple[tuple[ScatterRead, ...], tuple[SpanRead, ...]]:
     """Turn slices ``ops[idx]`` into few syscalls. Exact slices become (file range, chunk range) pieces
     (one per row when only some columns are owned); pieces whose file ranges touch are merged into one
-    scatter read (preadv with one iovec per destination). Span slices become span reads, neighbouring
+    scatter read (preadv with one iovec per destination), and, when ``gap`` >= 0, pieces at most ``gap``
+    bytes apart are joined by a scratch iovec for the gap. Span slices become span reads, neighbouring
     spans merged when at most ``gap`` bytes apart (reading the gap costs less than a syscall; -1: never)."""
     pieces: list[tuple[int, int, int]] = []  # (file offset, chunk offset, bytes)
     span_list: list[tuple[int, int, int]] = []  # (file offset, bytes, op index)
@@ -359,10 +364,14 @@ def _read_runs(ops: list["SliceOp"], offsets: list[int], as_span: list[bool], id
     pieces.sort()
     runs: list[tuple[int, list[tuple[int, int]]]] = []
     end = -1
+    junk_max = min(gap, JUNK_BYTES)
     for f, o, n in pieces:
-        if runs and f == end and len(runs[-1][1]) < IOV_MAX:
+        if runs and end < f <= end + junk_max and len(runs[-1][1]) < IOV_MAX - 1:
+            runs[-1][1].append((-1, f - end))  # a gap worth reading to save a syscall: into scratch
+            runs[-1][1].append((o, n))
+        elif runs and f == end and len(runs[-1][1]) < IOV_MAX:
             last = runs[-1][1][-1]
-            if last[0] + last[1] == o:  # destination contiguous too: extend the iovec
+            if last[0] >= 0 and last[0] + last[1] == o:  # destination contiguous too: extend the iovec
                 runs[-1][1][-1] = (last[0], last[1] + n)
             else:
                 runs[-1][1].append((o, n))
