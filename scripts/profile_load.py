@@ -30,8 +30,9 @@ def main() -> int:
     ap.add_argument("--case", default="llama8b-r16-tp1")
     ap.add_argument("--out", default="out/profile")
     ap.add_argument("--adapters", default="/tmp/tp_lora_bench_adapters")
-    ap.add_argument("--chunk-bytes", type=int, default=16 << 20)
-    ap.add_argument("--pin-mode", default="caching")
+    ap.add_argument("--chunk-bytes", type=int, default=64 << 20)
+    ap.add_argument("--pin-mode", default="register")
+    ap.add_argument("--read-mode", default="auto", choices=["auto", "exact", "span"])
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -40,10 +41,11 @@ def main() -> int:
     spec = ModelSpec.from_preset(c["preset"])
     mgr = LoRAManager(LoRAConfig(max_loras=1, max_lora_rank=c["rank"], dtype="bfloat16", device="cuda:0",
                                  host_cache_bytes=64 << 30, chunk_bytes=args.chunk_bytes,
-                                 pin_mode=args.pin_mode),
+                                 pin_mode=args.pin_mode, read_mode=args.read_mode),
                       spec, ParallelSpec(tp_size=c["tp"], tp_rank=0, ep_size=c["ep"]))
     mgr.register("a", path)
     mgr.register("b", path)
+    mgr.arena.wait_reserved()  # pinned memory reserved ahead, as a server would have it
     mgr.activate("a")
     mgr.activate("b")  # both cached now
     from torch.profiler import ProfilerActivity, profile
@@ -61,7 +63,8 @@ def main() -> int:
         ls = mgr.stats().load_stats[-1]
         print(f"\n=== {phase}: wall {wall * 1e3:.2f} ms, device span {ls['h2d_s'] * 1e3:.2f} ms, read "
               f"{ls['read_s'] * 1e3:.2f} ms (sum over readers), alloc {ls['alloc_s'] * 1e3:.2f} ms, "
-              f"{ls['bytes_copied'] / 2**20:.1f} MiB in {ls['chunks']} chunks")
+              f"{ls['bytes_copied'] / 2**20:.1f} MiB in {ls['chunks']} chunks, {ls['bytes_read'] / 2**20:.1f} MiB "
+              f"read in {ls['syscalls']} syscalls by {ls['readers']} readers")
         ka = prof.key_averages()
         print(ka.table(sort_by="self_cpu_time_total", row_limit=14))
         print(ka.table(sort_by="self_device_time_total", row_limit=8))

@@ -128,44 +128,53 @@ class SliceReader:
         self.read_part(chunk, None, buf)
 
     def read_part(self, chunk: Chunk, part: Part | None, buf: torch.Tensor) -> None:
-        """Fill one part of a chunk's buffer (``part`` None: the whole chunk): one preadv per scatter run,
-        then the span reads."""
+        """Fill one part of a chunk's buffer (``part`` None: the whole chunk): one preadv per scatter run
+        (then the strided copies of the span slices it read into scratch), then the span reads."""
         u = chunk.whole if part is None else part
         mv = memoryview(buf.numpy()).cast("B")
         total = 0
         fd = self.fd
-        for file_off, pieces in u.reads:
-            iov = [mv[o:o + n] for o, n in pieces]
+        for file_off, pieces, copies, scratch_bytes in u.reads:
+            if scratch_bytes:
+                scratch = self._scratch(scratch_bytes)
+                smv = memoryview(scratch.numpy()).cast("B")
+                iov = [mv[o:o + n] if o >= 0 else smv[-o - 1:n - o - 1] for o, n in pieces]
+            else:
+                iov = [mv[o:o + n] for o, n in pieces]
             want = sum(n for _, n in pieces)
             if os.preadv(fd, iov, file_off) != want:
                 # short read (signal, end of a truncated file): finish piece by piece, raising at EOF
                 pos = file_off
-                for o, n in pieces:
-                    self._pread_into(mv[o:o + n], pos, chunk, o)
+                for v, (o, n) in zip(iov, pieces):
+                    self._pread_into(v, pos, chunk, max(o, 0))
                     pos += n
             total += want
+            for i, soff in copies:
+                self._copy_out(chunk, i, buf, scratch, soff)
         for sp in u.spans:
             scratch = self._scratch(sp.nbytes)
             self._pread_into(memoryview(scratch.numpy()).cast("B")[:sp.nbytes], sp.file_offset, chunk,
                              chunk.offsets[sp.ops[0]])
             total += sp.nbytes
             for i in sp.ops:
-                op, off = chunk.ops[i], chunk.offsets[i]
-                f0, _ = span_of(op)
-                isz = op.itemsize
-                step = op.cols[2]
-                row_bytes = op.src_shape[1] * isz
-                if step == 1:  # rows of contiguous owned columns
-                    src = torch.as_strided(scratch, (op.nrows, op.ncols * isz), (row_bytes, 1),
-                                           f0 - sp.file_offset)
-                    buf[off:off + op.nbytes].view(op.nrows, op.ncols * isz).copy_(src)
-                else:  # strided columns (fused-expert B: experts interleave at element granularity)
-                    src = torch.as_strided(scratch, (op.nrows, op.ncols, isz), (row_bytes, step * isz, 1),
-                                           f0 - sp.file_offset)
-                    buf[off:off + op.nbytes].view(op.nrows, op.ncols, isz).copy_(src)
+                self._copy_out(chunk, i, buf, scratch, span_of(chunk.ops[i])[0] - sp.file_offset)
         with self._lock:
             self.bytes_read += total
             self.syscalls += u.syscalls
+
+    @staticmethod
+    def _copy_out(chunk: Chunk, i: int, buf: torch.Tensor, scratch: torch.Tensor, soff: int) -> None:
+        """Slice ``chunk.ops[i]`` out of its span, read into ``scratch`` at ``soff``, to its packed place."""
+        op, off = chunk.ops[i], chunk.offsets[i]
+        isz = op.itemsize
+        step = op.cols[2]
+        row_bytes = op.src_shape[1] * isz
+        if step == 1:  # rows of contiguous owned columns
+            src = torch.as_strided(scratch, (op.nrows, op.ncols * isz), (row_bytes, 1), soff)
+            buf[off:off + op.nbytes].view(op.nrows, op.ncols * isz).copy_(src)
+        else:  # strided columns (fused-expert B: experts interleave at element granularity)
+            src = torch.as_strided(scratch, (op.nrows, op.ncols, isz), (row_bytes, step * isz, 1), soff)
+            buf[off:off + op.nbytes].view(op.nrows, op.ncols, isz).copy_(src)
 
     def _scratch(self, n: int) -> torch.Tensor:
         t = getattr(self._local, "buf", None)

@@ -43,8 +43,14 @@ MAX_SPAN_BYTES = 64 << 20
 
 _MODULE_ORDER = {m: i for i, m in enumerate(POOL_MODULES)}
 
-ScatterRead = tuple[int, tuple[tuple[int, int], ...]]
-"""(file offset, ((buffer offset, bytes), ...)): one preadv of a contiguous file range."""
+ScatterRead = tuple[int, tuple[tuple[int, int], ...], tuple[tuple[int, int], ...], int]
+"""(file offset, pieces, copies, scratch bytes): one preadv of a contiguous file range. A piece
+(offset, bytes) with offset >= 0 lands in the chunk buffer; offset < 0 lands at scratch[-offset - 1]
+(a gap between owned ranges, cheaper to read than another syscall, or a span). ``copies`` (op index,
+scratch offset of its span) are the strided copies of span slices out of the scratch, after the read."""
+
+SCRATCH_BYTES = 8 << 20
+"""Most scratch one scatter read uses (a reader thread's scratch buffer)."""
 
 
 @dataclass(frozen=True)
@@ -207,9 +213,9 @@ def read_counts(chunks: list[Chunk]) -> ReadCounts:
     for ch in chunks:
         owned += sum(op.nbytes for op in ch.ops)
         for u in ch.units():
-            read += sum(n for _, p in u.reads for _, n in p) + sum(s.nbytes for s in u.spans)
+            read += sum(n for x in u.reads for _, n in x[1]) + sum(s.nbytes for s in u.spans)
             sys += u.syscalls
-            nspan += sum(len(s.ops) for s in u.spans)
+            nspan += sum(len(s.ops) for s in u.spans) + sum(len(x[2]) for x in u.reads)
     return ReadCounts(owned, read, sys, nspan)
 
 
@@ -238,15 +244,28 @@ def _chunks(plan: "SlicePlan", chunk_bytes: int, part_bytes: int | None, read_mo
     out: list[Chunk] = []
     cur: list["SliceOp"] = []
     size = 0
+    # prefer cutting between layers: a layer split over two chunks would have the bytes between its
+    # halves' file ranges read (as gaps) by both
+    layer_bytes: dict[tuple[str, int], int] = {}
     for op in plan.ops:
-        if cur and size + op.nbytes > chunk_bytes:
+        layer_bytes[_layer_key(op)] = layer_bytes.get(_layer_key(op), 0) + op.nbytes
+    prev = None
+    for op in plan.ops:
+        k = _layer_key(op)
+        if cur and ((size + op.nbytes > chunk_bytes) or
+                    (k != prev and size + layer_bytes[k] > chunk_bytes and 2 * size >= chunk_bytes)):
             out.append(_make_chunk(plan, len(out), cur, part_bytes, read_mode, cost))
             cur, size = [], 0
         cur.append(op)
         size += op.nbytes
+        prev = k
     if cur:
         out.append(_make_chunk(plan, len(out), cur, part_bytes, read_mode, cost))
     return out
+
+
+def _layer_key(op: "SliceOp") -> tuple[str, int]:
+    return ("embed" if op.module == "embed" else "lm_head" if op.module == "lm_head" else "layer", op.layer)
 
 
 def _make_chunk(plan: "SlicePlan", index: int, ops: list["SliceOp"], part_bytes: int | None,
@@ -274,21 +293,28 @@ def _make_chunk(plan: "SlicePlan", index: int, ops: list["SliceOp"], part_bytes:
     # "exact" reads no byte outside each slice's own span (strided slices: one span read each, as before
     # spans existed); the other modes merge neighbouring and overlapping spans
     gap = -1 if read_mode == "exact" else cost.merge_gap()
-    reads, spans = _read_runs(ordered, offsets, span, range(len(ordered)), gap)
+    reads, spans = _read_runs(ordered, offsets, span, range(len(ordered)), gap, part_bytes)
     parts: list[Part] = []
     if part_bytes is not None and pos > part_bytes:
         first = 0
         for i in range(len(ordered)):
             end = offsets[i] + ordered[i].nbytes
             if end - offsets[first] >= part_bytes or i == len(ordered) - 1:
-                r, s = _read_runs(ordered, offsets, span, range(first, i + 1), gap)
+                r, s = _read_runs(ordered, offsets, span, range(first, i + 1), gap, part_bytes)
                 parts.append(Part(offsets[first], end, r, s))
                 first = i + 1
         if read_mode != "exact":
+            # packed-order parts may read the same gap bytes once per part; file-order units read the
+            # chunk's merged runs once: keep the cheaper by the cost model
             fo = _file_order_units(reads, spans, part_bytes, pos)
-            if 4 * sum(p.syscalls for p in fo) < 3 * sum(p.syscalls for p in parts):
+            if _units_cost(fo, cost) < _units_cost(parts, cost):
                 parts = fo
     return Chunk(index, tuple(ordered), tuple(offsets), tuple(groups), pos, reads, spans, tuple(parts), row0)
+
+
+def _units_cost(units: list[Part], cost: ReadCost) -> float:
+    nbytes = sum(n for u in units for x in u.reads for _, n in x[1]) + sum(x.nbytes for u in units for x in u.spans)
+    return sum(u.syscalls for u in units) * cost.syscall_s + nbytes * cost.byte_s
 
 
 def _file_order_units(reads: tuple[ScatterRead, ...], spans: tuple[SpanRead, ...], part_bytes: int,
@@ -308,7 +334,7 @@ def _file_order_units(reads: tuple[ScatterRead, ...], spans: tuple[SpanRead, ...
     for _, kind, x in items:
         if kind == "r":
             cur_r.append(x)
-            size += sum(n for _, n in x[1])
+            size += sum(n for _, n in x[1])  # noqa: B020
         else:
             cur_s.append(x)
             size += x.nbytes
@@ -332,10 +358,11 @@ def _read_as_span(op: "SliceOp", read_mode: ReadMode, cost: ReadCost) -> bool:
 
 
 def _read_runs(ops: list["SliceOp"], offsets: list[int], as_span: list[bool], idx: range,
-               gap: int) -> tuple[tuple[ScatterRead, ...], tuple[SpanRead, ...]]:
+               gap: int, max_bytes: int | None = None) -> tuple[tuple[ScatterRead, ...], tuple[SpanRead, ...]]:
     """Turn slices ``ops[idx]`` into few syscalls. Exact slices become (file range, chunk range) pieces
     (one per row when only some columns are owned); pieces whose file ranges touch are merged into one
-    scatter read (preadv with one iovec per destination). Span slices become span reads, neighbouring
+    scatter read (preadv with one iovec per destination), and, when ``gap`` >= 0, pieces at most ``gap``
+    bytes apart are joined by a scratch iovec for the gap. Span slices become span reads, neighbouring
     spans merged when at most ``gap`` bytes apart (reading the gap costs less than a syscall; -1: never)."""
     pieces: list[tuple[int, int, int]] = []  # (file offset, chunk offset, bytes)
     span_list: list[tuple[int, int, int]] = []  # (file offset, bytes, op index)
@@ -357,27 +384,57 @@ def _read_runs(ops: list["SliceOp"], offsets: list[int], as_span: list[bool], id
             for j in range(r1 - r0):
                 pieces.append((op.src_offset + (r0 + j) * row_bytes + c0 * isz, off + j * w, w))
     pieces.sort()
-    runs: list[tuple[int, list[tuple[int, int]]]] = []
-    end = -1
-    for f, o, n in pieces:
-        if runs and f == end and len(runs[-1][1]) < IOV_MAX:
-            last = runs[-1][1][-1]
-            if last[0] + last[1] == o:  # destination contiguous too: extend the iovec
-                runs[-1][1][-1] = (last[0], last[1] + n)
-            else:
-                runs[-1][1].append((o, n))
-        else:
-            runs.append((f, [(o, n)]))
-        end = f + n
     span_list.sort()
     merged: list[tuple[int, int, list[int]]] = []
     for f, n, i in span_list:
         # bounded: the scratch a reader thread holds is one merged span
-        if (merged and gap >= 0 and f <= merged[-1][0] + merged[-1][1] + gap
+        # spans merge where they overlap or touch (the experts of one fused tensor share its rows); in
+        # exact mode never (each strided slice reads its own span, as it always did); gaps are the scatter
+        # runs' business below, so no exact piece ends up inside a merged span (it would be read twice)
+        if (merged and gap >= 0 and f <= merged[-1][0] + merged[-1][1]
                 and max(merged[-1][1], f + n - merged[-1][0]) <= MAX_SPAN_BYTES):
             s0, sn, members = merged[-1]
             merged[-1] = (s0, max(sn, f + n - s0), members + [i])
         else:
             merged.append((f, n, [i]))
-    return (tuple((f, tuple(p)) for f, p in runs),
-            tuple(SpanRead(f, n, tuple(m)) for f, n, m in merged))
+    spans = [SpanRead(f, n, tuple(m)) for f, n, m in merged]
+    if gap < 0:  # exact: scatter runs of touching pieces; each span read on its own
+        return _scatter_runs([(f, o, n, None) for f, o, n in pieces], -1, ops, max_bytes), tuple(spans)
+    # otherwise spans become scratch pieces of the scatter runs, and small gaps are read into scratch
+    items = [(f, o, n, None) for f, o, n in pieces] + [(sp.file_offset, -1, sp.nbytes, sp) for sp in spans]
+    items.sort(key=lambda t: t[0])
+    return _scatter_runs(items, gap, ops, max_bytes), ()
+
+
+def _scatter_runs(items: list, gap: int, ops: list["SliceOp"], max_bytes: int | None) -> tuple[ScatterRead, ...]:
+    """Sorted (file offset, chunk offset, bytes, span or None) -> scatter reads (see ScatterRead). A run
+    stops growing at ``max_bytes`` (the part size): several readers share a chunk's reads."""
+    runs: list[list] = []  # [file offset, pieces, copies, scratch bytes, bytes]
+    end = -1
+    for f, o, n, sp in items:
+        r = runs[-1] if runs else None
+        g = f - end
+        join = (r is not None and 0 <= g and (g == 0 or g <= gap) and len(r[1]) < IOV_MAX - 1
+                and r[3] + (g if g > 0 else 0) + (n if sp is not None else 0) <= SCRATCH_BYTES
+                and (max_bytes is None or r[4] < max_bytes))
+        if not join:
+            r = [f, [], [], 0, 0]
+            runs.append(r)
+        elif g > 0:
+            r[1].append((-r[3] - 1, g))  # the gap, into scratch (dropped)
+            r[3] += g
+        if sp is None:
+            last = r[1][-1] if r[1] else None
+            if last is not None and last[0] >= 0 and last[0] + last[1] == o and g == 0:
+                r[1][-1] = (last[0], last[1] + n)  # destination contiguous too: extend the iovec
+            else:
+                r[1].append((o, n))
+        else:
+            base = r[3]
+            r[1].append((-base - 1, n))
+            r[3] += n
+            for i in sp.ops:
+                r[2].append((i, base + span_of(ops[i])[0] - f))
+        r[4] += n + (g if join and g > 0 else 0)
+        end = f + n
+    return tuple((f, tuple(p), tuple(c), sb) for f, p, c, sb, _ in runs)
