@@ -15,8 +15,10 @@ captured in a CUDA graph replays with a new batch after ``update``; unused block
 at once.
 
 Expert ops: which rows go to which expert is decided on the device by the router, so the blocks are built
-on the device (``expert_blocks``: a stable sort by (expert, slot), a scatter-add count, cumulative sums and a
-search), all with shapes fixed by the number of routed rows: no host synchronisation, capturable.
+on the device with shapes fixed by the number of routed rows: no host synchronisation, capturable. The
+backend uses a counting sort in five Triton launches (``triton_kernels.route_blocks``); ``expert_blocks``
+here is the same contract in torch ops (a stable sort, a scatter-add count, cumulative sums, a search),
+kept as the tested reference and for backends without Triton.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _shrink_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, p_ptr, sps, spm, spr,
                    perm_ptr, blk_start_ptr, blk_len_ptr, blk_slot_ptr, blk_exp_ptr, rank_ptr,
                    K, K_PER_SPLIT,
-                   HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                   HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_R: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -118,7 +119,8 @@ def _embed_shrink_kernel(ids_ptr, a_ptr, sas, sar, sav, p_ptr, spm, spr,
 def _expand_kernel(p_ptr, sps, spm, spr, b_ptr, sbs, sbe, sbn, sbr, sc_ptr, scs, sce, out_ptr, som, son,
                    perm_ptr, blk_start_ptr, blk_len_ptr, blk_slot_ptr, blk_exp_ptr, rank_ptr, N,
                    SPLITS: tl.constexpr,
-                   HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, CDT: tl.constexpr, BLOCK_M: tl.constexpr,
+                   HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, CDT: tl.constexpr,
+                   BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -208,7 +210,8 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, 
     grid = (r_pad // BLOCK_R, grid_blocks, splits)
     _shrink_kernel[grid](x, x.stride(0), x.stride(1), A, A.stride(0), expert_stride or 0, sr, sk,
                          P, P.stride(0), P.stride(1), P.stride(2), perm, bs, bl, bslot, bexp, slot_rank,
-                         K, ks, HAS_EXPERT=expert_stride is not None, IEEE=x.dtype == torch.float32, UPCAST=INTERPRET,
+                         K, ks, HAS_EXPERT=expert_stride is not None, IEEE=x.dtype == torch.float32,
+                         UPCAST=INTERPRET,
                          BLOCK_M=block_m, BLOCK_R=BLOCK_R, BLOCK_K=_pow2(K, 16, 128 if prefill else 256),
                          num_warps=4)
     return P
@@ -246,7 +249,8 @@ def expand(P: torch.Tensor, B: torch.Tensor, expert_stride: int | None, scaling:
                          B.stride(-2), B.stride(-1), scaling, scaling.stride(0), scaling_expert_stride or 0,
                          out, out.stride(0), out.stride(1), perm, bs, bl, bslot, bexp, slot_rank, N,
                          SPLITS=P.shape[0], HAS_EXPERT=expert_stride is not None,
-                         IEEE=compute_dtype == torch.float32, UPCAST=INTERPRET, CDT=_CDT[compute_dtype], BLOCK_M=block_m,
+                         IEEE=compute_dtype == torch.float32, UPCAST=INTERPRET, CDT=_CDT[compute_dtype],
+                         BLOCK_M=block_m,
                          BLOCK_N=bn, BLOCK_R=BLOCK_R, num_warps=4)
 
 

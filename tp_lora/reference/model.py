@@ -42,6 +42,8 @@ class LoRALayerOps(Protocol):
     """The layer-op contract of ``docs/ARCHITECTURE.md`` as the reference model calls it.
 
     Every method adds in place into ``out`` (a contiguous tensor the model keeps using); none returns.
+    An object that also has ``expert_routing`` / ``experts_column`` / ``experts_row`` (``LoRAOps`` does)
+    gets one call per expert projection for all local experts of a layer instead of one per expert.
     """
 
     def column(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None: ...
