@@ -69,6 +69,7 @@ def _rank(rank: int, world: int, fams: dict[str, dict[str, Any]]) -> dict[str, A
     import transformers
 
     from tp_lora import LoRAConfig
+    from tp_lora.errors import AdapterStateError
     from tp_lora.integrations.transformers import attach, build_manager
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -98,6 +99,8 @@ def _rank(rank: int, world: int, fams: dict[str, dict[str, Any]]) -> dict[str, A
         tokens = lora.generate(ids, adapters, NEW_TOKENS)
         pad_ids, pad_mask = _left_padded(prompts)
         padded = lora.generate(pad_ids, adapters, NEW_TOKENS, attention_mask=pad_mask)
+        with pytest.raises(AdapterStateError, match="already has tp_lora attached"):
+            attach(model, mgr)
         lora.detach()
         with torch.no_grad():
             base = model(input_ids=ids).logits

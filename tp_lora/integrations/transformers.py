@@ -588,6 +588,8 @@ def attach(model: torch.nn.Module, manager: LoRAManager, *, backend: LoRABackend
     ``manager`` must be built for this rank of ``model`` (``build_manager``). Raises LayoutError naming
     every module whose sharding differs, before anything is installed.
     """
+    if getattr(model, "_tp_lora_attached", None) is not None:
+        raise AdapterStateError(f"{type(model).__name__} already has tp_lora attached; detach() it first")
     lay = layout(model)
     if lay.spec.to_dict() | {"name": ""} != manager.model.to_dict() | {"name": ""}:
         raise ConfigError(f"the manager's ModelSpec {manager.model.name!r} is not the model's shape "
@@ -621,5 +623,7 @@ def attach(model: torch.nn.Module, manager: LoRAManager, *, backend: LoRABackend
     except BaseException:
         lora.detach()
         raise
+    model._tp_lora_attached = lora
+    lora._restore.insert(0, lambda: setattr(model, "_tp_lora_attached", None))
     log.debug("[rank %d] tp_lora attached to %d modules of %s", manager.rank, len(targets), type(model).__name__)
     return lora
