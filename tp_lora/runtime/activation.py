@@ -44,7 +44,7 @@ MAGIC = 0x7A1_0000
 KIND_VERDICT, KIND_COMMIT, KIND_STATE = 1, 2, 3
 TEXT_WORDS = 23  # 161 bytes of reason per entry / per call
 NAME_WORDS = 5  # the first 35 bytes of each name travel for error messages
-_HDR = 6 + TEXT_WORDS  # kind, epoch, n_names, list digest, state digest, flags, call reason
+_HDR = 7 + TEXT_WORDS  # kind, epoch, n_names, list digest, state digest, flags, evicted digest, call reason
 _ENT = 1 + NAME_WORDS + 3 + TEXT_WORDS  # name digest, name prefix, status, slot + 1, fingerprint, reason
 _MASK = (1 << 62) - 1
 ST_OK, ST_FAIL = 1, 2
@@ -98,13 +98,15 @@ class RankMessage:
     flags: int
     call_reason: str
     entries: list[Entry] = field(default_factory=list)
+    evicted: int = 0  # digest of the active adapters this call evicted here (slots taken for its loads)
     name_digests: list[int] = field(default_factory=list)
 
 
 def encode(msg: RankMessage, rank: int, world: int, max_loras: int) -> torch.Tensor:
     B = block_size(max_loras)
     vec = torch.zeros(world * B, dtype=torch.int64)
-    seg: list[int] = [MAGIC + msg.kind, msg.epoch, msg.n_names, msg.list_digest, msg.state_digest, msg.flags]
+    seg: list[int] = [MAGIC + msg.kind, msg.epoch, msg.n_names, msg.list_digest, msg.state_digest, msg.flags,
+                      msg.evicted]
     seg += _pack(msg.call_reason, TEXT_WORDS)
     for e in msg.entries[:max_loras]:
         seg += [digest62(e.name)] + _pack(e.name, NAME_WORDS)
@@ -122,7 +124,7 @@ def decode(vec: torch.Tensor, world: int, max_loras: int) -> list[RankMessage]:
         kind = s[0] - MAGIC
         n = max(0, min(s[2], max_loras))
         m = RankMessage(kind=kind, epoch=s[1], n_names=s[2], list_digest=s[3], state_digest=s[4], flags=s[5],
-                        call_reason=_unpack(s[6:6 + TEXT_WORDS]))
+                        evicted=s[6], call_reason=_unpack(s[7:7 + TEXT_WORDS]))
         for i in range(n):
             e = s[_HDR + i * _ENT:_HDR + (i + 1) * _ENT]
             m.name_digests.append(e[0])
@@ -142,7 +144,8 @@ class Decision:
     failed_ranks: dict[int, str] = field(default_factory=dict)
     call_error: bool = False  # the call itself was bad (duplicates, too many names, non-string names)
     out_of_step: bool = False  # not one activation on every rank: the group must be re-attached
-    state_differs: bool = False  # the ranks' active sets differed before the call: reconcile first
+    state_differs: bool = False  # the ranks' active sets differed before the call: reconcile now
+    evictions_differ: bool = False  # a failed call evicted different active adapters on different ranks
 
 
 def _show(m: RankMessage) -> str:
@@ -160,7 +163,16 @@ def _groups(values: list[Any]) -> list[list[int]]:
 
 
 def decide(msgs: list[RankMessage], kind: int = KIND_VERDICT) -> Decision:
-    """The agreed verdict of one activation (pure: every rank runs it on the same input)."""
+    """The agreed verdict of one activation (pure: every rank runs it on the same input). A failed call
+    whose loads evicted different active adapters on different ranks (their lists or slots differed) is
+    flagged: the ranks reconcile before they return, so they end the call in the same state."""
+    d = _decide(msgs)
+    if not d.ok and len({m.evicted for m in msgs}) > 1:
+        d.evictions_differ = True
+    return d
+
+
+def _decide(msgs: list[RankMessage]) -> Decision:
     W = len(msgs)
     head = "activation rolled back on every rank: "
     kinds = [(m.kind, m.epoch) for m in msgs]
@@ -198,8 +210,8 @@ def decide(msgs: list[RankMessage], kind: int = KIND_VERDICT) -> Decision:
     if len(sg) > 1:
         return Decision(False, head + f"the ranks' active adapters and slots differed before activate("
                         f"{_show(ref)}) (state digests agree on rank(s) {sg[0]}, differ on "
-                        f"{sorted(r for rs in sg[1:] for r in rs)}); call attach_group() on every rank to "
-                        f"reconcile", state_differs=True,
+                        f"{sorted(r for rs in sg[1:] for r in rs)}); reconciled on every rank (adapters "
+                        f"not held alike everywhere were rolled back)", state_differs=True,
                         failed_ranks={r: "active set differs" for rs in sg[1:] for r in rs})
     failed: dict[int, str] = {}
     parts = []

@@ -100,6 +100,7 @@ class _Call:
     call_reason: str = ""
     overflow: bool = False
     t0: float = 0.0
+    evicted: list[str] = field(default_factory=list)  # active adapters its loads evicted on this rank
 
 
 class LoRAManager:
@@ -131,6 +132,7 @@ class LoRAManager:
         self._stats = StatsRecorder(self.rank)
         self._closed = False
         self._reconcile_needed: str | None = None
+        self._evictions: list[str] | None = None  # collects evictions of active adapters during activate
         #: test hook: callable(adapter, stage, chunk_index) that may raise, to inject faults mid-transfer
         self.fault_hook: Callable[[str, str, int], None] | None = None
         log.debug("[rank %d] LoRAManager: %d slots x %d MiB, modules %s", self.rank, config.max_loras,
@@ -246,6 +248,8 @@ class LoRAManager:
         if victim is not None:
             v = self._adapters.get(victim)
             if v is not None:
+                if v.state is AdapterState.ACTIVE and self._evictions is not None:
+                    self._evictions.append(victim)
                 v.state, v.future = AdapterState.REGISTERED, None
             log.debug("[rank %d] slot %d: evicting %s for %s", self.rank, slot, victim, name)
         after = self.device.compute_event()  # batches that read the slot before must finish first
@@ -355,7 +359,15 @@ class LoRAManager:
             self._rollback(call)
             self._stats.activation(False, self.collective.calls)
             log.warning("[rank %d] %s", self.rank, decision.message)
-            raise act.activation_error(decision, call.names)
+            err = act.activation_error(decision, call.names)
+            if (decision.state_differs or decision.evictions_differ) and not self.collective.broken:
+                # the ranks would leave this call holding different active sets: one more exchange (the
+                # same on every rank, since every rank reached this same decision) makes them equal
+                try:
+                    self._reconcile("activate")
+                except TPLoRAError as e:
+                    raise e from err
+            raise err
         return self._commit(call)
 
     def _start(self, call: _Call, names: str | Sequence[str]) -> None:
@@ -380,6 +392,7 @@ class LoRAManager:
                 and a.state is AdapterState.ACTIVE and a.slot is not None]
         for s in held:
             self.pool.acquire(s)
+        self._evictions = call.evicted
         try:
             for n in raw:
                 a = self._adapters.get(n)
@@ -398,6 +411,7 @@ class LoRAManager:
                     continue
                 call.entries.append(Entry(n, True, _slot(a), a.fingerprint))
         finally:
+            self._evictions = None
             for s in held:
                 self.pool.release(s)
 
@@ -439,7 +453,8 @@ class LoRAManager:
         coll, S = self.collective, self.config.max_loras
         flags = (act.FLAG_CALL if call.call_reason else 0) | (act.FLAG_OVERFLOW if call.overflow else 0)
         msg = RankMessage(act.KIND_VERDICT, coll.epoch, len(call.names), act.digest62(*call.names),
-                          self._state_digest(), flags, call.call_reason, call.entries)
+                          self._state_digest(), flags, call.call_reason, call.entries,
+                          evicted=act.digest62(*sorted(call.evicted)))
         coll.epoch += 1
         try:
             out = coll.exchange(act.encode(msg, coll.rank, coll.world, S), act.KIND_VERDICT)
@@ -452,8 +467,6 @@ class LoRAManager:
         decision = act.decide(act.decode(out, coll.world, S))
         if decision.out_of_step:
             coll.abandon("ranks out of step")
-        if decision.state_differs:
-            self._reconcile_needed = "the ranks' active sets differed at the last activation"
         if not decision.ok or not call.started:
             return decision  # nothing to commit here means nothing on any rank (the states agree)
         try:
@@ -543,6 +556,11 @@ class LoRAManager:
                 else:
                     a.state = AdapterState.CANCELLING
         self.collective.rebind(group)
+        return self._reconcile("attach_group")
+
+    def _reconcile(self, where: str) -> dict[str, int]:
+        """One exchange of every rank's slot table on the current group, then the same rule everywhere
+        (see attach_group). Returns the adapters active afterwards."""
         coll, S = self.collective, self.config.max_loras
         entries = []
         for s in range(S):
@@ -558,17 +576,17 @@ class LoRAManager:
         try:
             out = coll.exchange(act.encode(msg, coll.rank, coll.world, S), act.KIND_STATE)
         except ExchangeFailed as e:
-            raise act.timeout_error(f"attach_group on rank {coll.rank}: {e}", []) from None
+            raise act.timeout_error(f"{where} (reconcile) on rank {coll.rank}: {e}", []) from None
         msgs = act.decode(out, coll.world, S)
         if any(m.kind != act.KIND_STATE for m in msgs):
-            coll.abandon("a peer sent something else than its slot table at attach_group")
-            raise act.timeout_error(f"attach_group on rank {coll.rank}: ranks are out of step (a peer did "
-                                    f"not call attach_group); create a new group and attach again", [])
+            coll.abandon(f"a peer sent something else than its slot table at {where}")
+            raise act.timeout_error(f"{where} (reconcile) on rank {coll.rank}: ranks are out of step (a peer "
+                                    f"did not reconcile); create a new group and attach_group again", [])
         keep, drop, busy = _reconcile(msgs)
         if busy:
-            self._reconcile_needed = "attach_group could not roll back adapters held by running batches"
-            raise AdapterStateError(f"attach_group: {busy}; release those batches and call attach_group() "
-                                    f"again on every rank")
+            self._reconcile_needed = f"{where} could not roll back adapters held by running batches"
+            raise AdapterStateError(f"{where} (reconcile): {busy}; release those batches and call "
+                                    f"attach_group() on every rank")
         for s in range(S):
             n = self.pool.slot_name[s]
             a = self._adapters.get(n) if n is not None else None
@@ -579,9 +597,9 @@ class LoRAManager:
                     self.device.wait_on_compute(a.event)
                     self.pool.commit(s)
                     a.state, a.event = AdapterState.ACTIVE, None
-                    log.warning("[rank %d] attach_group: %s committed (it was in doubt)", self.rank, n)
+                    log.warning("[rank %d] %s: %s committed (it was in doubt)", self.rank, where, n)
             elif s in drop:
-                log.warning("[rank %d] attach_group: %s rolled back (not held alike on every rank)", self.rank, n)
+                log.warning("[rank %d] %s: %s rolled back (not held alike on every rank)", self.rank, where, n)
                 self._drop_slot(a)
         self.pool.reset_lru()
         self._reconcile_needed = None
