@@ -231,6 +231,11 @@ def _worker(rank: int, world: int, root: str, seed: int, n_ops: int, kill: bool)
             if restore is not None:
                 restore()
         every = sync(step, op)
+        progress = os.environ.get("TP_LORA_CHAOS_PROGRESS")
+        if progress and rank == 0 and (step + 1) % 250 == 0:  # long mode: what was checked so far
+            Path(progress).write_text(json.dumps({"steps_checked": step + 1, "counts": counts,
+                                                  "outcomes": outcomes, "attaches": attaches,
+                                                  "elapsed_s": round(time.monotonic() - t_start, 1)}))
         if any(e["broken"] or e["reconcile"] or e["doubt"] for e in every):
             for b in batches:  # an engine drains its batches before it rebuilds the group
                 b.release()

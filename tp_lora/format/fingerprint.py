@@ -100,7 +100,8 @@ def content_digest(fd: int, file_size: int, data_start: int, header_digest: str,
 
 def fingerprint_file(path: str, header_bytes: int, header_digest: str,
                      sample_bytes: int = DEFAULT_SAMPLE_BYTES) -> tuple[FileIdentity, str]:
-    """Open ``path`` once (non-blocking: a FIFO never hangs), check it is a regular file, and return its
+    """Open ``path`` once (non-blocking: a FIFO never hangs), check it is a regular file whose header is
+    the one validated (``header_digest``: sha256 of the 8-byte length + header JSON), and return its
     identity (fstat of that fd) and content digest. Raises OSError / ValueError (the caller wraps them
     into the library's error naming adapter and path)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -109,6 +110,11 @@ def fingerprint_file(path: str, header_bytes: int, header_digest: str,
         if not stat.S_ISREG(st.st_mode):
             raise ValueError("the weights are not a regular file")
         ident = FileIdentity.of_stat(st)
+        if header_digest:
+            # the header validated at register came from another open: it must be this file's header
+            raw = os.pread(fd, 8 + header_bytes, 0)
+            if hashlib.sha256(raw).hexdigest() != header_digest:
+                raise ValueError("the weights were replaced while they were registered (the header differs)")
         digest = content_digest(fd, st.st_size, 8 + header_bytes, header_digest, sample_bytes)
         if FileIdentity.of_stat(os.fstat(fd)) != ident:
             raise ValueError("the weights changed while their fingerprint was computed")

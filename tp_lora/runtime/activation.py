@@ -146,6 +146,7 @@ class Decision:
     out_of_step: bool = False  # not one activation on every rank: the group must be re-attached
     state_differs: bool = False  # the ranks' active sets differed before the call: reconcile now
     evictions_differ: bool = False  # a failed call evicted different active adapters on different ranks
+    lists_differ: bool = False  # the ranks were asked for different lists (their LRU updates differ too)
 
 
 def _show(m: RankMessage) -> str:
@@ -198,7 +199,7 @@ def _decide(msgs: list[RankMessage]) -> Decision:
                     failed[r] = f"asked for {what}"
             parts.append(f"rank(s) {rs}: {what}")
         return Decision(False, head + "ranks were asked to activate different adapter lists (" +
-                        "; ".join(parts) + ")", failed_ranks=failed)
+                        "; ".join(parts) + ")", failed_ranks=failed, lists_differ=True)
     ref = msgs[0]
     calls = [r for r, m in enumerate(msgs) if m.flags & (FLAG_CALL | FLAG_OVERFLOW)]
     if calls:

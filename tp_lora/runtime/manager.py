@@ -101,6 +101,7 @@ class _Call:
     overflow: bool = False
     t0: float = 0.0
     evicted: list[str] = field(default_factory=list)  # active adapters its loads evicted on this rank
+    lru_held: dict[int, int] = field(default_factory=dict)  # slot -> last use before this call held it
 
 
 class LoRAManager:
@@ -360,6 +361,11 @@ class LoRAManager:
             self._stats.activation(False, self.collective.calls)
             log.warning("[rank %d] %s", self.rank, decision.message)
             err = act.activation_error(decision, call.names)
+            if decision.lists_differ:
+                # holding this call's active adapters counted as a use (LRU), and the ranks held different
+                # ones: undo it, so the next slot choice is the same on every rank again
+                for s, t in call.lru_held.items():
+                    self.pool.last_used[s] = t
             if (decision.state_differs or decision.evictions_differ) and not self.collective.broken:
                 # the ranks would leave this call holding different active sets: one more exchange (the
                 # same on every rank, since every rank reached this same decision) makes them equal
@@ -390,6 +396,7 @@ class LoRAManager:
         # (a reference for the duration of the slot choices; the same on every rank)
         held = [a.slot for n in raw if (a := self._adapters.get(n)) is not None
                 and a.state is AdapterState.ACTIVE and a.slot is not None]
+        call.lru_held = {s: self.pool.last_used[s] for s in held}
         for s in held:
             self.pool.acquire(s)
         self._evictions = call.evicted
