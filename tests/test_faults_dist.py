@@ -120,7 +120,15 @@ def _nan_into(path: Path, tensor_key: str) -> None:
     nan = {"BF16": struct.pack("<H", 0x7FC0), "F16": struct.pack("<H", 0x7E00), "F32": struct.pack("<f", float("nan")),
            "F64": struct.pack("<d", float("nan"))}[ent["dtype"]]
     b[off:off + len(nan)] = nan
-    path.write_bytes(bytes(b))
+    _rewrite_keeping_mtime(path, bytes(b))
+
+
+def _rewrite_keeping_mtime(path: Path, data: bytes) -> None:
+    """Rewrite ``path`` in place (same inode) and put its mtime back: corruption the registration's file
+    identity cannot see (the data checks must), or a restore that leaves the identity as registered."""
+    st = os.stat(path)
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -491,10 +499,10 @@ def _stress_worker(rank: int, world: int, root: str, seed: int, n_ops: int) -> d
                     restore = lambda p=p: p.with_suffix(".gone").rename(p)  # noqa: E731
                 elif fault_kind == "nan":
                     _nan_into(p, Q_A)  # q's A is read in full by every rank
-                    restore = lambda p=p, b=originals[fault_on]: p.write_bytes(b)  # noqa: E731
+                    restore = lambda p=p, b=originals[fault_on]: _rewrite_keeping_mtime(p, b)  # noqa: E731
                 else:
-                    p.write_bytes(originals[fault_on][:-10])
-                    restore = lambda p=p, b=originals[fault_on]: p.write_bytes(b)  # noqa: E731
+                    _rewrite_keeping_mtime(p, originals[fault_on][:-10])
+                    restore = lambda p=p, b=originals[fault_on]: _rewrite_keeping_mtime(p, b)  # noqa: E731
             expect_ok, why, fired = model.activate(names, fault_on)
             try:
                 mgr.activate(names)

@@ -3,7 +3,7 @@ pass validation with ``check_finite=False`` or overflow only in the product) nev
 
 * The torch path's ops (dense, embedding, expert): a property test over random batches of good, hostile and
   base-only requests: every good request's rows are finite and bit for bit the same with the other requests
-  on other adapters, and alone (``tests/kernel_checks.py``; the Triton kernels get the same test under the
+  on other adapters, and alone (``tests/support/kernel_checks.py``; the Triton kernels get the same test under the
   interpreter and on the GPU).
 * The reference model: a good request's logits are finite and equal (to float32 rounding: the batch's base
   GEMMs have another shape) alone and batched with a NaN adapter, for a dense and an MoE model; before the
@@ -17,7 +17,7 @@ import random
 import pytest
 import torch
 
-import kernel_checks as kc
+from support import kernel_checks as kc
 from test_ops import MOE, make_pool
 
 from tp_lora.ops.layer import LoRAOps, TorchBackend

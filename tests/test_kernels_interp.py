@@ -27,7 +27,7 @@ if "tp_lora.ops.triton_kernels" in sys.modules and os.environ.get("TRITON_INTERP
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
 
-import kernel_checks as kc  # noqa: E402
+from support import kernel_checks as kc  # noqa: E402
 from test_ops import DENSE, MOE, QWEN2_MOE, make_batch, make_pool, check_dense_ops, check_embedding  # noqa: E402
 from test_ops import check_expert_ops  # noqa: E402
 

@@ -387,10 +387,12 @@ def test_bad_file_fails_with_our_error_and_changes_nothing(adir, tmp_path, kind,
         assert mgr.pool.slot_name == ["keep", None, None] and mgr.pool.reserved == [False] * 3
         assert not mgr.is_active("bad") and mgr.is_active("keep") and st.failed_activations == 1
         assert slot_diff(mgr.pool, 0, expected_slot(keep, mgr.model, 2, 1, 1, mgr.pool)) == []
-        # repair the file: the same registration loads exactly
+        # repair the file: registered again (a file changed since register is never loaded under the old
+        # registration, issue 14), it loads exactly
         if w.is_dir():
             w.rmdir()
         shutil.copy(src / WEIGHTS, w)
+        mgr.register("bad", path, replace=True)
         assert mgr.activate("bad") == {"bad": 1}
         assert slot_diff(mgr.pool, 1, expected_slot(src, mgr.model, 2, 1, 1, mgr.pool)) == []
 
@@ -548,3 +550,191 @@ def test_api_errors(adir, tmp_path):
     with pytest.raises(AdapterStateError, match="closed"):
         mgr.activate("a")
     assert issubclass(AdapterActivationError, TPLoRAError)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 14 / 15: config bounds, content fingerprint, files changed since register, leaks, threads
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field,value", [
+    ("activation_timeout_s", float("inf")), ("activation_timeout_s", 1e15), ("activation_timeout_s", float("nan")),
+    ("activation_timeout_s", 0), ("activation_timeout_s", -1.0), ("activation_timeout_s", "3"),
+    ("load_timeout_s", float("inf")), ("load_timeout_s", float("nan")), ("load_timeout_s", 0.0),
+    ("max_lora_rank", 2.5), ("max_lora_rank", 0), ("max_lora_rank", True), ("max_loras", 10**9),
+    ("max_loras", 0), ("max_loras", 2.0), ("chunk_bytes", 100), ("chunk_bytes", 1.5e6), ("ring_slots", 1),
+    ("ring_slots", 10**6), ("pin_workers", 0), ("read_workers", 10**4), ("host_cache_bytes", -1),
+    ("part_bytes", 10), ("dtype", "int8"), ("pin_mode", "mlock"), ("check_finite", "yes"),
+    ("device", "gpu0"), ("target_modules", "q"), ("fingerprint_sample_bytes", 0),
+])
+def test_config_bounds_name_the_field(field, value):
+    from tp_lora.errors import ConfigError
+    from tp_lora.runtime.manager import LoRAConfig
+
+    with pytest.raises(ConfigError, match=field):
+        LoRAConfig(**{field: value})
+
+
+def test_config_defaults_are_valid_and_exported():
+    from tp_lora.runtime.config import DEFAULTS, MAX_TIMEOUT_S
+    from tp_lora.runtime.manager import LoRAConfig
+
+    cfg = LoRAConfig()
+    assert DEFAULTS["chunk_bytes"] == cfg.chunk_bytes and DEFAULTS["ring_slots"] == cfg.ring_slots
+    LoRAConfig(activation_timeout_s=MAX_TIMEOUT_S, load_timeout_s=0.001)
+
+
+def test_pool_too_large_is_our_error():
+    from tp_lora.errors import PoolError
+
+    with pytest.raises(PoolError, match="max_loras"):
+        new_manager("tiny-dense", max_loras=4096, max_lora_rank=1 << 16)
+
+
+def test_fingerprint_samples_are_the_same_bytes_on_every_rank_and_bounded():
+    from tp_lora.format.fingerprint import sample_offsets
+
+    size, start = (3_300 << 20) + 12345, 8 + 70_000
+    a = sample_offsets(size, start, "d" * 64, 4 << 20)
+    assert a == sample_offsets(size, start, "d" * 64, 4 << 20)  # pure: every rank reads the same bytes
+    assert a != sample_offsets(size, start, "e" * 64, 4 << 20)  # seeded by the header digest
+    assert sum(n for _, n in a) <= 4 << 20 and a[0][0] == start and a[-1][0] + a[-1][1] == size
+    assert all(o1 + n1 <= o2 for (o1, n1), (o2, _) in zip(a, a[1:]))  # sorted, disjoint
+    assert all(start <= o and o + n <= size for o, n in a)
+    assert sample_offsets(start + 1000, start, "d", 4 << 20) == [(start, 1000)]  # small: everything
+
+
+def test_other_weights_with_the_same_header_have_another_fingerprint(adir, tmp_path):
+    from tp_lora.job.synthetic import write_synthetic_adapter
+    from tp_lora.plan.model import ModelSpec
+
+    spec = ModelSpec.from_preset("tiny-dense")
+    p1 = write_synthetic_adapter(tmp_path / "ft1", spec, rank=4, seed=1, targets=("q", "v"))
+    p2 = write_synthetic_adapter(tmp_path / "ft2", spec, rank=4, seed=2, targets=("q", "v"))
+    h1, h2 = (Path(p) / WEIGHTS for p in (p1, p2))
+    n1 = struct.unpack("<Q", h1.read_bytes()[:8])[0]
+    assert h1.read_bytes()[:8 + n1] == h2.read_bytes()[:8 + n1]  # byte-identical headers
+    with new_manager("tiny-dense", max_loras=2) as mgr:
+        mgr.register("x", p1)
+        f1 = mgr.header("x").fingerprint
+        with pytest.raises(AdapterStateError, match="replace"):
+            mgr.register("x", p2)  # other contents under the name: refused without replace
+        mgr.register("x", p2, replace=True)
+        assert mgr.header("x").fingerprint != f1
+
+
+def test_file_changed_since_register_is_never_served_from_the_cache(adir, tmp_path):
+    src = make_adapter(adir, "chg", "tiny-dense", rank=4, dtype="bf16", targets=("q",), seed=80)
+    other = make_adapter(adir, "chg2", "tiny-dense", rank=4, dtype="bf16", targets=("q",), seed=81)
+    path = tmp_path / "chg"
+    shutil.copytree(src, path)
+    with new_manager("tiny-dense", max_loras=1) as mgr:
+        mgr.register("c", path)
+        mgr.register("o", other)
+        mgr.activate("c")
+        mgr.activate("o")  # evicts c from the slot; its bytes stay cached
+        assert mgr.cache.contains("c")
+        shutil.copy(other / WEIGHTS, path / WEIGHTS)  # same size, same header, other weights
+        with pytest.raises(AdapterActivationError, match="changed since registration"):
+            mgr.activate("c")
+        assert not mgr.cache.contains("c") and mgr.is_active("o") is False
+        with pytest.raises(AdapterStateError, match="replace"):
+            mgr.register("c", path)  # changed under the same name: refused without replace
+        mgr.register("c", path, replace=True)  # new plan, old cache entries dropped
+        s = mgr.activate("c")["c"]
+        assert slot_diff(mgr.pool, s, expected_slot(other, mgr.model, 1, 0, 1, mgr.pool)) == []
+
+
+def test_file_rewritten_during_the_load_fails_it(adir, tmp_path):
+    src = make_adapter(adir, "mid", "tiny-dense", rank=8, dtype="bf16", targets=ALL_DENSE, seed=82)
+    other = make_adapter(adir, "mid2", "tiny-dense", rank=8, dtype="bf16", targets=ALL_DENSE, seed=83)
+    path = tmp_path / "mid"
+    shutil.copytree(src, path)
+    with new_manager("tiny-dense", max_loras=1) as mgr:
+        mgr.register("m", path)
+
+        def hook(adapter, stage, i):
+            if stage == "read" and i == 0:
+                shutil.copy(other / WEIGHTS, path / WEIGHTS)
+
+        mgr.fault_hook = hook
+        with pytest.raises(AdapterActivationError, match="changed during the load"):
+            mgr.activate("m")
+        mgr.fault_hook = None
+        assert not mgr.cache.contains("m") and mgr.pool.slot_name == [None]
+        assert not any(t[0].any() for m in mgr.pool.shapes
+                       for t in (mgr.pool.A[m], mgr.pool.B[m], mgr.pool.scaling[m]))
+
+
+def test_prepare_batch_validates_before_taking_references(adir):
+    a = make_adapter(adir, "pb", "tiny-dense", rank=4, dtype="bf16", targets=("q",), seed=84)
+    with new_manager("tiny-dense", max_loras=1) as mgr:
+        mgr.register("a", a)
+        mgr.activate("a")
+        for bad in ([10**20], [2.5], ["3"], [True], [-1]):
+            with pytest.raises(AdapterStateError, match="tokens_per_request"):
+                mgr.prepare_batch(["a"], bad)
+            assert mgr.pool.refcount == [0], bad
+        mgr.unregister("a")  # never stuck: the slot can be freed
+
+
+def test_unregister_and_failed_loads_zero_the_slot(adir, tmp_path):
+    a = make_adapter(adir, "z1", "tiny-dense", rank=8, dtype="bf16", targets=ALL_DENSE, seed=85)
+    b = tmp_path / "z2"
+    shutil.copytree(make_adapter(adir, "z2", "tiny-dense", rank=8, dtype="bf16", targets=ALL_DENSE, seed=86), b)
+
+    def zero(mgr, s):
+        return not any(t[s].any() for m in mgr.pool.shapes for t in (mgr.pool.A[m], mgr.pool.B[m], mgr.pool.scaling[m]))
+
+    with new_manager("tiny-dense", max_loras=1) as mgr:
+        mgr.register("a", a)
+        mgr.activate("a")
+        assert not zero(mgr, 0)
+        mgr.unregister("a")
+        assert zero(mgr, 0)
+        mgr.register("b", b)
+        poison_tensor(b / WEIGHTS)  # NaN in the data (identity kept): placed, then rejected
+        with pytest.raises(AdapterActivationError, match="NaN"):
+            mgr.activate("b")
+        assert zero(mgr, 0) and mgr.pool.slot_name == [None]
+
+
+def test_stats_is_safe_from_another_thread(adir):
+    srcs = [make_adapter(adir, f"th{i}", "tiny-dense", rank=2, dtype="bf16", targets=("q",), seed=90 + i)
+            for i in range(4)]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    with new_manager("tiny-dense", max_loras=2) as mgr:
+        def poll():
+            while not stop.is_set():
+                try:
+                    st = mgr.stats()
+                    assert st.registered >= 0 and isinstance(st.active, list)
+                except BaseException as e:  # noqa: BLE001
+                    errors.append(e)
+                    return
+
+        t = threading.Thread(target=poll)
+        t.start()
+        try:
+            for rep in range(15):
+                for i, s in enumerate(srcs):
+                    mgr.register(f"n{rep}_{i}", s)
+                mgr.activate([f"n{rep}_0", f"n{rep}_1"])
+                for i in range(4):
+                    mgr.unregister(f"n{rep}_{i}")
+        finally:
+            stop.set()
+            t.join()
+    assert errors == []
+
+
+def test_activate_call_errors_are_agreed(adir):
+    from tp_lora.errors import ActivationCallError
+
+    a = make_adapter(adir, "ce", "tiny-dense", rank=2, dtype="bf16", targets=("q",), seed=95)
+    with new_manager("tiny-dense", max_loras=2) as mgr:
+        mgr.register("a", a)
+        for bad, text in ((["a", "a"], "duplicate"), ([1], "strings"), (["a", "b", "c"], "max_loras=2")):
+            with pytest.raises(ActivationCallError, match=text):
+                mgr.activate(bad)
+        assert mgr.pool.slot_name == [None, None]
+        assert mgr.activate("a") == {"a": 0}

@@ -3,8 +3,9 @@
 One spawn per world size runs every scenario in order on the same group (process start-up dominates
 the cost); each rank returns plain data per scenario and the tests below assert on it:
 
-- register / prefetch issue no collective; each activate issues exactly one (counted by wrapping every
-  ``torch.distributed`` collective in the child, and ``mgr.collective.calls``);
+- register / prefetch issue no collective; each activate issues exactly two all-reduces, verdict and commit
+  (counted by wrapping every ``torch.distributed`` collective in the child, and ``mgr.collective.calls``);
+  a failed verdict issues no commit;
 - every rank's slot equals the independent reference of its own rank;
 - one rank's file missing / NaN / unregistrable (wrong shapes) / a different adapter / a raise mid-transfer
   while the others are fine: every rank raises AdapterActivationError with the SAME text naming the rank,
@@ -165,6 +166,7 @@ def _scenarios(rank: int, world: int, root: str) -> dict:
             if rank == bad_rank and kind in ("missing", "nan"):
                 shutil.rmtree(mine / "c")
                 shutil.copytree(base / "c", mine / "c")
+                mgr.register("c", mine / "c", replace=True)  # a repaired file is another file (issue 14)
             if rank == bad_rank and kind == "unregistrable":
                 mgr.register("c", mine / "c")  # its first registration of "c": generation 1 like the others
             if kind == "different-file":  # every rank replaces "c" (same generation everywhere)
@@ -288,9 +290,10 @@ def test_collectives_only_at_activate(dist_results):
     for r, c in enumerate(_ok(results, "counting")):
         assert c["start"] == 0, c
         assert c["after_register"] == 0 and c["after_prefetch"] == 0, (r, c)
-        assert c["after_activate_a"] == {"all_reduce": 1}, (r, c)
-        assert c["calls_a"] == 1 and c["after_activate_ab"] == 2 and c["calls_ab"] == 2, (r, c)
-        assert c["stats_collectives"] == 2
+        # two all-reduces per activation that loads something (verdict, then commit: issue 14, no split)
+        assert c["after_activate_a"] == {"all_reduce": 2}, (r, c)
+        assert c["calls_a"] == 2 and c["after_activate_ab"] == 4 and c["calls_ab"] == 4, (r, c)
+        assert c["stats_collectives"] == 4
     assert len({c["slots"] for c in _ok(results, "counting")}) == 1
 
 
@@ -353,7 +356,7 @@ def test_prefetch_while_batch_holds_another_adapter(dist_results):
     for r, res in enumerate(rs):
         assert res["y_same"] and res["y_slot"] and res["x_slot"] != res["y_slot_idx"], (r, res)
         assert res["x_diff"] == [] and res["y_diff"] == [], (r, res)
-        assert res["calls"] == 1
+        assert res["calls"] == 2  # verdict + commit
         assert res["refcount"][res["y_slot_idx"]] == 1  # the batch still held y throughout
     assert len({r["x_slot"] for r in rs}) == 1
 
@@ -376,63 +379,45 @@ def test_absent_rank_makes_the_others_time_out(dist_results):
 # ------------------------------------------------------------------------------------------------
 # the agreement decoding itself, for large worlds, without processes
 # ------------------------------------------------------------------------------------------------
-class _Capture(Exception):
-    pass
+def _agree_all(names, entries_by_rank, S=4, lists=None):
+    """Every rank's message encoded, summed (what the all-reduce does), decoded and decided per rank."""
+    from tp_lora.runtime import activation as act
 
-
-class _FakeCollective:
-    """Stands in for Collective: phase 1 captures each rank's vector, phase 2 returns their sum."""
-
-    def __init__(self, world: int, rank: int, total=None):
-        self.world, self.rank, self.total = world, rank, total
-        self.sent = None
-
-    def all_reduce_sum(self, t):
-        if self.total is None:
-            self.sent = t.clone()
-            raise _Capture()
-        return self.total.clone()
-
-
-def _agree_all(names, verdicts_by_rank):
-    from tp_lora.runtime.activation import agree
-
-    W = len(verdicts_by_rank)
+    W = len(entries_by_rank)
     sent = []
     for r in range(W):
-        c = _FakeCollective(W, r)
-        with pytest.raises(_Capture):
-            agree(c, names, verdicts_by_rank[r])
-        sent.append(c.sent)
+        ns = names if lists is None else lists[r]
+        m = act.RankMessage(act.KIND_VERDICT, 0, len(ns), act.digest62(*ns), 7, 0, "", entries_by_rank[r])
+        sent.append(act.encode(m, r, W, S))
     total = sum(sent[1:], sent[0].clone())
-    return [agree(_FakeCollective(W, r, total), names, verdicts_by_rank[r]) for r in range(W)]
+    return [act.decide(act.decode(total.clone(), W, S)) for _ in range(W)]
 
 
 def test_agreement_decoding_large_world():
-    from tp_lora.runtime.activation import RankVerdict
+    from tp_lora.runtime.activation import Entry
 
-    W, fp = 64, (1 << 20) - 1
-    ok = [[RankVerdict(True, 3, 2, fingerprint=fp), RankVerdict(True, 1, 1, fingerprint=5)] for _ in range(W)]
+    W, fp = 64, (1 << 62) - 1
+    ok = [[Entry("p", True, 3, fp), Entry("q", True, 1, 5)] for _ in range(W)]
     res = _agree_all(["p", "q"], ok)
     assert all(a.ok for a in res)
+    # generation and fingerprint are one field now (issue 13 item 6): one check covers both
     cases = {
-        "reason": (37, 0, RankVerdict(False, 3, 2, "AdapterDataError: naïve ☃ " + "x" * 300, fingerprint=fp)),
-        "slot": (63, 1, RankVerdict(True, 2, 1, fingerprint=5)),
-        "generation": (0, 0, RankVerdict(True, 3, 3, fingerprint=fp)),
-        "fingerprint": (5, 0, RankVerdict(True, 3, 2, fingerprint=fp - 1)),
+        "reason": (37, 0, Entry("p", False, 3, fp, "AdapterDataError: naïve ☃ " + "x" * 300)),
+        "slot": (63, 1, Entry("q", True, 2, 5)),
+        "fingerprint": (5, 0, Entry("p", True, 3, fp - 1)),
     }
     for what, (rank, idx, bad) in cases.items():
         vs = [list(v) for v in ok]
         vs[rank][idx] = bad
         res = _agree_all(["p", "q"], vs)
-        msgs = {a.message(["p", "q"]) for a in res}
+        msgs = {a.message for a in res}
         assert len(msgs) == 1 and not any(a.ok for a in res), (what, msgs)
         msg = msgs.pop()
         if what == "reason":
-            assert res[0].failed == {"p": {37: res[0].failed["p"][37]}}
-            assert res[0].failed["p"][37].startswith("AdapterDataError: naïve ☃ xxx"), msg
+            assert res[0].failed_ranks == {37: res[0].failed_ranks[37]}
+            assert res[0].failed_ranks[37].startswith("AdapterDataError: naïve ☃ xxx"), msg
         else:
-            assert {"slot": "slots", "generation": "generations", "fingerprint": "fingerprints"}[what] in msg, msg
+            assert {"slot": "slots", "fingerprint": "fingerprints"}[what] in msg, msg
             assert f"'{['p', 'q'][idx]}'" in msg
 
 
@@ -467,3 +452,24 @@ def test_one_rank_register_failure_then_reregister(tmp_path: Path) -> None:
     out = run_distributed(_register_failure_scenario, 2, str(a), str(b), timeout=90)
     assert [o["failed"] for o in out] == [False, True]
     assert out[0]["slots"] == out[1]["slots"] == {"x": 0}
+
+
+def test_agreement_decoding_lists_that_differ():
+    """Names, order and length that differ give one message on every rank, naming the ranks; the message
+    size never depends on the call."""
+    from tp_lora.runtime.activation import Entry
+
+    W = 8
+    lists = [["a", "b"]] * W
+    for what, r, other in (("order", 3, ["b", "a"]), ("length", 5, ["a", "b", "c"]), ("names", 0, ["a", "x"])):
+        ls = list(lists)
+        ls[r] = other
+        ents = [[Entry(n, True, i, 1) for i, n in enumerate(x)] for x in ls]
+        res = _agree_all(None, ents, lists=ls)
+        msgs = {d.message for d in res}
+        assert len(msgs) == 1 and not res[0].ok, (what, msgs)
+        msg = msgs.pop()
+        assert "different adapter lists" in msg and f"rank(s) [{r}]" in msg, (what, msg)
+        assert list(res[0].failed_ranks) == [r], (what, res[0].failed_ranks)
+        if what == "order":
+            assert "another order" in msg, msg

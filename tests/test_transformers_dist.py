@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from distributed import run_distributed
+from support.distributed import run_distributed
 
 from tp_lora.plan.model import ModelSpec
 

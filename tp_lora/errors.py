@@ -85,4 +85,20 @@ class AdapterActivationError(TPLoRAError):
 
 
 class CollectiveTimeoutError(AdapterActivationError):
-    """A peer rank did not arrive at the activation collective within the configured timeout."""
+    """A peer rank did not arrive at the activation collective within the configured timeout (or the
+    group is unusable after such a failure): the group is broken, ``attach_group`` a new one."""
+
+
+class AdapterInDoubtError(CollectiveTimeoutError):
+    """The commit exchange did not complete on this rank after an all-ok verdict: a peer may have
+    committed, so the adapters stay loaded but unusable ("in doubt") until ``attach_group`` resolves
+    them the same way on every rank."""
+
+
+class ActivationCallError(AdapterActivationError, AdapterStateError):
+    """The activate call itself is invalid (duplicate or non-string names, more names than slots);
+    agreed like any verdict, so every rank raises it."""
+
+
+class LoadTimeoutError(AdapterDataError):
+    """This rank's load did not finish within ``LoRAConfig.load_timeout_s`` (a hung or very slow read)."""

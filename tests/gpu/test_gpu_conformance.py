@@ -13,7 +13,6 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from test_conformance import LAYOUTS, MIXED, REUSE_AFTER, REUSE_BEFORE, _check, _rank_run  # noqa: E402
 from test_conformance import families  # noqa: E402,F401  (module fixture)

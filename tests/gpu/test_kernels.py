@@ -2,7 +2,7 @@
 row isolation, and a decode step with LoRA captured in a CUDA graph that replays with other adapter mixes
 (and base-only rows) without re-capture. Skipped without CUDA.
 
-Tolerances: ``tests/kernel_checks.py`` (float32 1e-5 * (mag + 1); bf16 12u * mag against the torch path).
+Tolerances: ``tests/support/kernel_checks.py`` (float32 1e-5 * (mag + 1); bf16 12u * mag against the torch path).
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernels)")]
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if torch.cuda.is_available():
-    import kernel_checks as kc  # noqa: E402
+    from support import kernel_checks as kc  # noqa: E402
     from test_ops import DENSE, MOE, QWEN2_MOE, make_pool, check_dense_ops, check_embedding  # noqa: E402
     from test_ops import check_expert_ops  # noqa: E402
     from tp_lora.ops.layer import LoRAOps, TorchBackend, default_backend  # noqa: E402

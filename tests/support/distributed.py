@@ -24,6 +24,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+_STORE: Any = None
+
+
+def child_store() -> Any:
+    """In a rank process: the TCPStore the group was built on (out-of-band coordination for tests that
+    must compare ranks or rebuild groups after the group under test was given up on)."""
+    if _STORE is None:
+        raise RuntimeError("child_store() is only available inside run_distributed's rank processes")
+    return _STORE
+
+
 class DistributedTestError(RuntimeError):
     """A rank raised; ``rank`` and ``remote_traceback`` say where and what."""
 
@@ -42,6 +53,8 @@ def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, timeou
                               timeout=datetime.timedelta(seconds=timeout))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
+        global _STORE
+        _STORE = store
         # report before tearing the group down: peers see a reset connection once this rank leaves,
         # and the parent should hear the root cause first
         results.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))

@@ -260,5 +260,14 @@ def poison_tensor(weights: str | os.PathLike[str], key_part: str = "layers.0.sel
     key = next(k for k in sorted(header) if key_part in k)
     s, e = header[key]["data_offsets"]
     raw[8 + hlen + s:8 + hlen + e] = b"\xc0\x7f" * ((e - s) // 2)
-    p.write_bytes(bytes(raw))
+    keep_mtime(p, lambda: p.write_bytes(bytes(raw)))
     return key
+
+
+def keep_mtime(path: str | os.PathLike[str], write: Any) -> None:
+    """Run ``write`` (an in-place rewrite of ``path``) and put the file's mtime back: silent corruption
+    (bit rot, a copy that preserves times) that the registration's identity check cannot see, so the
+    data-level checks (NaN/Inf) are what catches it."""
+    st = os.stat(path)
+    write()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))

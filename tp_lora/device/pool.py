@@ -131,13 +131,23 @@ class GpuPool:
         self.last_used[slot] = self.tick()
 
     def free(self, slot: int) -> None:
-        """Forget the slot's adapter (rollback or unregister); zero its scalings so it adds nothing."""
+        """Forget the slot's adapter (rollback or unregister) and zero all of it (A, B and scalings):
+        nothing of a previous tenant, NaN from a rejected load included, stays in a free slot."""
         if self.refcount[slot]:
             raise PoolError(f"slot {slot} ({self.slot_name[slot]!r}) is referenced by a running batch")
         self.slot_name[slot] = None
         self.reserved[slot] = False
-        for sc in self.scaling.values():
-            sc[slot].zero_()
+        for m in self.shapes:
+            self.A[m][slot].zero_()
+            self.B[m][slot].zero_()
+            self.scaling[m][slot].zero_()
+        self._dirty[slot] = set()
+
+    def reset_lru(self) -> None:
+        """Restart the LRU order (ties go to the lowest slot): after a reconcile, every rank's order is
+        the same again whatever each one saw before."""
+        self._clock = 0
+        self.last_used = [0] * self.max_loras
 
     def acquire(self, slot: int) -> None:
         self.refcount[slot] += 1

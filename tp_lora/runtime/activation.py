@@ -1,154 +1,351 @@
-"""The only module that issues collectives: activation agreement.
+"""The only module that issues collectives: activation agreement (docs/HOSTILE.md, "Agreement").
 
-One all-reduce (SUM, float64) of a small vector tells every rank, for each adapter of the activation:
-which ranks failed (one-hot flags), whether slots, generations and adapter fingerprints agree (sum and sum
-of squares satisfy sum^2 == W * sum of squares only if every rank sent the same x), and each failing rank's
-short reason (its bytes sit in that rank's own segment, zero elsewhere, so the sum reveals them). Every
-rank decodes the same vector, so every rank raises the same error text, or none does.
+Protocol (two all-reduces per activation, both of ONE fixed size):
+
+1. **verdict**: every rank sends, in its own segment of an int64 vector (zeros elsewhere, so the SUM
+   is an all-gather), its view of the call: the digest and length of the ordered name list, the first
+   bytes of every name, a digest of what it has active before the call, and per adapter ok / slot /
+   content fingerprint / short reason. Every rank decodes the same vector with the same pure function
+   (:func:`decide`), so every rank reaches the same verdict and raises the same text, or none does.
+2. **commit**: only after an all-ok verdict; a rank commits when this second exchange completes.
+
+The message size depends only on (world size, ``max_loras``), never on the call: lists of different
+lengths, names or orders are an agreed error, not a gloo size mismatch. Order matters (slots are
+assigned in list order): a different order on some rank is rejected, identically everywhere.
+
+No split: a rank that gives up on the verdict exchange (timeout, lost peer, interrupt) rolls back, and
+no peer can commit, because committing needs that rank's commit message, which it never sends. A rank
+that gives up on the *commit* exchange has sent its commit message, so a peer may have committed: it
+keeps the adapters **in doubt** (loaded, slot held, unusable in batches) and ``attach_group`` resolves
+them on every rank the same way (commit iff every rank holds them committed or in doubt). Either way
+the group is marked broken and never used again by this rank (gloo's ``abort`` does not stop a late
+peer from completing against data already sent, so correctness does not rest on it; NCCL
+communicators are aborted to free the device).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
-from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 
-from ..errors import AdapterActivationError, CollectiveTimeoutError
+from ..errors import AdapterActivationError, AdapterStateError, CollectiveTimeoutError
 
-REASON_BYTES = 160
+log = logging.getLogger(__name__)
+
 #: pass as ``group`` for a rank-local manager (a single-process reference inside a distributed job)
 LOCAL = "local"
 
+MAGIC = 0x7A1_0000
+KIND_VERDICT, KIND_COMMIT, KIND_STATE = 1, 2, 3
+TEXT_WORDS = 23  # 161 bytes of reason per entry / per call
+NAME_WORDS = 5  # the first 35 bytes of each name travel for error messages
+_HDR = 7 + TEXT_WORDS  # kind, epoch, n_names, list digest, state digest, flags, evicted digest, call reason
+_ENT = 1 + NAME_WORDS + 3 + TEXT_WORDS  # name digest, name prefix, status, slot + 1, fingerprint, reason
+_MASK = (1 << 62) - 1
+ST_OK, ST_FAIL = 1, 2
+#: reconcile states per slot
+SLOT_EMPTY, SLOT_ACTIVE, SLOT_IN_DOUBT = 0, 1, 2
+FLAG_CALL, FLAG_OVERFLOW = 1, 2
+
+
+def digest62(*parts: Any) -> int:
+    """A 62-bit digest (exact in int64 sums); ``parts`` are repr'd, so any value is accepted."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        b = p.encode("utf-8", "surrogatepass") if isinstance(p, str) else repr(p).encode()
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return int.from_bytes(h.digest(), "little") & _MASK
+
+
+def _pack(text: str, words: int) -> list[int]:
+    raw = text.encode("utf-8", "replace")[:words * 7]
+    return [int.from_bytes(raw[i * 7:(i + 1) * 7], "little") for i in range(words)]
+
+
+def _unpack(ws: Sequence[int]) -> str:
+    raw = b"".join(int(w).to_bytes(7, "little") for w in ws).rstrip(b"\0")
+    return raw.decode("utf-8", "replace")
+
+
+def block_size(max_loras: int) -> int:
+    return _HDR + max_loras * _ENT
+
 
 @dataclass
-class RankVerdict:
+class Entry:
+    name: str
     ok: bool
     slot: int
-    generation: int
+    fingerprint: int
     reason: str = ""
-    fingerprint: int = 0  # a short digest of the registered files: every rank must hold the same adapter
 
 
 @dataclass
-class Agreement:
-    ok: bool
-    failed: dict[str, dict[int, str]]  # adapter -> {rank: reason}
-    disagreement: list[str]  # human-readable slot/generation mismatches
+class RankMessage:
+    """One rank's segment, decoded."""
 
-    def message(self, names: list[str]) -> str:
+    kind: int
+    epoch: int
+    n_names: int
+    list_digest: int
+    state_digest: int
+    flags: int
+    call_reason: str
+    entries: list[Entry] = field(default_factory=list)
+    evicted: int = 0  # digest of the active adapters this call evicted here (slots taken for its loads)
+    name_digests: list[int] = field(default_factory=list)
+
+
+def encode(msg: RankMessage, rank: int, world: int, max_loras: int) -> torch.Tensor:
+    B = block_size(max_loras)
+    vec = torch.zeros(world * B, dtype=torch.int64)
+    seg: list[int] = [MAGIC + msg.kind, msg.epoch, msg.n_names, msg.list_digest, msg.state_digest, msg.flags,
+                      msg.evicted]
+    seg += _pack(msg.call_reason, TEXT_WORDS)
+    for e in msg.entries[:max_loras]:
+        seg += [digest62(e.name)] + _pack(e.name, NAME_WORDS)
+        seg += [ST_OK if e.ok else ST_FAIL, e.slot + 1, e.fingerprint & _MASK] + _pack(e.reason, TEXT_WORDS)
+    vec[rank * B:rank * B + len(seg)] = torch.tensor(seg, dtype=torch.int64)
+    return vec
+
+
+def decode(vec: torch.Tensor, world: int, max_loras: int) -> list[RankMessage]:
+    B = block_size(max_loras)
+    vals = vec.tolist()
+    out = []
+    for r in range(world):
+        s = vals[r * B:(r + 1) * B]
+        kind = s[0] - MAGIC
+        n = max(0, min(s[2], max_loras))
+        m = RankMessage(kind=kind, epoch=s[1], n_names=s[2], list_digest=s[3], state_digest=s[4], flags=s[5],
+                        evicted=s[6], call_reason=_unpack(s[7:7 + TEXT_WORDS]))
+        for i in range(n):
+            e = s[_HDR + i * _ENT:_HDR + (i + 1) * _ENT]
+            m.name_digests.append(e[0])
+            m.entries.append(Entry(name=_unpack(e[1:1 + NAME_WORDS]), ok=e[1 + NAME_WORDS] == ST_OK,
+                                   slot=e[2 + NAME_WORDS] - 1, fingerprint=e[3 + NAME_WORDS],
+                                   reason=_unpack(e[4 + NAME_WORDS:4 + NAME_WORDS + TEXT_WORDS])))
+        out.append(m)
+    return out
+
+
+@dataclass
+class Decision:
+    """What every rank concluded from the same decoded vector (hence identical everywhere)."""
+
+    ok: bool
+    message: str = ""
+    failed_ranks: dict[int, str] = field(default_factory=dict)
+    call_error: bool = False  # the call itself was bad (duplicates, too many names, non-string names)
+    out_of_step: bool = False  # not one activation on every rank: the group must be re-attached
+    state_differs: bool = False  # the ranks' active sets differed before the call: reconcile now
+    evictions_differ: bool = False  # a failed call evicted different active adapters on different ranks
+    lists_differ: bool = False  # the ranks were asked for different lists (their LRU updates differ too)
+
+
+def _show(m: RankMessage) -> str:
+    names = [e.name for e in m.entries]
+    more = f" +{m.n_names - len(names)} more" if m.n_names > len(names) else ""
+    return f"{names}{more}"
+
+
+def _groups(values: list[Any]) -> list[list[int]]:
+    """Ranks grouped by equal value, largest group first (ties: lowest rank first)."""
+    by: dict[Any, list[int]] = {}
+    for r, v in enumerate(values):
+        by.setdefault(v, []).append(r)
+    return sorted(by.values(), key=lambda rs: (-len(rs), rs[0]))
+
+
+def decide(msgs: list[RankMessage], kind: int = KIND_VERDICT) -> Decision:
+    """The agreed verdict of one activation (pure: every rank runs it on the same input). A failed call
+    whose loads evicted different active adapters on different ranks (their lists or slots differed) is
+    flagged: the ranks reconcile before they return, so they end the call in the same state."""
+    d = _decide(msgs)
+    if not d.ok and len({m.evicted for m in msgs}) > 1:
+        d.evictions_differ = True
+    return d
+
+
+def _decide(msgs: list[RankMessage]) -> Decision:
+    W = len(msgs)
+    head = "activation rolled back on every rank: "
+    kinds = [(m.kind, m.epoch) for m in msgs]
+    if len(set(kinds)) > 1:
+        parts = [f"rank(s) {rs}: {'verdict' if kinds[rs[0]][0] == KIND_VERDICT else f'message {kinds[rs[0]][0]}'}"
+                 f" #{kinds[rs[0]][1]}" for rs in _groups(kinds)]
+        return Decision(False, head + "ranks are out of step (" + "; ".join(parts) + "); the group must be "
+                        "re-attached (attach_group)", out_of_step=True,
+                        failed_ranks={r: "out of step" for rs in _groups(kinds)[1:] for r in rs})
+    lists = [(m.list_digest, m.n_names) for m in msgs]
+    groups = _groups(lists)
+    if len(groups) > 1:
+        ref = msgs[groups[0][0]]
         parts = []
-        for n, ranks in self.failed.items():
-            rk = ", ".join(f"rank {r}: {why}" for r, why in sorted(ranks.items()))
-            parts.append(f"adapter {n!r} failed on rank(s) {sorted(ranks)} ({rk})")
-        parts += self.disagreement
-        return f"activation of {names} rolled back on every rank: " + "; ".join(parts)
+        failed: dict[int, str] = {}
+        for rs in groups:
+            m = msgs[rs[0]]
+            what = f"{_show(m)} ({m.n_names} name{'s' if m.n_names != 1 else ''})"
+            if rs is not groups[0]:
+                if sorted(m.name_digests) == sorted(ref.name_digests) and m.n_names == ref.n_names:
+                    what += ", the same names in another order"
+                for r in rs:
+                    failed[r] = f"asked for {what}"
+            parts.append(f"rank(s) {rs}: {what}")
+        return Decision(False, head + "ranks were asked to activate different adapter lists (" +
+                        "; ".join(parts) + ")", failed_ranks=failed, lists_differ=True)
+    ref = msgs[0]
+    calls = [r for r, m in enumerate(msgs) if m.flags & (FLAG_CALL | FLAG_OVERFLOW)]
+    if calls:
+        why = msgs[calls[0]].call_reason
+        return Decision(False, f"activate({_show(ref)}) rejected on every rank: {why}", call_error=True,
+                        failed_ranks={r: msgs[r].call_reason for r in calls})
+    states = [m.state_digest for m in msgs]
+    sg = _groups(states)
+    if len(sg) > 1:
+        return Decision(False, head + f"the ranks' active adapters and slots differed before activate("
+                        f"{_show(ref)}) (state digests agree on rank(s) {sg[0]}, differ on "
+                        f"{sorted(r for rs in sg[1:] for r in rs)}); reconciled on every rank (adapters "
+                        f"not held alike everywhere were rolled back)", state_differs=True,
+                        failed_ranks={r: "active set differs" for rs in sg[1:] for r in rs})
+    failed: dict[int, str] = {}
+    parts = []
+    for i, e0 in enumerate(ref.entries):
+        bad = {r: m.entries[i].reason for r, m in enumerate(msgs) if not m.entries[i].ok}
+        if bad:
+            rk = ", ".join(f"rank {r}: {why}" for r, why in sorted(bad.items()))
+            parts.append(f"adapter {e0.name!r} failed on rank(s) {sorted(bad)} ({rk})")
+            for r, why in bad.items():
+                failed.setdefault(r, why)
+            continue
+        slots = [m.entries[i].slot for m in msgs]
+        if len(set(slots)) > 1:
+            parts.append(f"adapter {e0.name!r}: ranks chose different GPU slots (" +
+                         "; ".join(f"rank(s) {rs}: slot {slots[rs[0]]}" for rs in _groups(slots)) + ")")
+        fps = [m.entries[i].fingerprint for m in msgs]
+        if len(set(fps)) > 1:
+            parts.append(f"adapter {e0.name!r}: ranks registered different files under this name (content "
+                         f"fingerprints differ: " + "; ".join(f"rank(s) {rs}: {fps[rs[0]]:016x}"
+                                                              for rs in _groups(fps)) + ")")
+    if parts:
+        return Decision(False, f"activation of {_show(ref)} rolled back on every rank: " + "; ".join(parts),
+                        failed_ranks=failed)
+    return Decision(True)
+
+
+class ExchangeFailed(Exception):
+    """Internal: this rank gave up on an exchange (timeout or a peer lost); the group is broken."""
 
 
 class Collective:
-    """Wraps the process group; counts the collectives it issues (tests check there is exactly one
-    per activation). ``group=None`` means the default group when one is initialised, else a single
-    rank; ``group=LOCAL`` forces a single rank."""
+    """Wraps the process group: fixed-size exchanges under a timeout, the broken flag, re-attach.
+
+    ``group=None`` means the default group when one is initialised, else a single rank; ``group=LOCAL``
+    forces a single rank. With a process group, exchanges are issued even at world size 1 (so the
+    NCCL path runs on one GPU); without one, there is nothing to exchange."""
 
     def __init__(self, group: Any = None, device: torch.device | str = "cpu", timeout_s: float = 60.0):
+        self.timeout_s = timeout_s
+        self.calls = 0
+        self.requested_device = torch.device(device)
+        #: test hook: callable(message kind) run before each exchange (delays between the two phases)
+        self.hook: Any = None
+        self._bind(group)
+
+    def _bind(self, group: Any) -> None:
         import torch.distributed as dist
 
         self.dist = dist
         self.group = group
-        self.timeout_s = timeout_s
-        self.calls = 0
         self.broken: str | None = None
+        self.epoch = 0
+        self.backend = ""
         if isinstance(group, str) and group == LOCAL:
             self.group = None
-            self.world, self.rank, self.device = 1, 0, torch.device("cpu")
+            self.distributed, self.world, self.rank, self.device = False, 1, 0, torch.device("cpu")
         elif dist.is_available() and dist.is_initialized():
+            self.distributed = True
             self.world = dist.get_world_size(group)
             self.rank = dist.get_rank(group)
-            backend = dist.get_backend(group)
-            self.device = torch.device(device) if backend == "nccl" else torch.device("cpu")
+            self.backend = str(dist.get_backend(group))
+            self.device = self.requested_device if self.backend == "nccl" else torch.device("cpu")
         else:
-            self.world, self.rank, self.device = 1, 0, torch.device("cpu")
+            self.distributed, self.world, self.rank, self.device = False, 1, 0, torch.device("cpu")
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+    def rebind(self, group: Any) -> None:
+        """Use ``group`` from now on (after ``attach_group``): not broken, epoch 0. The world size and
+        this rank's index must not change (the TP layout is bound to them)."""
+        world, rank = self.world, self.rank
+        self._bind(group)
+        if (self.world, self.rank) != (world, rank):
+            got = (self.world, self.rank)
+            self.world, self.rank, self.broken = world, rank, "re-attached to a group of another shape"
+            raise AdapterStateError(f"attach_group: the new group has world size {got[0]} and this process "
+                                    f"is its rank {got[1]}; the manager was built for world {world}, rank {rank}")
+
+    def check_usable(self, what: str) -> None:
         if self.broken:
             raise CollectiveTimeoutError(
-                f"the process group is unusable after an earlier failure ({self.broken}); restart the group",
+                f"{what} on rank {self.rank}: the process group is unusable after an earlier failure "
+                f"({self.broken}); create a new group and call attach_group() on every rank",
                 adapters=[], failed_ranks={})
-        if self.world == 1:
-            return t
+
+    def abandon(self, why: str) -> None:
+        """Never use this group again (this rank gave up on an exchange). NCCL communicators are aborted
+        (a pending NCCL kernel would otherwise occupy the device); gloo needs nothing."""
+        if self.broken:
+            return
+        self.broken = why
+        if self.distributed and self.backend == "nccl":
+            try:
+                pg = self.group if self.group is not None else self.dist.group.WORLD
+                abort = getattr(pg, "abort", None)  # public on ProcessGroup in torch >= 2.6
+                if abort is not None:
+                    abort()
+            except Exception as e:  # noqa: BLE001 - best effort: correctness does not depend on it
+                log.warning("[rank %d] aborting the NCCL group failed: %s", self.rank, e)
+
+    def exchange(self, vec: torch.Tensor, kind: int, timeout_s: float | None = None) -> torch.Tensor:
+        """SUM all-reduce of ``vec`` (a message of ``kind``) under the timeout; raises ExchangeFailed (and
+        marks the group broken) when it does not complete. KeyboardInterrupt / SystemExit propagate (the
+        caller abandons)."""
+        if self.hook is not None:
+            self.hook(kind)
+        if not self.distributed:
+            return vec
         self.calls += 1
-        x = t.to(self.device)
-        work = self.dist.all_reduce(x, op=self.dist.ReduceOp.SUM, group=self.group, async_op=True)
-        deadline = time.monotonic() + self.timeout_s
+        x = vec.to(self.device)
+        t = self.timeout_s if timeout_s is None else timeout_s
         try:
+            work = self.dist.all_reduce(x, op=self.dist.ReduceOp.SUM, group=self.group, async_op=True)
+            deadline = time.monotonic() + t
             while not work.is_completed():
                 if time.monotonic() > deadline:
-                    self.broken = f"a peer did not arrive within {self.timeout_s:.1f}s"
-                    raise TimeoutError(self.broken)
+                    raise ExchangeFailed(f"a peer did not arrive within {t:.1f}s")
                 time.sleep(0.0005)
-            work.wait(timeout=timedelta(seconds=max(1.0, self.timeout_s)))
-        except TimeoutError:
+            work.wait()
+        except ExchangeFailed as e:
+            self.abandon(str(e))
             raise
         except Exception as e:  # noqa: BLE001 - gloo/NCCL report a dead peer as RuntimeError etc.
-            self.broken = f"collective failed: {type(e).__name__}: {e}"
-            raise TimeoutError(self.broken) from e
+            why = f"collective failed: {type(e).__name__}: {str(e)[:200]}"
+            self.abandon(why)
+            raise ExchangeFailed(why) from e
         return x.cpu()
 
 
-def agree(coll: Collective, names: list[str], verdicts: list[RankVerdict]) -> Agreement:
-    """The activation collective. Pure decoding around exactly one all-reduce."""
-    W, me, n = coll.world, coll.rank, len(names)
-    per = W + 6 + W * REASON_BYTES
-    vec = torch.zeros(n * per, dtype=torch.float64)
-    for i, v in enumerate(verdicts):
-        base = i * per
-        if not v.ok:
-            vec[base + me] = 1.0
-            raw = v.reason.encode("utf-8", "replace")[:REASON_BYTES]
-            seg = base + W + 6 + me * REASON_BYTES
-            vec[seg:seg + len(raw)] = torch.tensor(list(raw), dtype=torch.float64)
-        vec[base + W] = v.slot
-        vec[base + W + 1] = v.slot * v.slot
-        vec[base + W + 2] = v.generation
-        vec[base + W + 3] = v.generation * v.generation
-        vec[base + W + 4] = v.fingerprint
-        vec[base + W + 5] = v.fingerprint * v.fingerprint
-    try:
-        out = coll.all_reduce_sum(vec)
-    except TimeoutError as e:
-        raise CollectiveTimeoutError(
-            f"activation of {names} on rank {me}: {e}; no adapter was activated on this rank",
-            adapters=names, failed_ranks={}) from None
-    failed: dict[str, dict[int, str]] = {}
-    disagree: list[str] = []
-    for i, name in enumerate(names):
-        base = i * per
-        for r in range(W):
-            if out[base + r] > 0.5:
-                seg = base + W + 6 + r * REASON_BYTES
-                raw = bytes(int(b) for b in out[seg:seg + REASON_BYTES].tolist() if 0 < b < 256)
-                failed.setdefault(name, {})[r] = raw.decode("utf-8", "replace")
-        if name in failed:
-            continue
-        # integers (exact: every sum is far below 2**53); compare in Python ints, not float products
-        s, s2, g, g2, f, f2 = (int(round(float(out[base + W + k]))) for k in range(6))
-        if s * s != W * s2:
-            disagree.append(f"adapter {name!r}: ranks chose different GPU slots (sum {s:g}, sum of squares "
-                            f"{s2:g} over {W} ranks)")
-        if g * g != W * g2:
-            disagree.append(f"adapter {name!r}: ranks hold different registrations (generations differ)")
-        if f * f != W * f2:
-            disagree.append(f"adapter {name!r}: ranks registered different files under this name (adapter "
-                            f"fingerprints differ)")
-    return Agreement(ok=not failed and not disagree, failed=failed, disagreement=disagree)
+def timeout_error(message: str, names: list[str]) -> CollectiveTimeoutError:
+    return CollectiveTimeoutError(message, adapters=names, failed_ranks={})
 
 
-def raise_for(agreement: Agreement, names: list[str]) -> None:
-    if agreement.ok:
-        return
-    failed_ranks: dict[int, str] = {}
-    for ranks in agreement.failed.values():
-        failed_ranks.update(ranks)
-    raise AdapterActivationError(agreement.message(names), adapters=names, failed_ranks=failed_ranks)
+def activation_error(d: Decision, names: list[str]) -> AdapterActivationError:
+    from ..errors import ActivationCallError
+
+    cls = ActivationCallError if d.call_error else AdapterActivationError
+    return cls(d.message, adapters=names, failed_ranks=d.failed_ranks)
