@@ -21,7 +21,7 @@ import torch
 
 from test_ops import make_pool, ref_linear
 from tp_lora.device.pool import GpuPool
-from tp_lora.format.naming import EXPERT_MODULES
+from tp_lora.format.modules import EXPERT_MODULES
 from tp_lora.ops.layer import LoRAOps, TorchBackend
 from tp_lora.plan.model import ModelSpec
 from tp_lora.plan.parallel import ParallelSpec

@@ -30,9 +30,14 @@ from typing import Any
 import torch
 
 from ..errors import AdapterDataError, AdapterError
+<<<<<<< HEAD
 from ..format.adapter import AdapterHeader
 from ..format.dtypes import safetensors_torch
 from ..host.memory import Device, HostArena, register_host  # noqa: F401 - Device re-exported
+=======
+from ..format.adapter import FLOAT_DTYPES, AdapterHeader
+from ..host.memory import Device, HostArena
+>>>>>>> transfer
 from ..host.pinned_cache import CacheEntry, PinnedCache
 from ..host.reader import SliceReader
 from ..plan.memo import PerPlan
@@ -178,12 +183,15 @@ class TransferEngine:
         self._memo = PerPlan()  # per plan: pool coverage, scaling tables, placement views
         self._readers = cf.ThreadPoolExecutor(self.read_workers, thread_name_prefix="tp_lora-read")
         self._pinner = cf.ThreadPoolExecutor(self.pin_workers, thread_name_prefix="tp_lora-pin")
+        # its own thread: plans prepared at register never queue ahead of a load's buffers
+        self._preparer = cf.ThreadPoolExecutor(1, thread_name_prefix="tp_lora-prepare")
         self._stat_lock = threading.Lock()
         self.peak_inflight_bytes = 0  # host bytes in flight beyond the cache, high-water mark
         if device.is_cuda:
             self._warm_up()
 
     def close(self) -> None:
+        self._preparer.shutdown(wait=True, cancel_futures=True)
         self._readers.shutdown(wait=True)
         self._pinner.shutdown(wait=True)
         self._free_ring()
@@ -203,7 +211,7 @@ class TransferEngine:
         pool coverage in the background (37k slices of a sharded MoE take ~0.8 s of Python to pack)."""
         if self.arena is not None:
             self.arena.reserve(registered_bytes + self.inflight_bound)
-        self._pinner.submit(self._prepare, plan)
+        self._preparer.submit(self._prepare, plan)
 
     def _prepare(self, plan: SlicePlan) -> None:
         self.chunks(plan)

@@ -334,7 +334,7 @@ def _file_order_units(reads: tuple[ScatterRead, ...], spans: tuple[SpanRead, ...
     for _, kind, x in items:
         if kind == "r":
             cur_r.append(x)
-            size += sum(n for _, n in x[1])  # noqa: B020
+            size += sum(n for _, n in x[1])
         else:
             cur_s.append(x)
             size += x.nbytes
