@@ -30,14 +30,9 @@ from typing import Any
 import torch
 
 from ..errors import AdapterDataError, AdapterError
-<<<<<<< HEAD
 from ..format.adapter import AdapterHeader
 from ..format.dtypes import safetensors_torch
-from ..host.memory import Device, HostArena, register_host  # noqa: F401 - Device re-exported
-=======
-from ..format.adapter import FLOAT_DTYPES, AdapterHeader
 from ..host.memory import Device, HostArena
->>>>>>> transfer
 from ..host.pinned_cache import CacheEntry, PinnedCache
 from ..host.reader import SliceReader
 from ..plan.memo import PerPlan
