@@ -27,7 +27,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "tp_lora"
 #: Imports guarded by try/except or behind CUDA: optional, so not runtime dependencies.
-OPTIONAL = {"tqdm": "progress bar (extra [progress])", "triton": "kernels, only where CUDA is"}
+OPTIONAL = {"tqdm": "progress bar (extra [progress])", "triton": "kernels, only where CUDA is",
+            "transformers": "the transformers integration (extra [transformers])"}
 #: import name -> distribution name, where they differ.
 DIST_OF = {"yaml": "pyyaml"}
 

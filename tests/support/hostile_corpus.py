@@ -541,7 +541,7 @@ def build_corpus(root: str | os.PathLike[str]) -> list[Case]:
         (folder / W).unlink()
         os.mkfifo(folder / W)
 
-    good_copy(case("truncated_after_register", ACT, ("truncated_after_register", W, "file size changed"),
+    good_copy(case("truncated_after_register", ACT, ("truncated_after_register", W, "changed since registration"),
                    stage="activate", after=truncate, problem="the file is truncated between register and activate"))
     good_copy(case("deleted_after_register", ACT, ("deleted_after_register", W, "cannot open"),
                    stage="activate", after=remove, problem="the file vanishes between register and activate"))
