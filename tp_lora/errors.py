@@ -64,10 +64,6 @@ class NoFreeSlotError(PoolError):
     """Every slot is held by a running batch; the engine should finish batches and retry."""
 
 
-class CacheBudgetError(TPLoRAError):
-    """The pinned host cache cannot take more in-flight bytes within its budget right now."""
-
-
 class AdapterStateError(TPLoRAError):
     """An operation does not fit the adapter's state (unknown name, not active, re-registration)."""
 

@@ -147,7 +147,9 @@ def _build_family(spec: ModelSpec, root: Path, seqs: list[torch.Tensor]) -> Fami
         if spec.is_moe:
             _check_expert_lora_applied(pm, rec.name)
         d = root / rec.name
-        pm.save_pretrained(d, save_embedding_layers=False)
+        # peft's default: with embed_tokens / lm_head targeted it also stores their base weights
+        # (save_embedding_layers=True), which tp_lora must skip
+        pm.save_pretrained(d)
         adapter_dirs[rec.name] = str(d)
 
     ref: dict[tuple[str | None, int], torch.Tensor] = {}

@@ -1,6 +1,7 @@
-"""ParallelSpec: where one rank sits in the TP/EP layout, and which part of each tensor it owns.
+"""ParallelSpec: where one rank sits in the TP/EP layout, and the rules of which part of each tensor it owns.
 
-The layout is validated once, here, against the ModelSpec; nothing downstream re-derives ranks.
+The rules are written once, here; ``plan/layout.py``'s ``RankLayout`` applies them to a ModelSpec once
+(validating it) and everything downstream reads the layout's ranges instead of re-deriving ranks.
 EP sits inside the TP group as in SGLang: ``moe_tp_size = tp_size // ep_size``; rank ``tp_rank`` serves
 expert group ``ep_rank = tp_rank // moe_tp_size`` and MoE-TP shard ``moe_tp_rank = tp_rank % moe_tp_size``.
 Experts are placed in contiguous blocks: expert group g holds experts ``[g*E/ep, (g+1)*E/ep)``.
