@@ -661,7 +661,8 @@ def test_file_rewritten_during_the_load_fails_it(adir, tmp_path):
                 shutil.copy(other / WEIGHTS, path / WEIGHTS)
 
         mgr.fault_hook = hook
-        with pytest.raises(AdapterActivationError, match="changed during the load"):
+        # (other reader threads may see the file mid-copy first: truncated; either way the load fails)
+        with pytest.raises(AdapterActivationError, match="changed during the load|truncated while reading"):
             mgr.activate("m")
         mgr.fault_hook = None
         assert not mgr.cache.contains("m") and mgr.pool.slot_name == [None]

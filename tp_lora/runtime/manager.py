@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -77,6 +78,15 @@ class _Adapter:
     future: cf.Future | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     event: Any = None  # copy-stream event of its completed load (an in-doubt adapter commits on it)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key == "slot":  # derived from the pool; None is accepted (and changes nothing) for old callers
+            if value is not None:
+                raise AttributeError("an adapter's slot is owned by the pool (GpuPool.slot_name)")
+            return
+        if key == "state":
+            value = AdapterState(value)  # a plain "registered" etc. becomes the Enum member
+        object.__setattr__(self, key, value)
 
     @property
     def slot(self) -> int | None:
@@ -288,9 +298,16 @@ class LoRAManager:
     def _check_identity(self, a: _Adapter, when: str) -> None:
         path = a.header.weights_path
         try:
-            now = FileIdentity.of_path(path)
+            st = os.stat(path)
         except OSError as e:
             raise AdapterDataError(f"cannot open the weights for reading: {e}", adapter=a.name, path=path) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapterDataError("the weights are no longer a regular file (a directory, FIFO or device)",
+                                   adapter=a.name, path=path)
+        now = FileIdentity.of_stat(st)
+        if now.size != a.identity.size:
+            raise AdapterDataError(f"file size changed {when}: {a.identity.size} -> {now.size} bytes",
+                                   adapter=a.name, path=path)
         diff = a.identity.differs(now)
         if diff:
             raise AdapterDataError(f"the file changed {when} ({diff}); register it again with replace=True "
@@ -581,7 +598,9 @@ class LoRAManager:
                                  "held" if self.pool.refcount[s] else ""))
         msg = RankMessage(act.KIND_STATE, 0, S, 0, 0, 0, "", entries)
         try:
-            out = coll.exchange(act.encode(msg, coll.rank, coll.world, S), act.KIND_STATE)
+            # peers may first spend up to the cancellation grace settling their own loads
+            out = coll.exchange(act.encode(msg, coll.rank, coll.world, S), act.KIND_STATE,
+                                self.config.activation_timeout_s + _CANCEL_GRACE_S)
         except ExchangeFailed as e:
             raise act.timeout_error(f"{where} (reconcile) on rank {coll.rank}: {e}", []) from None
         msgs = act.decode(out, coll.world, S)
