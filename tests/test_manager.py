@@ -739,7 +739,8 @@ def test_activate_call_errors_are_agreed(adir):
     a = make_adapter(adir, "ce", "tiny-dense", rank=2, dtype="bf16", targets=("q",), seed=95)
     with new_manager("tiny-dense", max_loras=2) as mgr:
         mgr.register("a", a)
-        for bad, text in ((["a", "a"], "duplicate"), ([1], "strings"), (["a", "b", "c"], "max_loras=2")):
+        for bad, text in ((["a", "a"], "duplicate"), ([1], "strings"), (["a", "b", "c"], "max_loras=2"),
+                          (5, "strings"), ([["a"]], "strings")):
             with pytest.raises(ActivationCallError, match=text):
                 mgr.activate(bad)
         assert mgr.pool.slot_name == [None, None]

@@ -111,6 +111,7 @@ class _Call:
     overflow: bool = False
     t0: float = 0.0
     evicted: list[str] = field(default_factory=list)  # active adapters its loads evicted on this rank
+    exchanged: bool = False  # its verdict exchange completed (or failed with the group marked broken)
     lru_held: dict[int, int] = field(default_factory=dict)  # slot -> last use before this call held it
 
 
@@ -367,10 +368,12 @@ class LoRAManager:
             self._await(call)
             decision = self._agree(call)
         except BaseException as e:
-            if not isinstance(e, TPLoRAError):  # an interrupt (or a bug): peers will time out
-                if self.collective.distributed:
-                    self.collective.abandon(f"activation interrupted on rank {self.rank} ({type(e).__name__})")
-                self._rollback(call)
+            # an interrupt, or anything raised before this rank's verdict was exchanged: the peers wait
+            # for it in vain (they time out), so this group is not usable any more either
+            if self.collective.distributed and (not isinstance(e, TPLoRAError) or not call.exchanged):
+                self.collective.abandon(f"activation abandoned on rank {self.rank} ({type(e).__name__})")
+            self._rollback(call)  # (adapters in doubt are kept: only loads in flight are undone)
+            if not isinstance(e, TPLoRAError):
                 self._stats.activation(False, self.collective.calls)
             raise
         if not decision.ok:
@@ -396,7 +399,10 @@ class LoRAManager:
     def _start(self, call: _Call, names: str | Sequence[str]) -> None:
         """Validate the call and start this rank's loads; every problem becomes part of the message, so
         that every rank learns it (a rank that raised here alone would leave its peers to time out)."""
-        raw = [names] if isinstance(names, str) else list(names)
+        try:
+            raw = [names] if isinstance(names, str) else list(names)
+        except TypeError:
+            raw = [names]  # not a list at all: refused below, like any other non-string name
         shown = [n if isinstance(n, str) else repr(n) for n in raw]
         call.names = shown
         if not all(isinstance(n, str) for n in raw):
@@ -482,7 +488,9 @@ class LoRAManager:
         coll.epoch += 1
         try:
             out = coll.exchange(act.encode(msg, coll.rank, coll.world, S), act.KIND_VERDICT)
+            call.exchanged = True
         except ExchangeFailed as e:
+            call.exchanged = True  # (the group is broken already)
             self._rollback(call)
             self._stats.activation(False, coll.calls)
             raise act.timeout_error(f"activation of {call.names} on rank {coll.rank}: {e}; no adapter was "
