@@ -137,7 +137,11 @@ def test_register_is_lazy(adir, monkeypatch):
         zero = mgr.pool.checksum(0)
         rec = ReadRecorder(monkeypatch)
         plan = mgr.register("x", path)
-        assert rec.reads == [] and allocs == []
+        # register reads only the header and the content fingerprint's sample (issue 14), allocates nothing
+        from tp_lora.format.fingerprint import sample_offsets
+        h = mgr.header("x")
+        sample = sample_offsets(h.file_size, 8 + h.header_bytes, h.header_digest, mgr.config.fingerprint_sample_bytes)
+        assert sum(n for _, n in rec.reads) <= 8 + h.header_bytes + sum(n for _, n in sample) and allocs == []
         st = mgr.stats()
         assert st.pinned_bytes_now == st.pinned_planned_now == 0 and st.loads == 0 and st.bytes_read == 0
         assert mgr.cache.names() == [] and mgr.cache.reserved_bytes == 0

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -81,6 +82,15 @@ class _Adapter:
     cancel: threading.Event = field(default_factory=threading.Event)
     event: Any = None  # copy-stream event of its completed load (an in-doubt adapter commits on it)
 
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key == "slot":  # derived from the pool; None is accepted (and changes nothing) for old callers
+            if value is not None:
+                raise AttributeError("an adapter's slot is owned by the pool (GpuPool.slot_name)")
+            return
+        if key == "state":
+            value = AdapterState(value)  # a plain "registered" etc. becomes the Enum member
+        object.__setattr__(self, key, value)
+
     @property
     def slot(self) -> int | None:
         """Its slot, from the pool (the one owner of "which adapter is in which slot")."""
@@ -104,6 +114,7 @@ class _Call:
     overflow: bool = False
     t0: float = 0.0
     evicted: list[str] = field(default_factory=list)  # active adapters its loads evicted on this rank
+    exchanged: bool = False  # its verdict exchange completed (or failed with the group marked broken)
     lru_held: dict[int, int] = field(default_factory=dict)  # slot -> last use before this call held it
 
 
@@ -296,9 +307,16 @@ class LoRAManager:
     def _check_identity(self, a: _Adapter, when: str) -> None:
         path = a.header.weights_path
         try:
-            now = FileIdentity.of_path(path)
+            st = os.stat(path)
         except OSError as e:
             raise AdapterDataError(f"cannot open the weights for reading: {e}", adapter=a.name, path=path) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapterDataError("the weights are no longer a regular file (a directory, FIFO or device)",
+                                   adapter=a.name, path=path)
+        now = FileIdentity.of_stat(st)
+        if now.size != a.identity.size:
+            raise AdapterDataError(f"file size changed {when}: {a.identity.size} -> {now.size} bytes",
+                                   adapter=a.name, path=path)
         diff = a.identity.differs(now)
         if diff:
             raise AdapterDataError(f"the file changed {when} ({diff}); register it again with replace=True "
@@ -358,10 +376,12 @@ class LoRAManager:
             self._await(call)
             decision = self._agree(call)
         except BaseException as e:
-            if not isinstance(e, TPLoRAError):  # an interrupt (or a bug): peers will time out
-                if self.collective.distributed:
-                    self.collective.abandon(f"activation interrupted on rank {self.rank} ({type(e).__name__})")
-                self._rollback(call)
+            # an interrupt, or anything raised before this rank's verdict was exchanged: the peers wait
+            # for it in vain (they time out), so this group is not usable any more either
+            if self.collective.distributed and (not isinstance(e, TPLoRAError) or not call.exchanged):
+                self.collective.abandon(f"activation abandoned on rank {self.rank} ({type(e).__name__})")
+            self._rollback(call)  # (adapters in doubt are kept: only loads in flight are undone)
+            if not isinstance(e, TPLoRAError):
                 self._stats.activation(False, self.collective.calls)
             raise
         if not decision.ok:
@@ -387,7 +407,10 @@ class LoRAManager:
     def _start(self, call: _Call, names: str | Sequence[str]) -> None:
         """Validate the call and start this rank's loads; every problem becomes part of the message, so
         that every rank learns it (a rank that raised here alone would leave its peers to time out)."""
-        raw = [names] if isinstance(names, str) else list(names)
+        try:
+            raw = [names] if isinstance(names, str) else list(names)
+        except TypeError:
+            raw = [names]  # not a list at all: refused below, like any other non-string name
         shown = [n if isinstance(n, str) else repr(n) for n in raw]
         call.names = shown
         if not all(isinstance(n, str) for n in raw):
@@ -473,7 +496,9 @@ class LoRAManager:
         coll.epoch += 1
         try:
             out = coll.exchange(act.encode(msg, coll.rank, coll.world, S), act.KIND_VERDICT)
+            call.exchanged = True
         except ExchangeFailed as e:
+            call.exchanged = True  # (the group is broken already)
             self._rollback(call)
             self._stats.activation(False, coll.calls)
             raise act.timeout_error(f"activation of {call.names} on rank {coll.rank}: {e}; no adapter was "
@@ -589,7 +614,9 @@ class LoRAManager:
                                  "held" if self.pool.refcount[s] else ""))
         msg = RankMessage(act.KIND_STATE, 0, S, 0, 0, 0, "", entries)
         try:
-            out = coll.exchange(act.encode(msg, coll.rank, coll.world, S), act.KIND_STATE)
+            # peers may first spend up to the cancellation grace settling their own loads
+            out = coll.exchange(act.encode(msg, coll.rank, coll.world, S), act.KIND_STATE,
+                                self.config.activation_timeout_s + _CANCEL_GRACE_S)
         except ExchangeFailed as e:
             raise act.timeout_error(f"{where} (reconcile) on rank {coll.rank}: {e}", []) from None
         msgs = act.decode(out, coll.world, S)
