@@ -657,7 +657,7 @@ def test_file_rewritten_during_the_load_fails_it(adir, tmp_path):
 
         mgr.fault_hook = hook
         # (other reader threads may see the file mid-copy first: truncated; either way the load fails)
-        with pytest.raises(AdapterActivationError, match="changed during the load|truncated while reading"):
+        with pytest.raises(AdapterActivationError, match="changed during the load|changed while it was read|truncated while reading"):
             mgr.activate("m")
         mgr.fault_hook = None
         assert not mgr.cache.contains("m") and mgr.pool.slot_name == [None]

@@ -6,6 +6,8 @@ chunks flow through the reader thread, failures mid-transfer leave no trace, and
 from __future__ import annotations
 
 import pytest
+
+from tp_lora.runtime.manager import AdapterState
 import torch
 from safetensors.torch import load_file
 
@@ -201,7 +203,7 @@ def test_engine_failure_mid_transfer_leaves_no_trace(adir, stage, mode):
             assert mgr.slot_of("keep") == 0
             # make x's slot reload: evict it from the pool (not from the cache)
             mgr.pool.free(mgr.slot_of("x"))
-            mgr._adapters["x"].state, mgr._adapters["x"].slot = "registered", None
+            mgr._adapters["x"].state = AdapterState.REGISTERED  # its slot follows the pool (freed above)
         eng, cache, pool = mgr.engine, mgr.cache, mgr.pool
         before = (cache.stats.pinned_bytes, cache.stats.planned_bytes, cache.reserved_bytes, cache.names(),
                   pool.checksum(0))
@@ -233,7 +235,7 @@ def test_engine_failure_mid_transfer_leaves_no_trace(adir, stage, mode):
         assert res.stats.warm == (mode == "warm") and res.stats.streamed == (mode == "streamed")
         assert slot_diff(pool, 1, expected_slot(path, mgr.model, 2, 0, 1, pool)) == []
         pool.free(1)
-        mgr._adapters["x"].state, mgr._adapters["x"].slot = "registered", None
+        mgr._adapters["x"].state = AdapterState.REGISTERED  # its slot follows the pool (freed above)
 
 
 def test_engine_reader_error_is_our_exception(adir, tmp_path):

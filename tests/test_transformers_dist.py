@@ -113,7 +113,7 @@ def _rank(rank: int, world: int, fams: dict[str, dict[str, Any]]) -> dict[str, A
 # -- the reference (parent process) ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    from peft_fixtures import build_family, require_hf
+    from support.peft_fixtures import build_family, require_hf
     transformers, peft = require_hf()
     out = {}
     for fam in PRESETS:

@@ -20,7 +20,7 @@ MIXED = (("a1", 0), (None, 1), ("a2", 2), ("a3", 3))
 
 def test_transformers_cuda_matches_peft(tmp_path: Path) -> None:
     import torch.distributed as dist
-    from peft_fixtures import build_family, require_hf
+    from support.peft_fixtures import build_family, require_hf
 
     from tp_lora import LoRAConfig, ModelSpec
     from tp_lora.integrations.transformers import attach, build_manager

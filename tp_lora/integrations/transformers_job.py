@@ -26,14 +26,14 @@ from ..format.modules import POOL_MODULES
 from ..job.report import build_report, format_report
 from ..job.run import (_barrier, _gather_nodes, _verify, ensure_active, init_distributed, make_workload,
                        prepare_inputs)
-from ..job.runconfig import RunConfig
+from ..format.dtypes import serving_dtype
+from ..job.runconfig import RunConfig, verify_tolerance
 from ..plan.model import load_model_spec
 from ..plan.parallel import ParallelSpec
 from ..runtime.activation import LOCAL
 from ..runtime.manager import LoRAConfig, LoRAManager
 from .transformers import attach, build_manager
 
-_DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _load(base: Path, world: int, ep: int, dtype: torch.dtype, dev: torch.device) -> Any:
@@ -69,6 +69,7 @@ def run_transformers(cfg: RunConfig, *, json_path: str | None = None,
                      progress: bool | None = None) -> dict[str, Any] | None:
     from ..reference.model import TPModel
 
+    tol = verify_tolerance(cfg)
     rank, world, dev = init_distributed(cfg, cfg.activation_timeout_s)
     os.environ.setdefault("LOCAL_RANK", "0")
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -76,7 +77,7 @@ def run_transformers(cfg: RunConfig, *, json_path: str | None = None,
     try:
         spec = load_model_spec(cfg.model if not cfg.base_weights else cfg.base_weights)
         base, adapters = prepare_inputs(cfg, spec, local_rank, world, dev)
-        dtype = _DT[cfg.dtype]
+        dtype = serving_dtype(cfg.dtype)
         model = _load(base, world, cfg.ep_size, dtype, dev)
         lcfg = LoRAConfig(max_loras=cfg.max_loras, max_lora_rank=cfg.max_lora_rank,
                           target_modules=tuple(cfg.target_modules or POOL_MODULES),
@@ -110,7 +111,7 @@ def run_transformers(cfg: RunConfig, *, json_path: str | None = None,
             logits = _forward(model, lora, batch, dev)
             tokens += sum(len(r.tokens) for r in batch)
             if ref is not None and bi % cfg.workload.verify_every == 0:
-                verify.append(_verify(ref, ref_mgr, batch, logits, cfg))
+                verify.append(_verify(ref, ref_mgr, batch, logits, tol))
         serve_s = time.perf_counter() - t_serve
         stats = mgr.aggregate_stats()
         nodes = _gather_nodes(world)
@@ -119,7 +120,7 @@ def run_transformers(cfg: RunConfig, *, json_path: str | None = None,
             report = build_report(cfg=cfg, spec=mgr.model, world=world, device=dev, stats=stats,
                                   plans={n: mgr.plan(n) for n in adapters}, verify=verify,
                                   serve_s=serve_s, tokens=tokens, batches=len(batches),
-                                  wall_s=time.perf_counter() - t_start, nodes=nodes)
+                                  wall_s=time.perf_counter() - t_start, tolerance=tol, nodes=nodes)
             report["engine"] = "transformers"
             print(format_report(report), flush=True)
             if json_path:
@@ -135,5 +136,5 @@ def run_transformers(cfg: RunConfig, *, json_path: str | None = None,
         _barrier(world, dev)
         return report
     finally:
-        if world > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
