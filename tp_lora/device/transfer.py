@@ -31,7 +31,7 @@ import torch
 
 from ..errors import AdapterDataError, AdapterError
 from ..format.adapter import AdapterHeader
-from ..format.dtypes import safetensors_torch
+from ..format.dtypes import SAFETENSORS_FLOAT, safetensors_torch
 from ..host.memory import Device, HostArena
 from ..host.pinned_cache import CacheEntry, PinnedCache
 from ..host.reader import SliceReader
@@ -222,7 +222,7 @@ class TransferEngine:
             staging = torch.empty(4096, dtype=torch.uint8, device=dev.device)
             staging.copy_(host, non_blocking=True)
             oks = []
-            for dt in set(TORCH_DTYPES.values()):
+            for dt in {t for _, t in SAFETENSORS_FLOAT.values()}:
                 src = staging[:64 * dt.itemsize].view(dt).view(2, 4, 8)
                 dst = torch.empty(2, 8, 16, dtype=self.pool.dtype, device=dev.device)
                 dst[:, :4, :8].copy_(src)
