@@ -24,8 +24,7 @@ import torch.distributed as dist
 from ..errors import TPLoRAError
 from ..format.modules import POOL_MODULES
 from ..job.report import build_report, format_report
-from ..job.run import (_barrier, _gather_nodes, _verify, ensure_active, init_distributed, make_workload,
-                       prepare_inputs)
+from ..job.run import _barrier, _gather_nodes, init_distributed, prepare_inputs, serve
 from ..format.dtypes import serving_dtype
 from ..job.runconfig import RunConfig, verify_tolerance
 from ..plan.model import load_model_spec
@@ -91,28 +90,11 @@ def run_transformers(cfg: RunConfig, *, json_path: str | None = None,
             ref.load_hf_weights(base)
             ref_mgr = LoRAManager(dataclasses.replace(lcfg, host_cache_bytes=0), mgr.model,
                                   ParallelSpec(tp_size=1, tp_rank=0), group=LOCAL)
-        for n, p in adapters.items():
-            mgr.register(n, p)
-            if ref_mgr is not None:
-                ref_mgr.register(n, p)
-        batches = make_workload(cfg, list(adapters), spec.vocab_size, cfg.max_loras)
-        it: Any = batches
-        if rank == 0 and (sys.stderr.isatty() if progress is None else progress):
-            try:
-                from tqdm import tqdm
-                it = tqdm(batches, desc="serving (transformers)", unit="batch")
-            except ImportError:
-                pass
-        verify: list[dict[str, Any]] = []
-        tokens = 0
-        t_serve = time.perf_counter()
-        for bi, batch in enumerate(it):
-            ensure_active(mgr, {r.adapter for r in batch if r.adapter is not None})
-            logits = _forward(model, lora, batch, dev)
-            tokens += sum(len(r.tokens) for r in batch)
-            if ref is not None and bi % cfg.workload.verify_every == 0:
-                verify.append(_verify(ref, ref_mgr, batch, logits, tol))
-        serve_s = time.perf_counter() - t_serve
+        batches, verify, tokens, serve_s = serve(cfg, mgr, ref, ref_mgr, adapters, spec.vocab_size,
+                                                 lambda batch: _forward(model, lora, batch, dev), tol=tol,
+                                                 show=rank == 0 and (sys.stderr.isatty() if progress is None
+                                                                     else progress),
+                                                 desc="serving (transformers)")
         stats = mgr.aggregate_stats()
         nodes = _gather_nodes(world)
         report = None

@@ -270,30 +270,10 @@ def run(cfg: RunConfig, *, json_path: str | None = None, progress: bool | None =
             ref.load_hf_weights(base)
             ref_mgr = LoRAManager(dataclasses.replace(lcfg, host_cache_bytes=0), spec,
                                   ParallelSpec(tp_size=1, tp_rank=0), group=LOCAL)
-        for n, p in adapters.items():
-            mgr.register(n, p)
-            if ref_mgr is not None:
-                ref_mgr.register(n, p)
-        batches = make_workload(cfg, list(adapters), spec.vocab_size, cfg.max_loras)
-        show = rank == 0 and (sys.stderr.isatty() if progress is None else progress)
-        it: Any = batches
-        if show:
-            try:
-                from tqdm import tqdm
-
-                it = tqdm(batches, desc="serving", unit="batch")
-            except ImportError:
-                pass
-        verify: list[dict[str, Any]] = []
-        tokens = 0
-        t_serve = time.perf_counter()
-        for bi, batch in enumerate(it):
-            ensure_active(mgr, {r.adapter for r in batch if r.adapter is not None})
-            logits = _forward(model, batch, mgr)
-            tokens += sum(len(r.tokens) for r in batch)
-            if ref is not None and bi % cfg.workload.verify_every == 0:
-                verify.append(_verify(ref, ref_mgr, batch, logits, tol))
-        serve_s = time.perf_counter() - t_serve
+        batches, verify, tokens, serve_s = serve(cfg, mgr, ref, ref_mgr, adapters, spec.vocab_size,
+                                                 lambda batch: _forward(model, batch, mgr), tol=tol,
+                                                 show=rank == 0 and (sys.stderr.isatty() if progress is None
+                                                                     else progress))
         stats = mgr.aggregate_stats()
         nodes = _gather_nodes(world)
         report = None
@@ -319,6 +299,37 @@ def run(cfg: RunConfig, *, json_path: str | None = None, progress: bool | None =
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def serve(cfg: RunConfig, mgr: LoRAManager, ref: Any, ref_mgr: LoRAManager | None, adapters: dict[str, Path],
+          vocab: int, forward: Any, *, tol: float, show: bool, desc: str = "serving"
+          ) -> tuple[list[list[Request]], list[dict[str, Any]], int, float]:
+    """Register the adapters (and with the reference manager), serve the workload through ``forward(batch)
+    -> logits [T, vocab]``, verify every ``verify_every``-th batch against the reference. Shared by both
+    engines (reference model, transformers). Returns (batches, verification entries, tokens, seconds)."""
+    for n, p in adapters.items():
+        mgr.register(n, p)
+        if ref_mgr is not None:
+            ref_mgr.register(n, p)
+    batches = make_workload(cfg, list(adapters), vocab, cfg.max_loras)
+    it: Any = batches
+    if show:
+        try:
+            from tqdm import tqdm
+
+            it = tqdm(batches, desc=desc, unit="batch")
+        except ImportError:
+            pass
+    verify: list[dict[str, Any]] = []
+    tokens = 0
+    t_serve = time.perf_counter()
+    for bi, batch in enumerate(it):
+        ensure_active(mgr, {r.adapter for r in batch if r.adapter is not None})
+        logits = forward(batch)
+        tokens += sum(len(r.tokens) for r in batch)
+        if ref is not None and bi % cfg.workload.verify_every == 0:
+            verify.append(_verify(ref, ref_mgr, batch, logits, tol))
+    return batches, verify, tokens, time.perf_counter() - t_serve
 
 
 def _gather_nodes(world: int) -> list[tuple[int, str]]:
