@@ -5,9 +5,9 @@ a ``LoRAConfig``, a ``ModelSpec`` and this rank's ``ParallelSpec``; ``LoRAOps`` 
 a mixed-adapter batch at each TP layer. See README.md and docs/ARCHITECTURE.md.
 """
 
-from .errors import (AdapterActivationError, AdapterError, CollectiveTimeoutError, NoFreeSlotError,
-                     TPLoRAError)
-from .runtime.manager import LoRAConfig, LoRAManager
+from .errors import (AdapterActivationError, AdapterError, AdapterInDoubtError, CollectiveTimeoutError,
+                     LoadTimeoutError, NoFreeSlotError, TPLoRAError)
+from .runtime.manager import AdapterState, LoRAConfig, LoRAManager
 from .plan.model import ModelSpec, load_model_spec
 from .ops.layer import LoRABackend, LoRAOps, TorchBackend
 from .plan.parallel import ParallelSpec
@@ -16,7 +16,8 @@ from .plan.planner import SlicePlan, plan_rank
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterActivationError", "AdapterError", "CollectiveTimeoutError", "LoRABackend", "LoRAConfig",
+    "AdapterActivationError", "AdapterError", "AdapterInDoubtError", "AdapterState", "CollectiveTimeoutError",
+    "LoRABackend", "LoRAConfig", "LoadTimeoutError",
     "LoRAManager", "LoRAOps", "ModelSpec", "NoFreeSlotError", "ParallelSpec", "SlicePlan", "TPLoRAError",
     "TorchBackend", "load_model_spec", "plan_rank",
 ]

@@ -157,16 +157,18 @@ class TransferEngine:
     copy (``ring_slots`` when streamed), so host memory in flight stays bounded.
     """
 
-    def __init__(self, device: Device, pool: GpuPool, cache: PinnedCache, *, chunk_bytes: int = 16 << 20,
-                 ring_slots: int = 3, read_workers: int | None = None, pin_workers: int = 1,
-                 part_bytes: int | None = None, read_mode: ReadMode = "auto", arena: HostArena | None = None):
-        if chunk_bytes < 1:
-            raise ValueError("chunk_bytes must be >= 1")
+    def __init__(self, device: Device, pool: GpuPool, cache: PinnedCache, *, chunk_bytes: int,
+                 ring_slots: int, read_workers: int | None, pin_workers: int, part_bytes: int | None,
+                 read_mode: ReadMode, arena: HostArena | None = None):
+        # the knobs come from a LoRAConfig, which holds their defaults and checked their bounds (the one
+        # place for both); these asserts guard the internal contract only
+        assert chunk_bytes >= 1 and ring_slots >= 2 and pin_workers >= 1, (chunk_bytes, ring_slots, pin_workers)
+        assert read_workers is None or read_workers >= 1, read_workers
         self.device, self.pool, self.cache = device, pool, cache
         self.chunk_bytes = chunk_bytes
-        self.ring_slots = max(2, ring_slots)
-        self.read_workers = max(1, read_workers if read_workers is not None else default_read_workers())
-        self.pin_workers = max(1, pin_workers)
+        self.ring_slots = ring_slots
+        self.read_workers = read_workers if read_workers is not None else default_read_workers()
+        self.pin_workers = pin_workers
         check_read_mode(read_mode)
         self.read_mode: ReadMode = read_mode
         # the cold pipeline's unit: a chunk (the cache, H2D-when-warm and placement unit) is read and

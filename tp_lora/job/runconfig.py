@@ -17,6 +17,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from ..errors import ConfigError
+from ..runtime.config import DEFAULTS as LORA_DEFAULTS
 from ..format.dtypes import serving_names
 from ..plan.model import CONFIG_DIR
 
@@ -76,8 +77,8 @@ class RunConfig:
     max_lora_rank: int = 16
     target_modules: list[str] | None = None
     host_cache_bytes: int = 64 << 20
-    chunk_bytes: int = 1 << 20
-    activation_timeout_s: float = 120.0
+    chunk_bytes: int = LORA_DEFAULTS["chunk_bytes"]
+    activation_timeout_s: float = LORA_DEFAULTS["activation_timeout_s"]
     adapters: dict[str, str] = field(default_factory=dict)
     """name -> PEFT adapter folder. Empty = synthetic adapters (below)."""
     synthetic: SyntheticAdapters = field(default_factory=SyntheticAdapters)

@@ -137,7 +137,7 @@ class LoRAManager:
                             f"{config.max_lora_rank} on {config.device}: {type(e).__name__}: "
                             f"{str(e)[:200]}") from None
         # pinned host memory: one arena (cache budget + streamed ring), reserved ahead and reused
-        self.arena = HostArena(self.device, config.host_cache_bytes + max(2, config.ring_slots) * config.chunk_bytes,
+        self.arena = HostArena(self.device, config.host_cache_bytes + config.ring_slots * config.chunk_bytes,
                                slab_bytes=max(config.chunk_bytes, 256 << 20), workers=config.pin_workers)
         self.cache = PinnedCache(config.host_cache_bytes, self.arena.alloc, Device.sync_event, free=self.arena.free)
         self.engine = TransferEngine(self.device, self.pool, self.cache, chunk_bytes=config.chunk_bytes,
