@@ -66,3 +66,51 @@ def test_reference_model_nan_sequence_does_not_reach_others(tmp_path, preset: st
         alone = run([i])
         assert bool(torch.isfinite(full[a:b]).all()), f"request {i} got NaN from the hostile one"
         torch.testing.assert_close(full[a:b], alone, rtol=1e-4, atol=1e-4)
+
+
+# -- values checked as they will be served: after the cast to the pool dtype (issue 15) --------------
+def _with_value(src, dst, value: float, dtype=None):
+    """A copy of adapter ``src`` at ``dst`` whose first lora_A tensor holds ``value`` (optionally stored
+    in another dtype, e.g. float64), written with safetensors."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    w = dst / "adapter_model.safetensors"
+    tensors = load_file(str(w))
+    key = sorted(k for k in tensors if "lora_A" in k)[0]
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = value
+    save_file(tensors, str(w))
+    return dst, key.split(".")[-3].removesuffix("_proj") + ".A"  # e.g. "o.A": the pool module's name
+
+
+@pytest.mark.parametrize("value,stored,pool", [(1e5, None, "float16"), (1e300, torch.float64, "float32"),
+                                                (1e300, torch.float64, "bfloat16")])
+def test_value_that_overflows_the_pool_dtype_is_refused_naming_tensor_and_value(tmp_path, value, stored, pool):
+    from support.runtime_ref import make_adapter, new_manager
+    from tp_lora.errors import AdapterActivationError
+
+    src = make_adapter(tmp_path / "src", "ok", "tiny-dense", rank=4, dtype="fp32", targets=("q", "o"), seed=3)
+    bad, tensor = _with_value(src, tmp_path / "bad", value, stored)
+    with new_manager("tiny-dense", max_loras=2, dtype=pool) as mgr:
+        mgr.register("good", src)
+        mgr.activate("good")
+        before = mgr.pool.checksum(mgr.slot_of("good"))
+        mgr.register("bad", bad)
+        with pytest.raises(AdapterActivationError) as ei:
+            mgr.activate("bad")
+        msg = str(ei.value)
+        assert tensor in msg and "after the cast" in msg and f"{pool} max" in msg, msg
+        assert f"{value:.4g}" in msg, msg
+        # nothing of the rejected load stays in a slot; the serving adapter is untouched
+        assert mgr.slot_of("bad") is None and mgr.pool.checksum(mgr.slot_of("good")) == before
+        assert all(s in (None, "good") for s in mgr.pool.slot_name)
+    # the same file into a pool that holds the value loads fine
+    if pool == "float16":
+        with new_manager("tiny-dense", max_loras=2, dtype="float32") as mgr:
+            mgr.register("bad", bad)
+            mgr.activate("bad")

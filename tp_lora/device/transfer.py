@@ -32,6 +32,7 @@ import torch
 from ..errors import AdapterDataError, AdapterError
 from ..format.adapter import AdapterHeader
 from ..format.dtypes import SAFETENSORS_FLOAT, safetensors_torch
+from ..format.modules import MODULES
 from ..host.memory import Device, HostArena
 from ..host.pinned_cache import CacheEntry, PinnedCache
 from ..host.reader import SliceReader
@@ -73,6 +74,13 @@ class LoadResult:
     event: Any  # copy-stream event at the end of the load (None on CPU)
     stats: LoadStats
     bad_values: Any = None  # device bool tensor: some value was NaN/Inf
+    bad_detail: str | None = None  # which tensor, and its value, when a value does not fit the pool dtype
+
+
+def _cast_limit(src: torch.dtype, dst: torch.dtype) -> float | None:
+    """Largest |value| ``dst`` holds when a cast from ``src`` can overflow it, else None (no check)."""
+    lo = torch.finfo(dst).max
+    return float(lo) if torch.finfo(src).max > lo else None
 
 
 class _Cancelled(Exception):
@@ -165,6 +173,7 @@ class TransferEngine:
         assert chunk_bytes >= 1 and ring_slots >= 2 and pin_workers >= 1, (chunk_bytes, ring_slots, pin_workers)
         assert read_workers is None or read_workers >= 1, read_workers
         self.device, self.pool, self.cache = device, pool, cache
+        self._peaks: list[tuple[Any, torch.Tensor, float]] = []
         self.chunk_bytes = chunk_bytes
         self.ring_slots = ring_slots
         self.read_workers = read_workers if read_workers is not None else default_read_workers()
@@ -286,10 +295,17 @@ class TransferEngine:
         else:
             pairs = self._place_views(chunk, src, slot)
         mixed = len({g.dtype for g in chunk.groups}) > 1
-        for dst, part in pairs:
+        for g, (dst, part) in zip(chunk.groups, pairs):
             dst.copy_(part)
             if check_finite and mixed:
                 oks.append(torch.isfinite(part).all())
+            limit = _cast_limit(part.dtype, self.pool.dtype) if check_finite else None
+            if limit is not None:
+                # finite in the file but not in the pool dtype (1e5 into float16, 1e300 F64 into float32):
+                # the values are checked as they will be served, after the cast
+                peak = part.abs().amax()  # in the stored dtype: F64's 1e300 stays 1e300
+                oks.append(peak <= limit)
+                self._peaks.append((g, peak, limit))
         if check_finite and not mixed and chunk.nbytes:
             # one dtype: the chunk is packed without padding, so one check covers every slice
             oks.append(torch.isfinite(src[:chunk.nbytes].view(safetensors_torch(chunk.groups[0].dtype))).all())
@@ -307,6 +323,7 @@ class TransferEngine:
         stream_ctx = torch.cuda.stream(dev.copy_stream) if dev.is_cuda else contextlib.nullcontext()
         start_ev = end_ev = None
         oks: list[torch.Tensor] = []
+        self._peaks = []  # (copy group, device max |value|, limit) of casts that can overflow
         try:
             with stream_ctx:
                 if dev.is_cuda:
@@ -353,7 +370,23 @@ class TransferEngine:
         stats.total_s = time.perf_counter() - t0
         if not dev.is_cuda:
             stats.h2d_s = stats.total_s - stats.read_s if not stats.warm else stats.total_s
-        return LoadResult(event=end_ev, stats=stats, bad_values=bad)
+        detail = self._overflow_detail() if bad else None
+        self._peaks = []
+        return LoadResult(event=end_ev, stats=stats, bad_values=bad, bad_detail=detail)
+
+    def _overflow_detail(self) -> str | None:
+        """After a failed value check (rare: a host read of the recorded peaks is fine here): the first
+        tensor group whose values do not fit the pool dtype, with its largest |value|."""
+        for g, peak, limit in self._peaks:
+            v = float(peak)
+            if not v <= limit:
+                per = self.pool.layout.n_local_experts if MODULES[g.module].per_expert else 1
+                first, last = g.flat_start // per, (g.flat_start + g.count - 1) // per
+                where = f"layer {first}" if first == last else f"layers {first}-{last}"
+                # short: it travels in the activation message's fixed-size reason field
+                return (f"{g.module}.{g.side} ({where}, {g.dtype}) has |value| {v:.4g} > "
+                        f"{str(self.pool.dtype).replace('torch.', '')} max {limit:.4g} after the cast")
+        return None
 
     def _h2d_and_place(self, job: LoadJob, chunk: Chunk, host: torch.Tensor, stats: LoadStats,
                        oks: list[torch.Tensor], start: int = 0, end: int | None = None,

@@ -480,9 +480,9 @@ class LoRAManager:
                 continue
             call.results[a.name] = res
             if res.bad_values is not None and bool(res.bad_values):
-                call.entries[i] = Entry(a.name, False, _slot(a), a.fingerprint,
-                                        f"AdapterDataError: NaN/Inf values in "
-                                        f"{os.path.basename(a.header.weights_path)} (check_finite=True)")
+                what = (f"{res.bad_detail} in {os.path.basename(a.header.weights_path)}" if res.bad_detail
+                        else f"NaN/Inf values in {os.path.basename(a.header.weights_path)} (check_finite=True)")
+                call.entries[i] = Entry(a.name, False, _slot(a), a.fingerprint, f"AdapterDataError: {what}")
                 self.cache.evict(a.name)  # do not keep known-bad data pinned (a retry reads the file again)
 
     def _agree(self, call: _Call) -> Decision:
