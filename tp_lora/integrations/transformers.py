@@ -298,17 +298,12 @@ def check_sharding(targets: Sequence[TargetModule], expected: dict[str, tuple[in
             continue
         out_l, in_l = expected[t.module]
         shape = tuple(t.local_shape)
-        if t.kind == "embed":
-            if want_style(t, _EMBED_STYLES, "vocab-parallel"):
-                if shape != (vocab_local, spec.hidden_size):
-                    problems.append(f"{t.path}: local weight {list(shape)}, tp_lora expects vocab rows "
-                                    f"{list(parallel.vocab_range(spec))} x {spec.hidden_size}")
-            continue
-        if t.module == "lm_head":
-            if want_style(t, _LM_HEAD_STYLES, "vocab-parallel (rows of the vocabulary)"):
-                if shape != (vocab_local, spec.hidden_size):
-                    problems.append(f"{t.path}: local weight {list(shape)}, tp_lora expects vocab rows "
-                                    f"{list(parallel.vocab_range(spec))} x {spec.hidden_size}")
+        if t.kind == "embed" or t.module == "lm_head":  # both hold this rank's vocabulary rows
+            styles, what = ((_EMBED_STYLES, "vocab-parallel") if t.kind == "embed"
+                            else (_LM_HEAD_STYLES, "vocab-parallel (rows of the vocabulary)"))
+            if want_style(t, styles, what) and shape != (vocab_local, spec.hidden_size):
+                problems.append(f"{t.path}: local weight {list(shape)}, tp_lora expects vocab rows "
+                                f"{list(parallel.vocab_range(spec))} x {spec.hidden_size}")
             continue
         if t.kind == "row":
             if want_style(t, _ROW_STYLES, "row-parallel (input columns)") and shape[1] != in_l:
