@@ -59,6 +59,28 @@ def test_parts_cold_and_warm_equal_reference(adir, preset, tp, ep, fused, read_m
             assert st.pinned_bytes_now == st.pinned_planned_now == 2 * plan.nbytes
 
 
+@pytest.mark.parametrize("preset,tp,ep,fused", [("tiny-moe", 4, 2, True), ("tiny-dense", 4, 1, False)])
+def test_os_preadv_fallback_reads_the_same(adir, monkeypatch, preset, tp, ep, fused):
+    """Where libc's preadv is not reachable through ctypes the reader uses os.preadv (one memoryview per
+    iovec): the same slots, the same byte and syscall counts."""
+    from tp_lora.host import reader
+
+    targets = ALL_DENSE if preset == "tiny-dense" else ("q", "k", "v", "o", "experts")
+    path = make_adapter(adir, f"fb-{preset}-{fused}", preset, rank=8, dtype="bf16", targets=targets, seed=6,
+                        fused_experts=fused)
+    if reader._PREADV is not None:
+        monkeypatch.setattr(reader, "_PREADV", None)
+    for rank in (0, tp - 1):
+        with new_manager(preset, tp=tp, rank=rank, ep=ep, max_loras=1, max_lora_rank=8,
+                         chunk_bytes=1 << 16, part_bytes=4096, dtype="float32", read_mode="auto") as mgr:
+            plan = mgr.register("a", path)
+            mgr.activate("a")
+            assert slot_diff(mgr.pool, 0, expected_slot(path, mgr.model, tp, rank, ep, mgr.pool)) == []
+            counts = read_counts(mgr.engine.chunks(plan))
+            ls = mgr.stats().load_stats[0]
+            assert (ls["bytes_read"], ls["syscalls"]) == (counts.read, counts.syscalls)
+
+
 # ------------------------------------------------------------------------------------------------
 # packing units (pure)
 # ------------------------------------------------------------------------------------------------

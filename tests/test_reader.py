@@ -141,3 +141,33 @@ def test_no_fd_leak_when_ring_allocation_fails(adapter, monkeypatch):
             with _run_fail():
                 _run(mgr)
         assert _fds() == before
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("step", [1, 3])
+@pytest.mark.parametrize("slots", [(0, 1, 2), (2,), (3, 0, 2)])
+def test_span_gather_matches_byte_by_byte_copies(step, slots, aligned):
+    """One gather per copy group places every span slice where a byte-by-byte copy would: consecutive
+    blocks (one contiguous destination), a single block, and blocks out of order (index_copy_); byte-wise
+    and in wider words (offsets all divisible by 8 / the element size)."""
+    from tp_lora.plan.packing import SpanCopy
+
+    g = torch.Generator().manual_seed(step * 10 + len(slots))
+    scratch = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=g)
+    nrows, ncols, isz, row_bytes, count, goff = 3, 4, 2, 200, 4, 16
+    src = tuple((8 + 616 * j) if aligned else (7 + 611 * j) for j in range(len(slots)))
+    cp = SpanCopy(goff, count, nrows, ncols, isz, step, row_bytes, src, slots,
+                  tuple(range(len(slots))))
+    assert cp.width == ((8 if step == 1 else 2) if aligned else 1)
+    buf = torch.zeros(goff + count * cp.block_bytes + 8, dtype=torch.uint8)
+    want = buf.clone()
+    raw = scratch.tolist()
+    for s, k in zip(src, slots):
+        out = goff + k * cp.block_bytes
+        for r in range(nrows):
+            for c in range(ncols):
+                at = s + r * row_bytes + c * step * isz
+                want[out:out + isz] = torch.tensor(raw[at:at + isz], dtype=torch.uint8)
+                out += isz
+    SliceReader._gather_out(cp, buf, scratch)
+    assert torch.equal(buf, want)

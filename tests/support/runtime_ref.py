@@ -224,11 +224,23 @@ def new_manager(model: Any, tp: int = 1, rank: int = 0, ep: int = 1, *, group: A
 
 
 class ReadRecorder:
-    """Wraps os.preadv / os.pread to record (offset, length) of every read through them (the data path)."""
+    """Wraps os.preadv / os.pread and the reader's libc preadv (host/reader.py ``_PREADV``) to record
+    (offset, length) of every read through them (the data path)."""
 
     def __init__(self, monkeypatch: Any):
+        from tp_lora.host import reader
+
         self.reads: list[tuple[int, int]] = []
         real_preadv, real_pread = os.preadv, os.pread
+        real_libc = reader._PREADV
+
+        if real_libc is not None:
+            def libc_preadv(fd: int, iov: int, n: int, offset: int) -> int:
+                got = real_libc(fd, iov, n, offset)
+                self.reads.append((offset, got))
+                return got
+
+            monkeypatch.setattr(reader, "_PREADV", libc_preadv)
 
         def preadv(fd: int, buffers: Any, offset: int, *a: Any) -> int:
             n = real_preadv(fd, buffers, offset, *a)

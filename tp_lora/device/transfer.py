@@ -33,7 +33,7 @@ from ..errors import AdapterDataError, AdapterError
 from ..format.adapter import AdapterHeader
 from ..format.dtypes import SAFETENSORS_FLOAT, safetensors_torch
 from ..format.modules import MODULES
-from ..host.memory import Device, HostArena
+from ..host.memory import Device, HostArena, ScratchPool
 from ..host.pinned_cache import CacheEntry, PinnedCache
 from ..host.reader import SliceReader
 from ..plan.memo import PerPlan
@@ -95,7 +95,9 @@ class _CacheSink:
 
     def __init__(self, engine: "TransferEngine", entry: CacheEntry, chunks: list[Chunk], stats: LoadStats):
         self.engine, self.entry, self.chunks, self.stats = engine, entry, chunks, stats
-        self.window = engine.read_workers + 1  # units ahead of the copy: keep every reader busy
+        # every unit at once: the buffers are the cache entry's (no memory beyond it), and readers never
+        # wait for the loader thread (a bounded window let a loader short of CPU idle the readers)
+        self.window = sum(len(c.units()) for c in chunks)
 
     def units(self) -> list[tuple[Chunk, Part, bool, Any]]:
         """(chunk, part, last part of its chunk, buffer key): the parts of one chunk share its buffer."""
@@ -192,6 +194,7 @@ class TransferEngine:
         # its own thread: plans prepared at register never queue ahead of a load's buffers
         self._preparer = cf.ThreadPoolExecutor(1, thread_name_prefix="tp_lora-prepare")
         self._stat_lock = threading.Lock()
+        self.scratch = ScratchPool()  # the readers' gap/span scratch, kept across loads
         self.peak_inflight_bytes = 0  # host bytes in flight beyond the cache, high-water mark
         if device.is_cuda:
             self._warm_up()
@@ -220,7 +223,12 @@ class TransferEngine:
         self._preparer.submit(self._prepare, plan)
 
     def _prepare(self, plan: SlicePlan) -> None:
-        self.chunks(plan)
+        chunks = self.chunks(plan)
+        self._memo.get(plan, ("counts", False, self.chunk_bytes), lambda: read_counts(chunks))
+        plan.cache_keys()
+        # the readers' scratch, faulted in now rather than in the first load
+        self.scratch.reserve(max((u.scratch_bytes for c in chunks for u in c.units()), default=0),
+                             self.read_workers)
         self._memo.get(plan, ("coverage", id(self.pool)), lambda: self.pool.coverage(plan.ops))
 
     def _warm_up(self) -> None:
@@ -415,13 +423,14 @@ class TransferEngine:
         header = job.header
         # opened before reserving cache budget: it raises if the file vanished or changed; closed in the
         # finally below whatever fails after (a ring allocation, a reader)
-        rd = SliceReader(header)
+        rd = SliceReader(header, self.scratch, self._memo.table(job.plan, "iov"), check_header=False)
+        header_ok = self._pinner.submit(rd.check_header)  # beside the reads; awaited before success
         sink: _CacheSink | _RingSink | None = None
         pending: deque = deque()
         cancelled = threading.Event()
         ok = False
         try:
-            entry = self.cache.begin(header.name, header.fingerprint, sizes, tuple(job.plan.cache_keys()))
+            entry = self.cache.begin(header.name, header.fingerprint, sizes, job.plan.cache_keys())
             stats.streamed = entry is None
             if entry is not None:
                 sink = _CacheSink(self, entry, chunks, stats)
@@ -429,8 +438,9 @@ class TransferEngine:
                 sink = _RingSink(self, stream_units(job.plan, self.chunk_bytes, self.part_bytes,
                                                     self.read_mode), stats)
             units = sink.units()
-            stats.syscalls = sum(u[1].syscalls for u in units)
-            stats.span_ops = read_counts(sink.chunks).span_ops
+            counts = self._memo.get(job.plan, ("counts", stats.streamed, self.chunk_bytes),
+                                    lambda: read_counts(sink.chunks))
+            stats.syscalls, stats.span_ops = counts.syscalls, counts.span_ops
             lock = self._stat_lock
 
             def fill(chunk: Chunk, part: Part, last: bool, buf_f: cf.Future) -> torch.Tensor:  # readers
@@ -480,10 +490,15 @@ class TransferEngine:
                 if nxt < len(units):
                     submit(nxt)
                     nxt += 1
+            header_ok.result()
             rd.verify_unchanged()
             ok = True
         finally:
             cancelled.set()
+            try:
+                header_ok.result()  # the reader's fd stays open until the check is done
+            except BaseException:  # noqa: BLE001 - raised above when it matters
+                pass
             for _, _, _, bf, rf in pending:  # let the stages of units not copied finish or stop
                 for f in (rf, bf):
                     try:

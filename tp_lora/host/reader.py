@@ -14,27 +14,94 @@ One open per load: every check and every read of the load goes through that one 
   the tensor.
 
 The reads are the packing's precomputed scatter runs (``os.preadv`` releases the GIL) and span reads
-(one read into per-thread scratch, then strided torch copies of the owned bytes).
+(one read into per-thread scratch, then the owned bytes gathered out of it: one torch op per copy group
+of a read, which also runs without the GIL).
 """
 
 from __future__ import annotations
 
 import bisect
+import ctypes
+import errno
 import hashlib
 import logging
 import os
 import stat
+import sys
 import threading
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from ..errors import AdapterDataError
 from ..format.adapter import AdapterHeader
-from ..plan.packing import Chunk, Part, span_of
+from ..plan.packing import Chunk, Part, SpanCopy
+from .memory import ScratchPool
 
 log = logging.getLogger(__name__)
 
 _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
                | getattr(os, "O_CLOEXEC", 0))
+
+
+_WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _libc_preadv():
+    """libc's preadv through ctypes, which drops the GIL for the call like ``os.preadv``, but takes a
+    prebuilt iovec array: the per-piece Python (one memoryview per iovec: ~56k pieces in a rank of a
+    sharded MoE) is gone from the readers' hot loop, where the GIL serialised it across 16 readers.
+    None where there is no such libc call (the ``os.preadv`` path is used then)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        f = ctypes.CDLL(None, use_errno=True).preadv
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+    f.restype = ctypes.c_ssize_t
+    return f
+
+
+_PREADV = _libc_preadv()
+
+
+@dataclass(frozen=True)
+class _IovTable:
+    """The iovecs of a unit's scatter reads, relative to the chunk buffer or the scratch: built once per
+    plan (numpy), rebased per load by one vectorised add. ``rel`` [pieces, 2] uint64 (offset, bytes),
+    ``scratch`` [pieces] bool, ``reads`` (first row, rows, file offset, bytes) per read."""
+
+    rel: np.ndarray
+    scratch: np.ndarray
+    reads: tuple[tuple[int, int, int, int], ...]
+    buf_end: int  # bytes of the chunk buffer / the scratch the iovecs reach: checked before every call
+    scratch_end: int
+
+    @staticmethod
+    def build(reads) -> "_IovTable":
+        rows, scr, meta = [], [], []
+        for file_off, pieces, _, _ in reads:
+            meta.append((len(rows), len(pieces), file_off, sum(n for _, n in pieces)))
+            for o, n in pieces:
+                rows.append((o if o >= 0 else -o - 1, n))
+                scr.append(o < 0)
+        rel = np.array(rows, dtype=np.uint64).reshape(-1, 2)
+        ends = [(o + n, s) for (o, n), s in zip(rows, scr)]
+        return _IovTable(rel, np.array(scr, dtype=bool), tuple(meta),
+                         max([e for e, s in ends if not s] + [0]), max([e for e, s in ends if s] + [0]))
+
+    def rebased(self, buf: torch.Tensor, scratch: torch.Tensor | None) -> np.ndarray:
+        """The iovecs for this load's buffers (raw pointers: the bounds are checked here, once)."""
+        if buf.numel() < self.buf_end or (self.scratch_end and (scratch is None or scratch.numel() < self.scratch_end)):
+            raise AssertionError(f"read plan reaches byte {self.buf_end} / {self.scratch_end} of buffers of "
+                                 f"{buf.numel()} / {0 if scratch is None else scratch.numel()} bytes")
+        assert buf.is_contiguous() and buf.dtype == torch.uint8 and buf.device.type == "cpu"
+        buf_ptr, scratch_ptr = buf.data_ptr(), 0 if scratch is None else scratch.data_ptr()
+        iov = self.rel.copy()
+        iov[:, 0] += np.where(self.scratch, np.uint64(scratch_ptr), np.uint64(buf_ptr))
+        return iov
 
 
 def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -46,15 +113,18 @@ class SliceReader:
     """Reads this rank's slices from a safetensors file (see the module docstring). Thread-safe: the
     reader threads of one load share it (pread has no file offset)."""
 
-    def __init__(self, header: AdapterHeader):
+    def __init__(self, header: AdapterHeader, scratch: ScratchPool | None = None, iov_tables: dict | None = None,
+                 *, check_header: bool = True):
         self.header = header
+        self._scratch_pool = scratch if scratch is not None else ScratchPool()
+        # per plan, owned by the engine (kept across loads); keyed by the id of a unit's reads tuple
+        self._iov_tables = iov_tables if iov_tables is not None else {}
         self.path = header.weights_path
         self.fd = -1
         self.replaced = False  # the file's identity differs from the registered one (header identical)
         self.bytes_read = 0
         self.syscalls = 0
         self._lock = threading.Lock()
-        self._local = threading.local()
         try:
             fd = os.open(self.path, _OPEN_FLAGS)
         except OSError as e:
@@ -65,7 +135,8 @@ class SliceReader:
         self.fd = fd
         try:
             self._opened = self._check_identity(os.fstat(fd))
-            self._check_header()
+            if check_header:
+                self.check_header()
         except BaseException:
             self.close()
             raise
@@ -90,9 +161,11 @@ class SliceReader:
                         h.name, self.path, tuple(ident), file_identity(st))
         return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
-    def _check_header(self) -> None:
+    def check_header(self) -> None:
         """The planned offsets hold only if the header is byte-for-byte the one registered (a same-size
-        rewrite with another layout would load other tensors' bytes). Read from this fd."""
+        rewrite with another layout would load other tensors' bytes). Read from this fd. The engine runs
+        it beside the reads (``check_header=False`` at construction: the digest of a 37k-tensor header
+        takes ~10 ms) and waits for it before the load can succeed."""
         h = self.header
         if not h.header_digest:
             return
@@ -131,13 +204,70 @@ class SliceReader:
         """Fill one part of a chunk's buffer (``part`` None: the whole chunk): one preadv per scatter run
         (then the strided copies of the span slices it read into scratch), then the span reads."""
         u = chunk.whole if part is None else part
+        need = u.scratch_bytes
+        scratch = self._scratch_pool.take(need) if need else None
+        try:
+            total = self._read_unit(chunk, u, buf, scratch)
+        finally:
+            if scratch is not None:
+                self._scratch_pool.give(scratch)
+        with self._lock:
+            self.bytes_read += total
+            self.syscalls += u.syscalls
+
+    def _read_unit(self, chunk: Chunk, u: Part, buf: torch.Tensor, scratch: torch.Tensor | None) -> int:
+        if _PREADV is None or not u.reads:
+            return self._read_unit_py(chunk, u, buf, scratch)
+        tab = self._iov_tables.get(id(u.reads))
+        if tab is None:
+            tab = self._iov_tables.setdefault(id(u.reads), _IovTable.build(u.reads))
+        iov = tab.rebased(buf, scratch)
+        base = iov.ctypes.data
+        total = 0
+        for (first, n, file_off, want), (_, pieces, copies, _) in zip(tab.reads, u.reads):
+            got = _PREADV(self.fd, base + 16 * first, n, file_off)
+            while got < 0 and ctypes.get_errno() == errno.EINTR:
+                got = _PREADV(self.fd, base + 16 * first, n, file_off)
+            if got < 0:
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e), self.path)
+            if got != want:  # short read (a signal, or the end of a truncated file): piece by piece
+                self._finish_short(chunk, buf, scratch, pieces, file_off)
+            total += want
+            for cp in copies:
+                self._gather_out(cp, buf, scratch)
+        if u.spans:
+            total += self._read_spans(chunk, u, buf, scratch)
+        return total
+
+    def _finish_short(self, chunk: Chunk, buf: torch.Tensor, scratch: torch.Tensor | None, pieces, file_off: int) -> None:
         mv = memoryview(buf.numpy()).cast("B")
+        smv = memoryview(scratch.numpy()).cast("B") if scratch is not None else None
+        pos = file_off
+        for o, n in pieces:
+            v = mv[o:o + n] if o >= 0 else smv[-o - 1:n - o - 1]
+            self._pread_into(v, pos, chunk, max(o, 0))
+            pos += n
+
+    def _read_spans(self, chunk: Chunk, u: Part, buf: torch.Tensor, scratch: torch.Tensor | None) -> int:
+        smv = memoryview(scratch.numpy()).cast("B")
+        total = 0
+        for sp in u.spans:
+            self._pread_into(smv[:sp.nbytes], sp.file_offset, chunk, chunk.offsets[sp.ops[0]])
+            total += sp.nbytes
+            for cp in sp.copies:
+                self._gather_out(cp, buf, scratch)
+        return total
+
+    def _read_unit_py(self, chunk: Chunk, u: Part, buf: torch.Tensor, scratch: torch.Tensor | None) -> int:
+        """The same reads through ``os.preadv`` (one memoryview per piece): where libc's preadv is not
+        reachable through ctypes."""
+        mv = memoryview(buf.numpy()).cast("B")
+        smv = memoryview(scratch.numpy()).cast("B") if scratch is not None else None
         total = 0
         fd = self.fd
         for file_off, pieces, copies, scratch_bytes in u.reads:
             if scratch_bytes:
-                scratch = self._scratch(scratch_bytes)
-                smv = memoryview(scratch.numpy()).cast("B")
                 iov = [mv[o:o + n] if o >= 0 else smv[-o - 1:n - o - 1] for o, n in pieces]
             else:
                 iov = [mv[o:o + n] for o, n in pieces]
@@ -149,38 +279,45 @@ class SliceReader:
                     self._pread_into(v, pos, chunk, max(o, 0))
                     pos += n
             total += want
-            for i, soff in copies:
-                self._copy_out(chunk, i, buf, scratch, soff)
-        for sp in u.spans:
-            scratch = self._scratch(sp.nbytes)
-            self._pread_into(memoryview(scratch.numpy()).cast("B")[:sp.nbytes], sp.file_offset, chunk,
-                             chunk.offsets[sp.ops[0]])
-            total += sp.nbytes
-            for i in sp.ops:
-                self._copy_out(chunk, i, buf, scratch, span_of(chunk.ops[i])[0] - sp.file_offset)
-        with self._lock:
-            self.bytes_read += total
-            self.syscalls += u.syscalls
+            for cp in copies:
+                self._gather_out(cp, buf, scratch)
+        if u.spans:
+            total += self._read_spans(chunk, u, buf, scratch)
+        return total
 
     @staticmethod
-    def _copy_out(chunk: Chunk, i: int, buf: torch.Tensor, scratch: torch.Tensor, soff: int) -> None:
-        """Slice ``chunk.ops[i]`` out of its span, read into ``scratch`` at ``soff``, to its packed place."""
-        op, off = chunk.ops[i], chunk.offsets[i]
-        isz = op.itemsize
-        step = op.cols[2]
-        row_bytes = op.src_shape[1] * isz
-        if step == 1:  # rows of contiguous owned columns
-            src = torch.as_strided(scratch, (op.nrows, op.ncols * isz), (row_bytes, 1), soff)
-            buf[off:off + op.nbytes].view(op.nrows, op.ncols * isz).copy_(src)
-        else:  # strided columns (fused-expert B: experts interleave at element granularity)
-            src = torch.as_strided(scratch, (op.nrows, op.ncols, isz), (row_bytes, step * isz, 1), soff)
-            buf[off:off + op.nbytes].view(op.nrows, op.ncols, isz).copy_(src)
+    def _gather_out(cp: SpanCopy, buf: torch.Tensor, scratch: torch.Tensor) -> None:
+        """The span slices of one copy group out of the scratch, by one gather (torch releases the GIL
+        inside the op: the readers' Python per slice was the serial part of a tiny-slice load).
 
-    def _scratch(self, n: int) -> torch.Tensor:
-        t = getattr(self._local, "buf", None)
-        if t is None or t.numel() < n:
-            t = self._local.buf = torch.empty(n, dtype=torch.uint8)
-        return t
+        The source is a view of the scratch with one "row" per start offset (stride 1 on the first dim),
+        so ``index_select`` picks each slice's start; the slices land in their packed blocks of the group.
+        Both buffers are viewed in the widest integer type that every offset and length divides
+        (``cp.width``): a byte-wise gather copies 2-8x more elements."""
+        w = cp.width if (buf.data_ptr() | scratch.data_ptr()) % cp.width == 0 else 1
+        dt = _WORD[w]
+        sw = scratch[:scratch.numel() // w * w].view(dt)
+        bw = buf[:buf.numel() // w * w].view(dt)
+        if cp.step == 1:
+            inner, strides = (cp.nrows, cp.ncols * cp.itemsize // w), (cp.row_bytes // w, 1)
+        elif w == cp.itemsize:
+            inner, strides = (cp.nrows, cp.ncols), (cp.row_bytes // w, cp.step)
+        else:  # strided columns (fused-expert B: experts interleave at element granularity)
+            inner = (cp.nrows, cp.ncols, cp.itemsize // w)
+            strides = (cp.row_bytes // w, cp.step * cp.itemsize // w, 1)
+        extent = 1 + sum((d - 1) * st for d, st in zip(inner, strides))
+        src = torch.as_strided(sw, (sw.numel() - extent + 1,) + inner, (1,) + strides)
+        g0 = cp.group_offset // w
+        group = bw[g0:g0 + cp.group_count * cp.block_bytes // w].view((cp.group_count,) + inner)
+        starts = [x // w for x in cp.src]
+        rng = cp.slot_range
+        if len(starts) == 1:
+            group[cp.slots[0]].copy_(src[starts[0]])
+        elif rng is not None:
+            torch.index_select(src, 0, torch.tensor(starts, dtype=torch.int64), out=group[rng[0]:rng[0] + rng[1]])
+        else:
+            group.index_copy_(0, torch.tensor(cp.slots, dtype=torch.int64),
+                              torch.index_select(src, 0, torch.tensor(starts, dtype=torch.int64)))
 
     def _tensor_at(self, chunk: Chunk, offset: int) -> str:
         i = max(0, bisect.bisect_right(chunk.offsets, offset) - 1)

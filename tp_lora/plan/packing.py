@@ -43,11 +43,11 @@ MAX_SPAN_BYTES = 64 << 20
 
 _MODULE_ORDER = {m: i for i, m in enumerate(POOL_MODULES)}
 
-ScatterRead = tuple[int, tuple[tuple[int, int], ...], tuple[tuple[int, int], ...], int]
+ScatterRead = tuple[int, tuple[tuple[int, int], ...], tuple["SpanCopy", ...], int]
 """(file offset, pieces, copies, scratch bytes): one preadv of a contiguous file range. A piece
 (offset, bytes) with offset >= 0 lands in the chunk buffer; offset < 0 lands at scratch[-offset - 1]
-(a gap between owned ranges, cheaper to read than another syscall, or a span). ``copies`` (op index,
-scratch offset of its span) are the strided copies of span slices out of the scratch, after the read."""
+(a gap between owned ranges, cheaper to read than another syscall, or a span). ``copies`` are the
+strided copies of the span slices out of the scratch after the read, batched (``SpanCopy``)."""
 
 SCRATCH_BYTES = 8 << 20
 """Most scratch one scatter read uses (a reader thread's scratch buffer)."""
@@ -61,12 +61,12 @@ class ReadCost:
     serially, bytes are copied at the readers' aggregate bandwidth. Defaults from the H200 host
     (docs/PERF_NOTES.md): Rank 0 of Llama-3-70B TP=8 read exactly issued 11k preadv of 2 KiB rows and took
     4.8x the floor with 16 readers (about 8 us of wall time per call), while page cache -> memory runs at
-    about 30 GB/s with 16 threads; a strided torch copy out of the scratch costs about 10 us to dispatch.
+    about 30 GB/s with 16 threads; copying span slices out of the scratch costs about 1 us a slice (one gather per copy group of a read).
     """
 
     syscall_s: float = 8e-6
     byte_s: float = 1 / 30e9
-    copy_s: float = 10e-6
+    copy_s: float = 1e-6
 
     def prefers_span(self, op: "SliceOp") -> bool:
         """Step-1 slice of ``op.nrows`` rows of ``ncols`` of ``src_shape[1]`` columns: span if cheaper."""
@@ -101,13 +101,60 @@ class CopyGroup:
 
 
 @dataclass(frozen=True)
+class SpanCopy:
+    """Span slices of one scatter read that belong to one CopyGroup, copied out of the scratch by ONE
+    gather (a torch op per slice, ~10-20 us of Python each under the GIL, serialised 16 readers: the
+    tiny-slice MoE case had 6192 of them).
+
+    Each slice is ``nrows`` rows of ``ncols`` elements of ``itemsize`` bytes, ``step`` elements apart, its
+    rows ``row_bytes`` apart in the file; slice k starts at scratch offset ``src[k]`` and is the
+    ``slots[k]``-th block of the group, whose blocks are packed back to back from chunk offset
+    ``group_offset``. ``ops``: the slices' indices in the chunk's ops."""
+
+    group_offset: int
+    group_count: int
+    nrows: int
+    ncols: int
+    itemsize: int
+    step: int
+    row_bytes: int
+    src: tuple[int, ...]
+    slots: tuple[int, ...]
+    ops: tuple[int, ...]
+
+    @property
+    def block_bytes(self) -> int:
+        return self.nrows * self.ncols * self.itemsize
+
+    @property
+    def width(self) -> int:
+        """The widest word (8, 4, 2 or 1 bytes) that every offset and length of this copy divides."""
+        unit = self.ncols * self.itemsize if self.step == 1 else self.itemsize
+        g = self.row_bytes | unit | self.group_offset | self.block_bytes
+        for s in self.src:
+            g |= s
+        for w in (8, 4, 2):
+            if g % w == 0:
+                return w
+        return 1
+
+    @property
+    def slot_range(self) -> tuple[int, int] | None:
+        """(first, count) when the slots are consecutive and ascending (one contiguous destination)."""
+        k0 = self.slots[0]
+        return (k0, len(self.slots)) if self.slots == tuple(range(k0, k0 + len(self.slots))) else None
+
+
+@dataclass(frozen=True)
 class SpanRead:
     """File bytes [file_offset, file_offset + nbytes) read once into scratch memory; then each slice in
-    ``ops`` (indices into the chunk's ops) is copied out, strided, to its packed place in the chunk."""
+    ``ops`` (indices into the chunk's ops) is copied out, strided, to its packed place in the chunk
+    (``copies``: batched per copy group, as for scatter reads)."""
 
     file_offset: int
     nbytes: int
     ops: tuple[int, ...]
+    copies: tuple[SpanCopy, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,6 +172,11 @@ class Part:
     @property
     def syscalls(self) -> int:
         return len(self.reads) + len(self.spans)
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Scratch a reader needs for this unit (the largest of its reads' gap/span bytes)."""
+        return max([x[3] for x in self.reads] + [sp.nbytes for sp in self.spans] + [0])
 
 
 @dataclass(frozen=True)
@@ -215,7 +267,7 @@ def read_counts(chunks: list[Chunk]) -> ReadCounts:
         for u in ch.units():
             read += sum(n for x in u.reads for _, n in x[1]) + sum(s.nbytes for s in u.spans)
             sys += u.syscalls
-            nspan += sum(len(s.ops) for s in u.spans) + sum(len(x[2]) for x in u.reads)
+            nspan += sum(len(s.ops) for s in u.spans) + sum(len(c.ops) for x in u.reads for c in x[2])
     return ReadCounts(owned, read, sys, nspan)
 
 
@@ -273,6 +325,7 @@ def _make_chunk(plan: "SlicePlan", index: int, ops: list["SliceOp"], part_bytes:
     ordered = sorted(ops, key=lambda o: (_MODULE_ORDER[o.module], o.side, o.layer,
                                          -1 if o.local_expert is None else o.local_expert))
     offsets, groups = [], []
+    member: list[tuple[int, int]] = []  # per op: (its CopyGroup's index, its block within the group)
     pos = 0
     for op in ordered:
         # align each slice to its element size so the device can view it in its dtype; a
@@ -288,19 +341,27 @@ def _make_chunk(plan: "SlicePlan", index: int, ops: list["SliceOp"], part_bytes:
                                    g.byte_offset)
         else:
             groups.append(CopyGroup(op.module, op.side, op.dtype, op.shape, flat, 1, pos))
+        member.append((len(groups) - 1, groups[-1].count - 1))
         pos += op.nbytes
     span = [_read_as_span(op, read_mode, cost) for op in ordered]
     # "exact" reads no byte outside each slice's own span (strided slices: one span read each, as before
     # spans existed); the other modes merge neighbouring and overlapping spans
     gap = -1 if read_mode == "exact" else cost.merge_gap()
-    reads, spans = _read_runs(ordered, offsets, span, range(len(ordered)), gap, part_bytes)
+    def runs(idx: range) -> tuple[tuple[ScatterRead, ...], tuple[SpanRead, ...]]:
+        r, sp = _read_runs(ordered, offsets, span, idx, gap, part_bytes)
+        return (tuple((f, p, _batch_copies(c, ordered, member, groups), sb) for f, p, c, sb in r),
+                tuple(dataclasses.replace(x, copies=_batch_copies(
+                    tuple((i, span_of(ordered[i])[0] - x.file_offset) for i in x.ops), ordered, member, groups))
+                      for x in sp))
+
+    reads, spans = runs(range(len(ordered)))
     parts: list[Part] = []
     if part_bytes is not None and pos > part_bytes:
         first = 0
         for i in range(len(ordered)):
             end = offsets[i] + ordered[i].nbytes
             if end - offsets[first] >= part_bytes or i == len(ordered) - 1:
-                r, s = _read_runs(ordered, offsets, span, range(first, i + 1), gap, part_bytes)
+                r, s = runs(range(first, i + 1))
                 parts.append(Part(offsets[first], end, r, s))
                 first = i + 1
         if read_mode != "exact":
@@ -310,6 +371,26 @@ def _make_chunk(plan: "SlicePlan", index: int, ops: list["SliceOp"], part_bytes:
             if _units_cost(fo, cost) < _units_cost(parts, cost):
                 parts = fo
     return Chunk(index, tuple(ordered), tuple(offsets), tuple(groups), pos, reads, spans, tuple(parts), row0)
+
+
+def _batch_copies(copies: tuple[tuple[int, int], ...], ops: list["SliceOp"], member: list[tuple[int, int]],
+                  groups: list[CopyGroup]) -> tuple[SpanCopy, ...]:
+    """(op index, scratch offset) copies of one scatter read -> one SpanCopy per (CopyGroup, source row
+    layout), slices in block order (consecutive blocks: one contiguous destination, the common case)."""
+    by: dict[tuple, list[tuple[int, int, int]]] = {}
+    for i, soff in copies:
+        op = ops[i]
+        gi, k = member[i]
+        key = (gi, op.nrows, op.ncols, op.itemsize, op.cols[2], op.src_shape[1] * op.itemsize)
+        by.setdefault(key, []).append((k, soff, i))
+    out = []
+    for (gi, nrows, ncols, isz, step, row_bytes), items in by.items():
+        items.sort()
+        g = groups[gi]
+        out.append(SpanCopy(g.byte_offset, g.count, nrows, ncols, isz, step, row_bytes,
+                            tuple(s for _, s, _ in items), tuple(k for k, _, _ in items),
+                            tuple(i for _, _, i in items)))
+    return tuple(out)
 
 
 def _units_cost(units: list[Part], cost: ReadCost) -> float:
