@@ -254,7 +254,7 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
     plan = mgr.register("a", path)
     mgr.register("b", path)
     t = time.perf_counter()
-    mgr.arena.wait_reserved()  # reported apart: a server registers well before the first activation
+    mgr.engine.wait_prepared()  # reported apart: a server registers well before the first activation
     reserve_wait_s = time.perf_counter() - t
     reserve_s = mgr.arena.snapshot().reserve_s
     page_cache(path)
@@ -304,7 +304,7 @@ def bench_mode(path: Path, c: dict, args: argparse.Namespace, mode: str, repeats
     mgr = _manager(c, args, read_mode=mode)
     mgr.register("a", path)
     mgr.register("b", path)  # alternate: each activation evicts the other from the one slot, so it loads
-    mgr.arena.wait_reserved()
+    mgr.engine.wait_prepared()
     _cold(mgr, path, "a")
     ts = [_cold(mgr, path, "b" if i % 2 == 0 else "a")[0] for i in range(repeats)]
     mgr.close()
@@ -566,7 +566,7 @@ def case_run(name: str, c: dict, path: Path, args: argparse.Namespace) -> dict:
             r["disk_GBps"] = disk_bandwidth(path / W, threads)
             mgr = _manager(c, args)
             mgr.register("a", path)
-            mgr.arena.wait_reserved()
+            mgr.engine.wait_prepared()
             drop_caches()
             t = time.perf_counter()
             mgr.activate("a")

@@ -45,7 +45,7 @@ def main() -> int:
                       spec, ParallelSpec(tp_size=c["tp"], tp_rank=0, ep_size=c["ep"]))
     mgr.register("a", path)
     mgr.register("b", path)
-    mgr.arena.wait_reserved()  # pinned memory reserved ahead, as a server would have it
+    mgr.engine.wait_prepared()  # pinned memory reserved ahead, as a server would have it
     mgr.activate("a")
     mgr.activate("b")  # both cached now
     from torch.profiler import ProfilerActivity, profile

@@ -40,6 +40,26 @@ def test_blocks_exact_sizes_reuse_and_coalesce():
     a.close()
 
 
+def test_reservation_counted_in_slabs_never_grows_in_the_load():
+    """Blocks of 0.4 slab fill a slab only to 0.8: a reservation of their byte sum runs short (the
+    arena grows inside a load, pinning fresh memory there), one of ``fit_bytes`` does not."""
+    sizes = [int(0.4 * (1 << 14))] * 10
+    for by_bytes in (True, False):
+        a = _arena(limit=1 << 20)
+        a.reserve(sum(sizes) if by_bytes else a.fit_bytes(sizes))
+        a.wait_reserved()
+        blocks = [a.alloc(n) for n in sizes]
+        assert (a.snapshot().grow_in_load > 0) == by_bytes
+        for b in blocks:
+            a.free(b)
+        a.close()
+    a = _arena()
+    assert a.fit_bytes([]) == 0 and a.fit_bytes([1 << 14]) == 1 << 14
+    assert a.fit_bytes([3 << 14]) == 2 << 20  # larger than a slab: its own, rounded as alloc rounds it
+    assert a.fit_bytes([10000, 6000, 6000]) == 2 << 14  # largest first: 10000+6000 | 6000
+    a.close()
+
+
 def test_reserve_ahead_in_background_and_release_above_limit():
     a = _arena(limit=1 << 15, slab=1 << 14)
     futs = a.reserve(1 << 20)  # capped at the limit

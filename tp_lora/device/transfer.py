@@ -196,8 +196,26 @@ class TransferEngine:
         self._stat_lock = threading.Lock()
         self.scratch = ScratchPool()  # the readers' gap/span scratch, kept across loads
         self.peak_inflight_bytes = 0  # host bytes in flight beyond the cache, high-water mark
+        self._spawn_readers()
         if device.is_cuda:
             self._warm_up()
+
+    def _spawn_readers(self) -> None:
+        """Start every reader thread now (the executor spawns them lazily, inside the first load)."""
+        gate = threading.Barrier(self.read_workers + 1)
+
+        def wait() -> None:
+            try:
+                gate.wait(timeout=5)
+            except threading.BrokenBarrierError:
+                pass
+
+        futs = [self._readers.submit(wait) for _ in range(self.read_workers)]
+        try:
+            gate.wait(timeout=5)
+        except threading.BrokenBarrierError:
+            pass
+        cf.wait(futs)
 
     def close(self) -> None:
         self._preparer.shutdown(wait=True, cancel_futures=True)
@@ -214,22 +232,33 @@ class TransferEngine:
         """The chunks this engine moves ``plan`` in (cached and warm loads)."""
         return pack(plan, self.chunk_bytes, self.part_bytes, self.read_mode)
 
-    def expect(self, plan: SlicePlan, registered_bytes: int) -> None:
-        """Registration hook, so that the first load of ``plan`` costs what later ones do: grow the arena
-        in the background toward what registered adapters (and the ring) need, and pack the plan and its
-        pool coverage in the background (37k slices of a sharded MoE take ~0.8 s of Python to pack)."""
-        if self.arena is not None:
-            self.arena.reserve(registered_bytes + self.inflight_bound)
-        self._preparer.submit(self._prepare, plan)
+    def expect(self, plan: SlicePlan, registered: list[SlicePlan]) -> None:
+        """Registration hook, so that the first load of ``plan`` costs what later ones do: pack the plan
+        and its pool coverage in the background (37k slices of a sharded MoE take ~0.8 s of Python to
+        pack), fault in the readers' scratch, and grow the arena toward what the ``registered`` adapters'
+        chunks (and the ring) need, counted in slabs as the arena will place them."""
+        if self.arena is not None:  # a first estimate now (bytes); _prepare tops it up in slabs
+            self.arena.reserve(sum(p.nbytes for p in registered) + self.inflight_bound)
+        self._preparer.submit(self._prepare, plan, list(registered))
 
-    def _prepare(self, plan: SlicePlan) -> None:
+    def wait_prepared(self) -> None:
+        """Block until the plans registered so far are prepared (benchmarks, tests)."""
+        self._preparer.submit(lambda: None).result()
+        if self.arena is not None:
+            self.arena.wait_reserved()
+
+    def _prepare(self, plan: SlicePlan, registered: list[SlicePlan]) -> None:
         chunks = self.chunks(plan)
         self._memo.get(plan, ("counts", False, self.chunk_bytes), lambda: read_counts(chunks))
         plan.cache_keys()
+        self._memo.get(plan, ("coverage", id(self.pool)), lambda: self.pool.coverage(plan.ops))
+        SliceReader.prepare(chunks, self._memo.table(plan, "iov"))
         # the readers' scratch, faulted in now rather than in the first load
         self.scratch.reserve(max((u.scratch_bytes for c in chunks for u in c.units()), default=0),
                              self.read_workers)
-        self._memo.get(plan, ("coverage", id(self.pool)), lambda: self.pool.coverage(plan.ops))
+        if self.arena is not None:
+            sizes = [c.nbytes for p in registered for c in self.chunks(p)]
+            self.arena.reserve(self.arena.fit_bytes(sizes + [self.chunk_bytes] * self.ring_slots))
 
     def _warm_up(self) -> None:
         """Load the kernels a load launches (H2D, strided cast copies from each stored dtype, the finite
@@ -238,7 +267,11 @@ class TransferEngine:
         dev = self.device
         with torch.cuda.stream(dev.copy_stream):
             host = dev.alloc_host(4096)
-            staging = torch.empty(4096, dtype=torch.uint8, device=dev.device)
+            # the staging buffer and the finite check's temporaries at a chunk's size: their first
+            # allocation (cudaMalloc) would otherwise land in the first load too
+            full = self._staging_for(self.chunk_bytes)
+            bool(torch.isfinite(full[:full.numel() // 2 * 2].view(torch.bfloat16)).all().item())
+            staging = full[:4096]
             staging.copy_(host, non_blocking=True)
             oks = []
             for dt in {t for _, t in SAFETENSORS_FLOAT.values()}:

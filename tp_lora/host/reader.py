@@ -215,6 +215,17 @@ class SliceReader:
             self.bytes_read += total
             self.syscalls += u.syscalls
 
+    @staticmethod
+    def prepare(chunks: list[Chunk], tables: dict) -> None:
+        """Build the iovec tables of ``chunks``' units into ``tables`` ahead of the first load (the 56k
+        pieces of a sharded MoE rank take tens of ms of Python)."""
+        if _PREADV is None:
+            return
+        for c in chunks:
+            for u in c.units():
+                if u.reads and id(u.reads) not in tables:
+                    tables.setdefault(id(u.reads), _IovTable.build(u.reads))
+
     def _read_unit(self, chunk: Chunk, u: Part, buf: torch.Tensor, scratch: torch.Tensor | None) -> int:
         if _PREADV is None or not u.reads:
             return self._read_unit_py(chunk, u, buf, scratch)

@@ -193,7 +193,7 @@ class LoRAManager:
             self.unregister(name)
         plan = plan_rank(header, self.model, self.layout, pool_modules=set(self.pool.modules))
         self._adapters[name] = _Adapter(name, str(path), header, plan, ident, fp, self.pool)
-        self.engine.expect(plan, sum(a.plan.nbytes for a in self._adapters.values()))
+        self.engine.expect(plan, [a.plan for a in self._adapters.values()])
         self._publish()
         log.debug("[rank %d] registered %s: %d slices, %d bytes", self.rank, name, len(plan.ops), plan.nbytes)
         return plan
