@@ -19,8 +19,12 @@ experts' grouped GEMM of the same three projections on the same routing (``torch
 else a per-expert loop: ``base_kind`` says which); ``torch_path_s`` is the torch path called per expert, as
 the reference model calls it.
 
-Usage: ``python3 scripts/bench_ops.py --out docs/bench/ops_h200.json [--sglang-wheel PATH] [--quick]``.
-Writes the JSON, a PNG beside it, and prints a table.
+Usage: ``python3 scripts/bench_ops.py --out docs/bench/ops_h200.json [--sglang-wheel PATH] [--quick]
+[--profile FILE] [--sweep FILE]``. Writes the JSON (and ``OUT.partial`` after every case, so a run cut
+short keeps its numbers), a PNG beside it, and prints a table. ``--quick``: 8 adapters, 32 and 2048
+tokens, r16 and the mixed pool, MoE r16. ``--profile``: host time per eager call (handle launches vs
+``JITFunction.run``) and torch.profiler tables. ``--sweep``: graphed times of the kernel configurations in
+``SWEEP_CONFIGS`` on ``SWEEP_CASES``, then stop.
 """
 
 from __future__ import annotations
@@ -230,6 +234,7 @@ def dense_cases(args: argparse.Namespace, sg: Any) -> list[dict]:
                     finish(row)
                     rows.append(row)
                     print_row(row)
+                    checkpoint(rows)
         del pool
         torch.cuda.empty_cache()
     return rows
@@ -340,9 +345,20 @@ def moe_cases(args: argparse.Namespace) -> list[dict]:
                 finish(row)
                 rows.append(row)
                 print_row(row)
+                checkpoint(_CHECKPOINT.get("dense", []) + rows)
         del pool
         torch.cuda.empty_cache()
     return rows
+
+
+_CHECKPOINT: dict[str, Any] = {}
+
+
+def checkpoint(rows: list[dict]) -> None:
+    """Write the cases measured so far (``--out`` + ``.partial``): a run cut short keeps its numbers."""
+    path = _CHECKPOINT.get("path")
+    if path is not None:
+        path.write_text(json.dumps(dict(meta=_CHECKPOINT.get("meta"), cases=rows), indent=1))
 
 
 def finish(row: dict) -> None:
@@ -597,8 +613,13 @@ def main() -> None:
     sg = load_sglang(args.sglang_wheel)
     torch.manual_seed(0)
     rows: list[dict] = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _CHECKPOINT.update(path=out.with_name(out.name + ".partial"),
+                       meta=dict(command=" ".join(sys.argv), device=torch.cuda.get_device_name()))
     print(HEAD)
     rows += dense_cases(args, sg)
+    _CHECKPOINT["dense"] = list(rows)
     if not args.skip_moe:
         rows += moe_cases(args)
     import triton
@@ -606,8 +627,6 @@ def main() -> None:
                 device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 command=" ".join(sys.argv), sglang=("0.5.10.post1 chunked_sgmv (wheel)" if sg else None),
                 dtype="bf16", pool_slots=SLOTS)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=meta, cases=rows), indent=1))
     plot(rows, out.with_suffix(".png"))
     print(json.dumps(meta))
