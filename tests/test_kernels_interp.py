@@ -177,3 +177,16 @@ def test_two_launch_path_matches_reference(monkeypatch) -> None:
                     backend=TritonBackend)
     check_expert_ops(MOE, par, device=DEV, pool_dtype=torch.float32, act_dtype=torch.float32, tol=FP32_TOL,
                      backend=TritonBackend)
+
+
+def test_launch_key_separates_what_triton_specialises_on() -> None:
+    """The compiled-handle launcher reuses a binary only for arguments Triton would specialise the same
+    way: a tensor's dtype and 16-byte alignment, an int's value 1, divisibility by 16 and 32-bit range."""
+    k = triton_kernels._key
+    base = torch.zeros(64, dtype=torch.float32)
+    assert k((base, 32)) == k((torch.zeros(8, dtype=torch.float32), 64))
+    assert k((base, 32)) != k((base[1:], 32))                       # 4-byte offset: not 16-aligned
+    assert k((base, 32)) != k((base.to(torch.bfloat16), 32))
+    assert len({k((base, v)) for v in (1, 16, 17, 2 ** 31, 2 ** 31 + 1, 2 ** 63)}) == 6
+    assert k((base, 48)) == k((base, 2 ** 30)) and k((base, 3)) == k((base, 5))
+    assert k((base, 2 ** 31)) == k((base, -(2 ** 31) - 16))           # both int64, both divisible by 16

@@ -320,9 +320,11 @@ _T = torch.Tensor
 
 def _key(args: tuple) -> tuple:
     """What Triton specialises launch arguments on (a superset of it): a tensor's dtype and 16-byte
-    alignment; an int's divisibility by 16, value 1 and 32/64-bit range (``args``: tensors and ints only)."""
-    return tuple([(a.data_ptr() & 15, a.dtype) if isinstance(a, _T) else
-                  ((a & 15) | (a == 1) << 4 | (not -0x80000000 <= a <= 0x7FFFFFFF) << 5) for a in args])
+    alignment; an int's divisibility by 16, value 1 and type (int32 / int64 / uint64 by range; ``args``:
+    tensors and ints only)."""
+    return tuple([((a.data_ptr() & 15) == 0, a.dtype) if isinstance(a, _T) else
+                  ((a & 15) == 0) | (a == 1) << 1 | (not -0x80000000 <= a <= 0x7FFFFFFF) << 2 | (a >= 1 << 63) << 3
+                  for a in args])
 
 
 class _Launcher:
