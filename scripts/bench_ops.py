@@ -19,8 +19,12 @@ experts' grouped GEMM of the same three projections on the same routing (``torch
 else a per-expert loop: ``base_kind`` says which); ``torch_path_s`` is the torch path called per expert, as
 the reference model calls it.
 
-Usage: ``python3 scripts/bench_ops.py --out docs/bench/ops_h200.json [--sglang-wheel PATH] [--quick]``.
-Writes the JSON, a PNG beside it, and prints a table.
+Usage: ``python3 scripts/bench_ops.py --out docs/bench/ops_h200.json [--sglang-wheel PATH] [--quick]
+[--profile FILE] [--sweep FILE]``. Writes the JSON (and ``OUT.partial`` after every case, so a run cut
+short keeps its numbers), a PNG beside it, and prints a table. ``--quick``: 8 adapters, 32 and 2048
+tokens, r16 and the mixed pool, MoE r16. ``--profile``: host time per eager call (handle launches vs
+``JITFunction.run``) and torch.profiler tables. ``--sweep``: graphed times of the kernel configurations in
+``SWEEP_CONFIGS`` on ``SWEEP_CASES``, then stop.
 """
 
 from __future__ import annotations
@@ -230,6 +234,7 @@ def dense_cases(args: argparse.Namespace, sg: Any) -> list[dict]:
                     finish(row)
                     rows.append(row)
                     print_row(row)
+                    checkpoint(rows)
         del pool
         torch.cuda.empty_cache()
     return rows
@@ -340,9 +345,20 @@ def moe_cases(args: argparse.Namespace) -> list[dict]:
                 finish(row)
                 rows.append(row)
                 print_row(row)
+                checkpoint(_CHECKPOINT.get("dense", []) + rows)
         del pool
         torch.cuda.empty_cache()
     return rows
+
+
+_CHECKPOINT: dict[str, Any] = {}
+
+
+def checkpoint(rows: list[dict]) -> None:
+    """Write the cases measured so far (``--out`` + ``.partial``): a run cut short keeps its numbers."""
+    path = _CHECKPOINT.get("path")
+    if path is not None:
+        path.write_text(json.dumps(dict(meta=_CHECKPOINT.get("meta"), cases=rows), indent=1))
 
 
 def finish(row: dict) -> None:
@@ -424,6 +440,21 @@ def profile_host(path: Path) -> None:
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     lines.append(f"dense down r16 a8 T32: host time per eager call {(t1 - t0) / 200 * 1e6:.1f} us")
+    from tp_lora.ops import triton_kernels as K
+    K.DIRECT = False        # the same through JITFunction.run, for comparison
+    t0 = time.perf_counter()
+    for _ in range(200):
+        ops.column(0, "down", x, out)
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    K.DIRECT = True
+    lines.append(f"  ... launched through JITFunction.run instead: {(t1 - t0) / 200 * 1e6:.1f} us")
+    t0 = time.perf_counter()
+    for _ in range(200):
+        LoRAOps(pool, batch, TritonBackend())
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    lines.append(f"  LoRAOps(pool, batch, TritonBackend()) per batch (eager metadata): {(t1 - t0) / 200 * 1e6:.1f} us")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
             ops.column(0, "down", x, out)
@@ -457,7 +488,111 @@ def profile_host(path: Path) -> None:
     lines.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     lines.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14))
     path.write_text("\n".join(lines))
-    print("\n".join(lines[:1] + lines[2:3]))
+    print("\n".join(lines[:4] + [l for l in lines if l.startswith("moe")]))
+
+
+SWEEP_CASES = [("q", "16", 1, 32), ("q", "16", 32, 32), ("q", "64", 32, 32), ("q", "mixed", 32, 32),
+               ("down", "16", 8, 32), ("down", "64", 32, 32), ("q", "16", 8, 256), ("q", "64", 8, 256),
+               ("q", "16", 8, 2048), ("q", "64", 8, 2048), ("down", "64", 8, 2048), ("down", "16", 32, 2048),
+               ("moe", "16", 8, 32), ("moe", "64", 8, 32), ("moe", "16", 8, 512)]
+# keys starting with "_" set module constants of tp_lora.ops.triton_kernels, the others FUSED_CONFIG
+SWEEP_CONFIGS = [dict(), dict(block_k=256), dict(block_k=64), dict(block_n=64), dict(block_n=256),
+                 dict(num_warps=8), dict(num_stages=2), dict(num_stages=4), dict(programs_per_sm=4),
+                 dict(_FUSED_DENSE=False, _EXPERT_FUSED_ROWS=0),
+                 dict(_FUSED_DENSE=False, _EXPERT_FUSED_ROWS=0, _FUSED_MAX_RANK=0)]
+
+
+def sweep(path: Path) -> None:
+    """Graphed time of the ops for each configuration (``SWEEP_CONFIGS``: the fused kernel's tuning, the
+    two-launch path with wide and with 16-wide rank tiles) on a few shapes; exactness vs the torch path per
+    case and configuration. Writes a table to ``path``."""
+    from tp_lora.ops import triton_kernels as K
+    dev = torch.device("cuda")
+    spec = dataclasses.replace(ModelSpec.from_preset("llama-3-8b"), num_hidden_layers=1)
+    mspec = dataclasses.replace(ModelSpec.from_preset("qwen3-30b-a3b"), num_hidden_layers=1)
+    E, k, h, im = mspec.num_experts, mspec.num_experts_per_tok, mspec.hidden_size, mspec.moe_intermediate_size
+    default = dict(K.FUSED_CONFIG)
+    saved = {n: getattr(K, n) for n in ("FUSED_DENSE", "EXPERT_FUSED_ROWS", "FUSED_MAX_RANK")}
+    pools = {}
+    mods = ("experts.w1", "experts.w3", "experts.w2")
+    for kind in ("16", "64", "mixed"):
+        ranks, mr = rank_list(kind)
+        pools[kind] = (GpuPool(spec, ParallelSpec(), max_loras=SLOTS, max_rank=mr, modules=("q", "down"),
+                               dtype=DT, device=dev), ranks)
+        fill_pool(pools[kind][0], ranks, seed=1)
+        if kind != "mixed":
+            pools["moe" + kind] = (GpuPool(mspec, ParallelSpec(), max_loras=SLOTS, max_rank=mr, modules=mods,
+                                           dtype=DT, device=dev), ranks)
+            fill_pool(pools["moe" + kind][0], ranks, seed=2)
+    rng = random.Random(0)
+    cases = []
+    for module, kind, adapters, T in SWEEP_CASES:
+        if module == "moe":
+            pool, ranks = pools["moe" + kind]
+            batch = make_batch(T, adapters, ranks, dev, rng)
+            top_e = torch.topk(torch.randn(T, E, device=dev), k, dim=-1).indices.flatten()
+            order = torch.argsort(top_e, stable=True)
+            tok, exp = order // k, top_e[order]
+            n = tok.numel()
+            xs = (torch.randn(n, h, device=dev, dtype=DT), torch.randn(n, im, device=dev, dtype=DT))
+            outs = [torch.randn(n, im, device=dev, dtype=DT), torch.randn(n, im, device=dev, dtype=DT),
+                    torch.randn(n, h, device=dev, dtype=DT)]
+
+            def op(ops, outs, xs=xs, tok=tok, exp=exp):
+                r = ops.expert_routing(tok, exp)
+                ops.experts_column(0, "experts.w1", xs[0], r, outs[0])
+                ops.experts_column(0, "experts.w3", xs[0], r, outs[1])
+                ops.experts_row(0, "experts.w2", xs[1], r, outs[2])
+            base_g = float("nan")
+        else:
+            pool, ranks = pools[kind]
+            K_, N = (4096, 4096) if module == "q" else (14336, 4096)
+            batch = make_batch(T, adapters, ranks, dev, rng)
+            x = torch.randn(T, K_, device=dev, dtype=DT)
+            outs = [torch.randn(T, N, device=dev, dtype=DT)]
+            W = torch.randn(N, K_, device=dev, dtype=DT) * 0.02
+            bo = torch.empty(T, N, device=dev, dtype=DT)
+            base_g = bench(graphed(lambda: torch.matmul(x, W.t(), out=bo)))
+
+            def op(ops, outs, x=x, module=module):
+                ops.column(0, module, x, outs[0])
+        ref = [o.clone() for o in outs]
+        op(LoRAOps(pool, batch, TorchBackend()), ref)
+        cases.append((f"{module} r{kind} a{adapters} T{T}", pool, batch, op, outs, ref, base_g))
+    lines = [f"{'case':24} {'base_g':>7} " + " ".join(f"{'c%d' % i:>7}" for i in range(len(SWEEP_CONFIGS)))]
+    res = {c[0]: [] for c in cases}
+    rels = {c[0]: [] for c in cases}
+    for cfg in SWEEP_CONFIGS:
+        K.FUSED_CONFIG.clear()
+        K.FUSED_CONFIG.update(default)
+        for n, v in saved.items():
+            setattr(K, n, v)
+        for key, v in cfg.items():
+            if key.startswith("_"):
+                setattr(K, key[1:], v)
+            else:
+                K.FUSED_CONFIG[key] = v
+        for name, pool, batch, op, outs, ref, _ in cases:
+            ops = LoRAOps(pool, batch, TritonBackend(max_tokens=batch.num_tokens))
+            got = [o.clone() for o in outs]
+            op(ops, got)
+            rels[name].append(max(float(((g - o).float() - (r - o).float()).norm() / (r - o).float().norm())
+                                  for g, o, r in zip(got, outs, ref)))
+            work = [o.clone() for o in outs]
+            res[name].append(bench(graphed(lambda: op(ops, work))))
+    K.FUSED_CONFIG.clear()
+    K.FUSED_CONFIG.update(default)
+    for n, v in saved.items():
+        setattr(K, n, v)
+    for name, *_, base_g in cases:
+        lines.append(f"{name:24} {base_g * 1e6:7.1f} " + " ".join(f"{t * 1e6:7.1f}" for t in res[name]))
+    lines.append(f"{'max rel diff vs torch':32} " +
+                 " ".join(f"{max(rels[n][i] for n in rels):7.1e}" for i in range(len(SWEEP_CONFIGS))))
+    lines += [f"c{i}: {c}" for i, c in enumerate(SWEEP_CONFIGS)]
+    path.write_text("\n".join(lines))
+    print("\n".join(lines), flush=True)
+    del pools
+    torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -467,14 +602,24 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few cases only")
     ap.add_argument("--skip-moe", action="store_true")
     ap.add_argument("--profile", default=None, help="write a host-side profile to this file first")
+    ap.add_argument("--sweep", default=None, help="write a sweep of the fused kernel's tuning to this file, "
+                    "then stop")
     args = ap.parse_args()
     if args.profile:
         profile_host(Path(args.profile))
+    if args.sweep:
+        sweep(Path(args.sweep))
+        return
     sg = load_sglang(args.sglang_wheel)
     torch.manual_seed(0)
     rows: list[dict] = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _CHECKPOINT.update(path=out.with_name(out.name + ".partial"),
+                       meta=dict(command=" ".join(sys.argv), device=torch.cuda.get_device_name()))
     print(HEAD)
     rows += dense_cases(args, sg)
+    _CHECKPOINT["dense"] = list(rows)
     if not args.skip_moe:
         rows += moe_cases(args)
     import triton
@@ -482,8 +627,6 @@ def main() -> None:
                 device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 command=" ".join(sys.argv), sglang=("0.5.10.post1 chunked_sgmv (wheel)" if sg else None),
                 dtype="bf16", pool_slots=SLOTS)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=meta, cases=rows), indent=1))
     plot(rows, out.with_suffix(".png"))
     print(json.dumps(meta))

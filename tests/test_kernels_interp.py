@@ -66,9 +66,12 @@ def test_expert_blocks_cover_each_adapter_row_once(builder: str) -> None:
             eb = expert_blocks(slots, experts, E, S, bm)
             perm, bstart, blen, bslot, bexp = eb.perm, eb.blk_start, eb.blk_len, eb.blk_slot, eb.blk_expert
             nb = eb.blk_slot.numel()
+            used = None
         else:   # token i has slot slots[i]; row i is token i
-            (perm, bstart, blen, bslot, bexp), nb = triton_kernels.route_blocks(
+            (perm, bstart, blen, bslot, bexp), nb, nblk = triton_kernels.route_blocks(
                 torch.arange(N), experts.to(torch.int32), slots.to(torch.int32), E, S, bm)
+            used = int(nblk[0])   # the used blocks come first (the fused kernel reads only those)
+            assert bool((bslot[:used] >= 0).all()) and bool((bslot[used:nb] < 0).all())
         assert nb == -(-N // bm) + min(N, E * S)
         seen = []
         for b in range(nb):
@@ -142,3 +145,48 @@ def test_kernels_isolate_rows_from_hostile_adapters(kind: str) -> None:
     for _ in range(2):
         kc.isolation_trial(pool, TritonBackend, rng, DEV, good_slots=[0, 1], bad_slots=[2],
                            ranks={0: 8, 1: 3, 2: 5})
+
+
+def test_static_metadata_equals_eager(monkeypatch) -> None:
+    """Static metadata (CUDA-graph mode: a block table and grid for 64 tokens, the used blocks read on the
+    device) on a batch of a few blocks: bit for bit the eager result (a table of the batch's blocks), over
+    several N tiles (16 wide here)."""
+    monkeypatch.setitem(triton_kernels.FUSED_CONFIG, "block_n", 16)
+    par = ParallelSpec(tp_size=2, tp_rank=1, ep_size=2)
+    pool = make_pool(MOE, par, dtype=torch.float32, seed=5)
+    batch = make_batch(slots=[1, -1, 0], tokens=[3, 2, 4])
+    T = batch.num_tokens
+    static, eager = LoRAOps(pool, batch, TritonBackend(max_tokens=64)), LoRAOps(pool, batch, TritonBackend())
+    assert static.backend.meta.grid_blocks > 2 * eager.backend.meta.grid_blocks
+    g = torch.Generator().manual_seed(0)
+    for m in ("q", "o", "lm_head"):
+        x = torch.randn(T, pool.shapes[m].a_shape[1], generator=g)
+        out = torch.randn(T, pool.shapes[m].b_shape[0], generator=g)
+        o1, o2 = out.clone(), out.clone()
+        static.column(0, m, x, o1)
+        eager.column(0, m, x, o2)
+        assert torch.equal(o1, o2), m
+        assert not torch.equal(o1, out), m
+
+
+def test_two_launch_path_matches_reference(monkeypatch) -> None:
+    """Pools above the fused kernel's max rank take the shrink/expand path: still the reference (fp32)."""
+    monkeypatch.setattr(triton_kernels, "FUSED_MAX_RANK", 4)
+    par = ParallelSpec(tp_size=4, tp_rank=2, ep_size=2)
+    check_dense_ops(MOE, par, device=DEV, pool_dtype=torch.float32, act_dtype=torch.float32, tol=FP32_TOL,
+                    backend=TritonBackend)
+    check_expert_ops(MOE, par, device=DEV, pool_dtype=torch.float32, act_dtype=torch.float32, tol=FP32_TOL,
+                     backend=TritonBackend)
+
+
+def test_launch_key_separates_what_triton_specialises_on() -> None:
+    """The compiled-handle launcher reuses a binary only for arguments Triton would specialise the same
+    way: a tensor's dtype and 16-byte alignment, an int's value 1, divisibility by 16 and 32-bit range."""
+    k = triton_kernels._key
+    base = torch.zeros(64, dtype=torch.float32)
+    assert k((base, 32)) == k((torch.zeros(8, dtype=torch.float32), 64))
+    assert k((base, 32)) != k((base[1:], 32))                       # 4-byte offset: not 16-aligned
+    assert k((base, 32)) != k((base.to(torch.bfloat16), 32))
+    assert len({k((base, v)) for v in (1, 16, 17, 2 ** 31, 2 ** 31 + 1, 2 ** 63)}) == 6
+    assert k((base, 48)) == k((base, 2 ** 30)) and k((base, 3)) == k((base, 5))
+    assert k((base, 2 ** 31)) == k((base, -(2 ** 31) - 16))           # both int64, both divisible by 16

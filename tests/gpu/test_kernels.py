@@ -151,3 +151,139 @@ def test_cuda_graph_decode_step_replays_other_adapter_mixes() -> None:
     big = build_batch([0], [None], [17], {0: 8}, torch.device("cuda"), None)
     with pytest.raises(MetaCapacityError, match="17 tokens exceeds"):
         LoRAOps(pool, big, backend)
+
+
+def test_direct_launch_equals_jit_launch(monkeypatch) -> None:
+    """The launcher's fast path (the compiled kernel through its handle) computes what JITFunction.run
+    launches, bit for bit, for the dense and the fused expert op (first call compiles, later calls hit the
+    cache, also with other x/out tensors and strides)."""
+    from tp_lora.ops import triton_kernels as K
+    par = ParallelSpec(tp_size=2, tp_rank=1, ep_size=2)
+    pool = make_pool(MOE, par, dtype=torch.bfloat16, device="cuda", seed=4)
+    batch = build_batch([0, 1, -1, 2], [None] * 4, [3, 5, 2, 4], {0: 8, 1: 3, 2: 5}, torch.device("cuda"), None)
+    T = batch.num_tokens
+    g = torch.Generator(device="cuda").manual_seed(1)
+    local = par.local_experts(MOE)
+    tok = torch.arange(T, device="cuda").repeat_interleave(2)
+    ex = (torch.arange(2 * T, device="cuda") * 3) % len(local) + local.start
+
+    def run(direct: bool, x, xe, out, oute):
+        monkeypatch.setattr(K, "DIRECT", direct)
+        ops = LoRAOps(pool, batch, TritonBackend())
+        o, oe = out.clone(), oute.clone()
+        ops.column(0, "q", x, o)
+        ops.experts_column(0, "experts.w1", xe, ops.expert_routing(tok, ex), oe)
+        return o, oe
+
+    for trial in range(3):
+        x = torch.randn(T, MOE.hidden_size + 8 * trial, device="cuda", dtype=torch.bfloat16, generator=g)
+        x = x[:, :MOE.hidden_size]          # another row stride each trial
+        xe = torch.randn(2 * T, MOE.hidden_size, device="cuda", dtype=torch.bfloat16, generator=g)
+        out = torch.randn(T, pool.shapes["q"].b_shape[0], device="cuda", dtype=torch.bfloat16, generator=g)
+        oute = torch.randn(2 * T, pool.shapes["experts.w1"].b_shape[0], device="cuda", dtype=torch.bfloat16,
+                           generator=g)
+        ref = run(False, x, xe, out, oute)
+        for _ in range(2):
+            got = run(True, x, xe, out, oute)
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), trial
+    assert K._fused.cache, "the fast path was never taken"
+
+
+def test_two_launch_path_cuda(monkeypatch) -> None:
+    """Pools above the fused kernel's max rank take the shrink/expand path: fp32 reference, bf16 torch path."""
+    from tp_lora.ops import triton_kernels as K
+    monkeypatch.setattr(K, "FUSED_MAX_RANK", 4)
+    par = ParallelSpec(tp_size=4, tp_rank=3, ep_size=2)
+    check_dense_ops(MOE, par, device="cuda", pool_dtype=torch.float32, act_dtype=torch.float32, tol=FP32_TOL,
+                    backend=TritonBackend)
+    check_expert_ops(MOE, par, device="cuda", pool_dtype=torch.float32, act_dtype=torch.float32, tol=FP32_TOL,
+                     backend=TritonBackend)
+    assert kc.compare_dense(MOE, par, torch.bfloat16, "cuda", seed=5, trials=2) >= 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_split_fused_kernel_large_k(dtype) -> None:
+    """Llama-3-8B q/down shapes (K 4096 / 14336): the decode regime's fused kernel splits K over 8 / 14
+    programs per block that meet on the device. fp32 against the float64 per-token delta (1e-5 * (mag +
+    1)), bf16 against the torch path (12u * mag); ranks 16/64/8/40 (two rank tiles), base-only rows
+    untouched; repeated eager calls and CUDA-graph replays (static metadata, other mixes) bit for bit equal;
+    the per-block counters are back to zero after each launch."""
+    import dataclasses
+    from tp_lora.device.pool import GpuPool
+    from tp_lora.ops import triton_kernels as K
+    from tp_lora.plan.model import ModelSpec
+    spec = dataclasses.replace(ModelSpec.from_preset("llama-3-8b"), num_hidden_layers=1)
+    pool = GpuPool(spec, ParallelSpec(), max_loras=4, max_rank=64, modules=("q", "down"), dtype=dtype,
+                   device="cuda")
+    ranks = {0: 16, 1: 64, 2: 8, 3: 40}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for m in pool.modules:
+        for s, r in ranks.items():
+            pool.A[m][s].zero_()
+            pool.B[m][s].zero_()
+            pool.A[m][s][..., :r, :] = (torch.randn(pool.A[m][s][..., :r, :].shape, device="cuda", generator=g)
+                                        * 0.05).to(dtype)
+            pool.B[m][s][..., :r] = (torch.randn(pool.B[m][s][..., :r].shape, device="cuda", generator=g)
+                                     * 0.05).to(dtype)
+        pool.scaling[m].uniform_(0.5, 2.0, generator=g)
+    rng = random.Random(3)
+    backend = TritonBackend(max_tokens=40)
+    for trial in range(3):
+        slots = [rng.choice([-1, 0, 1, 2, 3]) for _ in range(9)]
+        lens = [rng.randint(1, 4) for _ in slots]
+        batch = build_batch(slots, [None] * len(slots), lens, {s: ranks[s] for s in slots if s >= 0},
+                            torch.device("cuda"), None)
+        T = batch.num_tokens
+        tok_slots = torch.tensor([s for s, n in zip(slots, lens) for _ in range(n)])
+        for m in ("q", "down"):
+            Kdim = pool.shapes[m].a_shape[1]
+            assert K.fused_splits(Kdim, torch.device("cuda"), True)[0] > 1
+            x = torch.randn(T, Kdim, device="cuda", generator=g).to(dtype)
+            out = torch.randn(T, pool.shapes[m].b_shape[0], device="cuda", generator=g).to(dtype)
+            ops = LoRAOps(pool, batch, TritonBackend())
+            o1, o2 = out.clone(), out.clone()
+            ops.column(0, m, x, o1)
+            ops.column(0, m, x, o2)
+            assert torch.equal(o1, o2), "two eager calls differ"
+            assert int(ops.backend._scratch.cnt.abs().sum()) == 0, "block counters not reset"
+            base = tok_slots < 0
+            assert torch.equal(o1[base.cuda()], out[base.cuda()])
+            # float64 per-token delta and magnitude
+            xd, od = x.double().cpu(), out.double().cpu()
+            ref, mag = od.clone(), od.abs().clone()
+            fac = {s: (pool.A[m][s, 0, :r].double().cpu(), pool.B[m][s, 0, :, :r].double().cpu(),
+                       float(pool.scaling[m][s, 0, 0])) for s, r in ranks.items()}
+            for t, s in enumerate(tok_slots.tolist()):
+                if s < 0:
+                    continue
+                A, B, sc = fac[s]
+                ref[t] += sc * (B @ (A @ xd[t]))
+                mag[t] += abs(sc) * (B.abs() @ (A.abs() @ xd[t].abs()))
+            if dtype == torch.float32:
+                assert bool(((o1.double().cpu() - ref).abs() <= 1e-5 * (mag + 1)).all()), m
+            else:
+                o_t = out.clone()
+                LoRAOps(pool, batch, TorchBackend()).column(0, m, x, o_t)
+                assert bool(((o1.double() - o_t.double()).abs().cpu() <= kc.tol_for(dtype)(mag)).all()), m
+            # the same inside a CUDA graph on static metadata, replayed twice
+            LoRAOps(pool, batch, backend)
+            xg, og = x.clone(), out.clone()
+            run = lambda: LoRAOps.column(ops_g, 0, m, xg, og)  # noqa: E731
+            ops_g = LoRAOps(pool, batch, backend)
+            run()
+            torch.cuda.synchronize()
+            s_ = torch.cuda.Stream()
+            s_.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s_):
+                og.copy_(out)
+                run()
+            torch.cuda.current_stream().wait_stream(s_)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            for _ in range(2):
+                og.copy_(out)
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(og, o1), f"{m}: replay != eager"
+            assert int(backend._scratch.cnt.abs().sum()) == 0

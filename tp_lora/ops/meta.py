@@ -42,7 +42,7 @@ class MetaCapacityError(TPLoRAError):
 def block_m_for(num_tokens: int) -> int:
     """Rows per block: 16 up to ``PREFILL_TOKENS`` tokens (decode regime), 64 above (prefill regime).
     Within a regime a row's arithmetic never depends on the rest of the batch (bit for bit); across the
-    two regimes the tile shapes differ, so a row may round differently (within the stated tolerance)."""
+    two regimes the kernels differ, so a row may round differently (within the stated tolerance)."""
     return BLOCK_M_DECODE if num_tokens <= PREFILL_TOKENS else BLOCK_M_PREFILL
 
 
@@ -108,7 +108,8 @@ class DenseMeta:
 
     ``capacity=None`` (eager): buffers sized to each batch, grid = the batch's blocks. ``capacity=T``
     (static, for CUDA graphs): buffers for up to T tokens, allocated once; ``update`` rewrites them in
-    place and the grid is always the capacity's block bound.
+    place and the grid is always the capacity's block bound. ``nblk`` (1 int32): the used blocks, which
+    come first in the table (the fused kernel reads it on the device).
     """
 
     def __init__(self, num_slots: int, max_rank: int, device: torch.device, capacity: int | None = None):
@@ -124,6 +125,7 @@ class DenseMeta:
             self.blk_slot = torch.full((nb,), -1, dtype=torch.int32, device=self.device)
             self.token_slots = torch.full((max(capacity, 1),), -1, dtype=torch.int32, device=self.device)
             self.slot_rank = z(num_slots)
+            self.nblk = z(1)
             self.grid_blocks = nb
 
     def _put(self, host: torch.Tensor) -> torch.Tensor:
@@ -148,6 +150,7 @@ class DenseMeta:
             self.perm, self.blk_start = self._put(plan.perm), self._put(plan.blk_start)
             self.blk_len, self.blk_slot = self._put(plan.blk_len), self._put(plan.blk_slot)
             self.token_slots, self.slot_rank = self._put(tok), self._put(ranks)
+            self.nblk = self._put(torch.tensor([plan.num_blocks], dtype=torch.int32))
             self.grid_blocks = plan.num_blocks
         else:
             if T > self.capacity:
@@ -166,6 +169,7 @@ class DenseMeta:
             full_tok[:T] = tok
             self._copy(self.token_slots, full_tok)
             self._copy(self.slot_rank, ranks)
+            self._copy(self.nblk, torch.tensor([plan.num_blocks], dtype=torch.int32))
         self.num_tokens = T
 
 

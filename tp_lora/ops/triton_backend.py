@@ -1,9 +1,11 @@
 """``TritonBackend``: the LoRA ops as segmented Triton kernels (docs/KERNELS.md).
 
-Per dense op two launches (shrink, expand) over the batch's blocks; per expert op two launches over the
-blocks of all routed rows of all local experts (built on the device once per layer and cached in the
-``ExpertRouting``); embedding a gather-shrink and an expand. Nothing in a forward reads device memory on
-the host.
+Dense op, decode regime (<= 512 tokens): one launch of the fused kernel (K split over a few programs per
+block that meet on the device); prefill: two launches (shrink, expand). Expert op: one fused launch over
+the blocks of all routed rows of all local experts up to ``EXPERT_FUSED_ROWS`` routed rows, two above
+(blocks built on the device once per layer and cached in the ``ExpertRouting``). Embedding: a
+gather-shrink and an expand. Pools of a max rank above ``FUSED_MAX_RANK`` take the two-launch path for
+every op. Nothing in a forward reads device memory on the host.
 
 CUDA graphs: ``TritonBackend(max_tokens=T)`` keeps its metadata in static buffers sized for T tokens and
 launches the capacity grid. Capture a forward with ``LoRAOps(pool, batch, backend)``; for the next batch
@@ -36,12 +38,20 @@ class TritonBackend:
         self._pool_id: int | None = None
         self._torch = TorchBackend()
         self._view_cache: dict[tuple[str, int], tuple] = {}
+        self._scratch = K.FusedScratch()
 
     def prepare(self, pool: GpuPool, batch: BatchInfo) -> None:
         if self.meta is None or self._pool_id != id(pool):
             self.meta = DenseMeta(pool.max_loras, pool.max_rank, pool.device, capacity=self.max_tokens)
             self._pool_id = id(pool)
             self._view_cache = {}
+            self._scratch = K.FusedScratch()
+            m = self.meta
+            if m.capacity is not None and self._fused(pool) and m.block_m == BLOCK_M_DECODE:
+                # static mode: the fused kernel's scratch for the capacity, before any graph capture
+                need = max([K.FusedScratch.need(s.a_shape[1], m.grid_blocks, m.block_m, pool.max_rank, pool.device)
+                            for name, s in pool.shapes.items() if name not in ("embed",)] + [0])
+                self._scratch.reserve(need, m.grid_blocks, pool.device)
         self.meta.update(batch)
 
     def _views(self, pool: GpuPool, module: str, layer: int) -> tuple:
@@ -66,6 +76,10 @@ class TritonBackend:
     def _supported(x: torch.Tensor) -> bool:
         return x.dtype in K.SUPPORTED_DTYPES
 
+    @staticmethod
+    def _fused(pool: GpuPool) -> bool:
+        return pool.max_rank <= K.FUSED_MAX_RANK
+
     def _dense_blocks(self, m: DenseMeta) -> tuple:
         return (m.perm, m.blk_start, m.blk_len, m.blk_slot, m.blk_slot)
 
@@ -76,8 +90,13 @@ class TritonBackend:
         m = self._meta(pool)
         blocks = self._dense_blocks(m)
         A, B, sc = self._views(pool, module, layer)
+        if m.block_m == BLOCK_M_DECODE and K.FUSED_DENSE and self._fused(pool):
+            K.fused(x, A, B, sc, out, blocks, m.nblk, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank,
+                    expert=False, scratch=self._scratch)
+            return
         P = K.shrink(x, A, None, blocks, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank)
-        K.expand(P, B, None, sc, None, out, blocks, m.grid_blocks, m.block_m, m.slot_rank, x.dtype)
+        K.expand(P, B, None, sc, None, out, blocks, m.grid_blocks, m.block_m, m.slot_rank, x.dtype,
+                 pool.max_rank)
 
     def embedding(self, pool: GpuPool, batch: BatchInfo, token_ids: torch.Tensor, out: torch.Tensor) -> None:
         if not self._supported(out):
@@ -89,7 +108,7 @@ class TritonBackend:
         P = K.embed_shrink(token_ids, A, pool.parallel.tp_rank * per, blocks, m.grid_blocks, m.block_m,
                            m.slot_rank, pool.max_rank)
         K.expand(P, pool.B["embed"][:, 0], None, pool.scaling["embed"][:, 0, 0], None, out, blocks,
-                 m.grid_blocks, m.block_m, m.slot_rank, out.dtype)
+                 m.grid_blocks, m.block_m, m.slot_rank, out.dtype, pool.max_rank)
 
     def expert_blocks(self, pool: GpuPool, routing: ExpertRouting) -> tuple:
         """The routing's (expert, slot) blocks, built on the device once and cached in ``routing``."""
@@ -97,9 +116,9 @@ class TritonBackend:
         if key not in routing.cache:
             m = self._meta(pool)
             E = len(pool.layout.local_experts)
-            blocks, nb = K.route_blocks(routing.token_index, routing.local_expert, m.token_slots, E,
-                                        pool.max_loras, BLOCK_M_DECODE)
-            routing.cache[key] = (blocks, nb, BLOCK_M_DECODE)
+            blocks, nb, nblk = K.route_blocks(routing.token_index, routing.local_expert, m.token_slots, E,
+                                              pool.max_loras, BLOCK_M_DECODE)
+            routing.cache[key] = (blocks, nb, nblk, BLOCK_M_DECODE)
         return routing.cache[key]
 
     def experts(self, pool: GpuPool, batch: BatchInfo, layer: int, module: str, x: torch.Tensor,
@@ -107,7 +126,10 @@ class TritonBackend:
         if not self._supported(x):
             return self._torch.experts(pool, batch, layer, module, x, routing, out)
         m = self._meta(pool)
-        blocks, nb, bm = self.expert_blocks(pool, routing)
+        blocks, nb, nblk, bm = self.expert_blocks(pool, routing)
         A, B, sc = self._views(pool, module, layer)   # [S, E, R, in], [S, E, out, R], [S, E]
+        if routing.num_rows <= K.EXPERT_FUSED_ROWS and self._fused(pool):
+            K.fused(x, A, B, sc, out, blocks, nblk, nb, bm, m.slot_rank, pool.max_rank, expert=True, scratch=None)
+            return
         P = K.shrink(x, A, A.stride(1), blocks, nb, bm, m.slot_rank, pool.max_rank)
-        K.expand(P, B, B.stride(1), sc, sc.stride(1), out, blocks, nb, bm, m.slot_rank, x.dtype)
+        K.expand(P, B, B.stride(1), sc, sc.stride(1), out, blocks, nb, bm, m.slot_rank, x.dtype, pool.max_rank)

@@ -1,25 +1,31 @@
-"""Triton kernels of the LoRA delta: a segmented shrink (``x @ A^T``) and a segmented expand
-(``out += s * p @ B^T``), both over the blocks of ``ops/meta.py``.
+"""Triton kernels of the LoRA delta over the blocks of ``ops/meta.py``.
 
-One program = one block (<= BLOCK_M rows of one slot, and of one local expert for the expert op) times one
-tile of the other dimension:
+A *block* is at most ``BLOCK_M`` rows that share one slot (and one local expert for the expert op).
 
-* shrink: grid (rank blocks of 16, blocks, K splits). A program computes ``x[rows, k-range] @ A[slot, r0:r0+16,
-  k-range]^T`` in float32 and writes it to the partial buffer ``P[split, row, r]``. Programs whose rank block
-  starts at or above the slot's rank return at once: no load and no arithmetic on the zero padding above a
-  smaller adapter's rank. The K split is a function of K alone (never of the batch), so a row's result is
-  the same bits whatever else is in the batch.
-* expand: grid (N tiles, blocks). Sums P over the splits in a fixed order, multiplies by ``B[slot, n-tile,
-  r]^T`` one rank block at a time up to the slot's rank, scales by the slot's scaling in float32 and adds
-  into ``out[rows]`` (read, add in float32, one rounding to out's dtype, write).
+* ``fused`` (dense modules and the experts of a layer; one launch): a program owns one block and a share of
+  the output's N tiles. It computes the block's ``p = x[rows] @ A[slot]^T`` over the whole K (float32
+  accumulation, rounded once to the compute dtype) up to the slot's rank, then for each of its N tiles
+  ``out[rows, tile] += s * p @ B[slot, tile, :rank]^T`` (read, add in float32, one rounding, write). No
+  partial buffer, no second launch. The grid is static (``GRID`` programs, CUDA-graph safe); the number of
+  used blocks is read on the device, and each program derives from it how many programs share one block's N
+  tiles (``G``): few blocks (decode) -> many programs per block, each recomputing the block's small ``p``
+  from L2; many blocks (prefill) -> one program per block, looping over blocks. ``G`` only decides which
+  program computes a tile, never how: a row's bits do not depend on the rest of the batch.
+* Rank tile: a slot of rank <= 16 uses a 16-wide tile, others one tile of the pool's max rank (next power of
+  two, <= ``FUSED_MAX_RANK``): the whole rank at once, so x is read once per block. Loads are masked at the
+  slot's rank: nothing above a slot's rank is ever read (NaN planted there never reaches an output).
+* ``shrink`` / ``expand`` (two launches, a float32 partial buffer P; the embedding, and pools of max rank
+  above ``FUSED_MAX_RANK``): the shrink ``grid = (rank blocks of 16, blocks, K splits)`` returns at once
+  above the slot's rank; the expand sums the splits in a fixed order.
+* ``_embed_shrink_kernel``: the embedding's shrink is a gather, ``P[t, r] = A[slot, r, id_t - start]`` for
+  ids inside this rank's vocab shard and exactly 0 (``tl.where``, not a product) for the others.
 
-A program reads only its block's slot's weights and writes only its block's rows; rows without an adapter
-are in no block. Unused blocks (slot -1) return at once, which is what makes a static grid (CUDA graphs)
-cheap. Activations choose the compute dtype: bf16/fp16 operands with float32 accumulation, or float32 with
-IEEE float32 products (``input_precision="ieee"``: no TF32).
+A program reads only its block's slot's factors and writes only its block's rows; rows without an adapter
+are in no block. Activations choose the compute dtype: bf16/fp16 operands with float32 accumulation, or
+float32 with IEEE float32 products (``input_precision="ieee"``: no TF32).
 
-The embedding's shrink is a gather (``_embed_shrink_kernel``): ``P[t, r] = A[slot, r, id_t - shard_start]``
-for ids inside this rank's vocab shard and exactly 0 (``tl.where``, not a product) for the others.
+Launches go through ``_Launcher``: after the first launch of a specialisation (which compiles through
+``JITFunction.run``) the compiled kernel is launched through its handle, skipping Triton's per-call binding.
 """
 
 from __future__ import annotations
@@ -31,43 +37,72 @@ import triton
 import triton.language as tl
 
 BLOCK_R = 16
+R16: tl.constexpr = tl.constexpr(16)   # the narrow rank tile, as a constexpr the kernels may read
 # Under Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) the kernels replace tl.dot by an
 # elementwise product and a sum in float32: the interpreter's bf16/fp16 tl.dot is wrong (Triton 3.9 reads
 # the 16-bit operands as integers), and its float32 tl.dot is numpy's matmul, whose BLAS rounds a row
 # differently depending on its position in the tile (which would hide real row-dependence bugs in tests).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Launch compiled kernels through their handle (set TP_LORA_TRITON_DIRECT=0 to always go through
+# JITFunction.run, e.g. to rule the fast path out when debugging).
+DIRECT = os.environ.get("TP_LORA_TRITON_DIRECT", "1") != "0" and not INTERPRET
+FUSED_MAX_RANK = 128    # pools of a larger max rank take the two-launch path
+EXPERT_FUSED_ROWS = 4096   # the fused expert op up to this many routed rows (decode); two launches above
+FUSED_DENSE = True      # dense ops of the decode regime through the fused kernel (else two launches)
+
+# Tuning of the fused kernel (H200, docs/KERNELS.md); a plain dict so scripts/bench_ops.py --sweep can vary it.
+FUSED_CONFIG = dict(block_n=128, block_k=128, num_warps=4, num_stages=3, programs_per_sm=2)
+
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, p_ptr, sps, spm, spr,
-                   perm_ptr, blk_start_ptr, blk_len_ptr, blk_slot_ptr, blk_exp_ptr, rank_ptr,
-                   K, K_PER_SPLIT,
-                   HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_R: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    pid_r = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    slot = tl.load(blk_slot_ptr + pid_b)
-    if slot < 0:
-        return
-    rank = tl.load(rank_ptr + slot)
-    r0 = pid_r * BLOCK_R
-    if r0 >= rank:
-        return
-    start = tl.load(blk_start_ptr + pid_b)
-    n = tl.load(blk_len_ptr + pid_b)
+def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` in float32: tensor cores (IEEE float32 products for float32 operands), or under the
+    interpreter an elementwise product and a sum (see INTERPRET)."""
+    if UPCAST:
+        r = tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    elif IEEE:
+        r = tl.dot(a, b, input_precision="ieee")
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, b, BLOCK_M: tl.constexpr):
+    """Block ``b``'s rows (int64, through the permutation) and their mask (the block prologue every kernel
+    shares)."""
+    start = tl.load(blk_start_ptr + b)
+    n = tl.load(blk_len_ptr + b)
     offs_m = tl.arange(0, BLOCK_M)
     mrow = offs_m < n
     rows = tl.load(perm_ptr + start + offs_m, mask=mrow, other=0).to(tl.int64)
-    a_base = a_ptr + slot.to(tl.int64) * sas
-    if HAS_EXPERT:
-        a_base += tl.load(blk_exp_ptr + pid_b).to(tl.int64) * sae
-    offs_r = r0 + tl.arange(0, BLOCK_R)
+    return rows, mrow
+
+
+@triton.jit
+def _block_slot_rank(blk_slot_ptr, rank_ptr, b):
+    """Block ``b``'s slot and that slot's rank in this batch (0 for an unused block, slot -1)."""
+    slot = tl.load(blk_slot_ptr + b)
+    rank = tl.load(rank_ptr + tl.maximum(slot, 0))
+    return slot, tl.where(slot >= 0, rank, 0)
+
+
+@triton.jit
+def _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out_ptr, som, son, rows, mrow,
+                 rank, K, N, KS, s, b, p_ptr, arrive_ptr, depart_ptr, SPL: tl.constexpr, IEEE: tl.constexpr,
+                 UPCAST: tl.constexpr, CDT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, RT: tl.constexpr, BR: tl.constexpr):
+    """Program ``s`` of the ``SPL`` programs of block ``b`` (rank tile ``BR`` >= rank): its K split's
+    partial ``x[rows, ks] @ A^T``; with SPL > 1 the partials go through ``p_ptr`` and the block's programs
+    meet at its arrival counter (all of them are resident: the grid is at most one program per SM); then
+    the block's p (the splits summed in a fixed order, rounded once to the compute dtype) times B for the N
+    tiles s, s + SPL, ...; the last program to leave resets the block's counters for the next launch."""
+    offs_r = tl.arange(0, BR)
     mr = offs_r < rank
-    k_lo = pid_s * K_PER_SPLIT
-    k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    k_lo = s * KS
+    k_hi = tl.minimum(K, k_lo + KS)
+    p = tl.zeros((BLOCK_M, BR), dtype=tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         mk = offs_k < k_hi
@@ -75,15 +110,129 @@ def _shrink_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, p_ptr, sps, spm, 
                      other=0.0)
         at = tl.load(a_base + offs_r[None, :] * sar + offs_k[:, None] * sak, mask=mk[:, None] & mr[None, :],
                      other=0.0)
-        at = at.to(xt.dtype)
-        if UPCAST:  # interpreter: see INTERPRET
-            acc += tl.sum(xt.to(tl.float32)[:, :, None] * at.to(tl.float32)[None, :, :], axis=1)
-        elif IEEE:
-            acc += tl.dot(xt, at, input_precision="ieee")
-        else:
-            acc += tl.dot(xt, at)
+        p += _mm(xt, at.to(xt.dtype), IEEE, UPCAST)
+    if SPL > 1:
+        offs_m = tl.arange(0, BLOCK_M)
+        tile = offs_m[:, None] * RT + offs_r[None, :]
+        pbase = p_ptr + b.to(tl.int64) * (SPL * BLOCK_M * RT)
+        tl.store(pbase + s * (BLOCK_M * RT) + tile, p)
+        tl.debug_barrier()                                   # every thread's partial is written ...
+        tl.atomic_add(arrive_ptr + b, 1, sem="release")      # ... before the block's counter counts it
+        c = tl.atomic_add(arrive_ptr + b, 0, sem="acquire")
+        while c < SPL:
+            c = tl.atomic_add(arrive_ptr + b, 0, sem="acquire")
+        tl.debug_barrier()
+        p = tl.zeros((BLOCK_M, BR), dtype=tl.float32)
+        for q in tl.static_range(SPL):                       # fixed order: the same bits in every program
+            p += tl.load(pbase + q * (BLOCK_M * RT) + tile, cache_modifier=".cg")
+    pc = p.to(CDT)
+    for t in range(s, tl.cdiv(N, BLOCK_N), SPL):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        mn = offs_n < N
+        bt = tl.load(b_base + offs_n[None, :] * sbn + offs_r[:, None] * sbr, mask=mr[:, None] & mn[None, :],
+                     other=0.0)
+        acc = _mm(pc, bt.to(CDT), IEEE, UPCAST) * scale
+        omask = mrow[:, None] & mn[None, :]
+        optr = out_ptr + rows[:, None] * som + offs_n[None, :] * son
+        o = tl.load(optr, mask=omask, other=0.0)
+        tl.store(optr, (o.to(tl.float32) + acc).to(o.dtype), mask=omask)
+    if SPL > 1:
+        tl.debug_barrier()
+        d = tl.atomic_add(depart_ptr + b, 1, sem="acq_rel")
+        if d == SPL - 1:        # the last to leave: nobody waits on this block any more
+            tl.atomic_xchg(arrive_ptr + b, 0)
+            tl.atomic_xchg(depart_ptr + b, 0)
+
+
+@triton.jit
+def _fused_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, b_ptr, sbs, sbe, sbn, sbr, sc_ptr, scs, sce,
+                  out_ptr, som, son, perm_ptr, blk_start_ptr, blk_len_ptr, blk_slot_ptr, blk_exp_ptr, rank_ptr,
+                  nblk_ptr, p_ptr, arrive_ptr, depart_ptr, K, N, KS, W,
+                  SPL: tl.constexpr, HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                  CDT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  RT: tl.constexpr):
+    # grid W * SPL: program (j, s) takes K split s of blocks j, j + W, ... (all SPL programs of a block in
+    # the same round, so the block's meeting point never waits on a program busy elsewhere)
+    pid = tl.program_id(0)
+    s = pid % SPL
+    j = pid // SPL
+    nbu = tl.load(nblk_ptr)             # used blocks (the first nbu of the table), written on the device
+    for b in range(j, nbu, W):
+        slot, rank = _block_slot_rank(blk_slot_ptr, rank_ptr, b)
+        if rank > 0:
+            rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, b, BLOCK_M)
+            a_base = a_ptr + slot.to(tl.int64) * sas
+            b_base = b_ptr + slot.to(tl.int64) * sbs
+            sc_off = slot.to(tl.int64) * scs
+            if HAS_EXPERT:
+                e = tl.load(blk_exp_ptr + b).to(tl.int64)
+                a_base += e * sae
+                b_base += e * sbe
+                sc_off += e * sce
+            scale = tl.load(sc_ptr + sc_off)
+            if RT <= R16:
+                _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out_ptr, som, son, rows,
+                             mrow, rank, K, N, KS, s, b, p_ptr, arrive_ptr, depart_ptr, SPL, IEEE, UPCAST, CDT,
+                             BLOCK_M, BLOCK_N, BLOCK_K, RT, R16)
+            else:
+                if rank <= R16:     # a slot's rank picks its tile: 16, or the pool's whole max rank
+                    _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out_ptr, som, son,
+                                 rows, mrow, rank, K, N, KS, s, b, p_ptr, arrive_ptr, depart_ptr, SPL, IEEE,
+                                 UPCAST, CDT, BLOCK_M, BLOCK_N, BLOCK_K, RT, R16)
+                else:
+                    _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out_ptr, som, son,
+                                 rows, mrow, rank, K, N, KS, s, b, p_ptr, arrive_ptr, depart_ptr, SPL, IEEE,
+                                 UPCAST, CDT, BLOCK_M, BLOCK_N, BLOCK_K, RT, RT)
+
+
+@triton.jit
+def _shrink_tile(x_ptr, sxm, sxk, a_base, sar, sak, p_ptr, sps, spm, spr, rows, mrow, rank, r0, k_lo, k_hi,
+                 pid_s, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BR: tl.constexpr):
+    offs_r = r0 + tl.arange(0, BR)
+    mr = offs_r < rank
+    acc = tl.zeros((BLOCK_M, BR), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        mk = offs_k < k_hi
+        xt = tl.load(x_ptr + rows[:, None] * sxm + offs_k[None, :] * sxk, mask=mrow[:, None] & mk[None, :],
+                     other=0.0)
+        at = tl.load(a_base + offs_r[None, :] * sar + offs_k[:, None] * sak, mask=mk[:, None] & mr[None, :],
+                     other=0.0)
+        acc += _mm(xt, at.to(xt.dtype), IEEE, UPCAST)
     tl.store(p_ptr + pid_s * sps + rows[:, None] * spm + offs_r[None, :] * spr, acc,
              mask=mrow[:, None] & mr[None, :])
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, p_ptr, sps, spm, spr,
+                   perm_ptr, blk_start_ptr, blk_len_ptr, blk_slot_ptr, blk_exp_ptr, rank_ptr,
+                   K, K_PER_SPLIT,
+                   HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                   RT: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    slot, rank = _block_slot_rank(blk_slot_ptr, rank_ptr, pid_b)
+    r0 = pid_r * RT
+    if r0 >= rank:
+        return
+    rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, pid_b, BLOCK_M)
+    a_base = a_ptr + slot.to(tl.int64) * sas
+    if HAS_EXPERT:
+        a_base += tl.load(blk_exp_ptr + pid_b).to(tl.int64) * sae
+    k_lo = pid_s * K_PER_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
+    if RT <= R16:
+        _shrink_tile(x_ptr, sxm, sxk, a_base, sar, sak, p_ptr, sps, spm, spr, rows, mrow, rank, r0, k_lo, k_hi,
+                     pid_s, IEEE, UPCAST, BLOCK_M, BLOCK_K, R16)
+    else:
+        if rank - r0 <= R16:   # the rest of the slot's rank fits the narrow tile
+            _shrink_tile(x_ptr, sxm, sxk, a_base, sar, sak, p_ptr, sps, spm, spr, rows, mrow, rank, r0, k_lo,
+                         k_hi, pid_s, IEEE, UPCAST, BLOCK_M, BLOCK_K, R16)
+        else:
+            _shrink_tile(x_ptr, sxm, sxk, a_base, sar, sak, p_ptr, sps, spm, spr, rows, mrow, rank, r0, k_lo,
+                         k_hi, pid_s, IEEE, UPCAST, BLOCK_M, BLOCK_K, RT)
 
 
 @triton.jit
@@ -92,18 +241,11 @@ def _embed_shrink_kernel(ids_ptr, a_ptr, sas, sar, sav, p_ptr, spm, spr,
                          BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_b = tl.program_id(1)
-    slot = tl.load(blk_slot_ptr + pid_b)
-    if slot < 0:
-        return
-    rank = tl.load(rank_ptr + slot)
+    slot, rank = _block_slot_rank(blk_slot_ptr, rank_ptr, pid_b)
     r0 = pid_r * BLOCK_R
     if r0 >= rank:
         return
-    start = tl.load(blk_start_ptr + pid_b)
-    n = tl.load(blk_len_ptr + pid_b)
-    offs_m = tl.arange(0, BLOCK_M)
-    mrow = offs_m < n
-    rows = tl.load(perm_ptr + start + offs_m, mask=mrow, other=0).to(tl.int64)
+    rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, pid_b, BLOCK_M)
     local = tl.load(ids_ptr + rows, mask=mrow, other=0).to(tl.int64) - vocab_start
     inside = mrow & (local >= 0) & (local < per)
     offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -116,25 +258,34 @@ def _embed_shrink_kernel(ids_ptr, a_ptr, sas, sar, sav, p_ptr, spm, spr,
 
 
 @triton.jit
+def _expand_acc(p_ptr, sps, spm, spr, b_base, sbn, sbr, rows, mrow, rank, offs_n, mn, SPLITS: tl.constexpr,
+                IEEE: tl.constexpr, UPCAST: tl.constexpr, CDT: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BR: tl.constexpr):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rank, BR):
+        offs_r = r0 + tl.arange(0, BR)
+        mr = offs_r < rank
+        pmask = mrow[:, None] & mr[None, :]
+        p = tl.zeros((BLOCK_M, BR), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):   # unrolled: the partial loads are in flight together
+            p += tl.load(p_ptr + s * sps + rows[:, None] * spm + offs_r[None, :] * spr, mask=pmask, other=0.0)
+        bt = tl.load(b_base + offs_n[None, :] * sbn + offs_r[:, None] * sbr, mask=mr[:, None] & mn[None, :],
+                     other=0.0)
+        acc += _mm(p.to(CDT), bt.to(CDT), IEEE, UPCAST)
+    return acc
+
+
+@triton.jit
 def _expand_kernel(p_ptr, sps, spm, spr, b_ptr, sbs, sbe, sbn, sbr, sc_ptr, scs, sce, out_ptr, som, son,
                    perm_ptr, blk_start_ptr, blk_len_ptr, blk_slot_ptr, blk_exp_ptr, rank_ptr, N,
-                   SPLITS: tl.constexpr,
-                   HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, CDT: tl.constexpr,
-                   BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                   SPLITS: tl.constexpr, HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                   CDT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RT: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
-    slot = tl.load(blk_slot_ptr + pid_b)
-    if slot < 0:
-        return
-    rank = tl.load(rank_ptr + slot)
+    slot, rank = _block_slot_rank(blk_slot_ptr, rank_ptr, pid_b)
     if rank <= 0:
         return
-    start = tl.load(blk_start_ptr + pid_b)
-    n = tl.load(blk_len_ptr + pid_b)
-    offs_m = tl.arange(0, BLOCK_M)
-    mrow = offs_m < n
-    rows = tl.load(perm_ptr + start + offs_m, mask=mrow, other=0).to(tl.int64)
+    rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, pid_b, BLOCK_M)
     b_base = b_ptr + slot.to(tl.int64) * sbs
     sc_off = slot.to(tl.int64) * scs
     if HAS_EXPERT:
@@ -143,24 +294,16 @@ def _expand_kernel(p_ptr, sps, spm, spr, b_ptr, sbs, sbe, sbn, sbr, sc_ptr, scs,
         sc_off += e * sce
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mr = offs_r < rank
-        pmask = mrow[:, None] & mr[None, :]
-        p = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for s in tl.static_range(SPLITS):   # unrolled: the partial loads are in flight together
-            p += tl.load(p_ptr + s * sps + rows[:, None] * spm + offs_r[None, :] * spr, mask=pmask, other=0.0)
-        bt = tl.load(b_base + offs_n[None, :] * sbn + offs_r[:, None] * sbr, mask=mr[:, None] & mn[None, :],
-                     other=0.0)
-        pc = p.to(CDT)
-        bc = bt.to(CDT)
-        if UPCAST:
-            acc += tl.sum(pc.to(tl.float32)[:, :, None] * bc.to(tl.float32)[None, :, :], axis=1)
-        elif IEEE:
-            acc += tl.dot(pc, bc, input_precision="ieee")
+    if RT <= R16:
+        acc = _expand_acc(p_ptr, sps, spm, spr, b_base, sbn, sbr, rows, mrow, rank, offs_n, mn, SPLITS, IEEE,
+                          UPCAST, CDT, BLOCK_M, BLOCK_N, R16)
+    else:
+        if rank <= R16:
+            acc = _expand_acc(p_ptr, sps, spm, spr, b_base, sbn, sbr, rows, mrow, rank, offs_n, mn, SPLITS, IEEE,
+                              UPCAST, CDT, BLOCK_M, BLOCK_N, R16)
         else:
-            acc += tl.dot(pc, bc)
+            acc = _expand_acc(p_ptr, sps, spm, spr, b_base, sbn, sbr, rows, mrow, rank, offs_n, mn, SPLITS, IEEE,
+                              UPCAST, CDT, BLOCK_M, BLOCK_N, RT)
     acc = acc * tl.load(sc_ptr + sc_off)
     omask = mrow[:, None] & mn[None, :]
     optr = out_ptr + rows[:, None] * som + offs_n[None, :] * son
@@ -172,10 +315,67 @@ _CDT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: t
 SUPPORTED_DTYPES = tuple(_CDT)
 
 
+_T = torch.Tensor
+
+
+def _key(args: tuple) -> tuple:
+    """What Triton specialises launch arguments on (a superset of it): a tensor's dtype and 16-byte
+    alignment; an int's divisibility by 16, value 1 and type (int32 / int64 / uint64 by range; ``args``:
+    tensors and ints only)."""
+    return tuple([((a.data_ptr() & 15) == 0, a.dtype) if isinstance(a, _T) else
+                  ((a & 15) == 0) | (a == 1) << 1 | (not -0x80000000 <= a <= 0x7FFFFFFF) << 2 | (a >= 1 << 63) << 3
+                  for a in args])
+
+
+class _Launcher:
+    """``kernel[grid](*args, **constexprs)``, but after the first launch of a specialisation through the
+    compiled kernel's handle: ``JITFunction.run`` binds and specialises every argument on each call (tens of
+    microseconds of host time per launch); the key here covers everything it specialises on (``_key``), so
+    the cached binary is the one Triton would pick. ``args`` are the runtime arguments in signature order,
+    ``consts`` the constexpr ones (they follow them in the signature)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.cache: dict[tuple, object] = {}
+        self.checked = False
+
+    def __call__(self, grid: tuple, args: tuple, consts: dict, num_warps: int = 4, num_stages: int = 3) -> None:
+        if not DIRECT:
+            self.fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+            return
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        key = (_key(args), tuple(consts.values()), num_warps, num_stages, args[0].device.index)
+        k = self.cache.get(key)
+        if k is None:
+            if not self.checked:   # constexprs must follow the runtime args in the signature, in this order
+                names = list(self.fn.arg_names)
+                assert names == names[:len(args)] + list(consts), (names, list(consts))
+                self.checked = True
+            k = self.fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+            if k is not None and hasattr(k, "__getitem__"):
+                self.cache[key] = k
+            return
+        k[grid](*args, *consts.values())
+
+
+_fused = _Launcher(_fused_kernel)
+_shrink = _Launcher(_shrink_kernel)
+_embed_shrink = _Launcher(_embed_shrink_kernel)
+_expand = _Launcher(_expand_kernel)
+_SMS: dict[int, int] = {}
+
+
+def _sms(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
 def split_size(K: int, prefill: bool) -> int:
-    """Columns of K per shrink program: a function of K and the regime only (never of the batch's
-    content). Decode: short chunks keep a few blocks parallel over many splits; prefill has many blocks,
-    so longer chunks (fewer partials for the expand to sum)."""
+    """Columns of K per shrink program (two-launch path): a function of K and the regime only (never of
+    the batch's content). Decode: short chunks keep a few blocks parallel over many splits; prefill has many
+    blocks, so longer chunks (fewer partials for the expand to sum)."""
     if prefill:
         return 1024 if K <= 8192 else 2048
     return 512 if K <= 4096 else 1024
@@ -185,8 +385,89 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-def _blocks(meta):
-    return meta.perm, meta.blk_start, meta.blk_len, meta.blk_slot
+def rank_tile(max_rank: int) -> int:
+    """The wide rank tile for a pool: its max rank rounded up to a power of two (16 .. FUSED_MAX_RANK). A
+    slot of rank <= 16 uses the 16-wide tile."""
+    return _pow2(max_rank, BLOCK_R, max(BLOCK_R, FUSED_MAX_RANK))
+
+
+def fused_splits(K: int, device: torch.device, split: bool) -> tuple[int, int]:
+    """(programs per block, K columns per program) of the fused kernel: a function of K and the device
+    only. ``split``: the K splits of the decode regime (at most one program per SM in all); else, and
+    under the interpreter (whose programs run one after another, so they could not meet), one program per
+    block."""
+    if not split or INTERPRET or device.type != "cuda":
+        return 1, max(K, 1)
+    ks = max(split_size(K, False), -(-K // _sms(device)))
+    return -(-K // ks), ks
+
+
+class FusedScratch:
+    """The split fused kernel's float32 partials (``[blocks, splits, 16, RT]``) and per-block arrival /
+    departure counters (zero between launches: the kernel resets what it used). Allocated once and grown
+    when a larger batch needs it (outside any CUDA-graph capture: ``reserve`` it for the capacity first).
+    One scratch per stream of use: two ops running concurrently must not share one."""
+
+    def __init__(self) -> None:
+        self.p: torch.Tensor | None = None
+        self.cnt: torch.Tensor | None = None
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def reserve(self, p_elems: int, blocks: int, device: torch.device) -> None:
+        if self.p is None or self.p.numel() < p_elems or self.p.device != device:
+            self.p = torch.empty(max(p_elems, 1), dtype=torch.float32, device=device)
+        if self.cnt is None or self.cnt.numel() < 2 * blocks or self.cnt.device != device:
+            self.cnt = torch.zeros(2 * max(blocks, 1), dtype=torch.int32, device=device)
+            self._views = {}
+
+    def counters(self, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(arrivals, departures) of ``blocks`` blocks: views made once (slicing costs host time)."""
+        v = self._views.get(blocks)
+        if v is None:
+            v = self._views[blocks] = (self.cnt[:blocks], self.cnt[blocks:2 * blocks])
+        return v
+
+    @staticmethod
+    def need(K: int, blocks: int, block_m: int, max_rank: int, device: torch.device) -> int:
+        spl, _ = fused_splits(K, device, True)
+        return blocks * spl * block_m * rank_tile(max_rank) if spl > 1 else 0
+
+
+def fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, out: torch.Tensor,
+          blocks: tuple, nblk: torch.Tensor, grid_blocks: int, block_m: int, slot_rank: torch.Tensor,
+          max_rank: int, expert: bool, scratch: FusedScratch | None) -> None:
+    """``out[row] += s[slot(, e)] * (x[row] @ A[slot(, e), :rank]^T) @ B[slot(, e), :, :rank]^T`` for the
+    blocks' rows, in one launch. x ``[rows, K]``, out ``[rows, N]`` (any strides); A ``[S, R, K]`` / ``[S,
+    E, R, K]``, B ``[S, N, R]`` / ``[S, E, N, R]``, scaling ``[S]`` / ``[S, E]`` float32 (``expert``
+    selects the second forms); ``nblk`` a 1-element int32 device tensor: the used blocks (a prefix of the
+    table); ``grid_blocks``: the table's static length. ``scratch`` given: K split over several programs
+    per block that meet through it (decode); None: one program per block. Requires ``max_rank <=
+    FUSED_MAX_RANK``."""
+    rows, K = x.shape
+    N = out.shape[1]
+    if grid_blocks == 0 or rows == 0 or N == 0:
+        return
+    cfg = FUSED_CONFIG
+    spl, ks = fused_splits(K, x.device, scratch is not None)
+    rt = rank_tile(max_rank)
+    if spl > 1:
+        scratch.reserve(grid_blocks * spl * block_m * rt, grid_blocks, x.device)
+        w = max(1, min(grid_blocks, _sms(x.device) // spl))
+        P, (arrive, depart) = scratch.p, scratch.counters(grid_blocks)
+    else:
+        w = grid_blocks if INTERPRET or x.device.type != "cuda" else \
+            max(1, min(grid_blocks, cfg["programs_per_sm"] * _sms(x.device)))
+        P, arrive, depart = scaling, nblk, nblk      # not read with one program per block
+    perm, bs, bl, bslot, bexp = blocks
+    e_a, e_b, e_s = (A.stride(1), B.stride(1), scaling.stride(1)) if expert else (0, 0, 0)
+    _fused((w * spl,), (x, x.stride(0), x.stride(1), A, A.stride(0), e_a, A.stride(-2), A.stride(-1),
+                        B, B.stride(0), e_b, B.stride(-2), B.stride(-1), scaling, scaling.stride(0), e_s,
+                        out, out.stride(0), out.stride(1), perm, bs, bl, bslot, bexp, slot_rank, nblk,
+                        P, arrive, depart, K, N, ks, w),
+           dict(SPL=spl, HAS_EXPERT=expert, IEEE=x.dtype == torch.float32, UPCAST=INTERPRET, CDT=_CDT[x.dtype],
+                BLOCK_M=block_m, BLOCK_N=_pow2(N, 16, cfg["block_n"]), BLOCK_K=_pow2(min(K, ks), 16, cfg["block_k"]),
+                RT=rt),
+           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, grid_blocks: int,
@@ -194,26 +475,25 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, 
     """P ``[splits, rows, R_pad]`` float32 with ``P.sum(0)[row, :rank] = x[row] @ A[slot(, e), :rank]^T``.
 
     x ``[rows, K]``; A ``[S, R, K]`` or ``[S, E, R, K]`` (any strides; ``expert_stride`` is A.stride(1) for
-    the expert form, None for dense). Entries of P outside the blocks' rows or above a slot's rank are never
-    written (and never read by ``expand``).
+    the expert form, None for dense). One program per (rank tile, block, K split); the rank tile is the
+    pool's (``rank_tile``), 16 wide where the slot's rest of rank fits. Entries of P outside the blocks'
+    rows or above a slot's rank are never written (and never read by ``expand``).
     """
     rows, K = x.shape
     prefill = block_m > 16
     ks = split_size(K, prefill)
     splits = max(1, -(-K // ks))
-    r_pad = max(BLOCK_R, -(-max_rank // BLOCK_R) * BLOCK_R)
+    rt = rank_tile(max_rank)
+    r_pad = -(-max(max_rank, 1) // rt) * rt
     P = torch.empty((splits, rows, r_pad), dtype=torch.float32, device=x.device)
     if grid_blocks == 0 or rows == 0:
         return P
     perm, bs, bl, bslot, bexp = blocks
-    sr, sk = A.stride(-2), A.stride(-1)
-    grid = (r_pad // BLOCK_R, grid_blocks, splits)
-    _shrink_kernel[grid](x, x.stride(0), x.stride(1), A, A.stride(0), expert_stride or 0, sr, sk,
-                         P, P.stride(0), P.stride(1), P.stride(2), perm, bs, bl, bslot, bexp, slot_rank,
-                         K, ks, HAS_EXPERT=expert_stride is not None, IEEE=x.dtype == torch.float32,
-                         UPCAST=INTERPRET,
-                         BLOCK_M=block_m, BLOCK_R=BLOCK_R, BLOCK_K=_pow2(K, 16, 128 if prefill else 256),
-                         num_warps=4)
+    _shrink((r_pad // rt, grid_blocks, splits),
+            (x, x.stride(0), x.stride(1), A, A.stride(0), expert_stride or 0, A.stride(-2), A.stride(-1),
+             P, P.stride(0), P.stride(1), P.stride(2), perm, bs, bl, bslot, bexp, slot_rank, K, ks),
+            dict(HAS_EXPERT=expert_stride is not None, IEEE=x.dtype == torch.float32, UPCAST=INTERPRET,
+                 BLOCK_M=block_m, RT=rt, BLOCK_K=_pow2(K, 16, 128 if prefill else 256)))
     return P
 
 
@@ -222,21 +502,22 @@ def embed_shrink(token_ids: torch.Tensor, A: torch.Tensor, vocab_start: int, blo
     """P ``[1, T, R_pad]``: the embedding-A column of each token's id (0 outside this rank's shard).
     A ``[S, R, per]``."""
     T = token_ids.shape[0]
-    r_pad = max(BLOCK_R, -(-max_rank // BLOCK_R) * BLOCK_R)
+    rt = rank_tile(max_rank)
+    r_pad = -(-max(max_rank, 1) // rt) * rt
     P = torch.empty((1, T, r_pad), dtype=torch.float32, device=token_ids.device)
     if grid_blocks == 0 or T == 0:
         return P
     perm, bs, bl, bslot, _ = blocks
-    _embed_shrink_kernel[(r_pad // BLOCK_R, grid_blocks)](
-        token_ids, A, A.stride(0), A.stride(1), A.stride(2), P, P.stride(1), P.stride(2),
-        perm, bs, bl, bslot, slot_rank, vocab_start, A.shape[-1], BLOCK_M=block_m, BLOCK_R=BLOCK_R,
-        num_warps=4)
+    _embed_shrink((r_pad // BLOCK_R, grid_blocks),
+                  (token_ids, A, A.stride(0), A.stride(1), A.stride(2), P, P.stride(1), P.stride(2),
+                   perm, bs, bl, bslot, slot_rank, vocab_start, A.shape[-1]),
+                  dict(BLOCK_M=block_m, BLOCK_R=BLOCK_R))
     return P
 
 
 def expand(P: torch.Tensor, B: torch.Tensor, expert_stride: int | None, scaling: torch.Tensor,
            scaling_expert_stride: int | None, out: torch.Tensor, blocks, grid_blocks: int, block_m: int,
-           slot_rank: torch.Tensor, compute_dtype: torch.dtype) -> None:
+           slot_rank: torch.Tensor, compute_dtype: torch.dtype, max_rank: int) -> None:
     """``out[row] += scaling[slot(, e)] * P.sum(0)[row, :rank] @ B[slot(, e), :, :rank]^T`` for the blocks'
     rows. B ``[S, N, R]`` or ``[S, E, N, R]``; scaling ``[S]`` or ``[S, E]`` (float32); out ``[rows, N]``."""
     rows, N = out.shape
@@ -244,14 +525,14 @@ def expand(P: torch.Tensor, B: torch.Tensor, expert_stride: int | None, scaling:
         return
     perm, bs, bl, bslot, bexp = blocks
     bn = _pow2(N, 16, 128)
-    grid = (triton.cdiv(N, bn), grid_blocks)
-    _expand_kernel[grid](P, P.stride(0), P.stride(1), P.stride(2), B, B.stride(0), expert_stride or 0,
-                         B.stride(-2), B.stride(-1), scaling, scaling.stride(0), scaling_expert_stride or 0,
-                         out, out.stride(0), out.stride(1), perm, bs, bl, bslot, bexp, slot_rank, N,
-                         SPLITS=P.shape[0], HAS_EXPERT=expert_stride is not None,
-                         IEEE=compute_dtype == torch.float32, UPCAST=INTERPRET, CDT=_CDT[compute_dtype],
-                         BLOCK_M=block_m,
-                         BLOCK_N=bn, BLOCK_R=BLOCK_R, num_warps=4)
+    _expand((triton.cdiv(N, bn), grid_blocks),
+            (P, P.stride(0), P.stride(1), P.stride(2), B, B.stride(0), expert_stride or 0, B.stride(-2),
+             B.stride(-1), scaling, scaling.stride(0), scaling_expert_stride or 0, out, out.stride(0),
+             out.stride(1), perm, bs, bl, bslot, bexp, slot_rank, N),
+            dict(SPLITS=P.shape[0], HAS_EXPERT=expert_stride is not None, IEEE=compute_dtype == torch.float32,
+                 UPCAST=INTERPRET, CDT=_CDT[compute_dtype], BLOCK_M=block_m, BLOCK_N=bn, RT=rank_tile(max_rank)),
+            num_stages=1)   # one rank tile per slot: nothing to pipeline (and the split partials' stages
+                            # of a 64-row, 64-rank tile would exceed the shared memory)
 
 
 # -- expert routing metadata on the device (a counting sort by (expert, slot)) ----------------------------------
@@ -268,7 +549,7 @@ def _route_count_kernel(tok_ptr, exp_ptr, token_slots_ptr, key_ptr, counts_ptr, 
 
 
 @triton.jit
-def _route_scan_kernel(counts_ptr, grp_start_ptr, blk_first_ptr, blk_slot_ptr, G, NB, BM: tl.constexpr,
+def _route_scan_kernel(counts_ptr, grp_start_ptr, blk_first_ptr, blk_slot_ptr, nblk_ptr, G, NB, BM: tl.constexpr,
                        BLOCK_G: tl.constexpr, BLOCK_NB: tl.constexpr):
     offs = tl.arange(0, BLOCK_G)
     m = offs < G
@@ -276,6 +557,7 @@ def _route_scan_kernel(counts_ptr, grp_start_ptr, blk_first_ptr, blk_slot_ptr, G
     nblk = (c + BM - 1) // BM
     tl.store(grp_start_ptr + offs, tl.cumsum(c, 0) - c, mask=m)
     tl.store(blk_first_ptr + offs, tl.cumsum(nblk, 0) - nblk, mask=m)
+    tl.store(nblk_ptr, tl.sum(nblk, 0))     # the used blocks: a prefix of the table
     for b0 in range(0, NB, BLOCK_NB):
         ob = b0 + tl.arange(0, BLOCK_NB)
         tl.store(blk_slot_ptr + ob, tl.full((BLOCK_NB,), -1, tl.int32), mask=ob < NB)
@@ -312,14 +594,15 @@ def route_blocks(token_index: torch.Tensor, local_expert: torch.Tensor, token_sl
                  num_experts: int, num_slots: int, block_m: int) -> tuple:
     """The (expert, slot) blocks of routed rows in five launches (a counting sort; no host sync): same
     contract as ``meta.expert_blocks`` (rows of a group may come in any order). Returns the block tuple
-    for ``shrink``/``expand`` and the static block count."""
+    for the kernels, the static block count and a 1-element int32 device tensor with the used blocks (the
+    first ones of the table; the rest have slot -1)."""
     N = int(token_index.numel())
     dev = token_index.device
     G = num_experts * num_slots
     NB = -(-N // block_m) + min(N, G)
     i32 = torch.int32
-    work = torch.zeros(2 * G, dtype=i32, device=dev)
-    counts, cursor = work[:G], work[G:]
+    work = torch.zeros(2 * G + 1, dtype=i32, device=dev)
+    counts, cursor, nblk = work[:G], work[G:2 * G], work[2 * G:]
     key = torch.empty(max(N, 1), dtype=i32, device=dev)
     grp = torch.empty(2 * G, dtype=i32, device=dev)
     grp_start, blk_first = grp[:G], grp[G:]
@@ -328,13 +611,19 @@ def route_blocks(token_index: torch.Tensor, local_expert: torch.Tensor, token_sl
     blk_start, blk_len, blk_slot, blk_exp = blk[0], blk[1], blk[2], blk[3]
     if N == 0:
         blk_slot.fill_(-1)
-        return (perm, blk_start, blk_len, blk_slot, blk_exp), 0
+        return (perm, blk_start, blk_len, blk_slot, blk_exp), 0, nblk
     B = 256
-    _route_count_kernel[(triton.cdiv(N, B),)](token_index, local_expert, token_slots, key, counts, N, num_slots,
-                                              BLOCK=B)
-    _route_scan_kernel[(1,)](counts, grp_start, blk_first, blk_slot, G, NB, BM=block_m,
-                             BLOCK_G=triton.next_power_of_2(G), BLOCK_NB=1024)
-    _route_place_kernel[(triton.cdiv(N, B),)](key, grp_start, cursor, perm, N, BLOCK=B)
-    _route_blocks_kernel[(G,)](counts, grp_start, blk_first, blk_start, blk_len, blk_slot, blk_exp, num_slots,
-                               BM=block_m)
-    return (perm, blk_start, blk_len, blk_slot, blk_exp), NB
+    _route_count((triton.cdiv(N, B),), (token_index, local_expert, token_slots, key, counts, N, num_slots),
+                 dict(BLOCK=B))
+    _route_scan((1,), (counts, grp_start, blk_first, blk_slot, nblk, G, NB),
+                dict(BM=block_m, BLOCK_G=triton.next_power_of_2(G), BLOCK_NB=1024))
+    _route_place((triton.cdiv(N, B),), (key, grp_start, cursor, perm, N), dict(BLOCK=B))
+    _route_fill((G,), (counts, grp_start, blk_first, blk_start, blk_len, blk_slot, blk_exp, num_slots),
+                dict(BM=block_m))
+    return (perm, blk_start, blk_len, blk_slot, blk_exp), NB, nblk
+
+
+_route_count = _Launcher(_route_count_kernel)
+_route_scan = _Launcher(_route_scan_kernel)
+_route_place = _Launcher(_route_place_kernel)
+_route_fill = _Launcher(_route_blocks_kernel)
