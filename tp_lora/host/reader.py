@@ -252,6 +252,8 @@ class SliceReader:
         return total
 
     def _finish_short(self, chunk: Chunk, buf: torch.Tensor, scratch: torch.Tensor | None, pieces, file_off: int) -> None:
+        """After a short preadv (a signal, the end of a truncated file): every piece again, one by one,
+        raising our error at EOF."""
         mv = memoryview(buf.numpy()).cast("B")
         smv = memoryview(scratch.numpy()).cast("B") if scratch is not None else None
         pos = file_off
@@ -283,12 +285,8 @@ class SliceReader:
             else:
                 iov = [mv[o:o + n] for o, n in pieces]
             want = sum(n for _, n in pieces)
-            if os.preadv(fd, iov, file_off) != want:
-                # short read (signal, end of a truncated file): finish piece by piece, raising at EOF
-                pos = file_off
-                for v, (o, n) in zip(iov, pieces):
-                    self._pread_into(v, pos, chunk, max(o, 0))
-                    pos += n
+            if os.preadv(fd, iov, file_off) != want:  # short read: piece by piece, raising at EOF
+                self._finish_short(chunk, buf, scratch, pieces, file_off)
             total += want
             for cp in copies:
                 self._gather_out(cp, buf, scratch)
