@@ -95,9 +95,10 @@ class _CacheSink:
 
     def __init__(self, engine: "TransferEngine", entry: CacheEntry, chunks: list[Chunk], stats: LoadStats):
         self.engine, self.entry, self.chunks, self.stats = engine, entry, chunks, stats
-        # every unit at once: the buffers are the cache entry's (no memory beyond it), and readers never
-        # wait for the loader thread (a bounded window let a loader short of CPU idle the readers)
-        self.window = sum(len(c.units()) for c in chunks)
+        # units ahead of the copy: keep every reader busy. Submitting every unit at once was tried (the
+        # buffers are the cache entry's anyway): Llama-3.1-70B r128 TP=1 went from 1.23x to 1.6x the floor
+        # in the same session's runs (docs/PERF_NOTES.md row 15), so the bounded window stays
+        self.window = engine.read_workers + 1
 
     def units(self) -> list[tuple[Chunk, Part, bool, Any]]:
         """(chunk, part, last part of its chunk, buffer key): the parts of one chunk share its buffer."""
