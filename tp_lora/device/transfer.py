@@ -254,6 +254,7 @@ class TransferEngine:
         plan.cache_keys()
         self._memo.get(plan, ("coverage", id(self.pool)), lambda: self.pool.coverage(plan.ops))
         SliceReader.prepare(chunks, self._memo.table(plan, "iov"))
+        self.pool.scaling_tables(plan.scalings, self.device.is_cuda, self._memo.table(plan, "scalings"))
         # the readers' scratch, faulted in now rather than in the first load
         self.scratch.reserve(max((u.scratch_bytes for c in chunks for u in c.units()), default=0),
                              self.read_workers)
