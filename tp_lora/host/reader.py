@@ -227,21 +227,23 @@ class SliceReader:
                     tables.setdefault(id(u.reads), _IovTable.build(u.reads))
 
     def _read_unit(self, chunk: Chunk, u: Part, buf: torch.Tensor, scratch: torch.Tensor | None) -> int:
-        if _PREADV is None or not u.reads:
-            return self._read_unit_py(chunk, u, buf, scratch)
-        tab = self._iov_tables.get(id(u.reads))
-        if tab is None:
-            tab = self._iov_tables.setdefault(id(u.reads), _IovTable.build(u.reads))
-        iov = tab.rebased(buf, scratch)
-        base = iov.ctypes.data
+        """The unit's scatter reads (libc preadv on a prebuilt iovec table; ``os.preadv`` with one
+        memoryview per piece where libc is not reachable through ctypes), each followed by its gathers,
+        then its span reads."""
+        tab = iov = None
+        if _PREADV is not None and u.reads:
+            tab = self._iov_tables.get(id(u.reads))
+            if tab is None:
+                tab = self._iov_tables.setdefault(id(u.reads), _IovTable.build(u.reads))
+            iov = tab.rebased(buf, scratch)
         total = 0
-        for (first, n, file_off, want), (_, pieces, copies, _) in zip(tab.reads, u.reads):
-            got = _PREADV(self.fd, base + 16 * first, n, file_off)
-            while got < 0 and ctypes.get_errno() == errno.EINTR:
-                got = _PREADV(self.fd, base + 16 * first, n, file_off)
-            if got < 0:
-                e = ctypes.get_errno()
-                raise OSError(e, os.strerror(e), self.path)
+        for i, (file_off, pieces, copies, _) in enumerate(u.reads):
+            if tab is not None:
+                first, n, _, want = tab.reads[i]
+                got = self._libc_preadv(iov.ctypes.data + 16 * first, n, file_off)
+            else:
+                want = sum(n for _, n in pieces)
+                got = os.preadv(self.fd, self._iovecs(buf, scratch, pieces), file_off)
             if got != want:  # short read (a signal, or the end of a truncated file): piece by piece
                 self._finish_short(chunk, buf, scratch, pieces, file_off)
             total += want
@@ -251,14 +253,27 @@ class SliceReader:
             total += self._read_spans(chunk, u, buf, scratch)
         return total
 
+    def _libc_preadv(self, iov_ptr: int, n: int, file_off: int) -> int:
+        got = _PREADV(self.fd, iov_ptr, n, file_off)
+        while got < 0 and ctypes.get_errno() == errno.EINTR:
+            got = _PREADV(self.fd, iov_ptr, n, file_off)
+        if got < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), self.path)
+        return got
+
+    @staticmethod
+    def _iovecs(buf: torch.Tensor, scratch: torch.Tensor | None, pieces) -> list[memoryview]:
+        """One memoryview per piece: (offset >= 0) into the chunk buffer, else into the scratch."""
+        mv = memoryview(buf.numpy()).cast("B")
+        smv = memoryview(scratch.numpy()).cast("B") if scratch is not None else None
+        return [mv[o:o + n] if o >= 0 else smv[-o - 1:n - o - 1] for o, n in pieces]
+
     def _finish_short(self, chunk: Chunk, buf: torch.Tensor, scratch: torch.Tensor | None, pieces, file_off: int) -> None:
         """After a short preadv (a signal, the end of a truncated file): every piece again, one by one,
         raising our error at EOF."""
-        mv = memoryview(buf.numpy()).cast("B")
-        smv = memoryview(scratch.numpy()).cast("B") if scratch is not None else None
         pos = file_off
-        for o, n in pieces:
-            v = mv[o:o + n] if o >= 0 else smv[-o - 1:n - o - 1]
+        for v, (o, n) in zip(self._iovecs(buf, scratch, pieces), pieces):
             self._pread_into(v, pos, chunk, max(o, 0))
             pos += n
 
@@ -270,28 +285,6 @@ class SliceReader:
             total += sp.nbytes
             for cp in sp.copies:
                 self._gather_out(cp, buf, scratch)
-        return total
-
-    def _read_unit_py(self, chunk: Chunk, u: Part, buf: torch.Tensor, scratch: torch.Tensor | None) -> int:
-        """The same reads through ``os.preadv`` (one memoryview per piece): where libc's preadv is not
-        reachable through ctypes."""
-        mv = memoryview(buf.numpy()).cast("B")
-        smv = memoryview(scratch.numpy()).cast("B") if scratch is not None else None
-        total = 0
-        fd = self.fd
-        for file_off, pieces, copies, scratch_bytes in u.reads:
-            if scratch_bytes:
-                iov = [mv[o:o + n] if o >= 0 else smv[-o - 1:n - o - 1] for o, n in pieces]
-            else:
-                iov = [mv[o:o + n] for o, n in pieces]
-            want = sum(n for _, n in pieces)
-            if os.preadv(fd, iov, file_off) != want:  # short read: piece by piece, raising at EOF
-                self._finish_short(chunk, buf, scratch, pieces, file_off)
-            total += want
-            for cp in copies:
-                self._gather_out(cp, buf, scratch)
-        if u.spans:
-            total += self._read_spans(chunk, u, buf, scratch)
         return total
 
     @staticmethod
