@@ -54,9 +54,13 @@ def test_reservation_counted_in_slabs_never_grows_in_the_load():
             a.free(b)
         a.close()
     a = _arena()
-    assert a.fit_bytes([]) == 0 and a.fit_bytes([1 << 14]) == 1 << 14
-    assert a.fit_bytes([3 << 14]) == 2 << 20  # larger than a slab: its own, rounded as alloc rounds it
-    assert a.fit_bytes([10000, 6000, 6000]) == 2 << 14  # largest first: 10000+6000 | 6000
+    big = _arena(slab=8 << 20)  # slabs of 8 MiB; reservations round to 2 MiB
+    assert big.fit_bytes([]) == 0 and big.fit_bytes([8 << 20]) == 8 << 20
+    assert big.fit_bytes([1000]) == 2 << 20  # a small need: a small last slab, not a whole one
+    assert big.fit_bytes([20 << 20]) == 20 << 20  # larger than a slab: its own, rounded as alloc rounds it
+    # largest first: 5M + 3M | 5M -> one full slab and the emptiest bin (5M) rounded to 6M
+    assert big.fit_bytes([5 << 20, 5 << 20, 3 << 20]) == (8 << 20) + (6 << 20)
+    big.close()
     a.close()
 
 
@@ -89,7 +93,7 @@ def test_cache_draws_from_the_arena_and_reuses_it(adir):
              for i in range(3)]
     with new_manager("tiny-dense", tp=2, rank=0, max_loras=1, chunk_bytes=4096) as mgr:
         plans = [mgr.register(f"a{i}", p) for i, p in enumerate(paths)]
-        mgr.arena.wait_reserved()
+        mgr.engine.wait_prepared()  # the reservation is topped up (in slabs) once the plans are packed
         reserved0 = mgr.stats().pinned_reserved_bytes
         assert reserved0 >= sum(p.nbytes for p in plans)  # reserved while registering, ahead of any load
         for i, p in enumerate(paths):
