@@ -208,7 +208,8 @@ class HostArena:
             # ``reserve`` cuts its last slab to the remainder: the emptiest bin needs only its used bytes
             # (a small adapter reserves a small slab, not 256 MiB)
             last = max(free)
-            total += (len(free) - 1) * self.slab_bytes + min(self.slab_bytes, _round_up(self.slab_bytes - last, 2 << 20))
+            tail = min(self.slab_bytes, _round_up(self.slab_bytes - last, 2 << 20))
+            total += (len(free) - 1) * self.slab_bytes + tail
         return total
 
     def wait_reserved(self) -> None:
