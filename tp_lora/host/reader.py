@@ -269,7 +269,8 @@ class SliceReader:
         smv = memoryview(scratch.numpy()).cast("B") if scratch is not None else None
         return [mv[o:o + n] if o >= 0 else smv[-o - 1:n - o - 1] for o, n in pieces]
 
-    def _finish_short(self, chunk: Chunk, buf: torch.Tensor, scratch: torch.Tensor | None, pieces, file_off: int) -> None:
+    def _finish_short(self, chunk: Chunk, buf: torch.Tensor, scratch: torch.Tensor | None, pieces,
+                      file_off: int) -> None:
         """After a short preadv (a signal, the end of a truncated file): every piece again, one by one,
         raising our error at EOF."""
         pos = file_off

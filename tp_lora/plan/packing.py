@@ -61,7 +61,8 @@ class ReadCost:
     serially, bytes are copied at the readers' aggregate bandwidth. Defaults from the H200 host
     (docs/PERF_NOTES.md): Rank 0 of Llama-3-70B TP=8 read exactly issued 11k preadv of 2 KiB rows and took
     4.8x the floor with 16 readers (about 8 us of wall time per call), while page cache -> memory runs at
-    about 30 GB/s with 16 threads; copying span slices out of the scratch costs about 1 us a slice (one gather per copy group of a read).
+    about 30 GB/s with 16 threads; copying span slices out of the scratch costs about 1 us a slice (one
+    gather per copy group of a read).
     """
 
     syscall_s: float = 8e-6
