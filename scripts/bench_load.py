@@ -233,7 +233,7 @@ def _manager(c: dict, args: argparse.Namespace, **over) -> LoRAManager:
     kw = dict(max_loras=1, max_lora_rank=c["rank"], dtype="bfloat16", device=str(DEV),
               host_cache_bytes=64 << 30, chunk_bytes=args.chunk_bytes, pin_mode=args.pin_mode,
               read_workers=args.read_workers, pin_workers=args.pin_workers, part_bytes=args.part_bytes,
-              read_mode=args.read_mode)
+              read_mode=args.read_mode, placement=args.placement)
     kw.update(over)
     return LoRAManager(LoRAConfig(**kw), spec, par)
 
@@ -288,7 +288,8 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
         "first_cold_s": first, "first_cold_load_total_s": first_ls["total_s"],
         "cold_s": med(cold), "cold_all_s": cold, "warm_s": med(warm), "warm_all_s": warm,
         "cold_read_s": med([x["read_s"] for x in cold_ls]), "cold_wait_s": med([x["wait_s"] for x in cold_ls]),
-        "cold_issue_s": med([x["issue_s"] for x in cold_ls]), "cold_alloc_s": med([x["alloc_s"] for x in cold_ls]),
+        "cold_issue_s": med([x["issue_s"] for x in cold_ls]), "cold_place_s": med([x["place_s"] for x in cold_ls]),
+        "placement": "kernel" if mgr.engine.placer.kernel else "copies", "cold_alloc_s": med([x["alloc_s"] for x in cold_ls]),
         "cold_device_span_s": med([x["h2d_s"] for x in cold_ls]),
         "warm_device_span_s": med([x["h2d_s"] for x in warm_ls]),
         "pinned_in_use": st.pinned_bytes_now, "pinned_planned": st.pinned_planned_now,
@@ -299,9 +300,9 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
     return out
 
 
-def bench_mode(path: Path, c: dict, args: argparse.Namespace, mode: str, repeats: int) -> float:
-    """Later cold loads with another read mode (the strategies measured side by side)."""
-    mgr = _manager(c, args, read_mode=mode)
+def bench_mode(path: Path, c: dict, args: argparse.Namespace, repeats: int, **over) -> float:
+    """Later cold loads with other settings (a read mode, a placement: strategies side by side)."""
+    mgr = _manager(c, args, **over)
     mgr.register("a", path)
     mgr.register("b", path)  # alternate: each activation evicts the other from the one slot, so it loads
     mgr.engine.wait_prepared()
@@ -582,7 +583,10 @@ def case_run(name: str, c: dict, path: Path, args: argparse.Namespace) -> dict:
     if args.modes:
         for m in args.modes.split(","):
             if m != args.read_mode:
-                r[f"cold_{m}_s"] = bench_mode(path, c, args, m, max(1, args.repeats // 2))
+                r[f"cold_{m}_s"] = bench_mode(path, c, args, max(1, args.repeats // 2), read_mode=m)
+    if args.placements:
+        for m in args.placements.split(","):
+            r[f"cold_place_{m}_s"] = bench_mode(path, c, args, args.repeats, placement=m)
     if args.peers and args.peer_file:
         names = list(PEERS) if args.peers == "all" else args.peers.split(",")
         r.update(bench_peers(path, 2, names))
@@ -609,6 +613,8 @@ def main() -> int:
     ap.add_argument("--pin-workers", type=int, default=2)
     ap.add_argument("--read-mode", default="auto", choices=["auto", "exact", "span"])
     ap.add_argument("--modes", default="", help="also time later cold loads with these read modes")
+    ap.add_argument("--placement", default="auto", choices=["auto", "kernel", "copies"])
+    ap.add_argument("--placements", default="", help="also time later cold loads with these placements")
     ap.add_argument("--floor-threads", type=int, default=None)
     ap.add_argument("--peers", default="", help="'all' or comma-separated peers, once per file")
     ap.add_argument("--baselines", action="store_true", help="eager / lazy (PR #20876) baselines")
@@ -695,7 +701,7 @@ def print_table(res: dict) -> None:
               f"{ms('warm_s'):8.2f}{r['warm_frac_of_peak']:7.1%}"
               + "".join(f"{ms(p + '_s'):13.1f}" for p in PEER_COLS) + f"{ms('eager_s'):8.1f}{ms('lazy_s'):8.1f}")
         extra = {k: v for k, v in r.items() if k.startswith(("cold_exact", "cold_span", "cold_auto", "disk",
-                                                              "cold_dropped"))}
+                                                              "cold_dropped", "cold_place"))}
         if extra:
             print("   ", json.dumps(extra))
     if "overlap" in res:

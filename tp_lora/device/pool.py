@@ -10,6 +10,7 @@ one strided copy. Slot allocation is a pure function of the call sequence: every
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,8 @@ from ..plan.model import ModelSpec
 from ..format.modules import MODULES
 from ..plan.layout import RankLayout
 from ..plan.parallel import ParallelSpec
+
+_ALIGN = 256  # bytes: every A/B buffer of the pool starts on this boundary of its flat allocation
 
 
 @dataclass(frozen=True)
@@ -70,10 +73,21 @@ class GpuPool:
         self.A: dict[str, torch.Tensor] = {}
         self.B: dict[str, torch.Tensor] = {}
         self.scaling: dict[str, torch.Tensor] = {}
+        # every A/B buffer is a view of one flat allocation (each start aligned to _ALIGN bytes): the
+        # placement kernel addresses all of a chunk's destinations as offsets into it, in one launch
+        dims: list[tuple[str, str, tuple[int, ...]]] = []
         for m, s in self.shapes.items():
             lead = (S, s.layers) + ((s.experts,) if s.experts else ())
-            self.A[m] = torch.zeros(lead + s.a_shape, dtype=dtype, device=self.device)
-            self.B[m] = torch.zeros(lead + s.b_shape, dtype=dtype, device=self.device)
+            dims += [(m, "A", lead + s.a_shape), (m, "B", lead + s.b_shape)]
+        align = max(1, _ALIGN // torch.empty((), dtype=dtype).element_size())
+        starts, total = [], 0
+        for _, _, shape in dims:
+            starts.append(total)
+            total += -(-math.prod(shape) // align) * align
+        self.flat = torch.zeros(max(total, 1), dtype=dtype, device=self.device)
+        for (m, side, shape), o in zip(dims, starts):
+            (self.A if side == "A" else self.B)[m] = self.flat[o:o + math.prod(shape)].view(shape)
+        for m, s in self.shapes.items():
             self.scaling[m] = torch.zeros((S, s.layers, max(s.experts, 1)), dtype=torch.float32,
                                           device=self.device)
         self.slot_name: list[str | None] = [None] * S
@@ -189,6 +203,10 @@ class GpuPool:
                 buf = (self.A if side == "A" else self.B)[m]
                 out[(m, side)] = n == buf[0].numel()
         return out
+
+    def flat_offset(self, view: torch.Tensor) -> int:
+        """Element offset of ``view``'s first element in ``flat`` (a view of an A/B buffer)."""
+        return (view.data_ptr() - self.flat.data_ptr()) // self.flat.element_size()
 
     def block(self, module: str, side: str, slot: int) -> torch.Tensor:
         """The slot's buffer of ``module``/``side`` viewed as ``[blocks, D0, D1]``."""

@@ -31,14 +31,14 @@ import torch
 
 from ..errors import AdapterDataError, AdapterError
 from ..format.adapter import AdapterHeader
-from ..format.dtypes import SAFETENSORS_FLOAT, safetensors_torch
-from ..format.modules import MODULES
+from ..format.dtypes import SAFETENSORS_FLOAT
 from ..host.memory import Device, HostArena, ScratchPool
 from ..host.pinned_cache import CacheEntry, PinnedCache
 from ..host.reader import SliceReader
 from ..plan.memo import PerPlan
 from ..plan.packing import Chunk, Part, ReadMode, check_read_mode, pack, read_counts, stream_units
 from ..plan.planner import SlicePlan
+from .place import LoadCheck, PlacementMode, Placer
 from .pool import GpuPool
 from .stats import LoadStats
 
@@ -75,12 +75,6 @@ class LoadResult:
     stats: LoadStats
     bad_values: Any = None  # device bool tensor: some value was NaN/Inf
     bad_detail: str | None = None  # which tensor, and its value, when a value does not fit the pool dtype
-
-
-def _cast_limit(src: torch.dtype, dst: torch.dtype) -> float | None:
-    """Largest |value| ``dst`` holds when a cast from ``src`` can overflow it, else None (no check)."""
-    lo = torch.finfo(dst).max
-    return float(lo) if torch.finfo(src).max > lo else None
 
 
 class _Cancelled(Exception):
@@ -170,13 +164,12 @@ class TransferEngine:
 
     def __init__(self, device: Device, pool: GpuPool, cache: PinnedCache, *, chunk_bytes: int,
                  ring_slots: int, read_workers: int | None, pin_workers: int, part_bytes: int | None,
-                 read_mode: ReadMode, arena: HostArena | None = None):
+                 read_mode: ReadMode, arena: HostArena | None = None, placement: PlacementMode = "auto"):
         # the knobs come from a LoRAConfig, which holds their defaults and checked their bounds (the one
         # place for both); these asserts guard the internal contract only
         assert chunk_bytes >= 1 and ring_slots >= 2 and pin_workers >= 1, (chunk_bytes, ring_slots, pin_workers)
         assert read_workers is None or read_workers >= 1, read_workers
         self.device, self.pool, self.cache = device, pool, cache
-        self._peaks: list[tuple[Any, torch.Tensor, float]] = []
         self.chunk_bytes = chunk_bytes
         self.ring_slots = ring_slots
         self.read_workers = read_workers if read_workers is not None else default_read_workers()
@@ -189,7 +182,8 @@ class TransferEngine:
         self.arena = arena
         self._staging: torch.Tensor | None = None
         self._ring: list[torch.Tensor] = []
-        self._memo = PerPlan()  # per plan: pool coverage, scaling tables, placement views
+        self._memo = PerPlan()  # per plan: pool coverage, scaling tables, placement tables
+        self.placer = Placer(pool, placement, self._memo)
         self._readers = cf.ThreadPoolExecutor(self.read_workers, thread_name_prefix="tp_lora-read")
         self._pinner = cf.ThreadPoolExecutor(self.pin_workers, thread_name_prefix="tp_lora-pin")
         # its own thread: plans prepared at register never queue ahead of a load's buffers
@@ -254,6 +248,8 @@ class TransferEngine:
         plan.cache_keys()
         self._memo.get(plan, ("coverage", id(self.pool)), lambda: self.pool.coverage(plan.ops))
         SliceReader.prepare(chunks, self._memo.table(plan, "iov"))
+        self.placer.prepare(plan, chunks)
+        self.placer.warm_up({g.dtype for c in chunks for g in c.groups})
         self.pool.scaling_tables(plan.scalings, self.device.is_cuda, self._memo.table(plan, "scalings"))
         # the readers' scratch, faulted in now rather than in the first load
         self.scratch.reserve(max((u.scratch_bytes for c in chunks for u in c.units()), default=0),
@@ -308,51 +304,6 @@ class TransferEngine:
                                             device=self.device.device)
         return self._staging[:nbytes]
 
-    # -- placement -------------------------------------------------------------------------------
-    def _place_views(self, chunk: Chunk, src: torch.Tensor, slot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        pairs = []
-        row0 = chunk.row0  # a row piece: rows [row0, row0 + r) of its slice
-        for g in chunk.groups:
-            dt = safetensors_torch(g.dtype)
-            r, c = g.shape
-            part = src[g.byte_offset:g.byte_offset + g.nbytes].view(dt).view(g.count, r, c)
-            dst = self.pool.block(g.module, g.side, slot)
-            if g.flat_start + g.count > dst.shape[0] or row0 + r > dst.shape[1] or c > dst.shape[2]:
-                raise AssertionError(f"planned block {g} does not fit pool buffer {tuple(dst.shape)}")
-            pairs.append((dst[g.flat_start:g.flat_start + g.count, row0:row0 + r, :c], part))
-        return pairs
-
-    def _place(self, plan: SlicePlan, chunk: Chunk, src: torch.Tensor, slot: int, check_finite: bool,
-               oks: list[torch.Tensor]) -> None:
-        """Strided copies (with the cast to the pool dtype) from a packed chunk into the slot.
-
-        On CUDA the source is the staging buffer, so the (destination, source) views are the same for
-        every load of this plan into this slot: they are memoised (per plan, here), and a warm activation
-        only launches copies (the launch rate, not Python, then bounds small chunks)."""
-        if self.device.is_cuda:
-            views = self._memo.table(plan, ("place", id(self.pool), self.chunk_bytes))
-            key = (slot, src.data_ptr(), id(chunk))
-            pairs = views.get(key)
-            if pairs is None:
-                pairs = views[key] = self._place_views(chunk, src, slot)
-        else:
-            pairs = self._place_views(chunk, src, slot)
-        mixed = len({g.dtype for g in chunk.groups}) > 1
-        for g, (dst, part) in zip(chunk.groups, pairs):
-            dst.copy_(part)
-            if check_finite and mixed:
-                oks.append(torch.isfinite(part).all())
-            limit = _cast_limit(part.dtype, self.pool.dtype) if check_finite else None
-            if limit is not None:
-                # finite in the file but not in the pool dtype (1e5 into float16, 1e300 F64 into float32):
-                # the values are checked as they will be served, after the cast
-                peak = part.abs().amax()  # in the stored dtype: F64's 1e300 stays 1e300
-                oks.append(peak <= limit)
-                self._peaks.append((g, peak, limit))
-        if check_finite and not mixed and chunk.nbytes:
-            # one dtype: the chunk is packed without padding, so one check covers every slice
-            oks.append(torch.isfinite(src[:chunk.nbytes].view(safetensors_torch(chunk.groups[0].dtype))).all())
-
     # -- the load --------------------------------------------------------------------------------
     def run(self, job: LoadJob) -> LoadResult:
         t0 = time.perf_counter()
@@ -365,8 +316,7 @@ class TransferEngine:
         dev = self.device
         stream_ctx = torch.cuda.stream(dev.copy_stream) if dev.is_cuda else contextlib.nullcontext()
         start_ev = end_ev = None
-        oks: list[torch.Tensor] = []
-        self._peaks = []  # (copy group, device max |value|, limit) of casts that can overflow
+        chk: LoadCheck | None = None
         try:
             with stream_ctx:
                 if dev.is_cuda:
@@ -383,12 +333,15 @@ class TransferEngine:
                                        memo=self._memo.table(plan, "scalings"))
                 if entry is not None:
                     stats.warm = True
-                    for chunk, buf in zip(chunks, entry.buffers):
+                    # a warm load copies bytes that were checked when first read (a load that found
+                    # NaN/Inf is evicted from the cache), so only cold loads check
+                    chk = self.placer.begin(plan, chunks, False)
+                    for i, (chunk, buf) in enumerate(zip(chunks, entry.buffers)):
                         assert buf is not None
-                        self._h2d_and_place(job, chunk, buf, stats, oks)
+                        self._h2d_and_place(job, chk, i, chunk, buf, stats)
                 else:
-                    self._run_cold(job, chunks, sizes, stats, oks)
-                bad: Any = ~torch.stack(oks).all() if oks else None
+                    chk = self._run_cold(job, chunks, sizes, stats)
+                bad: Any = self.placer.finish(chk)
                 if dev.is_cuda:
                     end_ev.record(dev.copy_stream)
                 stats.enqueue_s = time.perf_counter() - t0
@@ -413,29 +366,14 @@ class TransferEngine:
         stats.total_s = time.perf_counter() - t0
         if not dev.is_cuda:
             stats.h2d_s = stats.total_s - stats.read_s if not stats.warm else stats.total_s
-        detail = self._overflow_detail() if bad else None
-        self._peaks = []
+        detail = self.placer.detail(chk) if bad else None
         return LoadResult(event=end_ev, stats=stats, bad_values=bad, bad_detail=detail)
 
-    def _overflow_detail(self) -> str | None:
-        """After a failed value check (rare: a host read of the recorded peaks is fine here): the first
-        tensor group whose values do not fit the pool dtype, with its largest |value|."""
-        for g, peak, limit in self._peaks:
-            v = float(peak)
-            if not v <= limit:
-                per = self.pool.layout.n_local_experts if MODULES[g.module].per_expert else 1
-                first, last = g.flat_start // per, (g.flat_start + g.count - 1) // per
-                where = f"layer {first}" if first == last else f"layers {first}-{last}"
-                # short: it travels in the activation message's fixed-size reason field
-                return (f"{g.module}.{g.side} ({where}, {g.dtype}) has |value| {v:.4g} > "
-                        f"{str(self.pool.dtype).replace('torch.', '')} max {limit:.4g} after the cast")
-        return None
-
-    def _h2d_and_place(self, job: LoadJob, chunk: Chunk, host: torch.Tensor, stats: LoadStats,
-                       oks: list[torch.Tensor], start: int = 0, end: int | None = None,
-                       place: bool = True) -> None:
-        """H2D of bytes [start, end) of the chunk (all of it by default) into the staging buffer; once
-        the chunk's last bytes are there (``place``), its slices are placed into the slot."""
+    def _h2d_and_place(self, job: LoadJob, chk: LoadCheck, pos: int, chunk: Chunk, host: torch.Tensor,
+                       stats: LoadStats, start: int = 0, end: int | None = None, place: bool = True) -> None:
+        """H2D of bytes [start, end) of the chunk (all of it by default; ``pos``: its index in the load's
+        chunk list) into the staging buffer; once the chunk's last bytes are there (``place``), its slices
+        are placed into the slot (checked on a cold load)."""
         end = chunk.nbytes if end is None else end
         if self.device.is_cuda:
             dev_buf = self._staging_for(chunk.nbytes)
@@ -449,12 +387,12 @@ class TransferEngine:
             return
         if job.fault is not None:
             job.fault("h2d", chunk.index)
-        # a warm load copies bytes that were checked when first read (a load that found NaN/Inf is
-        # evicted from the cache), so only cold loads check
-        self._place(job.plan, chunk, src, job.slot, job.check_finite and not stats.warm, oks)
+        tp = time.perf_counter()
+        self.placer.place(chk, pos, chunk, src, job.slot, chk.check)
+        stats.place_s += time.perf_counter() - tp
 
-    def _run_cold(self, job: LoadJob, chunks: list[Chunk], sizes: tuple[int, ...], stats: LoadStats,
-                  oks: list[torch.Tensor]) -> None:
+    def _run_cold(self, job: LoadJob, chunks: list[Chunk], sizes: tuple[int, ...],
+                  stats: LoadStats) -> LoadCheck:
         header = job.header
         # opened before reserving cache budget: it raises if the file vanished or changed; closed in the
         # finally below whatever fails after (a ring allocation, a reader)
@@ -473,6 +411,8 @@ class TransferEngine:
                 sink = _RingSink(self, stream_units(job.plan, self.chunk_bytes, self.part_bytes,
                                                     self.read_mode), stats)
             units = sink.units()
+            chk = self.placer.begin(job.plan, sink.chunks, job.check_finite)
+            pos = {id(c): i for i, c in enumerate(sink.chunks)}
             counts = self._memo.get(job.plan, ("counts", stats.streamed, self.chunk_bytes),
                                     lambda: read_counts(sink.chunks))
             stats.syscalls, stats.span_ops = counts.syscalls, counts.span_ops
@@ -516,9 +456,10 @@ class TransferEngine:
                 stats.wait_s += ti - tw
                 whole = part.start == 0 and part.end == chunk.nbytes
                 if whole and last:
-                    self._h2d_and_place(job, chunk, buf, stats, oks)
+                    self._h2d_and_place(job, chk, pos[id(chunk)], chunk, buf, stats)
                 else:
-                    self._h2d_and_place(job, chunk, buf, stats, oks, part.start, part.end, place=last)
+                    self._h2d_and_place(job, chk, pos[id(chunk)], chunk, buf, stats, part.start, part.end,
+                                        place=last)
                 stats.issue_s += time.perf_counter() - ti
                 if last:
                     sink.copied(buf)
@@ -528,6 +469,7 @@ class TransferEngine:
             header_ok.result()
             rd.verify_unchanged()
             ok = True
+            return chk
         finally:
             cancelled.set()
             try:

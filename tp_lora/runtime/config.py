@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..format.fingerprint import DEFAULT_SAMPLE_BYTES
 from ..format.dtypes import serving_dtype
 from ..format.modules import POOL_MODULES
+from ..device.place import PlacementMode
 from ..plan.packing import ReadMode
 
 DTypeName = Literal["bfloat16", "bf16", "float16", "fp16", "float32", "fp32"]
@@ -53,6 +54,10 @@ class LoRAConfig:
     read_mode: ReadMode = "auto"
     """How slices of many short rows are read: "exact" (only owned bytes, one syscall per row), "span"
     (the row range once, then sliced), "auto" (a cost model per slice). The cache holds owned bytes only."""
+    placement: PlacementMode = "auto"
+    """How a packed chunk reaches its slot on the device: "kernel" (one Triton launch per chunk copies,
+    casts and value-checks every tensor group in it), "copies" (one strided copy per group plus torch
+    checks), "auto" (the kernel on CUDA when Triton imports, else the copies)."""
     pin_workers: int = 2
     """Threads allocating (pinning) chunk buffers ahead of the readers."""
     activation_timeout_s: float = 60.0
@@ -93,6 +98,7 @@ class LoRAConfig:
         _choice(self, "dtype", DTypeName)
         _choice(self, "pin_mode", PinMode)
         _choice(self, "read_mode", ReadMode)
+        _choice(self, "placement", PlacementMode)
         if not isinstance(self.device, str):
             raise ConfigError(f"device must be a string like 'cpu' or 'cuda:0', got {self.device!r}")
         try:

@@ -143,7 +143,8 @@ class LoRAManager:
         self.engine = TransferEngine(self.device, self.pool, self.cache, chunk_bytes=config.chunk_bytes,
                                      ring_slots=config.ring_slots, read_workers=config.read_workers,
                                      pin_workers=config.pin_workers, part_bytes=config.part_bytes,
-                                     read_mode=config.read_mode, arena=self.arena)
+                                     read_mode=config.read_mode, arena=self.arena,
+                                     placement=config.placement)
         self.collective = Collective(group, self.device.device, config.activation_timeout_s)
         self.rank = self.collective.rank
         self._adapters: dict[str, _Adapter] = {}
