@@ -89,10 +89,8 @@ class _CacheSink:
 
     def __init__(self, engine: "TransferEngine", entry: CacheEntry, chunks: list[Chunk], stats: LoadStats):
         self.engine, self.entry, self.chunks, self.stats = engine, entry, chunks, stats
-        # units ahead of the copy: keep every reader busy. Submitting every unit at once was tried (the
-        # buffers are the cache entry's anyway): Llama-3.1-70B r128 TP=1 went from 1.23x to 1.6x the floor
-        # in the same session's runs (docs/PERF_NOTES.md row 15), so the bounded window stays
-        self.window = engine.read_workers + 1
+        # units ahead of the copy (LoRAConfig.read_ahead): keep every reader busy
+        self.window = engine.read_ahead
 
     def units(self) -> list[tuple[Chunk, Part, bool, Any]]:
         """(chunk, part, last part of its chunk, buffer key): the parts of one chunk share its buffer."""
@@ -164,7 +162,8 @@ class TransferEngine:
 
     def __init__(self, device: Device, pool: GpuPool, cache: PinnedCache, *, chunk_bytes: int,
                  ring_slots: int, read_workers: int | None, pin_workers: int, part_bytes: int | None,
-                 read_mode: ReadMode, arena: HostArena | None = None, placement: PlacementMode = "auto"):
+                 read_mode: ReadMode, arena: HostArena | None = None, placement: PlacementMode = "auto",
+                 read_ahead: int | None = None):
         # the knobs come from a LoRAConfig, which holds their defaults and checked their bounds (the one
         # place for both); these asserts guard the internal contract only
         assert chunk_bytes >= 1 and ring_slots >= 2 and pin_workers >= 1, (chunk_bytes, ring_slots, pin_workers)
@@ -174,6 +173,7 @@ class TransferEngine:
         self.ring_slots = ring_slots
         self.read_workers = read_workers if read_workers is not None else default_read_workers()
         self.pin_workers = pin_workers
+        self.read_ahead = read_ahead if read_ahead is not None else self.read_workers + 1
         check_read_mode(read_mode)
         self.read_mode: ReadMode = read_mode
         # the cold pipeline's unit: a chunk (the cache, H2D-when-warm and placement unit) is read and

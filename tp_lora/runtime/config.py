@@ -51,6 +51,9 @@ class LoRAConfig:
     read_workers: int | None = None
     """Reader threads of the cold pipeline (preadv releases the GIL: parts are read in parallel); None:
     one per core this process may run on (1..256)."""
+    read_ahead: int | None = None
+    """Parts of a cached cold load read ahead of the copy (their buffers are the cache entry's, so this
+    bounds no memory, only how far readers run past a slow part); None: read_workers + 1 (1..65536)."""
     read_mode: ReadMode = "auto"
     """How slices of many short rows are read: "exact" (only owned bytes, one syscall per row), "span"
     (the row range once, then sliced), "auto" (a cost model per slice). The cache holds owned bytes only."""
@@ -84,6 +87,8 @@ class LoRAConfig:
         _int(self, "ring_slots", 2, 64)
         if self.read_workers is not None:
             _int(self, "read_workers", 1, 256)
+        if self.read_ahead is not None:
+            _int(self, "read_ahead", 1, 1 << 16)
         _int(self, "pin_workers", 1, 64)
         _int(self, "fingerprint_sample_bytes", 4096, 1 << 50)
         for f in ("activation_timeout_s", "load_timeout_s"):
