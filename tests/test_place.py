@@ -149,7 +149,7 @@ def test_kernel_mode_is_refused_where_it_cannot_run(monkeypatch):
 
     with pytest.raises(ConfigError, match="placement"):
         LoRAConfig(placement="fast")
-    monkeypatch.setattr(place, "triton", None)
+    monkeypatch.setattr(place, "triton_present", lambda: False)
     with pytest.raises(ValueError, match="placement='kernel' needs Triton"):
         with new_manager("tiny-dense", placement="kernel"):
             pass

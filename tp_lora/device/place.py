@@ -24,6 +24,7 @@ failed load reads the per-group peaks back to name the tensor group (``detail``)
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import threading
@@ -53,57 +54,13 @@ BLOCK = 4096
 _ALIGN_ELEMS = 64  # warm-up buffers: as aligned as the staging buffer and the pool (Triton specialises on it)
 _COLS = 10  # table columns: src_off, dst_base, dst_slot_stride, n, c, r, s0, s1, first_tile, peak index
 
-try:  # Triton only where it imports (CUDA machines; the CPU tests' interpreter)
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on machines without triton
-    triton = None
+def _kernel():
+    """The jitted kernel (``place_kernel``), imported at its first use: Triton decides when it is
+    imported whether kernels are compiled or interpreted (``TRITON_INTERPRET``), and this module is
+    imported long before (by the transfer engine); the CPU tests set the variable after that."""
+    from .place_kernel import place_kernel
 
-if triton is not None:
-    @triton.jit(do_not_specialize=["tile0", "slot"])
-    def _place_kernel(src, dst, tab, tile_group, peaks, tile0, slot, CHECK: tl.constexpr, BLOCK: tl.constexpr,
-                      RNE_BF16: tl.constexpr):
-        """Program ``t``: elements [k * BLOCK, (k + 1) * BLOCK) of its group ``g = tile_group[tile0 + t]``
-        (``k``: the tile's index in its group). ``slot`` and ``tile0`` are not specialised on: one binary
-        per (stored dtype, pool dtype, CHECK), compiled ahead of the first load (``Placer.warm_up``).
-
-        Group element ``e`` (source ``src[src_off + e]``, packed ``[count, r, c]``) goes to
-        ``dst[dst_base + slot * dst_slot_stride + (e // (r c)) s0 + (e // c % r) s1 + e % c]``.
-
-        ``RNE_BF16`` (the interpreter only, float32 / float16 into bfloat16): round to nearest even by integer
-        arithmetic, as torch and the GPU's ``cvt.rn`` do (the interpreter's cast truncates)."""
-        t = tl.program_id(0)
-        g = tl.load(tile_group + tile0 + t)
-        row = tab + g.to(tl.int64) * 10
-        src_off = tl.load(row)
-        base = tl.load(row + 1) + slot * tl.load(row + 2)
-        n = tl.load(row + 3)
-        c = tl.load(row + 4)
-        r = tl.load(row + 5)
-        s0 = tl.load(row + 6)
-        s1 = tl.load(row + 7)
-        k = t - tl.load(row + 8)
-        e = k * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        m = e < n
-        x = tl.load(src + src_off + e, mask=m, other=0.0)
-        if (s1 == c) & (s0 == r * c):  # the group's destination is contiguous: one run
-            off = e
-        else:
-            rows = e // c
-            blk = rows // r
-            off = blk * s0 + (rows - blk * r) * s1 + (e - rows * c)
-        if RNE_BF16:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)  # exact from F16 / F32
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            y = tl.where(x == x, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), float("nan"))
-        else:
-            y = x.to(dst.dtype.element_ty)
-        tl.store(dst + base + off, y, mask=m)
-        if CHECK:
-            a = tl.abs(x.to(tl.float32))
-            a = tl.where(a == a, a, float("inf"))  # NaN counts as inf: bad whatever the limit
-            a = tl.where(m, a, 0.0)
-            tl.atomic_max(peaks + tl.load(row + 9), tl.max(a, axis=0))
+    return place_kernel
 
 
 # Triton's interpreter patches triton.language while a kernel runs, process-wide: two threads running
@@ -122,9 +79,14 @@ def cast_limit(src: torch.dtype, dst: torch.dtype) -> float | None:
     return float(lo) if torch.finfo(src).max > lo else None
 
 
+def triton_present() -> bool:
+    """Triton is installed (found, not imported: see ``_kernel``)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def kernel_available(device: torch.device) -> bool:
     """The kernel runs here: CUDA with Triton, or CPU tensors under Triton's interpreter (tests)."""
-    if triton is None:
+    if not triton_present():
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -176,7 +138,7 @@ class Placer:
         can = kernel_available(pool.device)
         if mode == "kernel" and not can:
             raise ValueError(f"placement='kernel' needs Triton and a CUDA pool (pool on {pool.device}, "
-                             f"triton {'missing' if triton is None else 'present'})")
+                             f"triton {'present' if triton_present() else 'missing'})")
         self.kernel = can and (mode == "kernel" or (mode == "auto" and pool.device.type == "cuda"))
         self._memo = memo if memo is not None else PerPlan()
         self._warm: set[tuple[str, bool]] = set()
@@ -251,7 +213,7 @@ class Placer:
                 key = (dt, check)
                 if key not in self._warm:
                     with _launch_guard():
-                        _place_kernel[(1,)](src, dst, tab, tg, peaks, 0, 0, CHECK=check, BLOCK=BLOCK,
+                        _kernel()[(1,)](src, dst, tab, tg, peaks, 0, 0, CHECK=check, BLOCK=BLOCK,
                                             RNE_BF16=self._rne(dt), num_warps=4)
                     self._warm.add(key)
 
@@ -284,7 +246,7 @@ class Placer:
             tiles = ln.tiles.stop - ln.tiles.start
             if tiles:
                 with _launch_guard():
-                    _place_kernel[(tiles,)](srcv, self.pool.flat, st.tables.table, st.tables.tile_group,
+                    _kernel()[(tiles,)](srcv, self.pool.flat, st.tables.table, st.tables.tile_group,
                                             st.tables.peaks, ln.tiles.start, slot, CHECK=bool(check),
                                             BLOCK=BLOCK, RNE_BF16=self._rne(ln.dtype), num_warps=4)
                 st.used |= bool(check)

@@ -27,6 +27,7 @@ class LoadStats:
     sync_s: float = 0.0  # loader: waiting for the copy stream to finish after the last enqueue
     wait_s: float = 0.0  # loader thread waiting for the next chunk to be read (cold)
     issue_s: float = 0.0  # loader thread issuing H2D + placement copies
+    h2d_calls: int = 0  # H2D copies a cold load issued (parts already read are copied together)
     place_s: float = 0.0  # of issue_s: issuing the placements (one kernel launch per chunk on CUDA)
 
     @property

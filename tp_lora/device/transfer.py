@@ -442,30 +442,50 @@ class TransferEngine:
             nxt = min(sink.window, len(units))
             for i in range(nxt):
                 submit(i)
-            while pending:
-                chunk, part, last, _, rf = pending.popleft()
+            def result(rf: cf.Future) -> torch.Tensor:
                 tw = time.perf_counter()
                 try:
-                    buf = rf.result()
+                    return rf.result()
                 except AdapterError:
                     raise
                 except (OSError, ValueError, RuntimeError) as e:
                     raise AdapterDataError(f"reading slices failed: {type(e).__name__}: {e}",
                                            adapter=header.name, path=header.weights_path) from e
+                finally:
+                    stats.wait_s += time.perf_counter() - tw
+
+            while pending:
+                chunk, part, last, _, rf = pending.popleft()
+                buf = result(rf)
                 ti = time.perf_counter()
-                stats.wait_s += ti - tw
-                whole = part.start == 0 and part.end == chunk.nbytes
+                start, end, taken = part.start, part.end, 1
+                # the chunk's next parts, already read: one H2D for all of them (each H2D costs the loader
+                # thread a few GIL round trips, and readers ahead of it mean it is the bottleneck)
+                while not last and pending and pending[0][0] is chunk and pending[0][4].done():
+                    _, nxt_part, last, _, nrf = pending.popleft()
+                    result(nrf)
+                    taken += 1
+                    if nxt_part.end <= nxt_part.start:
+                        continue
+                    if start < end and nxt_part.start != end:  # not adjacent: copy what we have first
+                        self._h2d_and_place(job, chk, pos[id(chunk)], chunk, buf, stats, start, end, place=False)
+                        start = nxt_part.start
+                    elif start >= end:
+                        start = nxt_part.start
+                    end = nxt_part.end
+                whole = start == 0 and end == chunk.nbytes
                 if whole and last:
                     self._h2d_and_place(job, chk, pos[id(chunk)], chunk, buf, stats)
                 else:
-                    self._h2d_and_place(job, chk, pos[id(chunk)], chunk, buf, stats, part.start, part.end,
-                                        place=last)
+                    self._h2d_and_place(job, chk, pos[id(chunk)], chunk, buf, stats, start, end, place=last)
                 stats.issue_s += time.perf_counter() - ti
+                stats.h2d_calls += 1
                 if last:
                     sink.copied(buf)
-                if nxt < len(units):
-                    submit(nxt)
-                    nxt += 1
+                for _ in range(taken):
+                    if nxt < len(units):
+                        submit(nxt)
+                        nxt += 1
             header_ok.result()
             rd.verify_unchanged()
             ok = True
