@@ -233,7 +233,8 @@ def _manager(c: dict, args: argparse.Namespace, **over) -> LoRAManager:
     kw = dict(max_loras=1, max_lora_rank=c["rank"], dtype="bfloat16", device=str(DEV),
               host_cache_bytes=64 << 30, chunk_bytes=args.chunk_bytes, pin_mode=args.pin_mode,
               read_workers=args.read_workers, pin_workers=args.pin_workers, part_bytes=args.part_bytes,
-              read_mode=args.read_mode, placement=args.placement, read_ahead=args.read_ahead)
+              read_mode=args.read_mode, placement=args.placement, read_ahead=args.read_ahead,
+              read_backend=args.read_backend)
     kw.update(over)
     return LoRAManager(LoRAConfig(**kw), spec, par)
 
@@ -290,6 +291,7 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
         "cold_read_s": med([x["read_s"] for x in cold_ls]), "cold_wait_s": med([x["wait_s"] for x in cold_ls]),
         "cold_issue_s": med([x["issue_s"] for x in cold_ls]), "cold_place_s": med([x["place_s"] for x in cold_ls]),
         "placement": "kernel" if mgr.engine.placer.kernel else "copies",
+        "read_backend": "io_uring" if mgr.engine.rings is not None else "preadv",
         "cold_load_stats": cold_ls[-1], "cold_alloc_s": med([x["alloc_s"] for x in cold_ls]),
         "cold_device_span_s": med([x["h2d_s"] for x in cold_ls]),
         "warm_device_span_s": med([x["h2d_s"] for x in warm_ls]),
@@ -585,12 +587,14 @@ def case_run(name: str, c: dict, path: Path, args: argparse.Namespace) -> dict:
         for m in args.modes.split(","):
             if m != args.read_mode:
                 r[f"cold_{m}_s"] = bench_mode(path, c, args, max(1, args.repeats // 2), read_mode=m)
-    if args.placements:
-        for m in args.placements.split(","):
-            r[f"cold_place_{m}_s"] = bench_mode(path, c, args, args.repeats, placement=m)
-    if args.read_aheads:
-        for n in args.read_aheads.split(","):
-            r[f"cold_ahead_{n}_s"] = bench_mode(path, c, args, args.repeats, read_ahead=int(n))
+    variants = [(f"cold_place_{m}_s", dict(placement=m)) for m in args.placements.split(",") if m]
+    variants += [(f"cold_ahead_{n}_s", dict(read_ahead=int(n))) for n in args.read_aheads.split(",") if n]
+    variants += [(f"cold_backend_{b}_s", dict(read_backend=b)) for b in args.read_backends.split(",") if b]
+    for key, over in variants:
+        try:
+            r[key] = bench_mode(path, c, args, args.repeats, **over)
+        except Exception as e:  # noqa: BLE001 - one variant's failure must not lose the case
+            r[key.removesuffix("_s") + "_error"] = f"{type(e).__name__}: {e}"[:300]
     if args.peers and args.peer_file:
         names = list(PEERS) if args.peers == "all" else args.peers.split(",")
         r.update(bench_peers(path, 2, names))
@@ -620,6 +624,8 @@ def main() -> int:
     ap.add_argument("--placement", default="auto", choices=["auto", "kernel", "copies"])
     ap.add_argument("--placements", default="", help="also time later cold loads with these placements")
     ap.add_argument("--read-ahead", type=int, default=None, help="LoRAConfig.read_ahead")
+    ap.add_argument("--read-backend", default="auto", choices=["auto", "io_uring", "preadv"])
+    ap.add_argument("--read-backends", default="", help="also time later cold loads with these read backends")
     ap.add_argument("--read-aheads", default="", help="also time later cold loads with these read_ahead")
     ap.add_argument("--floor-threads", type=int, default=None)
     ap.add_argument("--peers", default="", help="'all' or comma-separated peers, once per file")
@@ -707,7 +713,8 @@ def print_table(res: dict) -> None:
               f"{ms('warm_s'):8.2f}{r['warm_frac_of_peak']:7.1%}"
               + "".join(f"{ms(p + '_s'):13.1f}" for p in PEER_COLS) + f"{ms('eager_s'):8.1f}{ms('lazy_s'):8.1f}")
         extra = {k: v for k, v in r.items() if k.startswith(("cold_exact", "cold_span", "cold_auto", "disk",
-                                                              "cold_dropped", "cold_place", "cold_ahead"))}
+                                                              "cold_dropped", "cold_place", "cold_ahead",
+                                                              "cold_backend"))}
         if extra:
             print("   ", json.dumps(extra))
     if "overlap" in res:

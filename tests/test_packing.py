@@ -25,14 +25,20 @@ def adir(tmp_path_factory):
 
 @pytest.mark.parametrize("preset,tp,ep,fused", [("tiny-dense", 2, 1, False), ("tiny-moe", 4, 2, True),
                                                 ("tiny-moe", 2, 2, False), ("tiny-moe", 4, 1, False)])
-@pytest.mark.parametrize("read_mode", ["exact", "auto", "span"])
-def test_parts_cold_and_warm_equal_reference(adir, preset, tp, ep, fused, read_mode):
+@pytest.mark.parametrize("read_mode,backend", [("exact", "preadv"), ("auto", "preadv"), ("span", "preadv"),
+                                               ("exact", "io_uring"), ("auto", "io_uring")])
+def test_parts_cold_and_warm_equal_reference(adir, preset, tp, ep, fused, read_mode, backend):
+    from tp_lora.host import uring
+
+    if backend == "io_uring" and not uring.available():
+        pytest.skip("this kernel / seccomp profile refuses io_uring")
     targets = ALL_DENSE if preset == "tiny-dense" else ("q", "k", "v", "o", "experts", "embed", "lm_head")
     path = make_adapter(adir, f"{preset}-{fused}", preset, rank=8, dtype="bf16", targets=targets, seed=5,
                         fused_experts=fused)
     for rank in range(tp):
         with new_manager(preset, tp=tp, rank=rank, ep=ep, max_loras=1, max_lora_rank=8,
-                         chunk_bytes=1 << 16, part_bytes=4096, dtype="float32", read_mode=read_mode) as mgr:
+                         chunk_bytes=1 << 16, part_bytes=4096, dtype="float32", read_mode=read_mode,
+                         read_backend=backend) as mgr:
             plan = mgr.register("a", path)
             mgr.register("b", path)
             chunks = mgr.engine.chunks(plan)
@@ -54,8 +60,10 @@ def test_parts_cold_and_warm_equal_reference(adir, preset, tp, ep, fused, read_m
                 assert st.load_stats[0]["bytes_read"] > plan.nbytes
             elif read_mode == "exact":
                 assert st.load_stats[0]["bytes_read"] == plan.nbytes  # every planned byte read once
-            else:  # tiny row slices (o/down A at tp=2) are cheaper as spans by the cost model
+            elif backend == "preadv":  # tiny row slices (o/down A at tp=2) are cheaper as spans by the cost model
                 assert st.load_stats[0]["bytes_read"] > plan.nbytes and counts.span_ops > 0
+            if backend == "io_uring" and read_mode == "exact":  # several direct reads a part: batched
+                assert st.load_stats[0]["ring_reads"] > 0
             assert st.pinned_bytes_now == st.pinned_planned_now == 2 * plan.nbytes
 
 

@@ -224,7 +224,8 @@ def new_manager(model: Any, tp: int = 1, rank: int = 0, ep: int = 1, *, group: A
 
 
 class ReadRecorder:
-    """Wraps os.preadv / os.pread and the reader's libc preadv (host/reader.py ``_PREADV``) to record
+    """Wraps os.preadv / os.pread, the reader's libc preadv (host/reader.py ``_PREADV``) and its io_uring
+    batches (``_RING_READV``: one entry per read of a batch) to record
     (offset, length) of every read through them (the data path)."""
 
     def __init__(self, monkeypatch: Any):
@@ -241,6 +242,15 @@ class ReadRecorder:
                 return got
 
             monkeypatch.setattr(reader, "_PREADV", libc_preadv)
+
+        real_ring = reader._RING_READV
+
+        def ring_readv(ring: Any, fd: int, addr: Any, niov: Any, off: Any) -> Any:
+            res = real_ring(ring, fd, addr, niov, off)
+            self.reads.extend((int(o), int(n)) for o, n in zip(off, res))
+            return res
+
+        monkeypatch.setattr(reader, "_RING_READV", ring_readv)
 
         def preadv(fd: int, buffers: Any, offset: int, *a: Any) -> int:
             n = real_preadv(fd, buffers, offset, *a)

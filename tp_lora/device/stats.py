@@ -16,6 +16,7 @@ class LoadStats:
     bytes_copied: int = 0
     chunks: int = 0
     syscalls: int = 0  # reads issued (preadv of scatter runs + span reads)
+    ring_reads: int = 0  # of syscalls: reads submitted through io_uring (a part's direct reads at once)
     span_ops: int = 0  # slices read as spans (strided columns, or short rows by the cost model)
     readers: int = 0  # reader threads of the pipeline
     read_s: float = 0.0  # reader thread time (read + slice + pack, incl. allocation)

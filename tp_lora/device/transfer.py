@@ -34,9 +34,11 @@ from ..format.adapter import AdapterHeader
 from ..format.dtypes import SAFETENSORS_FLOAT
 from ..host.memory import Device, HostArena, ScratchPool
 from ..host.pinned_cache import CacheEntry, PinnedCache
+from ..host import uring
 from ..host.reader import SliceReader
 from ..plan.memo import PerPlan
-from ..plan.packing import Chunk, Part, ReadMode, check_read_mode, pack, read_counts, stream_units
+from ..plan.packing import (DEFAULT_COST, RING_COST, Chunk, Part, ReadMode, check_read_mode, pack, read_counts,
+                             stream_units)
 from ..plan.planner import SlicePlan
 from .place import LoadCheck, PlacementMode, Placer
 from .pool import GpuPool
@@ -163,7 +165,7 @@ class TransferEngine:
     def __init__(self, device: Device, pool: GpuPool, cache: PinnedCache, *, chunk_bytes: int,
                  ring_slots: int, read_workers: int | None, pin_workers: int, part_bytes: int | None,
                  read_mode: ReadMode, arena: HostArena | None = None, placement: PlacementMode = "auto",
-                 read_ahead: int | None = None):
+                 read_ahead: int | None = None, read_backend: uring.ReadBackend = "auto"):
         # the knobs come from a LoRAConfig, which holds their defaults and checked their bounds (the one
         # place for both); these asserts guard the internal contract only
         assert chunk_bytes >= 1 and ring_slots >= 2 and pin_workers >= 1, (chunk_bytes, ring_slots, pin_workers)
@@ -176,6 +178,14 @@ class TransferEngine:
         self.read_ahead = read_ahead if read_ahead is not None else self.read_workers + 1
         check_read_mode(read_mode)
         self.read_mode: ReadMode = read_mode
+        if read_backend not in uring.READ_BACKENDS:
+            raise ValueError(f"read_backend must be one of {uring.READ_BACKENDS}, got {read_backend!r}")
+        if read_backend == "io_uring" and not uring.available():
+            raise ValueError("read_backend='io_uring' but this process cannot create an io_uring (kernel or "
+                             "seccomp profile); use 'auto' or 'preadv'")
+        use_ring = read_backend == "io_uring" or (read_backend == "auto" and uring.available())
+        self.rings = uring.RingPool() if use_ring else None  # one ring per reader thread
+        self.cost = RING_COST if use_ring else DEFAULT_COST  # what read_mode "auto" weighs
         # the cold pipeline's unit: a chunk (the cache, H2D-when-warm and placement unit) is read and
         # copied part by part, so a few large chunks still pipeline finely
         self.part_bytes = part_bytes if part_bytes is not None else max(4096, chunk_bytes // 8)
@@ -217,6 +227,8 @@ class TransferEngine:
         self._readers.shutdown(wait=True)
         self._pinner.shutdown(wait=True)
         self._free_ring()
+        if self.rings is not None:
+            self.rings.close()
 
     @property
     def inflight_bound(self) -> int:
@@ -225,7 +237,7 @@ class TransferEngine:
 
     def chunks(self, plan: SlicePlan) -> list[Chunk]:
         """The chunks this engine moves ``plan`` in (cached and warm loads)."""
-        return pack(plan, self.chunk_bytes, self.part_bytes, self.read_mode)
+        return pack(plan, self.chunk_bytes, self.part_bytes, self.read_mode, self.cost)
 
     def expect(self, plan: SlicePlan, registered: list[SlicePlan]) -> None:
         """Registration hook, so that the first load of ``plan`` costs what later ones do: pack the plan
@@ -396,7 +408,8 @@ class TransferEngine:
         header = job.header
         # opened before reserving cache budget: it raises if the file vanished or changed; closed in the
         # finally below whatever fails after (a ring allocation, a reader)
-        rd = SliceReader(header, self.scratch, self._memo.table(job.plan, "iov"), check_header=False)
+        rd = SliceReader(header, self.scratch, self._memo.table(job.plan, "iov"), check_header=False,
+                         rings=self.rings)
         header_ok = self._pinner.submit(rd.check_header)  # beside the reads; awaited before success
         sink: _CacheSink | _RingSink | None = None
         pending: deque = deque()
@@ -409,7 +422,7 @@ class TransferEngine:
                 sink = _CacheSink(self, entry, chunks, stats)
             else:
                 sink = _RingSink(self, stream_units(job.plan, self.chunk_bytes, self.part_bytes,
-                                                    self.read_mode), stats)
+                                                    self.read_mode, self.cost), stats)
             units = sink.units()
             chk = self.placer.begin(job.plan, sink.chunks, job.check_finite)
             pos = {id(c): i for i, c in enumerate(sink.chunks)}
@@ -503,6 +516,7 @@ class TransferEngine:
                     except BaseException:  # noqa: BLE001 - the load already failed
                         pass
             stats.bytes_read += rd.bytes_read
+            stats.ring_reads += rd.ring_reads
             rd.close()
             if sink is not None:
                 sink.finish(ok)

@@ -37,6 +37,7 @@ import torch
 from ..errors import AdapterDataError
 from ..format.adapter import AdapterHeader
 from ..plan.packing import Chunk, Part, SpanCopy
+from . import uring
 from .memory import ScratchPool
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,12 @@ def _libc_preadv():
 _PREADV = _libc_preadv()
 
 
+def _RING_READV(ring: uring.Ring, fd: int, addr: np.ndarray, niov: np.ndarray, off: np.ndarray) -> np.ndarray:
+    """One batch of READV requests through ``ring`` (a module-level name: the tests' read recorder
+    wraps it)."""
+    return ring.readv(fd, addr, niov, off)
+
+
 @dataclass(frozen=True)
 class _IovTable:
     """The iovecs of a unit's scatter reads, relative to the chunk buffer or the scratch: built once per
@@ -78,19 +85,33 @@ class _IovTable:
     reads: tuple[tuple[int, int, int, int], ...]
     buf_end: int  # bytes of the chunk buffer / the scratch the iovecs reach: checked before every call
     scratch_end: int
+    # the reads that land in the chunk buffer only (no scratch: they may run at once, in one io_uring
+    # submission; reads through the scratch share it, so they run one after another): their indices,
+    # first iovec row, iovec count, file offset and bytes
+    direct: np.ndarray
+    direct_first: np.ndarray
+    direct_n: np.ndarray
+    direct_off: np.ndarray
+    direct_want: np.ndarray
 
     @staticmethod
     def build(reads) -> "_IovTable":
-        rows, scr, meta = [], [], []
-        for file_off, pieces, _, _ in reads:
+        rows, scr, meta, direct = [], [], [], []
+        for i, (file_off, pieces, copies, _) in enumerate(reads):
             meta.append((len(rows), len(pieces), file_off, sum(n for _, n in pieces)))
+            if not copies and all(o >= 0 for o, _ in pieces):
+                direct.append(i)
             for o, n in pieces:
                 rows.append((o if o >= 0 else -o - 1, n))
                 scr.append(o < 0)
         rel = np.array(rows, dtype=np.uint64).reshape(-1, 2)
         ends = [(o + n, s) for (o, n), s in zip(rows, scr)]
+        d = [meta[i] for i in direct]
         return _IovTable(rel, np.array(scr, dtype=bool), tuple(meta),
-                         max([e for e, s in ends if not s] + [0]), max([e for e, s in ends if s] + [0]))
+                         max([e for e, s in ends if not s] + [0]), max([e for e, s in ends if s] + [0]),
+                         np.array(direct, dtype=np.int64), np.array([m[0] for m in d], dtype=np.uint64),
+                         np.array([m[1] for m in d], dtype=np.uint32), np.array([m[2] for m in d], dtype=np.uint64),
+                         np.array([m[3] for m in d], dtype=np.int64))
 
     def rebased(self, buf: torch.Tensor, scratch: torch.Tensor | None) -> np.ndarray:
         """The iovecs for this load's buffers (raw pointers: the bounds are checked here, once)."""
@@ -114,8 +135,10 @@ class SliceReader:
     reader threads of one load share it (pread has no file offset)."""
 
     def __init__(self, header: AdapterHeader, scratch: ScratchPool | None = None, iov_tables: dict | None = None,
-                 *, check_header: bool = True):
+                 *, check_header: bool = True, rings: uring.RingPool | None = None):
         self.header = header
+        self._rings = rings  # io_uring per reader thread (None: preadv only)
+        self.ring_reads = 0  # reads done through io_uring submissions
         self._scratch_pool = scratch if scratch is not None else ScratchPool()
         # per plan, owned by the engine (kept across loads); keyed by the id of a unit's reads tuple
         self._iov_tables = iov_tables if iov_tables is not None else {}
@@ -237,7 +260,14 @@ class SliceReader:
                 tab = self._iov_tables.setdefault(id(u.reads), _IovTable.build(u.reads))
             iov = tab.rebased(buf, scratch)
         total = 0
+        batched: set[int] | None = None
+        ring = self._rings.ring() if self._rings is not None and tab is not None and len(tab.direct) > 1 else None
+        if ring is not None:
+            total += self._ring_reads(ring, chunk, u, tab, iov, buf, scratch)
+            batched = set(tab.direct.tolist())
         for i, (file_off, pieces, copies, _) in enumerate(u.reads):
+            if batched is not None and i in batched:
+                continue
             if tab is not None:
                 first, n, _, want = tab.reads[i]
                 got = self._libc_preadv(iov.ctypes.data + 16 * first, n, file_off)
@@ -252,6 +282,19 @@ class SliceReader:
         if u.spans:
             total += self._read_spans(chunk, u, buf, scratch)
         return total
+
+    def _ring_reads(self, ring: uring.Ring, chunk: Chunk, u: Part, tab: _IovTable, iov: np.ndarray,
+                    buf: torch.Tensor, scratch: torch.Tensor | None) -> int:
+        """The unit's direct reads (no scratch) in one io_uring submission; a read that came back short
+        (a signal, a truncated file) or failed is done again piece by piece, raising our error at EOF."""
+        addr = np.uint64(iov.ctypes.data) + np.uint64(16) * tab.direct_first
+        res = _RING_READV(ring, self.fd, addr, tab.direct_n, tab.direct_off)
+        for j in np.flatnonzero(res != tab.direct_want).tolist():
+            file_off, pieces, _, _ = u.reads[int(tab.direct[j])]
+            self._finish_short(chunk, buf, scratch, pieces, file_off)
+        with self._lock:
+            self.ring_reads += len(res)
+        return int(tab.direct_want.sum())
 
     def _libc_preadv(self, iov_ptr: int, n: int, file_off: int) -> int:
         got = _PREADV(self.fd, iov_ptr, n, file_off)

@@ -57,30 +57,48 @@ SCRATCH_BYTES = 8 << 20
 class ReadCost:
     """The per-slice cost model of reading exactly vs as a span (wall seconds of a load's readers).
 
-    The readers run in parallel, but the Python around each syscall holds the GIL: per-call costs add up
+    The readers run in parallel, but the Python around each call holds the GIL: per-call Python adds up
     serially, bytes are copied at the readers' aggregate bandwidth. Defaults from the H200 host
     (docs/PERF_NOTES.md): Rank 0 of Llama-3-70B TP=8 read exactly issued 11k preadv of 2 KiB rows and took
     4.8x the floor with 16 readers (about 8 us of wall time per call), while page cache -> memory runs at
     about 30 GB/s with 16 threads; copying span slices out of the scratch costs about 1 us a slice (one
     gather per copy group of a read).
+
+    ``batched`` (the io_uring readers): reads that land in the chunk buffer only go in one submission per
+    part, so they cost ``syscall_s`` each (kernel time, in parallel on every reader, ~1.5-2 us / 16
+    readers) and no Python; reads through the scratch (gaps, spans and their gathers) still run one by
+    one in Python, ``scratch_call_s`` each. Exact pieces are then never joined through a scratch gap (that
+    would take them out of the batch), and spans are merged as by the preadv readers.
     """
 
     syscall_s: float = 8e-6
     byte_s: float = 1 / 30e9
     copy_s: float = 1e-6
+    scratch_call_s: float | None = None  # None: syscall_s
+    batched: bool = False
+
+    @property
+    def scratch_s(self) -> float:
+        return self.syscall_s if self.scratch_call_s is None else self.scratch_call_s
 
     def prefers_span(self, op: "SliceOp") -> bool:
         """Step-1 slice of ``op.nrows`` rows of ``ncols`` of ``src_shape[1]`` columns: span if cheaper."""
         exact = op.nrows * self.syscall_s + op.nbytes * self.byte_s
-        span = self.syscall_s + self.copy_s + span_of(op)[1] * self.byte_s
+        span = self.scratch_s + self.copy_s + span_of(op)[1] * self.byte_s
         return span < exact
 
     def merge_gap(self) -> int:
-        """Bytes of gap between two spans worth reading to save one syscall."""
-        return int(self.syscall_s / self.byte_s)
+        """Bytes of gap between two pieces (or spans) worth reading into scratch to save one read."""
+        return int(self.scratch_s / self.byte_s)
 
 
 DEFAULT_COST = ReadCost()
+"""The preadv readers: every read is a Python call (~7-8 us of it GIL-held, serialised over the readers)."""
+
+RING_COST = ReadCost(syscall_s=0.15e-6, scratch_call_s=8e-6, batched=True)
+"""The io_uring readers (host/uring.py): ~2 us of kernel time per direct read (measured 2.2 us per 1 KiB
+read in a VM), in parallel on 16 readers. A row slice is read exactly (only owned bytes) unless its rows
+are tiny: Llama-3.1-70B r128, rank of TP=8: 21k direct reads, 1.44 GB instead of 2.13 GB."""
 
 
 @dataclass(frozen=True)
@@ -349,7 +367,7 @@ def _make_chunk(plan: "SlicePlan", index: int, ops: list["SliceOp"], part_bytes:
     # spans existed); the other modes merge neighbouring and overlapping spans
     gap = -1 if read_mode == "exact" else cost.merge_gap()
     def runs(idx: range) -> tuple[tuple[ScatterRead, ...], tuple[SpanRead, ...]]:
-        r, sp = _read_runs(ordered, offsets, span, idx, gap, part_bytes)
+        r, sp = _read_runs(ordered, offsets, span, idx, gap, part_bytes, cost.batched)
         return (tuple((f, p, _batch_copies(c, ordered, member, groups), sb) for f, p, c, sb in r),
                 tuple(dataclasses.replace(x, copies=_batch_copies(
                     tuple((i, span_of(ordered[i])[0] - x.file_offset) for i in x.ops), ordered, member, groups))
@@ -440,12 +458,15 @@ def _read_as_span(op: "SliceOp", read_mode: ReadMode, cost: ReadCost) -> bool:
 
 
 def _read_runs(ops: list["SliceOp"], offsets: list[int], as_span: list[bool], idx: range,
-               gap: int, max_bytes: int | None = None) -> tuple[tuple[ScatterRead, ...], tuple[SpanRead, ...]]:
+               gap: int, max_bytes: int | None = None,
+               batched: bool = False) -> tuple[tuple[ScatterRead, ...], tuple[SpanRead, ...]]:
     """Turn slices ``ops[idx]`` into few syscalls. Exact slices become (file range, chunk range) pieces
     (one per row when only some columns are owned); pieces whose file ranges touch are merged into one
     scatter read (preadv with one iovec per destination), and, when ``gap`` >= 0, pieces at most ``gap``
     bytes apart are joined by a scratch iovec for the gap. Span slices become span reads, neighbouring
-    spans merged when at most ``gap`` bytes apart (reading the gap costs less than a syscall; -1: never)."""
+    spans merged when at most ``gap`` bytes apart (reading the gap costs less than a syscall; -1: never).
+    ``batched``: exact pieces and spans go in separate runs, exact pieces joined only where they touch
+    (their reads stay scratch-free: one io_uring submission takes them all)."""
     pieces: list[tuple[int, int, int]] = []  # (file offset, chunk offset, bytes)
     span_list: list[tuple[int, int, int]] = []  # (file offset, bytes, op index)
     for i in idx:
@@ -482,6 +503,10 @@ def _read_runs(ops: list["SliceOp"], offsets: list[int], as_span: list[bool], id
     spans = [SpanRead(f, n, tuple(m)) for f, n, m in merged]
     if gap < 0:  # exact: scatter runs of touching pieces; each span read on its own
         return _scatter_runs([(f, o, n, None) for f, o, n in pieces], -1, ops, max_bytes), tuple(spans)
+    if batched:
+        exact = _scatter_runs([(f, o, n, None) for f, o, n in pieces], -1, ops, max_bytes)
+        return exact + _scatter_runs([(sp.file_offset, -1, sp.nbytes, sp) for sp in spans], gap, ops,
+                                     max_bytes), ()
     # otherwise spans become scratch pieces of the scatter runs, and small gaps are read into scratch
     items = [(f, o, n, None) for f, o, n in pieces] + [(sp.file_offset, -1, sp.nbytes, sp) for sp in spans]
     items.sort(key=lambda t: t[0])

@@ -19,6 +19,7 @@ from ..format.fingerprint import DEFAULT_SAMPLE_BYTES
 from ..format.dtypes import serving_dtype
 from ..format.modules import POOL_MODULES
 from ..device.place import PlacementMode
+from ..host.uring import ReadBackend
 from ..plan.packing import ReadMode
 
 DTypeName = Literal["bfloat16", "bf16", "float16", "fp16", "float32", "fp32"]
@@ -51,6 +52,10 @@ class LoRAConfig:
     read_workers: int | None = None
     """Reader threads of the cold pipeline (preadv releases the GIL: parts are read in parallel); None:
     one per core this process may run on (1..256)."""
+    read_backend: ReadBackend = "auto"
+    """How readers issue reads: "io_uring" (each part's reads in one submission: reading only owned bytes
+    of row slices costs no Python per row), "preadv" (one call per read), "auto" (io_uring where this
+    kernel and its seccomp profile allow a ring, else preadv). The cost model of read_mode "auto" follows."""
     read_ahead: int | None = None
     """Parts of a cached cold load read ahead of the copy (their buffers are the cache entry's, so this
     bounds no memory, only how far readers run past a slow part); None: read_workers + 1 (1..65536)."""
@@ -104,6 +109,7 @@ class LoRAConfig:
         _choice(self, "pin_mode", PinMode)
         _choice(self, "read_mode", ReadMode)
         _choice(self, "placement", PlacementMode)
+        _choice(self, "read_backend", ReadBackend)
         if not isinstance(self.device, str):
             raise ConfigError(f"device must be a string like 'cpu' or 'cuda:0', got {self.device!r}")
         try:

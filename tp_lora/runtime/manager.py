@@ -144,7 +144,8 @@ class LoRAManager:
                                      ring_slots=config.ring_slots, read_workers=config.read_workers,
                                      pin_workers=config.pin_workers, part_bytes=config.part_bytes,
                                      read_mode=config.read_mode, arena=self.arena,
-                                     placement=config.placement, read_ahead=config.read_ahead)
+                                     placement=config.placement, read_ahead=config.read_ahead,
+                                     read_backend=config.read_backend)
         self.collective = Collective(group, self.device.device, config.activation_timeout_s)
         self.rank = self.collective.rank
         self._adapters: dict[str, _Adapter] = {}

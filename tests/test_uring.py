@@ -1,0 +1,171 @@
+"""io_uring reads (host/uring.py) and the reader's batched path: the same bytes as pread, batches larger
+than the ring, short and failed results redone piece by piece (our error at EOF), the cost model that
+reads owned bytes only, and the choice of backend. Skipped where the kernel refuses io_uring."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from support.runtime_ref import ALL_DENSE, ReadRecorder, expected_slot, make_adapter, new_manager, slot_diff
+from tp_lora.host import reader, uring
+from tp_lora.plan.packing import RING_COST, pack, read_counts
+
+needs_ring = pytest.mark.skipif(not uring.available(), reason="this kernel / seccomp profile refuses io_uring")
+
+
+@needs_ring
+def test_ring_readv_equals_pread_across_batches(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8)
+    f = tmp_path / "blob"
+    f.write_bytes(data.tobytes())
+    fd = os.open(f, os.O_RDONLY)
+    ring = uring.Ring(16)  # 300 requests: many batches of the ring's size
+    try:
+        rnd = random.Random(1)
+        buf = torch.zeros(1 << 21, dtype=torch.uint8)
+        iovs, want, niov, offs, pos = [], [], [], [], 0
+        for _ in range(300):
+            k = rnd.randint(1, 3)  # one to three iovecs a request
+            off = rnd.randrange(0, (1 << 20) - 4096)
+            offs.append(off)
+            niov.append(k)
+            total = 0
+            for _ in range(k):
+                n = rnd.randint(1, 900)
+                iovs.append((buf.data_ptr() + pos, n))
+                want.append((pos, off + total, n))
+                pos += n
+                total += n
+        iov = np.array(iovs, dtype=np.uint64)
+        first = np.cumsum([0] + niov[:-1]).astype(np.uint64)
+        res = ring.readv(fd, np.uint64(iov.ctypes.data) + np.uint64(16) * first, np.array(niov, dtype=np.uint32),
+                         np.array(offs, dtype=np.uint64))
+        sizes = np.add.reduceat(iov[:, 1].astype(np.int64), first.astype(np.int64))
+        assert (res == sizes).all()
+        b = buf.numpy()
+        for p, o, n in want:
+            assert (b[p:p + n] == data[o:o + n]).all()
+        assert ring.submits >= 300 // 16
+        # at the end of the file a read comes back short, not as an error
+        tail = ring.readv(fd, np.array([iov.ctypes.data], dtype=np.uint64), np.array([1], dtype=np.uint32),
+                          np.array([(1 << 20) - 10], dtype=np.uint64))
+        assert 0 <= tail[0] <= 10
+    finally:
+        ring.close()
+        os.close(fd)
+
+
+@needs_ring
+@pytest.mark.parametrize("preset,tp,kw", [("tiny-dense", 4, dict(targets=ALL_DENSE)),
+                                          ("tiny-moe", 4, dict(targets=("q", "k", "v", "o", "experts")))])
+def test_batched_exact_reads_only_owned_bytes_and_equal_preadv(adir, monkeypatch, preset, tp, kw):
+    path = make_adapter(adir, f"ring-{preset}", preset, rank=8, dtype="bf16", seed=9, **kw)
+    rec = ReadRecorder(monkeypatch)
+    sums = {}
+    for backend in ("io_uring", "preadv"):
+        with new_manager(preset, tp=tp, rank=1, max_loras=1, read_mode="exact", read_backend=backend,
+                         chunk_bytes=1 << 16, part_bytes=4096) as mgr:
+            plan = mgr.register("a", path)
+            rec.reads.clear()
+            mgr.activate("a")
+            ls = mgr.stats().load_stats[-1]
+            assert slot_diff(mgr.pool, 0, expected_slot(path, mgr.model, tp, 1, 1, mgr.pool)) == []
+            counts = read_counts(mgr.engine.chunks(plan))
+            assert ls["bytes_read"] == counts.read and ls["syscalls"] == counts.syscalls
+            if backend == "io_uring":
+                assert ls["ring_reads"] > 0 and mgr.engine.cost is RING_COST
+                if preset == "tiny-dense":  # no strided columns: every byte read is an owned byte
+                    assert rec.nbytes - _header_reads(rec) == plan.nbytes == ls["bytes_read"]
+            else:
+                assert ls["ring_reads"] == 0
+            sums[backend] = mgr.pool.checksum(0)
+    assert sums["io_uring"] == sums["preadv"]
+
+
+def _header_reads(rec: ReadRecorder) -> int:
+    return sum(n for o, n in rec.reads if o == 0)  # the header check reads from offset 0
+
+
+@needs_ring
+def test_short_ring_results_are_read_again_and_truncation_is_our_error(adir, monkeypatch, tmp_path):
+    from tp_lora.errors import AdapterActivationError
+
+    path = make_adapter(adir, "ring-short", "tiny-dense", rank=8, dtype="bf16", targets=ALL_DENSE, seed=4)
+    real = reader._RING_READV
+    calls = []
+
+    def short(ring, fd, addr, niov, off):
+        res = real(ring, fd, addr, niov, off)
+        calls.append(len(res))
+        res = res.copy()
+        res[::2] = np.minimum(res[::2], 1)  # every other read "came back short" (a signal)
+        return res
+
+    monkeypatch.setattr(reader, "_RING_READV", short)
+    with new_manager("tiny-dense", tp=4, rank=2, max_loras=1, read_mode="exact", read_backend="io_uring",
+                     chunk_bytes=1 << 16, part_bytes=4096) as mgr:
+        mgr.register("a", path)
+        mgr.activate("a")
+        assert calls and slot_diff(mgr.pool, 0, expected_slot(path, mgr.model, 4, 2, 1, mgr.pool)) == []
+
+    # a file cut short under the reader: the redo hits EOF and raises our error naming the file
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(path, cut)
+    w = cut / "adapter_model.safetensors"
+
+    def truncating(ring, fd, addr, niov, off):
+        res = real(ring, fd, addr, niov, off)
+        os.truncate(w, 64)  # after the header: every later read fails
+        return np.zeros_like(res)
+
+    monkeypatch.setattr(reader, "_RING_READV", truncating)
+    with new_manager("tiny-dense", tp=4, rank=2, max_loras=1, read_mode="exact", read_backend="io_uring",
+                     chunk_bytes=1 << 16, part_bytes=4096) as mgr:
+        mgr.register("a", cut)
+        with pytest.raises(AdapterActivationError, match="truncated|changed"):
+            mgr.activate("a")
+
+
+def test_backend_choice_and_refusal(monkeypatch):
+    from tp_lora.errors import ConfigError
+    from tp_lora.runtime.config import LoRAConfig
+
+    with pytest.raises(ConfigError, match="read_backend"):
+        LoRAConfig(read_backend="aio")
+    with new_manager("tiny-dense", read_backend="preadv") as mgr:
+        assert mgr.engine.rings is None and not mgr.engine.cost.batched
+    monkeypatch.setattr(uring, "available", lambda: False)
+    with pytest.raises(ValueError, match="cannot create an io_uring"):
+        with new_manager("tiny-dense", read_backend="io_uring"):
+            pass
+    with new_manager("tiny-dense") as mgr:  # auto: preadv where no ring can be made
+        assert mgr.engine.rings is None and not mgr.engine.cost.batched
+
+
+def test_ring_cost_reads_row_slices_exactly(adir):
+    """The cost model of the batched readers: the o/down A row slices of a TP rank read exactly (only
+    owned bytes), where the preadv readers' model reads their row ranges as spans."""
+    from support.runtime_ref import make_adapter as mk
+    from tp_lora.plan.model import ModelSpec
+    from tp_lora.plan.parallel import ParallelSpec
+    from tp_lora.plan.planner import plan_rank
+    from tp_lora.plan.validate import AdapterSource
+
+    path = mk(adir, "cost-dense", "tiny-dense", rank=8, dtype="bf16", seed=3, targets=ALL_DENSE)
+    model = ModelSpec.from_preset("tiny-dense")
+    plan = plan_rank(AdapterSource.open(path, model, name="u"), model, ParallelSpec(tp_size=4, tp_rank=1))
+    auto = read_counts(pack(plan, 1 << 20, 4096, "auto"))
+    ring = read_counts(pack(plan, 1 << 20, 4096, "auto", RING_COST))
+    assert auto.read > plan.nbytes and auto.span_ops > 0
+    assert ring.read == plan.nbytes and ring.span_ops == 0 and ring.syscalls > auto.syscalls
+    # every ring read of the plan lands in the chunk buffer (one submission takes them all)
+    for c in pack(plan, 1 << 20, 4096, "auto", RING_COST):
+        for u in c.units():
+            assert all(not copies and all(o >= 0 for o, _ in pieces) for _, pieces, copies, _ in u.reads)
