@@ -292,7 +292,8 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
         "cold_issue_s": med([x["issue_s"] for x in cold_ls]), "cold_place_s": med([x["place_s"] for x in cold_ls]),
         "placement": "kernel" if mgr.engine.placer.kernel else "copies",
         "read_backend": "io_uring" if mgr.engine.rings is not None else "preadv",
-        "cold_load_stats": cold_ls[-1], "cold_alloc_s": med([x["alloc_s"] for x in cold_ls]),
+        "cold_load_stats": cold_ls[-1],
+        "first_load_stats": first_ls, "cold_alloc_s": med([x["alloc_s"] for x in cold_ls]),
         "cold_device_span_s": med([x["h2d_s"] for x in cold_ls]),
         "warm_device_span_s": med([x["h2d_s"] for x in warm_ls]),
         "pinned_in_use": st.pinned_bytes_now, "pinned_planned": st.pinned_planned_now,
@@ -303,9 +304,12 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
     return out
 
 
-def bench_mode(path: Path, c: dict, args: argparse.Namespace, repeats: int, **over) -> float:
-    """Later cold loads with other settings (a read mode, a placement: strategies side by side)."""
+def bench_mode(path: Path, c: dict, args: argparse.Namespace, repeats: int, cost=None, **over) -> float:
+    """Later cold loads with other settings (a read mode, a placement, a read cost model: strategies side
+    by side)."""
     mgr = _manager(c, args, **over)
+    if cost is not None:
+        mgr.engine.cost = cost  # before any register: the plans are packed by this model
     mgr.register("a", path)
     mgr.register("b", path)  # alternate: each activation evicts the other from the one slot, so it loads
     mgr.engine.wait_prepared()
@@ -590,6 +594,11 @@ def case_run(name: str, c: dict, path: Path, args: argparse.Namespace) -> dict:
     variants = [(f"cold_place_{m}_s", dict(placement=m)) for m in args.placements.split(",") if m]
     variants += [(f"cold_ahead_{n}_s", dict(read_ahead=int(n))) for n in args.read_aheads.split(",") if n]
     variants += [(f"cold_backend_{b}_s", dict(read_backend=b)) for b in args.read_backends.split(",") if b]
+    if args.ring_exact_rows:  # the io_uring readers with a cost model that charges each span a whole read
+        import dataclasses
+        from tp_lora.plan.packing import RING_COST
+        variants.append(("cold_ring_exact_rows_s", dict(read_backend="io_uring",
+                                                        cost=dataclasses.replace(RING_COST, shared_spans=False))))
     for key, over in variants:
         try:
             r[key] = bench_mode(path, c, args, args.repeats, **over)
@@ -625,6 +634,7 @@ def main() -> int:
     ap.add_argument("--placements", default="", help="also time later cold loads with these placements")
     ap.add_argument("--read-ahead", type=int, default=None, help="LoRAConfig.read_ahead")
     ap.add_argument("--read-backend", default="auto", choices=["auto", "io_uring", "preadv"])
+    ap.add_argument("--ring-exact-rows", action="store_true", help="also time io_uring with unshared spans")
     ap.add_argument("--read-backends", default="", help="also time later cold loads with these read backends")
     ap.add_argument("--read-aheads", default="", help="also time later cold loads with these read_ahead")
     ap.add_argument("--floor-threads", type=int, default=None)
@@ -713,7 +723,7 @@ def print_table(res: dict) -> None:
               f"{ms('warm_s'):8.2f}{r['warm_frac_of_peak']:7.1%}"
               + "".join(f"{ms(p + '_s'):13.1f}" for p in PEER_COLS) + f"{ms('eager_s'):8.1f}{ms('lazy_s'):8.1f}")
         extra = {k: v for k, v in r.items() if k.startswith(("cold_exact", "cold_span", "cold_auto", "disk",
-                                                              "cold_dropped", "cold_place", "cold_ahead",
+                                                              "cold_dropped", "cold_place", "cold_ahead", "cold_ring",
                                                               "cold_backend"))}
         if extra:
             print("   ", json.dumps(extra))

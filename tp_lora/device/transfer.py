@@ -210,6 +210,8 @@ class TransferEngine:
         gate = threading.Barrier(self.read_workers + 1)
 
         def wait() -> None:
+            if self.rings is not None:
+                self.rings.ring()  # each reader's io_uring, made now rather than in the first load
             try:
                 gate.wait(timeout=5)
             except threading.BrokenBarrierError:

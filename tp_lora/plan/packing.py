@@ -49,6 +49,8 @@ ScatterRead = tuple[int, tuple[tuple[int, int], ...], tuple["SpanCopy", ...], in
 (a gap between owned ranges, cheaper to read than another syscall, or a span). ``copies`` are the
 strided copies of the span slices out of the scratch after the read, batched (``SpanCopy``)."""
 
+
+
 SCRATCH_BYTES = 8 << 20
 """Most scratch one scatter read uses (a reader thread's scratch buffer)."""
 
@@ -76,15 +78,21 @@ class ReadCost:
     copy_s: float = 1e-6
     scratch_call_s: float | None = None  # None: syscall_s
     batched: bool = False
+    shared_spans: bool = False  # a span pays only its share of a merged read (measured worse: RING_COST)
 
     @property
     def scratch_s(self) -> float:
         return self.syscall_s if self.scratch_call_s is None else self.scratch_call_s
 
     def prefers_span(self, op: "SliceOp") -> bool:
-        """Step-1 slice of ``op.nrows`` rows of ``ncols`` of ``src_shape[1]`` columns: span if cheaper."""
+        """Step-1 slice of ``op.nrows`` rows of ``ncols`` of ``src_shape[1]`` columns: span if cheaper.
+
+        A span pays one scratch read, its gather and its bytes (``shared_spans``: only its share of a
+        read merged with neighbouring spans, up to ``SCRATCH_BYTES``; the bench's comparison)."""
         exact = op.nrows * self.syscall_s + op.nbytes * self.byte_s
-        span = self.scratch_s + self.copy_s + span_of(op)[1] * self.byte_s
+        n = span_of(op)[1]
+        share = min(1.0, n / SCRATCH_BYTES) if self.shared_spans else 1.0
+        span = self.scratch_s * share + self.copy_s + n * self.byte_s
         return span < exact
 
     def merge_gap(self) -> int:
@@ -95,10 +103,14 @@ class ReadCost:
 DEFAULT_COST = ReadCost()
 """The preadv readers: every read is a Python call (~7-8 us of it GIL-held, serialised over the readers)."""
 
-RING_COST = ReadCost(syscall_s=0.15e-6, scratch_call_s=8e-6, batched=True)
-"""The io_uring readers (host/uring.py): ~2 us of kernel time per direct read (measured 2.2 us per 1 KiB
-read in a VM), in parallel on 16 readers. A row slice is read exactly (only owned bytes) unless its rows
-are tiny: Llama-3.1-70B r128, rank of TP=8: 21k direct reads, 1.44 GB instead of 2.13 GB."""
+RING_COST = ReadCost(syscall_s=0.5e-6, scratch_call_s=8e-6, batched=True)
+"""The io_uring readers (host/uring.py): ~8 us of reader time per direct read on the H200 host with 16
+readers (111k reads of Qwen3-30B-A3B, rank of TP=8, 2026-12-02: 1.43 s summed), i.e. 0.5 us of wall. Row
+slices are then read exactly (only owned bytes): Llama-3.1-70B r128, rank of TP=8: 21k direct reads of
+1.44 GB instead of 277 reads of 2.13 GB. Charging a span only its share of a merged read
+(``shared_spans``) was measured and rejected: spans between direct reads do not merge (the bytes between
+them are read directly), so a Qwen3-30B-A3B rank of TP=8 issued 6192 scratch reads one by one in Python
+and took 1.36 s instead of 0.16 s (docs/PERF_NOTES.md row 21)."""
 
 
 @dataclass(frozen=True)
