@@ -503,9 +503,8 @@ SWEEP_GROUPS = [
       dict(num_warps=8), dict(num_stages=2), dict(block_k=64), dict(_FUSED_DENSE=False)]),
     ([("q", "16", 8, 2048), ("q", "mixed", 8, 2048), ("q", "64", 8, 2048), ("down", "16", 8, 2048),
       ("down", "mixed", 32, 2048)],
-     [dict(), {"two.expand_block_n": 256}, {"two.expand_block_n": 64}, {"two.expand_warps": 8},
-      {"two.shrink_block_k": (256, 256)}, {"two.shrink_block_k": (256, 64)}, {"two.shrink_warps": 8},
-      dict(_FUSED_PREFILL=True), dict(_FUSED_PREFILL=True, block_n=256), dict(_FUSED_PREFILL=True, num_warps=8),
+     [dict(), {"two.expand_block_n": 256}, {"two.expand_warps": 8}, {"two.shrink_block_k": (256, 256)},
+      {"two.shrink_warps": 8}, dict(_FUSED_PREFILL=True), dict(_FUSED_PREFILL=True, block_n=256),
       dict(_FUSED_PREFILL=True, programs_per_sm=4)]),
 ]
 
