@@ -675,10 +675,12 @@ def main() -> None:
     if not args.skip_moe:
         rows += moe_cases(args)
     import triton
+    from tp_lora.ops import triton_kernels as K
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 command=" ".join(sys.argv), sglang=("0.5.10.post1 chunked_sgmv (wheel)" if sg else None),
-                dtype="bf16", pool_slots=SLOTS)
+                dtype="bf16", pool_slots=SLOTS, fused_config=dict(K.FUSED_CONFIG),
+                two_launch_config={k: list(v) if isinstance(v, tuple) else v for k, v in K.TWO_LAUNCH_CONFIG.items()})
     out.write_text(json.dumps(dict(meta=meta, cases=rows), indent=1))
     plot(rows, out.with_suffix(".png"))
     print(json.dumps(meta))

@@ -55,8 +55,9 @@ FUSED_DENSE = True      # dense ops of the decode regime through the fused kerne
 # Tuning of the fused kernel (H200, docs/KERNELS.md); a plain dict so scripts/bench_ops.py --sweep can vary it.
 # chunk_k: K columns per chunk of the K split (summed in chunk order, so the split never changes a row's bits);
 # prefetch: the first N tile's B and out loads issued before the K work.
-FUSED_CONFIG = dict(block_n=128, block_k=128, chunk_k=256, num_warps=4, num_stages=3, programs_per_sm=2,
-                    prefetch=True)
+FUSED_CONFIG = dict(block_n=256, block_k=128, chunk_k=256, num_warps=8, expert_warps=4, num_stages=3,
+                    programs_per_sm=2, prefetch=True)
+FUSED_MAX_CHUNKS = 16   # K chunks of the fused kernel's split (q: 16 of 256 columns; down: 14 of 1024)
 FUSED_PREFILL = False   # dense ops of the prefill regime through the fused kernel too (16-row blocks)
 # The two-launch path's tiles (decode / prefill regime where they differ).
 TWO_LAUNCH_CONFIG = dict(shrink_block_k=(256, 128), shrink_warps=4, shrink_stages=3, expand_block_n=128,
@@ -98,12 +99,17 @@ def _block_slot_rank(blk_slot_ptr, rank_ptr, b):
 
 
 @triton.jit
-def _xa(x_ptr, sxm, sxk, a_base, sar, sak, rows, mrow, offs_r, mr, k_lo, k_hi, IEEE: tl.constexpr,
-        UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BR: tl.constexpr):
+def _xa(x_ptr, sxm, sxk, a_base, sar, sak, rows, mrow, offs_r, mr, k_lo, k_hi, KC, pchunk, pmask,
+        MODE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr, BR: tl.constexpr, PS: tl.constexpr):
     """``x[rows, k_lo:k_hi] @ A[offs_r, k_lo:k_hi]^T`` in float32, ``[BLOCK_M, BR]`` (A's rows masked at the
     slot's rank by ``mr``, x's at the block's rows by ``mrow``): the one K loop of the fused and the shrink
-    kernels."""
+    kernels. MODE 0: one accumulation over the range. MODE 1 / 2: in chunks of ``KC`` columns (a multiple
+    of BLOCK_K; k_lo on a chunk boundary), each accumulated from zero in one pipelined loop over the whole
+    range; MODE 1 returns the chunks' sum in chunk order, MODE 2 writes chunk c's partial to ``pchunk + c *
+    PS`` (masked by ``pmask``) and returns zeros. Both give a chunk the same bits."""
     acc = tl.zeros((BLOCK_M, BR), dtype=tl.float32)
+    p = tl.zeros((BLOCK_M, BR), dtype=tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         mk = offs_k < k_hi
@@ -112,7 +118,16 @@ def _xa(x_ptr, sxm, sxk, a_base, sar, sak, rows, mrow, offs_r, mr, k_lo, k_hi, I
         at = tl.load(a_base + offs_r[None, :] * sar + offs_k[:, None] * sak, mask=mk[:, None] & mr[None, :],
                      other=0.0)
         acc += _mm(xt, at.to(xt.dtype), IEEE, UPCAST)
-    return acc
+        if MODE != 0:
+            end = ((k + BLOCK_K) % KC == 0) | (k + BLOCK_K >= k_hi)     # the last tile of a chunk
+            if MODE == 1:
+                p += tl.where(end, acc, 0.0)     # p + 0 is p: the chunks' sum in chunk order
+            else:
+                tl.store(pchunk + (k // KC) * PS, acc, mask=pmask & end)
+            acc = tl.where(end, 0.0, acc)
+    if MODE == 0:
+        p = acc
+    return p
 
 
 @triton.jit
@@ -132,11 +147,12 @@ def _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out
     """Program ``s`` of the ``G`` programs of block ``b`` (rank tile ``BR`` >= rank). K is cut into ``CH``
     chunks of ``KC`` columns; each chunk's partial ``x[rows, chunk] @ A^T`` is accumulated from zero, and the
     block's p is the chunks' sum in chunk order, rounded once to the compute dtype: the same bits whatever
-    ``G`` is. ``G > 1``: program s computes chunks s, s + G, ..., writes them to ``p_ptr`` and the block's
-    programs meet at its arrival counter (all are resident: at most one program per SM), then each sums
-    all chunks; ``G = 1``: one program computes them in order itself. Then p times B for the N tiles s, s +
-    G, ...; with ``PREFETCH`` the first tile's B and out loads are issued before the K work (they do not
-    depend on p). The last program to leave resets the block's counters for the next launch."""
+    ``G`` is. ``G > 1``: program s computes its contiguous share of the chunks in one pipelined loop,
+    writes their partials to ``p_ptr`` and the block's programs meet at its arrival counter (all are
+    resident: at most one program per SM), then each sums all chunks; ``G = 1``: one program sums them as
+    it goes. Then p times B for the N tiles s, s + G, ...; with ``PREFETCH`` the first tile's B and out
+    loads are issued before the K work (they do not depend on p). The last program to leave resets the
+    block's counters for the next launch."""
     offs_r = tl.arange(0, BR)
     mr = offs_r < rank
     if PREFETCH:
@@ -147,28 +163,28 @@ def _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out
         omask0 = mrow[:, None] & mn0[None, :]
         optr0 = out_ptr + rows[:, None] * som + offs_n0[None, :] * son
         o0 = tl.load(optr0, mask=omask0, other=0.0)
-    p = tl.zeros((BLOCK_M, BR), dtype=tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
+    tile = offs_m[:, None] * RT + offs_r[None, :]
+    pmask = mrow[:, None] & mr[None, :]
     if G > 1:
-        offs_m = tl.arange(0, BLOCK_M)
-        tile = offs_m[:, None] * RT + offs_r[None, :]
-        pmask = mrow[:, None] & mr[None, :]
-        pbase = p_ptr + b.to(tl.int64) * (CH * BLOCK_M * RT)
-        for c in range(s, CH, G):
-            part = _xa(x_ptr, sxm, sxk, a_base, sar, sak, rows, mrow, offs_r, mr, c * KC,
-                       tl.minimum(K, c * KC + KC), IEEE, UPCAST, BLOCK_M, BLOCK_K, BR)
-            tl.store(pbase + c * (BLOCK_M * RT) + tile, part, mask=pmask)
+        # program s: the contiguous chunks [s * CH // G, (s + 1) * CH // G), one pipelined loop
+        pbase = p_ptr + b.to(tl.int64) * (CH * BLOCK_M * RT) + tile
+        c_lo = (s * CH) // G
+        c_hi = ((s + 1) * CH) // G
+        _xa(x_ptr, sxm, sxk, a_base, sar, sak, rows, mrow, offs_r, mr, c_lo * KC, tl.minimum(K, c_hi * KC), KC,
+            pbase, pmask, 2, IEEE, UPCAST, BLOCK_M, BLOCK_K, BR, BLOCK_M * RT)
         tl.debug_barrier()                                   # every thread's partials are written ...
         tl.atomic_add(arrive_ptr + b, 1, sem="release")      # ... before the block's counter counts them
         n = tl.atomic_add(arrive_ptr + b, 0, sem="acquire")
         while n < G:
             n = tl.atomic_add(arrive_ptr + b, 0, sem="acquire")
         tl.debug_barrier()
-        for c in range(0, CH):                               # chunk order: the same bits for every G
-            p += tl.load(pbase + c * (BLOCK_M * RT) + tile, mask=pmask, other=0.0, cache_modifier=".cg")
+        p = tl.zeros((BLOCK_M, BR), dtype=tl.float32)
+        for c in tl.static_range(CH):      # chunk order (the same bits for every G); unrolled: loads in flight
+            p += tl.load(pbase + c * (BLOCK_M * RT), mask=pmask, other=0.0, cache_modifier=".cg")
     else:
-        for c in range(0, CH):
-            p += _xa(x_ptr, sxm, sxk, a_base, sar, sak, rows, mrow, offs_r, mr, c * KC,
-                     tl.minimum(K, c * KC + KC), IEEE, UPCAST, BLOCK_M, BLOCK_K, BR)
+        p = _xa(x_ptr, sxm, sxk, a_base, sar, sak, rows, mrow, offs_r, mr, 0, K, KC, p_ptr, pmask, 1, IEEE,
+                UPCAST, BLOCK_M, BLOCK_K, BR, BLOCK_M * RT)
     pc = p.to(CDT)
     t_first = s
     if PREFETCH:
@@ -248,10 +264,10 @@ def _shrink_tile(x_ptr, sxm, sxk, a_base, sar, sak, p_ptr, sps, spm, spr, rows, 
                  BR: tl.constexpr):
     offs_r = r0 + tl.arange(0, BR)
     mr = offs_r < rank
-    acc = _xa(x_ptr, sxm, sxk, a_base, sar, sak, rows, mrow, offs_r, mr, k_lo, k_hi, IEEE, UPCAST, BLOCK_M,
-              BLOCK_K, BR)
-    tl.store(p_ptr + pid_s * sps + rows[:, None] * spm + offs_r[None, :] * spr, acc,
-             mask=mrow[:, None] & mr[None, :])
+    pmask = mrow[:, None] & mr[None, :]
+    acc = _xa(x_ptr, sxm, sxk, a_base, sar, sak, rows, mrow, offs_r, mr, k_lo, k_hi, k_hi, p_ptr, pmask, 0, IEEE,
+              UPCAST, BLOCK_M, BLOCK_K, BR, 1)
+    tl.store(p_ptr + pid_s * sps + rows[:, None] * spm + offs_r[None, :] * spr, acc, mask=pmask)
 
 
 @triton.jit
@@ -442,11 +458,14 @@ def rank_tile(max_rank: int) -> int:
 
 
 def fused_chunks(K: int) -> tuple[int, int]:
-    """(chunks, K columns per chunk) of the fused kernel: a function of K only. A chunk is the unit of the
-    K split (its partial is summed with the others in chunk order), so a row's bits never depend on how
-    many programs share its block."""
-    kc = max(16, min(triton.next_power_of_2(max(K, 1)), FUSED_CONFIG["chunk_k"]))
-    return -(-max(K, 1) // kc), kc
+    """(chunks, K columns per chunk) of the fused kernel's K split: a function of K only. A chunk is the
+    unit of the split (its partial is summed with the others in chunk order), so a row's bits never depend
+    on how many programs share its block. At most ``FUSED_MAX_CHUNKS`` chunks (every program of a block
+    loads all partials at once), each ``chunk_k`` columns or the next power of two above K / that."""
+    K = max(K, 1)
+    kc = max(FUSED_CONFIG["chunk_k"], triton.next_power_of_2(-(-K // FUSED_MAX_CHUNKS)))
+    kc = max(16, min(triton.next_power_of_2(K), kc))
+    return -(-K // kc), kc
 
 
 def fused_meet(device: torch.device, split: bool) -> int:
@@ -529,7 +548,7 @@ def fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tens
            dict(CH=ch, PREFETCH=bool(cfg["prefetch"]), HAS_EXPERT=expert, IEEE=x.dtype == torch.float32,
                 UPCAST=INTERPRET, CDT=_CDT[x.dtype], BLOCK_M=block_m, BLOCK_N=_pow2(N, 16, cfg["block_n"]),
                 BLOCK_K=_pow2(min(K, kc), 16, cfg["block_k"]), RT=rt),
-           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+           num_warps=cfg["expert_warps" if expert else "num_warps"], num_stages=cfg["num_stages"])
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, grid_blocks: int,
