@@ -20,11 +20,12 @@ else a per-expert loop: ``base_kind`` says which); ``torch_path_s`` is the torch
 the reference model calls it.
 
 Usage: ``python3 scripts/bench_ops.py --out docs/bench/ops_h200.json [--sglang-wheel PATH] [--quick]
-[--profile FILE] [--sweep FILE]``. Writes the JSON (and ``OUT.partial`` after every case, so a run cut
-short keeps its numbers), a PNG beside it, and prints a table. ``--quick``: 8 adapters, 32 and 2048
-tokens, r16 and the mixed pool, MoE r16. ``--profile``: host time per eager call (handle launches vs
-``JITFunction.run``) and torch.profiler tables. ``--sweep``: graphed times of the kernel configurations of
-``SWEEP_GROUPS`` on their cases (plus the graphed-replay floor and the metadata host time), then stop.
+[--profile FILE] [--sweep FILE [--sweep-group N]]``. Writes the JSON (and ``OUT.partial`` after every
+case, so a run cut short keeps its numbers), a PNG beside it, and prints a table. ``--quick``: 8 adapters,
+32 and 2048 tokens, r16 and the mixed pool, MoE r16. ``--profile``: host time per eager call (handle
+launches vs ``JITFunction.run``) and torch.profiler tables. ``--sweep``: graphed times of the kernel
+configurations of ``SWEEP_GROUPS`` on their cases (plus the graphed-replay floor and the metadata host
+time), then stop.
 """
 
 from __future__ import annotations
@@ -499,8 +500,8 @@ SWEEP_GROUPS = [
     ([("q", "16", 1, 32), ("q", "16", 8, 32), ("q", "16", 32, 32), ("q", "mixed", 8, 32), ("q", "64", 32, 32),
       ("down", "16", 1, 32), ("down", "16", 8, 32), ("down", "mixed", 32, 32), ("down", "64", 32, 32),
       ("q", "16", 8, 256), ("moe", "16", 8, 32)],
-     [dict(), dict(prefetch=False), dict(chunk_k=128), dict(chunk_k=512), dict(block_n=64), dict(block_n=256),
-      dict(num_warps=8), dict(num_stages=2), dict(block_k=64), dict(_FUSED_DENSE=False)]),
+     [dict(), dict(block_n=128), dict(num_warps=4), dict(chunk_k=512), dict(num_stages=4), dict(prefetch=False),
+      dict(_FUSED_DENSE=False)]),
     ([("q", "16", 8, 2048), ("q", "mixed", 8, 2048), ("q", "64", 8, 2048), ("down", "16", 8, 2048),
       ("down", "mixed", 32, 2048)],
      [dict(), {"two.expand_block_n": 256}, {"two.expand_warps": 8}, {"two.shrink_block_k": (256, 256)},
@@ -560,7 +561,7 @@ def _meta_host(pool: GpuPool, batch: Any) -> list[str]:
     return lines
 
 
-def sweep(path: Path) -> None:
+def sweep(path: Path, groups: list[int] | None = None) -> None:
     """Graphed time of the ops for each configuration of ``SWEEP_GROUPS`` on its cases; exactness vs the
     torch path per case and configuration; the graphed-replay floor and the metadata host time. Writes a
     table to ``path``."""
@@ -587,7 +588,9 @@ def sweep(path: Path) -> None:
     lines += _meta_host(pools["16"][0], make_batch(32, 8, ranks16, dev, random.Random(9)))
     lines += _meta_host(pools["16"][0], make_batch(2048, 8, ranks16, dev, random.Random(9)))
     print("\n".join(lines), flush=True)
-    for group_cases, configs in SWEEP_GROUPS:
+    for gi, (group_cases, configs) in enumerate(SWEEP_GROUPS):
+        if groups is not None and gi not in groups:
+            continue
         cases = []
         for module, kind, adapters, T in group_cases:
             if module == "moe":
@@ -656,11 +659,13 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="write a host-side profile to this file first")
     ap.add_argument("--sweep", default=None, help="write a sweep of the fused kernel's tuning to this file, "
                     "then stop")
+    ap.add_argument("--sweep-group", type=int, action="append", default=None,
+                    help="only this group of SWEEP_GROUPS (0: decode, 1: prefill); repeatable")
     args = ap.parse_args()
     if args.profile:
         profile_host(Path(args.profile))
     if args.sweep:
-        sweep(Path(args.sweep))
+        sweep(Path(args.sweep), args.sweep_group)
         return
     sg = load_sglang(args.sglang_wheel)
     torch.manual_seed(0)

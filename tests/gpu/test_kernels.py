@@ -204,8 +204,8 @@ def test_two_launch_path_cuda(monkeypatch) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_split_fused_kernel_large_k(dtype) -> None:
     """Llama-3-8B q/down shapes (K 4096 / 14336): the decode regime's fused kernel splits K into 16 / 14
-    chunks over several programs per block that meet on the device. fp32 against the float64 per-token delta (1e-5 * (mag +
-    1)), bf16 against the torch path (12u * mag); ranks 16/64/8/40 (two rank tiles), base-only rows
+    chunks over several programs per block that meet on the device. fp32 against the float64 per-token
+    delta (1e-5 * (mag + 1)), bf16 against the torch path (12u * mag); ranks 16/64/8/40 (two rank tiles), base-only rows
     untouched; repeated eager calls and CUDA-graph replays (static metadata, other mixes) bit for bit equal;
     the per-block counters are back to zero after each launch."""
     import dataclasses

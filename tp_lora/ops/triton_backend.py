@@ -2,10 +2,10 @@
 
 Dense op, decode regime (<= 512 tokens): one launch of the fused kernel (K chunks spread over as many
 programs per block as the used blocks leave SMs for; they meet on the device); prefill: two launches
-(shrink, expand), or the fused kernel with one program per 16-row block (``FUSED_PREFILL``). Expert op: one fused launch over
-the blocks of all routed rows of all local experts up to ``EXPERT_FUSED_ROWS`` routed rows, two above
-(blocks built on the device once per layer and cached in the ``ExpertRouting``). Embedding: a
-gather-shrink and an expand. Pools of a max rank above ``FUSED_MAX_RANK`` take the two-launch path for
+(shrink, expand), or the fused kernel with one program per 16-row block (``FUSED_PREFILL``). Expert op:
+one fused launch over the blocks of all routed rows of all local experts up to ``EXPERT_FUSED_ROWS`` routed
+rows, two above (blocks built on the device once per layer and cached in the ``ExpertRouting``).
+Embedding: a gather-shrink and an expand. Pools of a max rank above ``FUSED_MAX_RANK`` take the two-launch path for
 every op. Nothing in a forward reads device memory on the host.
 
 CUDA graphs: ``TritonBackend(max_tokens=T)`` keeps its metadata in static buffers sized for T tokens and
