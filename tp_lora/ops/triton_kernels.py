@@ -131,6 +131,18 @@ def _xa(x_ptr, sxm, sxk, a_base, sar, sak, rows, mrow, offs_r, mr, k_lo, k_hi, K
 
 
 @triton.jit
+def _tile_in(b_base, sbn, sbr, offs_r, mr, out_ptr, som, son, rows, mrow, t, N, BLOCK_N: tl.constexpr):
+    """N tile ``t``'s inputs: ``B[slot, tile, :rank]^T`` ``[BR, BLOCK_N]``, the block's out rows ``[BLOCK_M,
+    BLOCK_N]``, their pointers and mask."""
+    offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = offs_n < N
+    bt = tl.load(b_base + offs_n[None, :] * sbn + offs_r[:, None] * sbr, mask=mr[:, None] & mn[None, :], other=0.0)
+    omask = mrow[:, None] & mn[None, :]
+    optr = out_ptr + rows[:, None] * som + offs_n[None, :] * son
+    return bt, tl.load(optr, mask=omask, other=0.0), optr, omask
+
+
+@triton.jit
 def _out_tile(pc, bt, o, scale, optr, omask, IEEE: tl.constexpr, UPCAST: tl.constexpr, CDT: tl.constexpr):
     """``out[rows, tile] = o + scale * pc @ bt`` (float32, one rounding): one helper for the prefetched first
     tile and the later ones, so a tile's bits never depend on which program (how many per block) takes it."""
@@ -156,13 +168,8 @@ def _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out
     offs_r = tl.arange(0, BR)
     mr = offs_r < rank
     if PREFETCH:
-        offs_n0 = s * BLOCK_N + tl.arange(0, BLOCK_N)
-        mn0 = offs_n0 < N
-        bt0 = tl.load(b_base + offs_n0[None, :] * sbn + offs_r[:, None] * sbr, mask=mr[:, None] & mn0[None, :],
-                      other=0.0)
-        omask0 = mrow[:, None] & mn0[None, :]
-        optr0 = out_ptr + rows[:, None] * som + offs_n0[None, :] * son
-        o0 = tl.load(optr0, mask=omask0, other=0.0)
+        bt0, o0, optr0, omask0 = _tile_in(b_base, sbn, sbr, offs_r, mr, out_ptr, som, son, rows, mrow, s, N,
+                                          BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     tile = offs_m[:, None] * RT + offs_r[None, :]
     pmask = mrow[:, None] & mr[None, :]
@@ -191,13 +198,7 @@ def _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out
         _out_tile(pc, bt0, o0, scale, optr0, omask0, IEEE, UPCAST, CDT)
         t_first = s + G
     for t in range(t_first, tl.cdiv(N, BLOCK_N), G):
-        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        mn = offs_n < N
-        bt = tl.load(b_base + offs_n[None, :] * sbn + offs_r[:, None] * sbr, mask=mr[:, None] & mn[None, :],
-                     other=0.0)
-        omask = mrow[:, None] & mn[None, :]
-        optr = out_ptr + rows[:, None] * som + offs_n[None, :] * son
-        o = tl.load(optr, mask=omask, other=0.0)
+        bt, o, optr, omask = _tile_in(b_base, sbn, sbr, offs_r, mr, out_ptr, som, son, rows, mrow, t, N, BLOCK_N)
         _out_tile(pc, bt, o, scale, optr, omask, IEEE, UPCAST, CDT)
     if G > 1:
         tl.debug_barrier()
