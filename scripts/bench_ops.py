@@ -20,11 +20,12 @@ else a per-expert loop: ``base_kind`` says which); ``torch_path_s`` is the torch
 the reference model calls it.
 
 Usage: ``python3 scripts/bench_ops.py --out docs/bench/ops_h200.json [--sglang-wheel PATH] [--quick]
-[--profile FILE] [--sweep FILE]``. Writes the JSON (and ``OUT.partial`` after every case, so a run cut
-short keeps its numbers), a PNG beside it, and prints a table. ``--quick``: 8 adapters, 32 and 2048
-tokens, r16 and the mixed pool, MoE r16. ``--profile``: host time per eager call (handle launches vs
-``JITFunction.run``) and torch.profiler tables. ``--sweep``: graphed times of the kernel configurations in
-``SWEEP_CONFIGS`` on ``SWEEP_CASES``, then stop.
+[--profile FILE] [--sweep FILE [--sweep-group N]]``. Writes the JSON (and ``OUT.partial`` after every
+case, so a run cut short keeps its numbers), a PNG beside it, and prints a table. ``--quick``: 8 adapters,
+32 and 2048 tokens, r16 and the mixed pool, MoE r16. ``--profile``: host time per eager call (handle
+launches vs ``JITFunction.run``) and torch.profiler tables. ``--sweep``: graphed times of the kernel
+configurations of ``SWEEP_GROUPS`` on their cases (plus the graphed-replay floor and the metadata host
+time), then stop.
 """
 
 from __future__ import annotations
@@ -491,28 +492,86 @@ def profile_host(path: Path) -> None:
     print("\n".join(lines[:4] + [l for l in lines if l.startswith("moe")]))
 
 
-SWEEP_CASES = [("q", "16", 1, 32), ("q", "16", 32, 32), ("q", "64", 32, 32), ("q", "mixed", 32, 32),
-               ("down", "16", 8, 32), ("down", "64", 32, 32), ("q", "16", 8, 256), ("q", "64", 8, 256),
-               ("q", "16", 8, 2048), ("q", "64", 8, 2048), ("down", "64", 8, 2048), ("down", "16", 32, 2048),
-               ("moe", "16", 8, 32), ("moe", "64", 8, 32), ("moe", "16", 8, 512)]
-# keys starting with "_" set module constants of tp_lora.ops.triton_kernels, the others FUSED_CONFIG
-SWEEP_CONFIGS = [dict(), dict(block_k=256), dict(block_k=64), dict(block_n=64), dict(block_n=256),
-                 dict(num_warps=8), dict(num_stages=2), dict(num_stages=4), dict(programs_per_sm=4),
-                 dict(_FUSED_DENSE=False, _EXPERT_FUSED_ROWS=0),
-                 dict(_FUSED_DENSE=False, _EXPERT_FUSED_ROWS=0, _FUSED_MAX_RANK=0)]
+# (cases, configurations) groups: decode cases with the fused kernel's tuning (and the two-launch path),
+# prefill cases with the two-launch tiles and the fused kernel in the prefill regime. Config keys starting
+# with "_" set module constants of tp_lora.ops.triton_kernels, "two." keys TWO_LAUNCH_CONFIG, the others
+# FUSED_CONFIG.
+SWEEP_GROUPS = [
+    ([("q", "16", 1, 32), ("q", "16", 8, 32), ("q", "16", 32, 32), ("q", "mixed", 8, 32), ("q", "64", 32, 32),
+      ("down", "16", 1, 32), ("down", "16", 8, 32), ("down", "mixed", 32, 32), ("down", "64", 32, 32),
+      ("q", "16", 8, 256), ("moe", "16", 8, 32)],
+     [dict(), dict(block_n=128), dict(num_warps=4), dict(chunk_k=512), dict(num_stages=4), dict(prefetch=False),
+      dict(_FUSED_DENSE=False)]),
+    ([("q", "16", 8, 2048), ("q", "mixed", 8, 2048), ("q", "64", 8, 2048), ("down", "16", 8, 2048),
+      ("down", "mixed", 32, 2048)],
+     [dict(), {"two.expand_block_n": 256}, {"two.expand_warps": 8}, {"two.shrink_block_k": (256, 256)},
+      {"two.shrink_warps": 8}, dict(_FUSED_PREFILL=True), dict(_FUSED_PREFILL=True, block_n=256),
+      dict(_FUSED_PREFILL=True, programs_per_sm=4)]),
+]
 
 
-def sweep(path: Path) -> None:
-    """Graphed time of the ops for each configuration (``SWEEP_CONFIGS``: the fused kernel's tuning, the
-    two-launch path with wide and with 16-wide rank tiles) on a few shapes; exactness vs the torch path per
-    case and configuration. Writes a table to ``path``."""
+def _apply(K: Any, cfg: dict, default: dict, default_two: dict, saved: dict) -> None:
+    """Reset the kernels' tuning to the defaults, then set ``cfg`` (see SWEEP_GROUPS)."""
+    K.FUSED_CONFIG.clear()
+    K.FUSED_CONFIG.update(default)
+    K.TWO_LAUNCH_CONFIG.clear()
+    K.TWO_LAUNCH_CONFIG.update(default_two)
+    for n, v in saved.items():
+        setattr(K, n, v)
+    for key, v in cfg.items():
+        if key.startswith("_"):
+            setattr(K, key[1:], v)
+        elif key.startswith("two."):
+            K.TWO_LAUNCH_CONFIG[key[4:]] = v
+        else:
+            K.FUSED_CONFIG[key] = v
+
+
+def _floor() -> list[str]:
+    """What a graphed replay of almost nothing costs here (one tiny Triton kernel, one program; and two
+    such kernels): the latency floor under every graphed number."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _touch(p):
+        tl.store(p, tl.load(p) + 1)
+    t = torch.zeros(1, device="cuda")
+    one = bench(graphed(lambda: _touch[(1,)](t)))
+    two = bench(graphed(lambda: (_touch[(1,)](t), _touch[(1,)](t))))
+    return [f"floor: graphed replay of 1 tiny kernel {one * 1e6:.1f} us, of 2 dependent ones {two * 1e6:.1f} us"]
+
+
+def _meta_host(pool: GpuPool, batch: Any) -> list[str]:
+    """Host time of the eager and the static metadata per batch (LoRAOps construction)."""
+    import time
+    lines = []
+    for name, mk in (("eager", lambda: TritonBackend()), ("static", None)):
+        be = TritonBackend(max_tokens=batch.num_tokens) if mk is None else None
+        for _ in range(5):
+            LoRAOps(pool, batch, be if be is not None else mk())
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            LoRAOps(pool, batch, be if be is not None else mk())
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        lines.append(f"metadata host time per batch ({name}, {batch.num_tokens} tokens): "
+                     f"{(t1 - t0) / 200 * 1e6:.1f} us")
+    return lines
+
+
+def sweep(path: Path, groups: list[int] | None = None) -> None:
+    """Graphed time of the ops for each configuration of ``SWEEP_GROUPS`` on its cases; exactness vs the
+    torch path per case and configuration; the graphed-replay floor and the metadata host time. Writes a
+    table to ``path``."""
     from tp_lora.ops import triton_kernels as K
     dev = torch.device("cuda")
     spec = dataclasses.replace(ModelSpec.from_preset("llama-3-8b"), num_hidden_layers=1)
     mspec = dataclasses.replace(ModelSpec.from_preset("qwen3-30b-a3b"), num_hidden_layers=1)
     E, k, h, im = mspec.num_experts, mspec.num_experts_per_tok, mspec.hidden_size, mspec.moe_intermediate_size
-    default = dict(K.FUSED_CONFIG)
-    saved = {n: getattr(K, n) for n in ("FUSED_DENSE", "EXPERT_FUSED_ROWS", "FUSED_MAX_RANK")}
+    default, default_two = dict(K.FUSED_CONFIG), dict(K.TWO_LAUNCH_CONFIG)
+    saved = {n: getattr(K, n) for n in ("FUSED_DENSE", "FUSED_PREFILL", "EXPERT_FUSED_ROWS", "FUSED_MAX_RANK")}
     pools = {}
     mods = ("experts.w1", "experts.w3", "experts.w2")
     for kind in ("16", "64", "mixed"):
@@ -520,77 +579,73 @@ def sweep(path: Path) -> None:
         pools[kind] = (GpuPool(spec, ParallelSpec(), max_loras=SLOTS, max_rank=mr, modules=("q", "down"),
                                dtype=DT, device=dev), ranks)
         fill_pool(pools[kind][0], ranks, seed=1)
-        if kind != "mixed":
-            pools["moe" + kind] = (GpuPool(mspec, ParallelSpec(), max_loras=SLOTS, max_rank=mr, modules=mods,
-                                           dtype=DT, device=dev), ranks)
-            fill_pool(pools["moe" + kind][0], ranks, seed=2)
+    ranks16, _ = rank_list("16")
+    pools["moe16"] = (GpuPool(mspec, ParallelSpec(), max_loras=SLOTS, max_rank=16, modules=mods, dtype=DT,
+                              device=dev), ranks16)
+    fill_pool(pools["moe16"][0], ranks16, seed=2)
     rng = random.Random(0)
-    cases = []
-    for module, kind, adapters, T in SWEEP_CASES:
-        if module == "moe":
-            pool, ranks = pools["moe" + kind]
-            batch = make_batch(T, adapters, ranks, dev, rng)
-            top_e = torch.topk(torch.randn(T, E, device=dev), k, dim=-1).indices.flatten()
-            order = torch.argsort(top_e, stable=True)
-            tok, exp = order // k, top_e[order]
-            n = tok.numel()
-            xs = (torch.randn(n, h, device=dev, dtype=DT), torch.randn(n, im, device=dev, dtype=DT))
-            outs = [torch.randn(n, im, device=dev, dtype=DT), torch.randn(n, im, device=dev, dtype=DT),
-                    torch.randn(n, h, device=dev, dtype=DT)]
-
-            def op(ops, outs, xs=xs, tok=tok, exp=exp):
-                r = ops.expert_routing(tok, exp)
-                ops.experts_column(0, "experts.w1", xs[0], r, outs[0])
-                ops.experts_column(0, "experts.w3", xs[0], r, outs[1])
-                ops.experts_row(0, "experts.w2", xs[1], r, outs[2])
-            base_g = float("nan")
-        else:
-            pool, ranks = pools[kind]
-            K_, N = (4096, 4096) if module == "q" else (14336, 4096)
-            batch = make_batch(T, adapters, ranks, dev, rng)
-            x = torch.randn(T, K_, device=dev, dtype=DT)
-            outs = [torch.randn(T, N, device=dev, dtype=DT)]
-            W = torch.randn(N, K_, device=dev, dtype=DT) * 0.02
-            bo = torch.empty(T, N, device=dev, dtype=DT)
-            base_g = bench(graphed(lambda: torch.matmul(x, W.t(), out=bo)))
-
-            def op(ops, outs, x=x, module=module):
-                ops.column(0, module, x, outs[0])
-        ref = [o.clone() for o in outs]
-        op(LoRAOps(pool, batch, TorchBackend()), ref)
-        cases.append((f"{module} r{kind} a{adapters} T{T}", pool, batch, op, outs, ref, base_g))
-    lines = [f"{'case':24} {'base_g':>7} " + " ".join(f"{'c%d' % i:>7}" for i in range(len(SWEEP_CONFIGS)))]
-    res = {c[0]: [] for c in cases}
-    rels = {c[0]: [] for c in cases}
-    for cfg in SWEEP_CONFIGS:
-        K.FUSED_CONFIG.clear()
-        K.FUSED_CONFIG.update(default)
-        for n, v in saved.items():
-            setattr(K, n, v)
-        for key, v in cfg.items():
-            if key.startswith("_"):
-                setattr(K, key[1:], v)
-            else:
-                K.FUSED_CONFIG[key] = v
-        for name, pool, batch, op, outs, ref, _ in cases:
-            ops = LoRAOps(pool, batch, TritonBackend(max_tokens=batch.num_tokens))
-            got = [o.clone() for o in outs]
-            op(ops, got)
-            rels[name].append(max(float(((g - o).float() - (r - o).float()).norm() / (r - o).float().norm())
-                                  for g, o, r in zip(got, outs, ref)))
-            work = [o.clone() for o in outs]
-            res[name].append(bench(graphed(lambda: op(ops, work))))
-    K.FUSED_CONFIG.clear()
-    K.FUSED_CONFIG.update(default)
-    for n, v in saved.items():
-        setattr(K, n, v)
-    for name, *_, base_g in cases:
-        lines.append(f"{name:24} {base_g * 1e6:7.1f} " + " ".join(f"{t * 1e6:7.1f}" for t in res[name]))
-    lines.append(f"{'max rel diff vs torch':32} " +
-                 " ".join(f"{max(rels[n][i] for n in rels):7.1e}" for i in range(len(SWEEP_CONFIGS))))
-    lines += [f"c{i}: {c}" for i, c in enumerate(SWEEP_CONFIGS)]
-    path.write_text("\n".join(lines))
+    lines = _floor()
+    lines += _meta_host(pools["16"][0], make_batch(32, 8, ranks16, dev, random.Random(9)))
+    lines += _meta_host(pools["16"][0], make_batch(2048, 8, ranks16, dev, random.Random(9)))
     print("\n".join(lines), flush=True)
+    for gi, (group_cases, configs) in enumerate(SWEEP_GROUPS):
+        if groups is not None and gi not in groups:
+            continue
+        cases = []
+        for module, kind, adapters, T in group_cases:
+            if module == "moe":
+                pool, ranks = pools["moe" + kind]
+                batch = make_batch(T, adapters, ranks, dev, rng)
+                top_e = torch.topk(torch.randn(T, E, device=dev), k, dim=-1).indices.flatten()
+                order = torch.argsort(top_e, stable=True)
+                tok, exp = order // k, top_e[order]
+                n = tok.numel()
+                xs = (torch.randn(n, h, device=dev, dtype=DT), torch.randn(n, im, device=dev, dtype=DT))
+                outs = [torch.randn(n, im, device=dev, dtype=DT), torch.randn(n, im, device=dev, dtype=DT),
+                        torch.randn(n, h, device=dev, dtype=DT)]
+
+                def op(ops, outs, xs=xs, tok=tok, exp=exp):
+                    r = ops.expert_routing(tok, exp)
+                    ops.experts_column(0, "experts.w1", xs[0], r, outs[0])
+                    ops.experts_column(0, "experts.w3", xs[0], r, outs[1])
+                    ops.experts_row(0, "experts.w2", xs[1], r, outs[2])
+                base_g = float("nan")
+            else:
+                pool, ranks = pools[kind]
+                K_, N = (4096, 4096) if module == "q" else (14336, 4096)
+                batch = make_batch(T, adapters, ranks, dev, rng)
+                x = torch.randn(T, K_, device=dev, dtype=DT)
+                outs = [torch.randn(T, N, device=dev, dtype=DT)]
+                W = torch.randn(N, K_, device=dev, dtype=DT) * 0.02
+                bo = torch.empty(T, N, device=dev, dtype=DT)
+                base_g = bench(graphed(lambda: torch.matmul(x, W.t(), out=bo)))
+
+                def op(ops, outs, x=x, module=module):
+                    ops.column(0, module, x, outs[0])
+            ref = [o.clone() for o in outs]
+            op(LoRAOps(pool, batch, TorchBackend()), ref)
+            cases.append((f"{module} r{kind} a{adapters} T{T}", pool, batch, op, outs, ref, base_g))
+        res = {c[0]: [] for c in cases}
+        rels = {c[0]: [] for c in cases}
+        for cfg in configs:
+            _apply(K, cfg, default, default_two, saved)
+            for name, pool, batch, op, outs, ref, _ in cases:
+                ops = LoRAOps(pool, batch, TritonBackend(max_tokens=batch.num_tokens))
+                got = [o.clone() for o in outs]
+                op(ops, got)
+                rels[name].append(max(float(((g - o).float() - (r - o).float()).norm() / (r - o).float().norm())
+                                      for g, o, r in zip(got, outs, ref)))
+                work = [o.clone() for o in outs]
+                res[name].append(bench(graphed(lambda: op(ops, work)), rep_ms=40))
+        _apply(K, {}, default, default_two, saved)
+        lines.append(f"{'case':24} {'base_g':>7} " + " ".join(f"{'c%d' % i:>7}" for i in range(len(configs))))
+        for name, *_, base_g in cases:
+            lines.append(f"{name:24} {base_g * 1e6:7.1f} " + " ".join(f"{t * 1e6:7.1f}" for t in res[name]))
+        lines.append(f"{'max rel diff vs torch':32} " +
+                     " ".join(f"{max(rels[n][i] for n in rels):7.1e}" for i in range(len(configs))))
+        lines += [f"c{i}: {c}" for i, c in enumerate(configs)]
+        path.write_text("\n".join(lines))
+        print("\n".join(lines[-len(cases) - len(configs) - 2:]), flush=True)
     del pools
     torch.cuda.empty_cache()
 
@@ -604,11 +659,13 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="write a host-side profile to this file first")
     ap.add_argument("--sweep", default=None, help="write a sweep of the fused kernel's tuning to this file, "
                     "then stop")
+    ap.add_argument("--sweep-group", type=int, action="append", default=None,
+                    help="only this group of SWEEP_GROUPS (0: decode, 1: prefill); repeatable")
     args = ap.parse_args()
     if args.profile:
         profile_host(Path(args.profile))
     if args.sweep:
-        sweep(Path(args.sweep))
+        sweep(Path(args.sweep), args.sweep_group)
         return
     sg = load_sglang(args.sglang_wheel)
     torch.manual_seed(0)
@@ -623,10 +680,12 @@ def main() -> None:
     if not args.skip_moe:
         rows += moe_cases(args)
     import triton
+    from tp_lora.ops import triton_kernels as K
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 command=" ".join(sys.argv), sglang=("0.5.10.post1 chunked_sgmv (wheel)" if sg else None),
-                dtype="bf16", pool_slots=SLOTS)
+                dtype="bf16", pool_slots=SLOTS, fused_config=dict(K.FUSED_CONFIG),
+                two_launch_config={k: list(v) if isinstance(v, tuple) else v for k, v in K.TWO_LAUNCH_CONFIG.items()})
     out.write_text(json.dumps(dict(meta=meta, cases=rows), indent=1))
     plot(rows, out.with_suffix(".png"))
     print(json.dumps(meta))

@@ -54,6 +54,35 @@ def test_plan_dense_blocks_groups_by_slot_and_chunks() -> None:
     assert 3 not in p.perm.tolist() and 6 not in p.perm.tolist()   # base-only tokens are in no block
 
 
+def test_dense_meta_packs_the_plan_into_one_buffer() -> None:
+    """DenseMeta's seven int32 tables are 16-byte aligned views of one buffer holding the batch's plan;
+    the static buffer keeps its address across batches (CUDA graphs) and its unused entries are reset
+    (slot -1 for blocks and tokens)."""
+    from tp_lora.ops.meta import DenseMeta
+    b1 = build_batch([2, -1, 0, 2, 0], [None] * 5, [3, 4, 20, 1, 2], {0: 4, 2: 8}, torch.device("cpu"), None)
+    b2 = build_batch([1], [None], [2], {1: 3}, torch.device("cpu"), None)
+    static, eager = DenseMeta(4, 8, "cpu", capacity=40), DenseMeta(4, 8, "cpu")
+    names = ("perm", "blk_start", "blk_len", "blk_slot", "token_slots", "slot_rank", "nblk")
+    for m in (static, eager):
+        for b in (b1, b2):
+            addr = m.buffer.data_ptr() if m is static else None
+            m.update(b)
+            assert addr is None or m.buffer.data_ptr() == addr
+            p = plan_dense_blocks(b, 16)
+            n = p.num_blocks
+            assert m.perm[:p.perm.numel()].tolist() == p.perm.tolist()
+            assert m.blk_start[:n].tolist() == p.blk_start.tolist() and m.blk_len[:n].tolist() == p.blk_len.tolist()
+            assert m.blk_slot[:n].tolist() == p.blk_slot.tolist() and set(m.blk_slot[n:].tolist()) <= {-1}
+            tok = [s for s, k in zip(b.request_slots, b.seg_lens) for _ in range(k)]
+            assert m.token_slots[:len(tok)].tolist() == tok and set(m.token_slots[len(tok):].tolist()) <= {-1}
+            assert m.slot_rank.tolist() == [b.slot_ranks.get(s, 0) for s in range(4)]
+            assert m.nblk.tolist() == [n]
+            for name in names:
+                v = getattr(m, name)
+                assert v.data_ptr() % 16 == 0 and v.untyped_storage().data_ptr() == m.buffer.data_ptr(), name
+    assert static.grid_blocks == -(-40 // 16) + 4 and eager.grid_blocks == 1
+
+
 @pytest.mark.parametrize("builder", ["torch", "triton"])
 def test_expert_blocks_cover_each_adapter_row_once(builder: str) -> None:
     """Both builders of the (expert, slot) blocks (torch ops in ``meta``, the counting-sort kernels the
@@ -167,6 +196,16 @@ def test_static_metadata_equals_eager(monkeypatch) -> None:
         eager.column(0, m, x, o2)
         assert torch.equal(o1, o2), m
         assert not torch.equal(o1, out), m
+
+
+def test_fused_k_chunks_match_reference(monkeypatch) -> None:
+    """The fused kernel's K chunks (16 columns here, so the tiny presets' K spans several; summed in chunk
+    order by one program per block under the interpreter): still the per-token reference (fp32)."""
+    monkeypatch.setitem(triton_kernels.FUSED_CONFIG, "chunk_k", 16)
+    assert triton_kernels.fused_chunks(DENSE.hidden_size)[0] > 2
+    par = ParallelSpec(tp_size=2, tp_rank=0)
+    check_dense_ops(DENSE, par, device=DEV, pool_dtype=torch.float32, act_dtype=torch.float32, tol=FP32_TOL,
+                    backend=TritonBackend)
 
 
 def test_two_launch_path_matches_reference(monkeypatch) -> None:

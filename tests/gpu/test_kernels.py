@@ -203,9 +203,9 @@ def test_two_launch_path_cuda(monkeypatch) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_split_fused_kernel_large_k(dtype) -> None:
-    """Llama-3-8B q/down shapes (K 4096 / 14336): the decode regime's fused kernel splits K over 8 / 14
-    programs per block that meet on the device. fp32 against the float64 per-token delta (1e-5 * (mag +
-    1)), bf16 against the torch path (12u * mag); ranks 16/64/8/40 (two rank tiles), base-only rows
+    """Llama-3-8B q/down shapes (K 4096 / 14336): the decode regime's fused kernel splits K into 16 / 14
+    chunks over several programs per block that meet on the device. fp32 against the float64 per-token
+    delta (1e-5 * (mag + 1)), bf16 against the torch path (12u * mag); ranks 16/64/8/40 (two rank tiles), base-only rows
     untouched; repeated eager calls and CUDA-graph replays (static metadata, other mixes) bit for bit equal;
     the per-block counters are back to zero after each launch."""
     import dataclasses
@@ -237,7 +237,7 @@ def test_split_fused_kernel_large_k(dtype) -> None:
         tok_slots = torch.tensor([s for s, n in zip(slots, lens) for _ in range(n)])
         for m in ("q", "down"):
             Kdim = pool.shapes[m].a_shape[1]
-            assert K.fused_splits(Kdim, torch.device("cuda"), True)[0] > 1
+            assert K.fused_chunks(Kdim)[0] > 1
             x = torch.randn(T, Kdim, device="cuda", generator=g).to(dtype)
             out = torch.randn(T, pool.shapes[m].b_shape[0], device="cuda", generator=g).to(dtype)
             ops = LoRAOps(pool, batch, TritonBackend())
@@ -287,3 +287,45 @@ def test_split_fused_kernel_large_k(dtype) -> None:
                 torch.cuda.synchronize()
                 assert torch.equal(og, o1), f"{m}: replay != eager"
             assert int(backend._scratch.cnt.abs().sum()) == 0
+
+
+def test_fused_split_bits_do_not_depend_on_the_batch(monkeypatch) -> None:
+    """The number of programs sharing a block (``G``, from the used blocks on the device) never changes a
+    row's bits: a request's rows of q / down (Llama-3-8B, K split into chunks) are bit for bit the same
+    alone (G = all chunks), in a batch of many blocks (small G) and with one program per block (G = 1,
+    the meeting point off), in bf16 and fp32."""
+    import dataclasses
+    from tp_lora.device.pool import GpuPool
+    from tp_lora.ops import triton_kernels as K
+    from tp_lora.plan.model import ModelSpec
+    spec = dataclasses.replace(ModelSpec.from_preset("llama-3-8b"), num_hidden_layers=1)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    ranks = {s: (16, 64, 8, 40)[s % 4] for s in range(12)}
+    for dtype in (torch.bfloat16, torch.float32):
+        pool = GpuPool(spec, ParallelSpec(), max_loras=12, max_rank=64, modules=("q", "down"), dtype=dtype,
+                       device="cuda")
+        for m in pool.modules:
+            pool.A[m].normal_(0, 0.05, generator=g)
+            pool.B[m].normal_(0, 0.05, generator=g)
+            pool.scaling[m].uniform_(0.5, 2.0, generator=g)
+        slots = [1] + [s for s in range(12) for _ in range(3)]         # 37 requests, ~25 blocks
+        lens = [5] + [7] * 36
+        big = build_batch(slots, [None] * len(slots), lens, {s: ranks[s] for s in set(slots)},
+                          torch.device("cuda"), None)
+        alone = build_batch([1], [None], [5], {1: ranks[1]}, torch.device("cuda"), None)
+        for m in ("q", "down"):
+            Kdim, N = pool.shapes[m].a_shape[1], pool.shapes[m].b_shape[0]
+            assert K.fused_chunks(Kdim)[0] > 1
+            x = torch.randn(big.num_tokens, Kdim, device="cuda", generator=g).to(dtype)
+            out = torch.randn(big.num_tokens, N, device="cuda", generator=g).to(dtype)
+            ob, oa = out.clone(), out[:5].clone()
+            LoRAOps(pool, big, TritonBackend()).column(0, m, x, ob)
+            LoRAOps(pool, alone, TritonBackend()).column(0, m, x[:5], oa)
+            assert not torch.equal(oa, out[:5]), m
+            assert torch.equal(ob[:5], oa), f"{m} {dtype}: batched != alone"
+            with monkeypatch.context() as mp:
+                mp.setattr(K, "fused_meet", lambda device, split: 1)     # G = 1: one program per block
+                o1 = out[:5].clone()
+                LoRAOps(pool, alone, TritonBackend()).column(0, m, x[:5], o1)
+            assert torch.equal(o1, oa), f"{m} {dtype}: one program per block != split"
+        del pool

@@ -9,8 +9,8 @@ another (no masking by multiplication anywhere).
 
 Dense ops: the blocks follow from host-side facts only (each request's slot and token count, known when the
 batch is built), so they are planned on the host once per batch (``plan_dense_blocks``, pure) and copied
-into device buffers with a non-blocking copy from pinned memory. In static mode (``DenseMeta`` with a fixed
-capacity) the buffers keep their addresses across batches and the grid is the capacity, so a forward
+into one packed device buffer with one non-blocking copy from pinned memory. In static mode (``DenseMeta``
+with a fixed capacity) the buffers keep their addresses across batches and the grid is the capacity, so a forward
 captured in a CUDA graph replays with a new batch after ``update``; unused blocks have slot -1 and return
 at once.
 
@@ -23,6 +23,7 @@ kept as the tested reference and for backends without Triton.
 
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass
 
 import torch
@@ -39,11 +40,12 @@ class MetaCapacityError(TPLoRAError):
     """A batch does not fit the static metadata buffers (CUDA-graph mode)."""
 
 
-def block_m_for(num_tokens: int) -> int:
-    """Rows per block: 16 up to ``PREFILL_TOKENS`` tokens (decode regime), 64 above (prefill regime).
+def block_m_for(num_tokens: int, prefill_block_m: int = BLOCK_M_PREFILL) -> int:
+    """Rows per block: 16 up to ``PREFILL_TOKENS`` tokens (decode regime), ``prefill_block_m`` above
+    (prefill regime: 64 for the two-launch kernels, 16 for the fused one).
     Within a regime a row's arithmetic never depends on the rest of the batch (bit for bit); across the
     two regimes the kernels differ, so a row may round differently (within the stated tolerance)."""
-    return BLOCK_M_DECODE if num_tokens <= PREFILL_TOKENS else BLOCK_M_PREFILL
+    return BLOCK_M_DECODE if num_tokens <= PREFILL_TOKENS else prefill_block_m
 
 
 def max_dense_blocks(num_tokens: int, num_slots: int, block_m: int) -> int:
@@ -70,8 +72,8 @@ class DensePlan:
         return int(self.blk_slot.numel())
 
 
-def plan_dense_blocks(batch: BatchInfo, block_m: int) -> DensePlan:
-    """Blocks of ``batch`` from its host-side request slots and lengths (pure; no device access)."""
+def _plan_lists(batch: BatchInfo, block_m: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(perm, blk_start, blk_len, blk_slot) of ``batch`` as Python lists (see ``DensePlan``)."""
     by_slot: dict[int, list[tuple[int, int]]] = {}
     for s, start, n in zip(batch.request_slots, batch.seg_starts, batch.seg_lens):
         if s >= 0 and n > 0:
@@ -89,87 +91,116 @@ def plan_dense_blocks(batch: BatchInfo, block_m: int) -> DensePlan:
             starts.append(first + off)
             lens.append(min(block_m, total - off))
             slots.append(s)
+    return perm, starts, lens, slots
+
+
+def plan_dense_blocks(batch: BatchInfo, block_m: int) -> DensePlan:
+    """Blocks of ``batch`` from its host-side request slots and lengths (pure; no device access)."""
     i32 = torch.int32
-    return DensePlan(torch.tensor(perm, dtype=i32), torch.tensor(starts, dtype=i32),
-                     torch.tensor(lens, dtype=i32), torch.tensor(slots, dtype=i32))
+    return DensePlan(*(torch.tensor(v, dtype=i32) for v in _plan_lists(batch, block_m)))
 
 
 def slot_rank_table(batch: BatchInfo, num_slots: int, max_rank: int) -> torch.Tensor:
     """[num_slots] int32: each batch slot's rank (capped by the pool's), 0 for slots not in the batch, so a
     kernel never computes on the zero padding above a smaller adapter's rank."""
-    t = torch.zeros(num_slots, dtype=torch.int32)
+    return torch.tensor(_rank_list(batch, num_slots, max_rank), dtype=torch.int32)
+
+
+def _rank_list(batch: BatchInfo, num_slots: int, max_rank: int) -> list[int]:
+    t = [0] * num_slots
     for s, r in batch.slot_ranks.items():
         t[s] = min(int(r), max_rank)
     return t
 
 
-class DenseMeta:
-    """Device buffers of the dense blocks, the per-token slots and the per-slot ranks.
+# The packed metadata: these int32 segments, in this order, each starting on a 16-byte boundary (Triton
+# specialises pointers on that alignment), in one device buffer filled by one copy per batch.
+_SEGMENTS = ("perm", "blk_start", "blk_len", "blk_slot", "token_slots", "slot_rank", "nblk")
 
-    ``capacity=None`` (eager): buffers sized to each batch, grid = the batch's blocks. ``capacity=T``
-    (static, for CUDA graphs): buffers for up to T tokens, allocated once; ``update`` rewrites them in
-    place and the grid is always the capacity's block bound. ``nblk`` (1 int32): the used blocks, which
-    come first in the table (the fused kernel reads it on the device).
+
+def _layout(tokens: int, blocks: int, slots: int) -> dict[str, tuple[int, int]]:
+    """Segment name -> (offset, length) in int32 elements, for ``tokens`` token and ``blocks`` block entries."""
+    sizes = dict(perm=max(tokens, 1), blk_start=blocks, blk_len=blocks, blk_slot=blocks,
+                 token_slots=max(tokens, 1), slot_rank=slots, nblk=1)
+    out, off = {}, 0
+    for name in _SEGMENTS:
+        out[name] = (off, sizes[name])
+        off += -(-sizes[name] // 4) * 4
+    return out
+
+
+class DenseMeta:
+    """Device buffers of the dense blocks, the per-token slots and the per-slot ranks: int32 views
+    (``perm``, ``blk_start``, ``blk_len``, ``blk_slot``, ``token_slots``, ``slot_rank``, ``nblk``) of one
+    packed device buffer, written per batch by one non-blocking copy from one pinned host buffer.
+
+    ``capacity=None`` (eager): a buffer sized to each batch, grid = the batch's blocks. ``capacity=T``
+    (static, for CUDA graphs): a buffer for up to T tokens, allocated once; ``update`` rewrites it in place
+    (same addresses) and the grid is always the capacity's block bound. ``nblk`` (1 int32): the used
+    blocks, which come first in the table (the fused kernel reads it on the device). ``prefill``: the
+    regime (over ``PREFILL_TOKENS`` tokens, or capacity), which picks the block size and the kernels.
     """
 
-    def __init__(self, num_slots: int, max_rank: int, device: torch.device, capacity: int | None = None):
+    def __init__(self, num_slots: int, max_rank: int, device: torch.device, capacity: int | None = None,
+                 prefill_block_m: int = BLOCK_M_PREFILL):
         self.num_slots, self.max_rank, self.device = num_slots, max_rank, torch.device(device)
         self.capacity = capacity
+        self.prefill_block_m = prefill_block_m
         self.num_tokens = 0
-        self.block_m = block_m_for(capacity) if capacity is not None else BLOCK_M_DECODE
+        self.prefill = capacity is not None and capacity > PREFILL_TOKENS
+        self.block_m = block_m_for(capacity, prefill_block_m) if capacity is not None else BLOCK_M_DECODE
         self.grid_blocks = 0
+        self.buffer: torch.Tensor | None = None
         if capacity is not None:
-            nb = max_dense_blocks(capacity, num_slots, self.block_m)
-            z = lambda n: torch.zeros(n, dtype=torch.int32, device=self.device)  # noqa: E731
-            self.perm, self.blk_start, self.blk_len = z(max(capacity, 1)), z(nb), z(nb)
-            self.blk_slot = torch.full((nb,), -1, dtype=torch.int32, device=self.device)
-            self.token_slots = torch.full((max(capacity, 1),), -1, dtype=torch.int32, device=self.device)
-            self.slot_rank = z(num_slots)
-            self.nblk = z(1)
-            self.grid_blocks = nb
+            self.grid_blocks = max_dense_blocks(capacity, num_slots, self.block_m)
+            self._allocate(capacity, self.grid_blocks)
 
-    def _put(self, host: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            return host.pin_memory().to(self.device, non_blocking=True)
-        return host.to(self.device)
-
-    def _copy(self, dst: torch.Tensor, host: torch.Tensor) -> None:
-        if host.numel():
-            src = host.pin_memory() if self.device.type == "cuda" else host
-            dst[: host.numel()].copy_(src, non_blocking=True)
+    def _allocate(self, tokens: int, blocks: int) -> None:
+        self._lay = _layout(tokens, blocks, self.num_slots)
+        off, n = self._lay["nblk"]
+        self.buffer = torch.empty(off + 4, dtype=torch.int32, device=self.device)
+        for name, (o, n) in self._lay.items():
+            setattr(self, name, self.buffer[o:o + n])
 
     def update(self, batch: BatchInfo) -> None:
-        """Point the buffers at ``batch`` (host planning + one non-blocking copy per buffer; no sync)."""
+        """Point the buffers at ``batch``: host planning, then one non-blocking copy (no sync)."""
         T = batch.num_tokens
-        ranks = slot_rank_table(batch, self.num_slots, self.max_rank)
-        tok = torch.repeat_interleave(torch.tensor(batch.request_slots, dtype=torch.int32),
-                                      torch.tensor(batch.seg_lens, dtype=torch.int64))
         if self.capacity is None:
-            self.block_m = block_m_for(T)
-            plan = plan_dense_blocks(batch, self.block_m)
-            self.perm, self.blk_start = self._put(plan.perm), self._put(plan.blk_start)
-            self.blk_len, self.blk_slot = self._put(plan.blk_len), self._put(plan.blk_slot)
-            self.token_slots, self.slot_rank = self._put(tok), self._put(ranks)
-            self.nblk = self._put(torch.tensor([plan.num_blocks], dtype=torch.int32))
-            self.grid_blocks = plan.num_blocks
-        else:
-            if T > self.capacity:
-                raise MetaCapacityError(f"batch of {T} tokens exceeds the static LoRA metadata capacity of "
-                                        f"{self.capacity} tokens (CUDA-graph mode); build the backend with a "
-                                        f"larger max_tokens")
-            plan = plan_dense_blocks(batch, self.block_m)
-            nb = self.blk_slot.numel()
-            slots = torch.full((nb,), -1, dtype=torch.int32)
-            slots[: plan.num_blocks] = plan.blk_slot
-            self._copy(self.perm, plan.perm)
-            self._copy(self.blk_start, plan.blk_start)
-            self._copy(self.blk_len, plan.blk_len)
-            self._copy(self.blk_slot, slots)
-            full_tok = torch.full((self.token_slots.numel(),), -1, dtype=torch.int32)
-            full_tok[:T] = tok
-            self._copy(self.token_slots, full_tok)
-            self._copy(self.slot_rank, ranks)
-            self._copy(self.nblk, torch.tensor([plan.num_blocks], dtype=torch.int32))
+            self.prefill = T > PREFILL_TOKENS
+            self.block_m = block_m_for(T, self.prefill_block_m)
+        elif T > self.capacity:
+            raise MetaCapacityError(f"batch of {T} tokens exceeds the static LoRA metadata capacity of "
+                                    f"{self.capacity} tokens (CUDA-graph mode); build the backend with a "
+                                    f"larger max_tokens")
+        perm, starts, lens, slots = _plan_lists(batch, self.block_m)
+        if self.capacity is None:
+            self.grid_blocks = len(slots)
+            self._allocate(T, len(slots))
+        lay = self._lay
+        host = [0] * self.buffer.numel()
+
+        def put(name: str, vals: list[int], fill: int = 0) -> None:
+            o, n = lay[name]
+            assert len(vals) <= n, (name, len(vals), n)
+            host[o:o + n] = vals + [fill] * (n - len(vals))
+
+        tok: list[int] = []
+        for s, n in zip(batch.request_slots, batch.seg_lens):
+            tok.extend([s] * n)
+        put("perm", perm)
+        put("blk_start", starts)
+        put("blk_len", lens)
+        put("blk_slot", slots, -1)         # unused blocks: slot -1
+        put("token_slots", tok, -1)
+        put("slot_rank", _rank_list(batch, self.num_slots, self.max_rank))
+        put("nblk", [len(slots)])
+        src = torch.frombuffer(array.array("i", host), dtype=torch.int32)
+        if self.device.type == "cuda":
+            # a fresh pinned block per batch (torch's host allocator reuses it only after this copy is done)
+            pinned = torch.empty(src.numel(), dtype=torch.int32, pin_memory=True)
+            pinned.copy_(src)
+            src = pinned
+        self.buffer.copy_(src, non_blocking=True)
         self.num_tokens = T
 
 

@@ -1,10 +1,11 @@
 """``TritonBackend``: the LoRA ops as segmented Triton kernels (docs/KERNELS.md).
 
-Dense op, decode regime (<= 512 tokens): one launch of the fused kernel (K split over a few programs per
-block that meet on the device); prefill: two launches (shrink, expand). Expert op: one fused launch over
-the blocks of all routed rows of all local experts up to ``EXPERT_FUSED_ROWS`` routed rows, two above
-(blocks built on the device once per layer and cached in the ``ExpertRouting``). Embedding: a
-gather-shrink and an expand. Pools of a max rank above ``FUSED_MAX_RANK`` take the two-launch path for
+Dense op, decode regime (<= 512 tokens): one launch of the fused kernel (K chunks spread over as many
+programs per block as the used blocks leave SMs for; they meet on the device); prefill: two launches
+(shrink, expand), or the fused kernel with one program per 16-row block (``FUSED_PREFILL``). Expert op:
+one fused launch over the blocks of all routed rows of all local experts up to ``EXPERT_FUSED_ROWS`` routed
+rows, two above (blocks built on the device once per layer and cached in the ``ExpertRouting``).
+Embedding: a gather-shrink and an expand. Pools of a max rank above ``FUSED_MAX_RANK`` take the two-launch path for
 every op. Nothing in a forward reads device memory on the host.
 
 CUDA graphs: ``TritonBackend(max_tokens=T)`` keeps its metadata in static buffers sized for T tokens and
@@ -22,7 +23,7 @@ from ..device.pool import GpuPool
 from ..runtime.batch import BatchInfo
 from . import triton_kernels as K
 from .layer import BackendError, ExpertRouting, TorchBackend
-from .meta import BLOCK_M_DECODE, DenseMeta
+from .meta import BLOCK_M_DECODE, BLOCK_M_PREFILL, DenseMeta
 
 
 class TritonBackend:
@@ -42,16 +43,19 @@ class TritonBackend:
 
     def prepare(self, pool: GpuPool, batch: BatchInfo) -> None:
         if self.meta is None or self._pool_id != id(pool):
-            self.meta = DenseMeta(pool.max_loras, pool.max_rank, pool.device, capacity=self.max_tokens)
+            prefill_bm = BLOCK_M_DECODE if K.FUSED_PREFILL and self._fused(pool) else BLOCK_M_PREFILL
+            self.meta = DenseMeta(pool.max_loras, pool.max_rank, pool.device, capacity=self.max_tokens,
+                                  prefill_block_m=prefill_bm)
             self._pool_id = id(pool)
             self._view_cache = {}
             self._scratch = K.FusedScratch()
             m = self.meta
-            if m.capacity is not None and self._fused(pool) and m.block_m == BLOCK_M_DECODE:
-                # static mode: the fused kernel's scratch for the capacity, before any graph capture
-                need = max([K.FusedScratch.need(s.a_shape[1], m.grid_blocks, m.block_m, pool.max_rank, pool.device)
-                            for name, s in pool.shapes.items() if name not in ("embed",)] + [0])
-                self._scratch.reserve(need, m.grid_blocks, pool.device)
+            if m.capacity is not None and self._fused(pool) and not m.prefill:
+                # static mode: the fused kernel's scratch for the pool's largest K, before any graph capture
+                needs = [K.FusedScratch.need(s.a_shape[1], m.block_m, pool.max_rank, pool.device)
+                         for name, s in pool.shapes.items() if name != "embed"]
+                self._scratch.reserve(max([e for e, _ in needs] + [0]), max([b for _, b in needs] + [0]),
+                                      pool.device)
         self.meta.update(batch)
 
     def _views(self, pool: GpuPool, module: str, layer: int) -> tuple:
@@ -90,9 +94,9 @@ class TritonBackend:
         m = self._meta(pool)
         blocks = self._dense_blocks(m)
         A, B, sc = self._views(pool, module, layer)
-        if m.block_m == BLOCK_M_DECODE and K.FUSED_DENSE and self._fused(pool):
+        if self._fused(pool) and (K.FUSED_PREFILL if m.prefill else K.FUSED_DENSE):
             K.fused(x, A, B, sc, out, blocks, m.nblk, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank,
-                    expert=False, scratch=self._scratch)
+                    expert=False, scratch=None if m.prefill else self._scratch)
             return
         P = K.shrink(x, A, None, blocks, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank)
         K.expand(P, B, None, sc, None, out, blocks, m.grid_blocks, m.block_m, m.slot_rank, x.dtype,

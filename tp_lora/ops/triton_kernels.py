@@ -2,15 +2,17 @@
 
 A *block* is at most ``BLOCK_M`` rows that share one slot (and one local expert for the expert op).
 
-* ``fused`` (dense modules and the experts of a layer; one launch): a program owns one block and a share of
-  the output's N tiles. It computes the block's ``p = x[rows] @ A[slot]^T`` over the whole K (float32
-  accumulation, rounded once to the compute dtype) up to the slot's rank, then for each of its N tiles
-  ``out[rows, tile] += s * p @ B[slot, tile, :rank]^T`` (read, add in float32, one rounding, write). No
-  partial buffer, no second launch. The grid is static (``GRID`` programs, CUDA-graph safe); the number of
-  used blocks is read on the device, and each program derives from it how many programs share one block's N
-  tiles (``G``): few blocks (decode) -> many programs per block, each recomputing the block's small ``p``
-  from L2; many blocks (prefill) -> one program per block, looping over blocks. ``G`` only decides which
-  program computes a tile, never how: a row's bits do not depend on the rest of the batch.
+* ``fused`` (dense modules and the experts of a layer; one launch): K is cut into chunks (``fused_chunks``,
+  a function of K). In the decode regime the used blocks (read on the device) decide how many programs
+  share a block, ``G = min(chunks, SMs // blocks)``: program s of a block computes the float32 partials
+  ``x[rows, chunk] @ A[slot]^T`` of chunks s, s + G, ..., the block's programs meet at its arrival counter
+  (the grid is at most one program per SM, so all are resident), each sums all chunk partials in chunk
+  order, rounds once to the compute dtype and computes the N tiles s, s + G, ... of ``out[rows, tile] += s
+  * p @ B[slot, tile, :rank]^T`` (read, add in float32, one rounding, write; the first tile's loads are
+  issued before the K work). With one program per block (many blocks, the expert op, the interpreter) the
+  program sums the same chunk partials in the same order itself: ``G`` decides which program computes
+  what, never how, so a row's bits do not depend on the rest of the batch. No second launch; the grid is
+  static (CUDA-graph safe).
 * Rank tile: a slot of rank <= 16 uses a 16-wide tile, others one tile of the pool's max rank (next power of
   two, <= ``FUSED_MAX_RANK``): the whole rank at once, so x is read once per block. Loads are masked at the
   slot's rank: nothing above a slot's rank is ever read (NaN planted there never reaches an output).
@@ -51,7 +53,15 @@ EXPERT_FUSED_ROWS = 4096   # the fused expert op up to this many routed rows (de
 FUSED_DENSE = True      # dense ops of the decode regime through the fused kernel (else two launches)
 
 # Tuning of the fused kernel (H200, docs/KERNELS.md); a plain dict so scripts/bench_ops.py --sweep can vary it.
-FUSED_CONFIG = dict(block_n=128, block_k=128, num_warps=4, num_stages=3, programs_per_sm=2)
+# chunk_k: K columns per chunk of the K split (summed in chunk order, so the split never changes a row's bits);
+# prefetch: the first N tile's B and out loads issued before the K work.
+FUSED_CONFIG = dict(block_n=256, block_k=128, chunk_k=256, num_warps=8, expert_warps=4, num_stages=3,
+                    programs_per_sm=2, prefetch=True)
+FUSED_MAX_CHUNKS = 16   # K chunks of the fused kernel's split (q: 16 of 256 columns; down: 14 of 1024)
+FUSED_PREFILL = False   # dense ops of the prefill regime through the fused kernel too (16-row blocks)
+# The two-launch path's tiles (decode / prefill regime where they differ).
+TWO_LAUNCH_CONFIG = dict(shrink_block_k=(256, 128), shrink_warps=4, shrink_stages=3, expand_block_n=128,
+                         expand_warps=4)
 
 
 
@@ -89,19 +99,16 @@ def _block_slot_rank(blk_slot_ptr, rank_ptr, b):
 
 
 @triton.jit
-def _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out_ptr, som, son, rows, mrow,
-                 rank, K, N, KS, s, b, p_ptr, arrive_ptr, depart_ptr, SPL: tl.constexpr, IEEE: tl.constexpr,
-                 UPCAST: tl.constexpr, CDT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, RT: tl.constexpr, BR: tl.constexpr):
-    """Program ``s`` of the ``SPL`` programs of block ``b`` (rank tile ``BR`` >= rank): its K split's
-    partial ``x[rows, ks] @ A^T``; with SPL > 1 the partials go through ``p_ptr`` and the block's programs
-    meet at its arrival counter (all of them are resident: the grid is at most one program per SM); then
-    the block's p (the splits summed in a fixed order, rounded once to the compute dtype) times B for the N
-    tiles s, s + SPL, ...; the last program to leave resets the block's counters for the next launch."""
-    offs_r = tl.arange(0, BR)
-    mr = offs_r < rank
-    k_lo = s * KS
-    k_hi = tl.minimum(K, k_lo + KS)
+def _xa(x_ptr, sxm, sxk, a_base, sar, sak, rows, mrow, offs_r, mr, k_lo, k_hi, KC, pchunk, pmask,
+        MODE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr, BR: tl.constexpr, PS: tl.constexpr):
+    """``x[rows, k_lo:k_hi] @ A[offs_r, k_lo:k_hi]^T`` in float32, ``[BLOCK_M, BR]`` (A's rows masked at the
+    slot's rank by ``mr``, x's at the block's rows by ``mrow``): the one K loop of the fused and the shrink
+    kernels. MODE 0: one accumulation over the range. MODE 1 / 2: in chunks of ``KC`` columns (a multiple
+    of BLOCK_K; k_lo on a chunk boundary), each accumulated from zero in one pipelined loop over the whole
+    range; MODE 1 returns the chunks' sum in chunk order, MODE 2 writes chunk c's partial to ``pchunk + c *
+    PS`` (masked by ``pmask``) and returns zeros. Both give a chunk the same bits."""
+    acc = tl.zeros((BLOCK_M, BR), dtype=tl.float32)
     p = tl.zeros((BLOCK_M, BR), dtype=tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
@@ -110,36 +117,93 @@ def _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out
                      other=0.0)
         at = tl.load(a_base + offs_r[None, :] * sar + offs_k[:, None] * sak, mask=mk[:, None] & mr[None, :],
                      other=0.0)
-        p += _mm(xt, at.to(xt.dtype), IEEE, UPCAST)
-    if SPL > 1:
-        offs_m = tl.arange(0, BLOCK_M)
-        tile = offs_m[:, None] * RT + offs_r[None, :]
-        pbase = p_ptr + b.to(tl.int64) * (SPL * BLOCK_M * RT)
-        tl.store(pbase + s * (BLOCK_M * RT) + tile, p)
-        tl.debug_barrier()                                   # every thread's partial is written ...
-        tl.atomic_add(arrive_ptr + b, 1, sem="release")      # ... before the block's counter counts it
-        c = tl.atomic_add(arrive_ptr + b, 0, sem="acquire")
-        while c < SPL:
-            c = tl.atomic_add(arrive_ptr + b, 0, sem="acquire")
+        acc += _mm(xt, at.to(xt.dtype), IEEE, UPCAST)
+        if MODE != 0:
+            end = ((k + BLOCK_K) % KC == 0) | (k + BLOCK_K >= k_hi)     # the last tile of a chunk
+            if MODE == 1:
+                p += tl.where(end, acc, 0.0)     # p + 0 is p: the chunks' sum in chunk order
+            else:
+                tl.store(pchunk + (k // KC) * PS, acc, mask=pmask & end)
+            acc = tl.where(end, 0.0, acc)
+    if MODE == 0:
+        p = acc
+    return p
+
+
+@triton.jit
+def _tile_in(b_base, sbn, sbr, offs_r, mr, out_ptr, som, son, rows, mrow, t, N, BLOCK_N: tl.constexpr):
+    """N tile ``t``'s inputs: ``B[slot, tile, :rank]^T`` ``[BR, BLOCK_N]``, the block's out rows ``[BLOCK_M,
+    BLOCK_N]``, their pointers and mask."""
+    offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = offs_n < N
+    bt = tl.load(b_base + offs_n[None, :] * sbn + offs_r[:, None] * sbr, mask=mr[:, None] & mn[None, :], other=0.0)
+    omask = mrow[:, None] & mn[None, :]
+    optr = out_ptr + rows[:, None] * som + offs_n[None, :] * son
+    return bt, tl.load(optr, mask=omask, other=0.0), optr, omask
+
+
+@triton.jit
+def _out_tile(pc, bt, o, scale, optr, omask, IEEE: tl.constexpr, UPCAST: tl.constexpr, CDT: tl.constexpr):
+    """``out[rows, tile] = o + scale * pc @ bt`` (float32, one rounding): one helper for the prefetched first
+    tile and the later ones, so a tile's bits never depend on which program (how many per block) takes it."""
+    acc = _mm(pc, bt.to(CDT), IEEE, UPCAST) * scale
+    tl.store(optr, (o.to(tl.float32) + acc).to(o.dtype), mask=omask)
+
+
+@triton.jit
+def _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out_ptr, som, son, rows, mrow,
+                 rank, K, N, KC, s, G, b, p_ptr, arrive_ptr, depart_ptr, CH: tl.constexpr,
+                 PREFETCH: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, CDT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RT: tl.constexpr,
+                 BR: tl.constexpr):
+    """Program ``s`` of the ``G`` programs of block ``b`` (rank tile ``BR`` >= rank). K is cut into ``CH``
+    chunks of ``KC`` columns; each chunk's partial ``x[rows, chunk] @ A^T`` is accumulated from zero, and the
+    block's p is the chunks' sum in chunk order, rounded once to the compute dtype: the same bits whatever
+    ``G`` is. ``G > 1``: program s computes its contiguous share of the chunks in one pipelined loop,
+    writes their partials to ``p_ptr`` and the block's programs meet at its arrival counter (all are
+    resident: at most one program per SM), then each sums all chunks; ``G = 1``: one program sums them as
+    it goes. Then p times B for the N tiles s, s + G, ...; with ``PREFETCH`` the first tile's B and out
+    loads are issued before the K work (they do not depend on p). The last program to leave resets the
+    block's counters for the next launch."""
+    offs_r = tl.arange(0, BR)
+    mr = offs_r < rank
+    if PREFETCH:
+        bt0, o0, optr0, omask0 = _tile_in(b_base, sbn, sbr, offs_r, mr, out_ptr, som, son, rows, mrow, s, N,
+                                          BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    tile = offs_m[:, None] * RT + offs_r[None, :]
+    pmask = mrow[:, None] & mr[None, :]
+    if G > 1:
+        # program s: the contiguous chunks [s * CH // G, (s + 1) * CH // G), one pipelined loop
+        pbase = p_ptr + b.to(tl.int64) * (CH * BLOCK_M * RT) + tile
+        c_lo = (s * CH) // G
+        c_hi = ((s + 1) * CH) // G
+        _xa(x_ptr, sxm, sxk, a_base, sar, sak, rows, mrow, offs_r, mr, c_lo * KC, tl.minimum(K, c_hi * KC), KC,
+            pbase, pmask, 2, IEEE, UPCAST, BLOCK_M, BLOCK_K, BR, BLOCK_M * RT)
+        tl.debug_barrier()                                   # every thread's partials are written ...
+        tl.atomic_add(arrive_ptr + b, 1, sem="release")      # ... before the block's counter counts them
+        n = tl.atomic_add(arrive_ptr + b, 0, sem="acquire")
+        while n < G:
+            n = tl.atomic_add(arrive_ptr + b, 0, sem="acquire")
         tl.debug_barrier()
         p = tl.zeros((BLOCK_M, BR), dtype=tl.float32)
-        for q in tl.static_range(SPL):                       # fixed order: the same bits in every program
-            p += tl.load(pbase + q * (BLOCK_M * RT) + tile, cache_modifier=".cg")
+        for c in tl.static_range(CH):      # chunk order (the same bits for every G); unrolled: loads in flight
+            p += tl.load(pbase + c * (BLOCK_M * RT), mask=pmask, other=0.0, cache_modifier=".cg")
+    else:
+        p = _xa(x_ptr, sxm, sxk, a_base, sar, sak, rows, mrow, offs_r, mr, 0, K, KC, p_ptr, pmask, 1, IEEE,
+                UPCAST, BLOCK_M, BLOCK_K, BR, BLOCK_M * RT)
     pc = p.to(CDT)
-    for t in range(s, tl.cdiv(N, BLOCK_N), SPL):
-        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        mn = offs_n < N
-        bt = tl.load(b_base + offs_n[None, :] * sbn + offs_r[:, None] * sbr, mask=mr[:, None] & mn[None, :],
-                     other=0.0)
-        acc = _mm(pc, bt.to(CDT), IEEE, UPCAST) * scale
-        omask = mrow[:, None] & mn[None, :]
-        optr = out_ptr + rows[:, None] * som + offs_n[None, :] * son
-        o = tl.load(optr, mask=omask, other=0.0)
-        tl.store(optr, (o.to(tl.float32) + acc).to(o.dtype), mask=omask)
-    if SPL > 1:
+    t_first = s
+    if PREFETCH:
+        _out_tile(pc, bt0, o0, scale, optr0, omask0, IEEE, UPCAST, CDT)
+        t_first = s + G
+    for t in range(t_first, tl.cdiv(N, BLOCK_N), G):
+        bt, o, optr, omask = _tile_in(b_base, sbn, sbr, offs_r, mr, out_ptr, som, son, rows, mrow, t, N, BLOCK_N)
+        _out_tile(pc, bt, o, scale, optr, omask, IEEE, UPCAST, CDT)
+    if G > 1:
         tl.debug_barrier()
         d = tl.atomic_add(depart_ptr + b, 1, sem="acq_rel")
-        if d == SPL - 1:        # the last to leave: nobody waits on this block any more
+        if d == G - 1:        # the last to leave: nobody waits on this block any more
             tl.atomic_xchg(arrive_ptr + b, 0)
             tl.atomic_xchg(depart_ptr + b, 0)
 
@@ -147,16 +211,26 @@ def _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out
 @triton.jit
 def _fused_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, b_ptr, sbs, sbe, sbn, sbr, sc_ptr, scs, sce,
                   out_ptr, som, son, perm_ptr, blk_start_ptr, blk_len_ptr, blk_slot_ptr, blk_exp_ptr, rank_ptr,
-                  nblk_ptr, p_ptr, arrive_ptr, depart_ptr, K, N, KS, W,
-                  SPL: tl.constexpr, HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                  CDT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  RT: tl.constexpr):
-    # grid W * SPL: program (j, s) takes K split s of blocks j, j + W, ... (all SPL programs of a block in
-    # the same round, so the block's meeting point never waits on a program busy elsewhere)
+                  nblk_ptr, p_ptr, arrive_ptr, depart_ptr, K, N, KC, R,
+                  CH: tl.constexpr, PREFETCH: tl.constexpr, HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr,
+                  UPCAST: tl.constexpr, CDT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, RT: tl.constexpr):
+    # R: programs that may meet (resident together: the grid is at most one per SM then; 1 = never meet).
+    # The used blocks (read on the device) decide how many programs share one: G = min(CH, R // blocks);
+    # G = 1: program j takes blocks j, j + grid, ...
     pid = tl.program_id(0)
-    s = pid % SPL
-    j = pid // SPL
     nbu = tl.load(nblk_ptr)             # used blocks (the first nbu of the table), written on the device
+    G = tl.maximum(1, tl.minimum(CH, R // tl.maximum(nbu, 1)))
+    if G > 1:
+        W = R // G
+        j = pid // G
+        s = pid % G
+        if pid >= W * G:
+            j = nbu                     # no block for this program
+    else:
+        W = tl.num_programs(0)
+        j = pid
+        s = 0
     for b in range(j, nbu, W):
         slot, rank = _block_slot_rank(blk_slot_ptr, rank_ptr, b)
         if rank > 0:
@@ -172,17 +246,17 @@ def _fused_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, b_ptr, sbs, sbe, s
             scale = tl.load(sc_ptr + sc_off)
             if RT <= R16:
                 _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out_ptr, som, son, rows,
-                             mrow, rank, K, N, KS, s, b, p_ptr, arrive_ptr, depart_ptr, SPL, IEEE, UPCAST, CDT,
-                             BLOCK_M, BLOCK_N, BLOCK_K, RT, R16)
+                             mrow, rank, K, N, KC, s, G, b, p_ptr, arrive_ptr, depart_ptr, CH, PREFETCH, IEEE,
+                             UPCAST, CDT, BLOCK_M, BLOCK_N, BLOCK_K, RT, R16)
             else:
                 if rank <= R16:     # a slot's rank picks its tile: 16, or the pool's whole max rank
                     _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out_ptr, som, son,
-                                 rows, mrow, rank, K, N, KS, s, b, p_ptr, arrive_ptr, depart_ptr, SPL, IEEE,
-                                 UPCAST, CDT, BLOCK_M, BLOCK_N, BLOCK_K, RT, R16)
+                                 rows, mrow, rank, K, N, KC, s, G, b, p_ptr, arrive_ptr, depart_ptr, CH, PREFETCH,
+                                 IEEE, UPCAST, CDT, BLOCK_M, BLOCK_N, BLOCK_K, RT, R16)
                 else:
                     _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out_ptr, som, son,
-                                 rows, mrow, rank, K, N, KS, s, b, p_ptr, arrive_ptr, depart_ptr, SPL, IEEE,
-                                 UPCAST, CDT, BLOCK_M, BLOCK_N, BLOCK_K, RT, RT)
+                                 rows, mrow, rank, K, N, KC, s, G, b, p_ptr, arrive_ptr, depart_ptr, CH, PREFETCH,
+                                 IEEE, UPCAST, CDT, BLOCK_M, BLOCK_N, BLOCK_K, RT, RT)
 
 
 @triton.jit
@@ -191,17 +265,10 @@ def _shrink_tile(x_ptr, sxm, sxk, a_base, sar, sak, p_ptr, sps, spm, spr, rows, 
                  BR: tl.constexpr):
     offs_r = r0 + tl.arange(0, BR)
     mr = offs_r < rank
-    acc = tl.zeros((BLOCK_M, BR), dtype=tl.float32)
-    for k in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        mk = offs_k < k_hi
-        xt = tl.load(x_ptr + rows[:, None] * sxm + offs_k[None, :] * sxk, mask=mrow[:, None] & mk[None, :],
-                     other=0.0)
-        at = tl.load(a_base + offs_r[None, :] * sar + offs_k[:, None] * sak, mask=mk[:, None] & mr[None, :],
-                     other=0.0)
-        acc += _mm(xt, at.to(xt.dtype), IEEE, UPCAST)
-    tl.store(p_ptr + pid_s * sps + rows[:, None] * spm + offs_r[None, :] * spr, acc,
-             mask=mrow[:, None] & mr[None, :])
+    pmask = mrow[:, None] & mr[None, :]
+    acc = _xa(x_ptr, sxm, sxk, a_base, sar, sak, rows, mrow, offs_r, mr, k_lo, k_hi, k_hi, p_ptr, pmask, 0, IEEE,
+              UPCAST, BLOCK_M, BLOCK_K, BR, 1)
+    tl.store(p_ptr + pid_s * sps + rows[:, None] * spm + offs_r[None, :] * spr, acc, mask=pmask)
 
 
 @triton.jit
@@ -391,46 +458,57 @@ def rank_tile(max_rank: int) -> int:
     return _pow2(max_rank, BLOCK_R, max(BLOCK_R, FUSED_MAX_RANK))
 
 
-def fused_splits(K: int, device: torch.device, split: bool) -> tuple[int, int]:
-    """(programs per block, K columns per program) of the fused kernel: a function of K and the device
-    only. ``split``: the K splits of the decode regime (at most one program per SM in all); else, and
-    under the interpreter (whose programs run one after another, so they could not meet), one program per
-    block."""
-    if not split or INTERPRET or device.type != "cuda":
-        return 1, max(K, 1)
-    ks = max(split_size(K, False), -(-K // _sms(device)))
-    return -(-K // ks), ks
+def fused_chunks(K: int) -> tuple[int, int]:
+    """(chunks, K columns per chunk) of the fused kernel's K split: a function of K only. A chunk is the
+    unit of the split (its partial is summed with the others in chunk order), so a row's bits never depend
+    on how many programs share its block. At most ``FUSED_MAX_CHUNKS`` chunks (every program of a block
+    loads all partials at once), each ``chunk_k`` columns or the next power of two above K / that."""
+    K = max(K, 1)
+    kc = max(FUSED_CONFIG["chunk_k"], triton.next_power_of_2(-(-K // FUSED_MAX_CHUNKS)))
+    kc = max(16, min(triton.next_power_of_2(K), kc))
+    return -(-K // kc), kc
+
+
+def fused_meet(device: torch.device, split: bool) -> int:
+    """Programs that may meet on a block (resident together, at most one per SM): the device's SM count
+    with ``split`` (the decode regime), else 1 (one program per block); always 1 under the interpreter
+    (its programs run one after another, so they could never meet)."""
+    return _sms(device) if split and not INTERPRET and device.type == "cuda" else 1
 
 
 class FusedScratch:
-    """The split fused kernel's float32 partials (``[blocks, splits, 16, RT]``) and per-block arrival /
-    departure counters (zero between launches: the kernel resets what it used). Allocated once and grown
-    when a larger batch needs it (outside any CUDA-graph capture: ``reserve`` it for the capacity first).
+    """The split fused kernel's float32 chunk partials (``[blocks, chunks, 16, RT]``) and per-block arrival /
+    departure counters (zero between launches: the kernel resets what it used). A block is split only
+    while at most half the SMs' worth of blocks are used, so ``SMs // 2`` blocks bound it. Allocated once
+    and grown when a larger K or rank needs it (outside any CUDA-graph capture: ``reserve`` it first).
     One scratch per stream of use: two ops running concurrently must not share one."""
 
     def __init__(self) -> None:
         self.p: torch.Tensor | None = None
         self.cnt: torch.Tensor | None = None
-        self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def reserve(self, p_elems: int, blocks: int, device: torch.device) -> None:
         if self.p is None or self.p.numel() < p_elems or self.p.device != device:
             self.p = torch.empty(max(p_elems, 1), dtype=torch.float32, device=device)
         if self.cnt is None or self.cnt.numel() < 2 * blocks or self.cnt.device != device:
             self.cnt = torch.zeros(2 * max(blocks, 1), dtype=torch.int32, device=device)
-            self._views = {}
+            n = self.cnt.numel() // 2
+            self._views = (self.cnt[:n], self.cnt[n:])
 
-    def counters(self, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(arrivals, departures) of ``blocks`` blocks: views made once (slicing costs host time)."""
-        v = self._views.get(blocks)
-        if v is None:
-            v = self._views[blocks] = (self.cnt[:blocks], self.cnt[blocks:2 * blocks])
-        return v
+    def counters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(arrivals, departures): views made once (slicing costs host time)."""
+        assert self._views is not None
+        return self._views
 
     @staticmethod
-    def need(K: int, blocks: int, block_m: int, max_rank: int, device: torch.device) -> int:
-        spl, _ = fused_splits(K, device, True)
-        return blocks * spl * block_m * rank_tile(max_rank) if spl > 1 else 0
+    def need(K: int, block_m: int, max_rank: int, device: torch.device) -> tuple[int, int]:
+        """(float32 elements, blocks) the split kernel needs for an op of K columns."""
+        meet = fused_meet(device, True)
+        ch, _ = fused_chunks(K)
+        if meet < 2 or ch < 2:
+            return 0, 0
+        return (meet // 2) * ch * block_m * rank_tile(max_rank), meet // 2
 
 
 def fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, out: torch.Tensor,
@@ -440,34 +518,38 @@ def fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tens
     blocks' rows, in one launch. x ``[rows, K]``, out ``[rows, N]`` (any strides); A ``[S, R, K]`` / ``[S,
     E, R, K]``, B ``[S, N, R]`` / ``[S, E, N, R]``, scaling ``[S]`` / ``[S, E]`` float32 (``expert``
     selects the second forms); ``nblk`` a 1-element int32 device tensor: the used blocks (a prefix of the
-    table); ``grid_blocks``: the table's static length. ``scratch`` given: K split over several programs
-    per block that meet through it (decode); None: one program per block. Requires ``max_rank <=
-    FUSED_MAX_RANK``."""
+    table); ``grid_blocks``: the table's static length. ``scratch`` given (decode regime, dense): K chunks
+    spread over several programs per block that meet through it, as many as the used blocks leave SMs for;
+    None: one program per block. Requires ``max_rank <= FUSED_MAX_RANK``."""
     rows, K = x.shape
     N = out.shape[1]
     if grid_blocks == 0 or rows == 0 or N == 0:
         return
     cfg = FUSED_CONFIG
-    spl, ks = fused_splits(K, x.device, scratch is not None)
+    # one chunk (the whole K) where the kernel never splits: the expert op, the prefill regime
+    ch, kc = fused_chunks(K) if scratch is not None else (1, max(K, 1))
     rt = rank_tile(max_rank)
-    if spl > 1:
-        scratch.reserve(grid_blocks * spl * block_m * rt, grid_blocks, x.device)
-        w = max(1, min(grid_blocks, _sms(x.device) // spl))
-        P, (arrive, depart) = scratch.p, scratch.counters(grid_blocks)
+    meet = fused_meet(x.device, scratch is not None) if ch > 1 else 1
+    if meet > 1:
+        p_elems, nb = FusedScratch.need(K, block_m, max_rank, x.device)
+        scratch.reserve(p_elems, nb, x.device)
+        meet = min(meet, grid_blocks * ch)
+        grid = meet                                  # one program per SM at most: all resident, they can meet
+        P, (arrive, depart) = scratch.p, scratch.counters()
     else:
-        w = grid_blocks if INTERPRET or x.device.type != "cuda" else \
+        grid = grid_blocks if INTERPRET or x.device.type != "cuda" else \
             max(1, min(grid_blocks, cfg["programs_per_sm"] * _sms(x.device)))
         P, arrive, depart = scaling, nblk, nblk      # not read with one program per block
     perm, bs, bl, bslot, bexp = blocks
     e_a, e_b, e_s = (A.stride(1), B.stride(1), scaling.stride(1)) if expert else (0, 0, 0)
-    _fused((w * spl,), (x, x.stride(0), x.stride(1), A, A.stride(0), e_a, A.stride(-2), A.stride(-1),
-                        B, B.stride(0), e_b, B.stride(-2), B.stride(-1), scaling, scaling.stride(0), e_s,
-                        out, out.stride(0), out.stride(1), perm, bs, bl, bslot, bexp, slot_rank, nblk,
-                        P, arrive, depart, K, N, ks, w),
-           dict(SPL=spl, HAS_EXPERT=expert, IEEE=x.dtype == torch.float32, UPCAST=INTERPRET, CDT=_CDT[x.dtype],
-                BLOCK_M=block_m, BLOCK_N=_pow2(N, 16, cfg["block_n"]), BLOCK_K=_pow2(min(K, ks), 16, cfg["block_k"]),
-                RT=rt),
-           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _fused((grid,), (x, x.stride(0), x.stride(1), A, A.stride(0), e_a, A.stride(-2), A.stride(-1),
+                     B, B.stride(0), e_b, B.stride(-2), B.stride(-1), scaling, scaling.stride(0), e_s,
+                     out, out.stride(0), out.stride(1), perm, bs, bl, bslot, bexp, slot_rank, nblk,
+                     P, arrive, depart, K, N, kc, meet),
+           dict(CH=ch, PREFETCH=bool(cfg["prefetch"]), HAS_EXPERT=expert, IEEE=x.dtype == torch.float32,
+                UPCAST=INTERPRET, CDT=_CDT[x.dtype], BLOCK_M=block_m, BLOCK_N=_pow2(N, 16, cfg["block_n"]),
+                BLOCK_K=_pow2(min(K, kc), 16, cfg["block_k"]), RT=rt),
+           num_warps=cfg["expert_warps" if expert else "num_warps"], num_stages=cfg["num_stages"])
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, grid_blocks: int,
@@ -493,7 +575,8 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, 
             (x, x.stride(0), x.stride(1), A, A.stride(0), expert_stride or 0, A.stride(-2), A.stride(-1),
              P, P.stride(0), P.stride(1), P.stride(2), perm, bs, bl, bslot, bexp, slot_rank, K, ks),
             dict(HAS_EXPERT=expert_stride is not None, IEEE=x.dtype == torch.float32, UPCAST=INTERPRET,
-                 BLOCK_M=block_m, RT=rt, BLOCK_K=_pow2(K, 16, 128 if prefill else 256)))
+                 BLOCK_M=block_m, RT=rt, BLOCK_K=_pow2(K, 16, TWO_LAUNCH_CONFIG["shrink_block_k"][prefill])),
+            num_warps=TWO_LAUNCH_CONFIG["shrink_warps"], num_stages=TWO_LAUNCH_CONFIG["shrink_stages"])
     return P
 
 
@@ -524,15 +607,16 @@ def expand(P: torch.Tensor, B: torch.Tensor, expert_stride: int | None, scaling:
     if grid_blocks == 0 or rows == 0 or N == 0:
         return
     perm, bs, bl, bslot, bexp = blocks
-    bn = _pow2(N, 16, 128)
+    bn = _pow2(N, 16, TWO_LAUNCH_CONFIG["expand_block_n"])
     _expand((triton.cdiv(N, bn), grid_blocks),
             (P, P.stride(0), P.stride(1), P.stride(2), B, B.stride(0), expert_stride or 0, B.stride(-2),
              B.stride(-1), scaling, scaling.stride(0), scaling_expert_stride or 0, out, out.stride(0),
              out.stride(1), perm, bs, bl, bslot, bexp, slot_rank, N),
             dict(SPLITS=P.shape[0], HAS_EXPERT=expert_stride is not None, IEEE=compute_dtype == torch.float32,
                  UPCAST=INTERPRET, CDT=_CDT[compute_dtype], BLOCK_M=block_m, BLOCK_N=bn, RT=rank_tile(max_rank)),
-            num_stages=1)   # one rank tile per slot: nothing to pipeline (and the split partials' stages
-                            # of a 64-row, 64-rank tile would exceed the shared memory)
+            # one stage: one rank tile per slot, nothing to pipeline (and the split partials' stages of a
+            # 64-row, 64-rank tile would exceed the shared memory)
+            num_warps=TWO_LAUNCH_CONFIG["expand_warps"], num_stages=1)
 
 
 # -- expert routing metadata on the device (a counting sort by (expert, slot)) ----------------------------------
