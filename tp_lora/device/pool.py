@@ -3,8 +3,10 @@
 Layout (docs/ARCHITECTURE.md): per pool module, A ``[S, L, (E_local,) R, in_local]`` and B
 ``[S, L, (E_local,) out_local, R]`` in the serving dtype, plus float32 scalings ``[S, L, max(E_local,1)]``.
 A slot's region of each buffer is contiguous (slot is the leading dim), and a module's blocks for
-consecutive layers/experts are consecutive, so the transfer places a chunk's slices of one module with
-one strided copy. Slot allocation is a pure function of the call sequence: every rank picks the same slot.
+consecutive layers/experts are consecutive, so a chunk's slices of one module form one copy group. All
+A/B buffers are views of one flat allocation (``flat``): the placement kernel addresses every group of a
+chunk as offsets into it, in one launch. Slot allocation is a pure function of the call sequence: every
+rank picks the same slot.
 """
 
 from __future__ import annotations

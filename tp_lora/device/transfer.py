@@ -4,11 +4,13 @@ One load moves this rank's slices of one adapter into one pool slot:
 
     pinner threads:  take each chunk's host buffer from the arena ahead of use (the cache entry's
                      buffer when the adapter is cached, a ring buffer when streamed)
-    reader threads:  fill the buffer part by part (host/reader.py: scatter preads, span reads)
-    loader thread:   one H2D copy per part on the copy stream; once a chunk is complete, one strided
-                     device copy per (module, side) into the slot, casting to the pool dtype
+    reader threads:  fill the buffer part by part (host/reader.py: a part's direct reads in one io_uring
+                     submission, or scatter preads; span reads through scratch)
+    loader thread:   one H2D copy per part (parts already read: one for all of them) on the copy stream;
+                     once a chunk is complete, its placement into the slot, cast to the pool dtype and
+                     value-checked (device/place.py: one Triton launch per chunk on CUDA)
 
-A warm load (chunks complete in the pinned cache) is one H2D per chunk plus the placement copies. Host
+A warm load (chunks complete in the pinned cache) is one H2D per chunk plus its placement. Host
 memory in flight beyond the cache is bounded: a streamed (uncached) adapter goes through a ring of
 ``ring_slots`` buffers. Without CUDA the same code runs with plain host memory and a CPU "device": no
 path that pins or touches CUDA streams is reachable.
@@ -156,10 +158,10 @@ class TransferEngine:
     """Runs loads one at a time (the manager's loader thread calls ``run``).
 
     Cold pipeline, per unit (a part of a chunk) in order: a pinner thread takes the chunk's host buffer,
-    ``read_workers`` reader threads fill units from the file (preadv releases the GIL, so reads of several
-    units run in parallel), and the loader thread issues one H2D copy per unit plus, once a chunk is
-    complete, one placement copy per (module, side). At most ``read_workers + 1`` units are ahead of the
-    copy (``ring_slots`` when streamed), so host memory in flight stays bounded.
+    ``read_workers`` reader threads fill units from the file (io_uring and preadv release the GIL, so reads
+    of several units run in parallel), and the loader thread issues one H2D copy per unit plus, once a
+    chunk is complete, its placement (``Placer``). At most ``read_ahead`` (default ``read_workers + 1``)
+    units are ahead of the copy (``ring_slots`` when streamed), so host memory in flight stays bounded.
     """
 
     def __init__(self, device: Device, pool: GpuPool, cache: PinnedCache, *, chunk_bytes: int,
