@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
