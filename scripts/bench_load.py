@@ -248,6 +248,61 @@ def _cold(mgr: LoRAManager, path: Path, name: str) -> tuple[float, dict]:
     return time.perf_counter() - t, mgr.stats().load_stats[-1]
 
 
+def trace_summary(tr, total_s: float, readers: int) -> dict:
+    """Where one cold load's time went (``TransferEngine.trace``): the readers' busy fraction over the
+    load, when the first read started and the last ended, the loader's waits and issue time, the slowest
+    unit; ``raw`` keeps the timeline (ms) for plots."""
+    if tr is None or not tr.reads:
+        return {}
+    busy = sum(d - r for _, _, _, r, d, _ in tr.reads)
+    first = min(r for _, _, _, r, _, _ in tr.reads)
+    last = max(d for _, _, _, _, d, _ in tr.reads)
+    slow = max(tr.reads, key=lambda x: x[4] - x[3])
+    waits = [b - a for k, a, b, _ in tr.loader if k == "wait"]
+    issues = [b - a for k, a, b, _ in tr.loader if k == "issue"]
+    last_issue_end = max((b for k, _, b, _ in tr.loader if k == "issue"), default=0.0)
+    tids = sorted({x[0] for x in tr.reads})
+    ms = lambda v: round(v * 1e3, 4)  # noqa: E731
+    return {
+        "units": tr.units, "reader_threads_used": len(tids),
+        "reader_busy_frac": busy / (readers * total_s) if total_s > 0 else float("nan"),
+        "reader_busy_frac_in_reads": busy / (readers * (last - first)) if last > first else float("nan"),
+        "first_read_start_s": first, "last_read_end_s": last, "after_last_read_s": total_s - last,
+        "last_issue_end_s": last_issue_end, "buffer_wait_s": sum(r - p for _, _, p, r, _, _ in tr.reads),
+        "loader_wait_s": sum(waits), "loader_issue_s": sum(issues), "loader_issues": len(issues),
+        "max_issue_s": max(issues, default=0.0),
+        "slowest_unit_s": slow[4] - slow[3], "slowest_unit_syscalls": slow[5],
+        "unit_read_s_median": med([d - r for _, _, _, r, d, _ in tr.reads]),
+        "raw": {"reads": [(tids.index(t), i, ms(p), ms(r), ms(d), n) for t, i, p, r, d, n in tr.reads],
+                "loader": [(k, ms(a), ms(b), u) for k, a, b, u in tr.loader], "end_ms": ms(tr.end)},
+    }
+
+
+def reads_only(mgr: LoRAManager, path: Path, name: str, repeats: int) -> float:
+    """The rank's reads alone (no H2D, no placement, no loader in the way): every unit of the plan read
+    by the engine's own reader threads (same rings, iovec tables and scratch) into host buffers of the
+    chunks' sizes, all submitted at once. Subtracted from a cold load, it says what the pipeline costs
+    on top of the read pattern."""
+    from tp_lora.host.reader import SliceReader
+    eng = mgr.engine
+    a = mgr._adapters[name]  # noqa: SLF001 - the registered plan and header
+    chunks = eng.chunks(a.plan)
+    bufs = [eng.device.alloc_host(max(c.nbytes, 1)) for c in chunks]
+    ts = []
+    for _ in range(repeats):
+        page_cache(path)
+        rd = SliceReader(a.header, eng.scratch, eng._memo.table(a.plan, "iov"), check_header=False,  # noqa: SLF001
+                         rings=eng.rings)
+        t = time.perf_counter()
+        futs = [eng._readers.submit(rd.read_part, c, p, b) for c, b in zip(chunks, bufs) for p in c.units()]  # noqa: SLF001
+        for f in futs:
+            f.result()
+        ts.append(time.perf_counter() - t)
+        rd.close()
+    del bufs
+    return med(ts)
+
+
 def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     mgr = _manager(c, args)
@@ -264,10 +319,19 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
     first = time.perf_counter() - t
     first_ls = mgr.stats().load_stats[-1]
     cold, cold_ls = [], []
+    if args.trace:
+        mgr.engine.trace = []
     for i in range(args.repeats):
         dt, ls = _cold(mgr, path, "b" if i % 2 == 0 else "a")
         cold.append(dt)
         cold_ls.append(ls)
+    traces = mgr.engine.trace or []
+    mgr.engine.trace = None
+    # the median cold load's timeline
+    mid = sorted(range(len(cold)), key=lambda i: cold[i])[len(cold) // 2]
+    trace = trace_summary(traces[mid] if mid < len(traces) else None, cold_ls[mid]["total_s"],
+                          mgr.engine.read_workers) if args.trace else {}
+    reads_s = reads_only(mgr, path, "a", args.repeats) if args.trace else None
     mgr.activate("a")
     mgr.activate("b")
     warm = []
@@ -298,8 +362,12 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
         "warm_device_span_s": med([x["h2d_s"] for x in warm_ls]),
         "pinned_in_use": st.pinned_bytes_now, "pinned_planned": st.pinned_planned_now,
         "pinned_reserved": st.pinned_reserved_bytes, "pinned_free": st.pinned_free_bytes,
-        "arena_grow_in_load": ar.grow_in_load,
+        "arena_grow_in_load": ar.grow_in_load, "part_bytes": mgr.engine.part_size(plan),
+        "units": sum(len(ch.units()) for ch in mgr.engine.chunks(plan)),
     }
+    if args.trace:
+        out["trace"] = trace
+        out["reads_only_s"] = reads_s
     out["mgr"] = mgr
     return out
 
@@ -594,6 +662,8 @@ def case_run(name: str, c: dict, path: Path, args: argparse.Namespace) -> dict:
     variants = [(f"cold_place_{m}_s", dict(placement=m)) for m in args.placements.split(",") if m]
     variants += [(f"cold_ahead_{n}_s", dict(read_ahead=int(n))) for n in args.read_aheads.split(",") if n]
     variants += [(f"cold_backend_{b}_s", dict(read_backend=b)) for b in args.read_backends.split(",") if b]
+    variants += [(f"cold_readers_{n}_s", dict(read_workers=int(n))) for n in args.read_workers_list.split(",") if n]
+    variants += [(f"cold_part_{n}_s", dict(part_bytes=int(n))) for n in args.part_bytes_list.split(",") if n]
     if args.ring_exact_rows:  # the io_uring readers with a cost model that charges each span a whole read
         import dataclasses
         from tp_lora.plan.packing import RING_COST
@@ -638,6 +708,10 @@ def main() -> int:
     ap.add_argument("--read-backends", default="", help="also time later cold loads with these read backends")
     ap.add_argument("--read-aheads", default="", help="also time later cold loads with these read_ahead")
     ap.add_argument("--floor-threads", type=int, default=None)
+    ap.add_argument("--trace", action="store_true",
+                    help="timeline of the median cold load (readers, loader) and the rank's reads alone")
+    ap.add_argument("--read-workers-list", default="", help="also time later cold loads with these read_workers")
+    ap.add_argument("--part-bytes-list", default="", help="also time later cold loads with these part_bytes")
     ap.add_argument("--peers", default="", help="'all' or comma-separated peers, once per file")
     ap.add_argument("--baselines", action="store_true", help="eager / lazy (PR #20876) baselines")
     ap.add_argument("--drop-caches", action="store_true", help="disk bandwidth + cold with the page cache dropped")
@@ -724,9 +798,19 @@ def print_table(res: dict) -> None:
               + "".join(f"{ms(p + '_s'):13.1f}" for p in PEER_COLS) + f"{ms('eager_s'):8.1f}{ms('lazy_s'):8.1f}")
         extra = {k: v for k, v in r.items() if k.startswith(("cold_exact", "cold_span", "cold_auto", "disk",
                                                               "cold_dropped", "cold_place", "cold_ahead", "cold_ring",
-                                                              "cold_backend"))}
+                                                              "cold_backend", "cold_readers", "cold_part"))}
         if extra:
             print("   ", json.dumps(extra))
+        t = o.get("trace")
+        if t:
+            print(f"    trace: parts {o['part_bytes'] >> 10} KiB x {t['units']}, readers used {t['reader_threads_used']}, "
+                  f"busy {t['reader_busy_frac']:.0%} of load ({t['reader_busy_frac_in_reads']:.0%} between first and "
+                  f"last read), reads alone {o['reads_only_s'] * 1e3:.1f} ms, first read at "
+                  f"{t['first_read_start_s'] * 1e3:.2f} ms, last read end {t['last_read_end_s'] * 1e3:.1f} ms, after it "
+                  f"{t['after_last_read_s'] * 1e3:.1f} ms; loader wait {t['loader_wait_s'] * 1e3:.1f} / issue "
+                  f"{t['loader_issue_s'] * 1e3:.1f} ms in {t['loader_issues']} (max {t['max_issue_s'] * 1e3:.2f}); slowest "
+                  f"unit {t['slowest_unit_s'] * 1e3:.2f} ms ({t['slowest_unit_syscalls']} reads), median "
+                  f"{t['unit_read_s_median'] * 1e3:.2f} ms; buffer wait {t['buffer_wait_s'] * 1e3:.1f} ms")
     if "overlap" in res:
         print("overlap:", res["overlap"])
 

@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,8 +49,14 @@ from .stats import LoadStats
 log = logging.getLogger(__name__)
 
 
-__all__ = ["Device", "LoadJob", "LoadResult", "LoadStats", "SliceReader", "TransferEngine",
+__all__ = ["Device", "LoadJob", "LoadResult", "LoadStats", "LoadTrace", "SliceReader", "TransferEngine",
            "default_read_workers"]
+
+
+SMALL_LOAD_READERS = 8
+"""Readers in flight for a small cold load (``TransferEngine.readers_for``)."""
+READER_BYTES = 32 << 20
+"""One more reader in flight per this many planned bytes above ``SMALL_LOAD_READERS`` of them."""
 
 
 def default_read_workers() -> int:
@@ -81,6 +87,21 @@ class LoadResult:
     bad_detail: str | None = None  # which tensor, and its value, when a value does not fit the pool dtype
 
 
+@dataclass
+class LoadTrace:
+    """One cold load's timeline (``TransferEngine.trace``; benchmarks): seconds from the start of ``run``.
+
+    ``reads``: per unit read, (reader thread ident, unit index, picked up, buffer ready, read done,
+    syscalls); ``loader``: ("wait" | "issue", start, end, unit index) of the loader thread;
+    ``end``: the load's enqueue end; ``units``: units in the load."""
+
+    adapter: str
+    units: int = 0
+    reads: list = field(default_factory=list)
+    loader: list = field(default_factory=list)
+    end: float = 0.0
+
+
 class _Cancelled(Exception):
     """Internal: a pipeline stage stopped because the load failed elsewhere."""
 
@@ -91,10 +112,13 @@ class _Cancelled(Exception):
 class _CacheSink:
     """A cached load: each chunk's buffer is the cache entry's (taken from the arena), kept after."""
 
-    def __init__(self, engine: "TransferEngine", entry: CacheEntry, chunks: list[Chunk], stats: LoadStats):
+    def __init__(self, engine: "TransferEngine", entry: CacheEntry, chunks: list[Chunk], stats: LoadStats,
+                 plan: SlicePlan):
         self.engine, self.entry, self.chunks, self.stats = engine, entry, chunks, stats
-        # units ahead of the copy (LoRAConfig.read_ahead): keep every reader busy
-        self.window = engine.read_ahead
+        # units ahead of the copy (LoRAConfig.read_ahead; by default the readers this plan keeps busy,
+        # plus one)
+        self.window = (engine._read_ahead if engine._read_ahead is not None
+                       else engine.readers_for(plan) + 1)
 
     def units(self) -> list[tuple[Chunk, Part, bool, Any]]:
         """(chunk, part, last part of its chunk, buffer key): the parts of one chunk share its buffer."""
@@ -177,6 +201,7 @@ class TransferEngine:
         self.ring_slots = ring_slots
         self.read_workers = read_workers if read_workers is not None else default_read_workers()
         self.pin_workers = pin_workers
+        self._read_ahead = read_ahead  # None: per plan, readers_for(plan) + 1
         self.read_ahead = read_ahead if read_ahead is not None else self.read_workers + 1
         check_read_mode(read_mode)
         self.read_mode: ReadMode = read_mode
@@ -190,7 +215,7 @@ class TransferEngine:
         self.cost = RING_COST if use_ring else DEFAULT_COST  # what read_mode "auto" weighs
         # the cold pipeline's unit: a chunk (the cache, H2D-when-warm and placement unit) is read and
         # copied part by part, so a few large chunks still pipeline finely
-        self.part_bytes = part_bytes if part_bytes is not None else max(4096, chunk_bytes // 8)
+        self.part_bytes = part_bytes  # None: per plan, ``part_size``
         self.arena = arena
         self._staging: torch.Tensor | None = None
         self._ring: list[torch.Tensor] = []
@@ -203,6 +228,8 @@ class TransferEngine:
         self._stat_lock = threading.Lock()
         self.scratch = ScratchPool()  # the readers' gap/span scratch, kept across loads
         self.peak_inflight_bytes = 0  # host bytes in flight beyond the cache, high-water mark
+        # benchmarks: a list makes every cold load append its timeline (``LoadTrace``); None costs nothing
+        self.trace: list[LoadTrace] | None = None
         self._spawn_readers()
         if device.is_cuda:
             self._warm_up()
@@ -239,9 +266,24 @@ class TransferEngine:
         """Host bytes a streamed load may hold beyond the cache (the ring)."""
         return self.ring_slots * self.chunk_bytes
 
+    def part_size(self, plan: SlicePlan) -> int:
+        """The cold pipeline's unit: ``part_bytes``, else ``chunk_bytes / 8`` (8 MiB). Smaller parts for
+        small plans were measured and rejected (docs/PERF_NOTES.md row 23: an 80 MiB plan in 1.6 MiB
+        parts loaded in 12.5 ms, in 8 MiB parts 10.2 ms: each unit costs the readers' Python a GIL
+        round trip or two)."""
+        return self.part_bytes if self.part_bytes is not None else max(4096, self.chunk_bytes // 8)
+
+    def readers_for(self, plan: SlicePlan) -> int:
+        """Reader threads a cached cold load of ``plan`` keeps busy: every reader for a large plan, at
+        most ``SMALL_LOAD_READERS`` (plus one per ``READER_BYTES``) for a small one. Measured on the
+        H200 host (16 cores, docs/PERF_NOTES.md row 23): the 80 MiB and 212 MiB plans read 1.4-2.6x
+        faster with 8 units in flight than with 16 (the readers' GIL round trips, not the bytes, bound a
+        small load), plans of 688 MiB and more equal or faster with 16."""
+        return max(1, min(self.read_workers, max(SMALL_LOAD_READERS, -(-plan.nbytes // READER_BYTES))))
+
     def chunks(self, plan: SlicePlan) -> list[Chunk]:
         """The chunks this engine moves ``plan`` in (cached and warm loads)."""
-        return pack(plan, self.chunk_bytes, self.part_bytes, self.read_mode, self.cost)
+        return pack(plan, self.chunk_bytes, self.part_size(plan), self.read_mode, self.cost)
 
     def expect(self, plan: SlicePlan, registered: list[SlicePlan]) -> None:
         """Registration hook, so that the first load of ``plan`` costs what later ones do: pack the plan
@@ -356,7 +398,7 @@ class TransferEngine:
                         assert buf is not None
                         self._h2d_and_place(job, chk, i, chunk, buf, stats)
                 else:
-                    chk = self._run_cold(job, chunks, sizes, stats)
+                    chk = self._run_cold(job, chunks, sizes, stats, t0)
                 bad: Any = self.placer.finish(chk)
                 if dev.is_cuda:
                     end_ev.record(dev.copy_stream)
@@ -408,7 +450,7 @@ class TransferEngine:
         stats.place_s += time.perf_counter() - tp
 
     def _run_cold(self, job: LoadJob, chunks: list[Chunk], sizes: tuple[int, ...],
-                  stats: LoadStats) -> LoadCheck:
+                  stats: LoadStats, t0: float) -> LoadCheck:
         header = job.header
         # opened before reserving cache budget: it raises if the file vanished or changed; closed in the
         # finally below whatever fails after (a ring allocation, a reader)
@@ -423,11 +465,16 @@ class TransferEngine:
             entry = self.cache.begin(header.name, header.fingerprint, sizes, job.plan.cache_keys())
             stats.streamed = entry is None
             if entry is not None:
-                sink = _CacheSink(self, entry, chunks, stats)
+                sink = _CacheSink(self, entry, chunks, stats, job.plan)
             else:
-                sink = _RingSink(self, stream_units(job.plan, self.chunk_bytes, self.part_bytes,
+                sink = _RingSink(self, stream_units(job.plan, self.chunk_bytes, self.part_size(job.plan),
                                                     self.read_mode, self.cost), stats)
             units = sink.units()
+            stats.readers = min(self.read_workers, sink.window)  # readers this load keeps busy at most
+            trace = None
+            if self.trace is not None:
+                trace = LoadTrace(header.name, len(units))
+                self.trace.append(trace)
             chk = self.placer.begin(job.plan, sink.chunks, job.check_finite)
             pos = {id(c): i for i, c in enumerate(sink.chunks)}
             counts = self._memo.get(job.plan, ("counts", stats.streamed, self.chunk_bytes),
@@ -435,16 +482,21 @@ class TransferEngine:
             stats.syscalls, stats.span_ops = counts.syscalls, counts.span_ops
             lock = self._stat_lock
 
-            def fill(chunk: Chunk, part: Part, last: bool, buf_f: cf.Future) -> torch.Tensor:  # readers
+            def fill(i: int, chunk: Chunk, part: Part, last: bool, buf_f: cf.Future) -> torch.Tensor:  # readers
+                tp = time.perf_counter()
                 buf = buf_f.result()
                 if cancelled.is_set():
                     raise _Cancelled()
                 t = time.perf_counter()
+                b0, n0 = rd.bytes_read, rd.ring_reads
                 rd.read_part(chunk, part, buf)
                 if job.fault is not None and last:
                     job.fault("read", chunk.index)
+                te = time.perf_counter()
                 with lock:
-                    stats.read_s += time.perf_counter() - t
+                    stats.read_s += te - t
+                if trace is not None:
+                    trace.reads.append((threading.get_ident(), i, tp - t0, t - t0, te - t0, part.syscalls))
                 return buf
 
             buf_futs: dict[Any, cf.Future] = {}
@@ -454,7 +506,7 @@ class TransferEngine:
                 bf = buf_futs.get(key)
                 if bf is None:
                     bf = buf_futs[key] = self._pinner.submit(sink.buffer, chunk, cancelled)
-                pending.append((chunk, part, last, bf, self._readers.submit(fill, chunk, part, last, bf)))
+                pending.append((chunk, part, last, bf, self._readers.submit(fill, i, chunk, part, last, bf)))
 
             nxt = min(sink.window, len(units))
             for i in range(nxt):
@@ -469,7 +521,10 @@ class TransferEngine:
                     raise AdapterDataError(f"reading slices failed: {type(e).__name__}: {e}",
                                            adapter=header.name, path=header.weights_path) from e
                 finally:
-                    stats.wait_s += time.perf_counter() - tw
+                    te = time.perf_counter()
+                    stats.wait_s += te - tw
+                    if trace is not None:
+                        trace.loader.append(("wait", tw - t0, te - t0, -1))
 
             while pending:
                 chunk, part, last, _, rf = pending.popleft()
@@ -495,7 +550,10 @@ class TransferEngine:
                     self._h2d_and_place(job, chk, pos[id(chunk)], chunk, buf, stats)
                 else:
                     self._h2d_and_place(job, chk, pos[id(chunk)], chunk, buf, stats, start, end, place=last)
-                stats.issue_s += time.perf_counter() - ti
+                te = time.perf_counter()
+                stats.issue_s += te - ti
+                if trace is not None:
+                    trace.loader.append(("issue", ti - t0, te - t0, nxt - len(pending) - 1))
                 stats.h2d_calls += 1
                 if last:
                     sink.copied(buf)
@@ -506,6 +564,8 @@ class TransferEngine:
             header_ok.result()
             rd.verify_unchanged()
             ok = True
+            if trace is not None:
+                trace.end = time.perf_counter() - t0
             return chk
         finally:
             cancelled.set()
