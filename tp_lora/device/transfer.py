@@ -53,12 +53,6 @@ __all__ = ["Device", "LoadJob", "LoadResult", "LoadStats", "LoadTrace", "SliceRe
            "default_read_workers"]
 
 
-SMALL_LOAD_READERS = 8
-"""Readers in flight for a small cold load (``TransferEngine.readers_for``)."""
-READER_BYTES = 32 << 20
-"""One more reader in flight per this many planned bytes above ``SMALL_LOAD_READERS`` of them."""
-
-
 def default_read_workers() -> int:
     """One reader per core this process may run on (page cache -> pinned reads scale with threads:
     5.3 GB/s with 1, 37 GB/s with 16 on the H200 host)."""
@@ -112,13 +106,10 @@ class _Cancelled(Exception):
 class _CacheSink:
     """A cached load: each chunk's buffer is the cache entry's (taken from the arena), kept after."""
 
-    def __init__(self, engine: "TransferEngine", entry: CacheEntry, chunks: list[Chunk], stats: LoadStats,
-                 plan: SlicePlan):
+    def __init__(self, engine: "TransferEngine", entry: CacheEntry, chunks: list[Chunk], stats: LoadStats):
         self.engine, self.entry, self.chunks, self.stats = engine, entry, chunks, stats
-        # units ahead of the copy (LoRAConfig.read_ahead; by default the readers this plan keeps busy,
-        # plus one)
-        self.window = (engine._read_ahead if engine._read_ahead is not None
-                       else engine.readers_for(plan) + 1)
+        # units ahead of the copy (LoRAConfig.read_ahead): keep every reader busy
+        self.window = engine.read_ahead
 
     def units(self) -> list[tuple[Chunk, Part, bool, Any]]:
         """(chunk, part, last part of its chunk, buffer key): the parts of one chunk share its buffer."""
@@ -201,7 +192,6 @@ class TransferEngine:
         self.ring_slots = ring_slots
         self.read_workers = read_workers if read_workers is not None else default_read_workers()
         self.pin_workers = pin_workers
-        self._read_ahead = read_ahead  # None: per plan, readers_for(plan) + 1
         self.read_ahead = read_ahead if read_ahead is not None else self.read_workers + 1
         check_read_mode(read_mode)
         self.read_mode: ReadMode = read_mode
@@ -272,14 +262,6 @@ class TransferEngine:
         parts loaded in 12.5 ms, in 8 MiB parts 10.2 ms: each unit costs the readers' Python a GIL
         round trip or two)."""
         return self.part_bytes if self.part_bytes is not None else max(4096, self.chunk_bytes // 8)
-
-    def readers_for(self, plan: SlicePlan) -> int:
-        """Reader threads a cached cold load of ``plan`` keeps busy: every reader for a large plan, at
-        most ``SMALL_LOAD_READERS`` (plus one per ``READER_BYTES``) for a small one. Measured on the
-        H200 host (16 cores, docs/PERF_NOTES.md row 23): the 80 MiB and 212 MiB plans read 1.4-2.6x
-        faster with 8 units in flight than with 16 (the readers' GIL round trips, not the bytes, bound a
-        small load), plans of 688 MiB and more equal or faster with 16."""
-        return max(1, min(self.read_workers, max(SMALL_LOAD_READERS, -(-plan.nbytes // READER_BYTES))))
 
     def chunks(self, plan: SlicePlan) -> list[Chunk]:
         """The chunks this engine moves ``plan`` in (cached and warm loads)."""
@@ -465,12 +447,11 @@ class TransferEngine:
             entry = self.cache.begin(header.name, header.fingerprint, sizes, job.plan.cache_keys())
             stats.streamed = entry is None
             if entry is not None:
-                sink = _CacheSink(self, entry, chunks, stats, job.plan)
+                sink = _CacheSink(self, entry, chunks, stats)
             else:
                 sink = _RingSink(self, stream_units(job.plan, self.chunk_bytes, self.part_size(job.plan),
                                                     self.read_mode, self.cost), stats)
             units = sink.units()
-            stats.readers = min(self.read_workers, sink.window)  # readers this load keeps busy at most
             trace = None
             if self.trace is not None:
                 trace = LoadTrace(header.name, len(units))
