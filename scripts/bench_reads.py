@@ -6,8 +6,7 @@
 
 For each case (the presets of ``bench_load.py``; synthetic adapter files made the same way) and each
 reader count: the rank's packed units read by the engine's own readers (``SliceReader.read_part``) with
-io_uring batches (through the ring's registered file, and naming the plain fd) and with one libc
-``preadv`` per read (the same reads: the ring cost model's packing),
+io_uring batches and with one libc ``preadv`` per read (the same reads: the ring cost model's packing),
 and the floor's pattern (the same byte count in contiguous 8 MiB ``preadv`` pieces) without H2D. No
 copies to the GPU: the numbers isolate the host side. Also reports the file system, the kernel, and
 whether io_uring handed reads to kernel worker threads (``iou-wrk`` threads alive after the reads).
@@ -118,12 +117,6 @@ def main() -> int:
             if mgr.engine.rings is not None:
                 r[f"ring_{n}_s"] = units_read(mgr, path, "a", args.repeats, mgr.engine.rings)
                 r[f"ring_{n}_threads"] = _threads()
-                from tp_lora.host import uring
-                uring.FIXED_FILES = False  # the same reads naming the fd (a reference per read)
-                plain = uring.RingPool()
-                r[f"ring_plain_{n}_s"] = units_read(mgr, path, "a", args.repeats, plain)
-                plain.close()
-                uring.FIXED_FILES = True
             r[f"preadv_{n}_s"] = units_read(mgr, path, "a", args.repeats, None)
             data_start = 8 + mgr._adapters["a"].header.header_bytes  # noqa: SLF001
             r[f"floor_{n}_s"] = floor_reads(path, data_start, plan.nbytes, n, args.repeats, mgr.engine.device.alloc_host)
@@ -134,13 +127,11 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "reads.json").write_text(json.dumps(res, indent=2))
     print(f"\n{res.get('fs', '?')} | kernel {res['kernel']} | python {res['python']}")
-    print(f"{'case':<24}{'readers':>8}{'ring':>9}{'ring fd':>9}{'preadv':>9}{'floor':>9}   (ms, reads alone, "
-          f"no H2D; ring: registered file, ring fd: the plain fd)")
+    print(f"{'case':<24}{'readers':>8}{'ring':>9}{'preadv':>9}{'floor':>9}   (ms, reads alone, no H2D)")
     for name, r in res["cases"].items():
         for n in [int(x) for x in args.readers.split(",")]:
             g = lambda k: r.get(k, float("nan")) * 1e3  # noqa: E731
-            print(f"{name:<24}{n:>8}{g(f'ring_{n}_s'):9.1f}{g(f'ring_plain_{n}_s'):9.1f}{g(f'preadv_{n}_s'):9.1f}"
-                  f"{g(f'floor_{n}_s'):9.1f}"
+            print(f"{name:<24}{n:>8}{g(f'ring_{n}_s'):9.1f}{g(f'preadv_{n}_s'):9.1f}{g(f'floor_{n}_s'):9.1f}"
                   f"   iou-wrk {r.get(f'ring_{n}_threads', {}).get('iou_wrk', '-')}")
     return 0
 

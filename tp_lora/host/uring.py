@@ -41,8 +41,6 @@ _ENTER_GETEVENTS = 1
 _OP_READV = 1
 _SQE_FIXED_FILE = 1  # IOSQE_FIXED_FILE: the SQE's fd is an index into the ring's registered files
 _REGISTER_FILES, _REGISTER_FILES_UPDATE = 2, 6
-FIXED_FILES = True
-"""Rings made from now on read through a registered file (benchmarks turn it off to compare)."""
 
 
 class _FilesUpdate(ctypes.Structure):
@@ -147,7 +145,7 @@ class Ring:
         # threads reading one file contend on, once per read); None: not registered (plain fds)
         self._fixed: int | None = None
         self._table = False  # a one-slot file table exists
-        self._fixed_ok = FIXED_FILES  # False once registering failed (old kernel, seccomp): plain fds
+        self._fixed_ok = True  # False once registering failed (old kernel, seccomp): plain fds from then
         self.fixed_reads = 0
 
     def close(self) -> None:
