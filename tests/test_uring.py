@@ -87,42 +87,6 @@ def test_batched_exact_reads_only_owned_bytes_and_equal_preadv(adir, monkeypatch
     assert sums["io_uring"] == sums["preadv"]
 
 
-@needs_ring
-def test_ring_reads_a_registered_file_and_drops_it_when_the_reader_closes(adir, tmp_path):
-    """Reads go through the ring's registered-file slot (no per-read reference on the shared file), the
-    slot is cleared when the load's reader closes its fd (a deleted adapter's file is not kept open),
-    and a later load whose fd reuses the number reads its own file: two adapters of different bytes
-    loaded alternately into one slot come back exact each time."""
-    a = make_adapter(adir, "ring-fixed-a", "tiny-dense", rank=8, dtype="bf16", targets=ALL_DENSE, seed=21)
-    b = make_adapter(adir, "ring-fixed-b", "tiny-dense", rank=8, dtype="bf16", targets=ALL_DENSE, seed=22)
-    with new_manager("tiny-dense", tp=2, rank=1, max_loras=1, read_mode="exact", read_backend="io_uring",
-                     chunk_bytes=1 << 16, part_bytes=4096, host_cache_bytes=0) as mgr:
-        mgr.register("a", a)
-        mgr.register("b", b)
-        for name, path in (("a", a), ("b", b), ("a", a), ("b", b)):
-            mgr.activate(name)
-            assert slot_diff(mgr.pool, 0, expected_slot(path, mgr.model, 2, 1, 1, mgr.pool)) == []
-            rings = mgr.engine.rings._all  # noqa: SLF001
-            assert rings and sum(r.fixed_reads for r in rings) > 0
-            assert all(r._fixed is None for r in rings)  # noqa: SLF001 - every slot cleared at close
-    # a ring refused registration (an old kernel): it reads through the plain fd instead
-    ring = uring.Ring(8)
-    try:
-        ring._fixed_ok = False  # noqa: SLF001
-        data = np.random.default_rng(3).integers(0, 256, 8192, dtype=np.uint8)
-        f = tmp_path / "blob2"
-        f.write_bytes(data.tobytes())
-        fd = os.open(f, os.O_RDONLY)
-        buf = np.zeros(4096, dtype=np.uint8)
-        iov = np.array([[buf.ctypes.data, 4096]], dtype=np.uint64)
-        res = ring.readv(fd, np.array([iov.ctypes.data], dtype=np.uint64), np.array([1], dtype=np.uint32),
-                         np.array([100], dtype=np.uint64))
-        os.close(fd)
-        assert res[0] == 4096 and (buf == data[100:4196]).all() and ring.fixed_reads == 0
-    finally:
-        ring.close()
-
-
 def _header_reads(rec: ReadRecorder) -> int:
     return sum(n for o, n in rec.reads if o == 0)  # the header check reads from offset 0
 

@@ -209,8 +209,6 @@ class SliceReader:
 
     def close(self) -> None:
         if self.fd >= 0:
-            if self._rings is not None:
-                self._rings.drop_file(self.fd)  # before the fd number can be reused
             os.close(self.fd)
             self.fd = -1
 

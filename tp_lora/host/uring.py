@@ -33,18 +33,11 @@ log = logging.getLogger(__name__)
 ReadBackend = Literal["auto", "io_uring", "preadv"]
 READ_BACKENDS: tuple[str, ...] = ("auto", "io_uring", "preadv")
 
-# io_uring_setup, io_uring_enter, io_uring_register
-_NR = {"x86_64": (425, 426, 427), "aarch64": (425, 426, 427), "arm64": (425, 426, 427)}
+_NR = {"x86_64": (425, 426), "aarch64": (425, 426), "arm64": (425, 426)}  # io_uring_setup, io_uring_enter
 _OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
 _FEAT_SINGLE_MMAP = 1
 _ENTER_GETEVENTS = 1
 _OP_READV = 1
-_SQE_FIXED_FILE = 1  # IOSQE_FIXED_FILE: the SQE's fd is an index into the ring's registered files
-_REGISTER_FILES, _REGISTER_FILES_UPDATE = 2, 6
-
-
-class _FilesUpdate(ctypes.Structure):
-    _fields_ = [("offset", ctypes.c_uint32), ("resv", ctypes.c_uint32), ("fds", ctypes.c_uint64)]
 
 _SQE = np.dtype([("opcode", "u1"), ("flags", "u1"), ("ioprio", "<u2"), ("fd", "<i4"), ("off", "<u8"),
                  ("addr", "<u8"), ("len", "<u4"), ("rw_flags", "<u4"), ("user_data", "<u8"),
@@ -101,7 +94,7 @@ class Ring:
     def __init__(self, entries: int = 1024):
         if _SYS is None:
             raise RingError(errno.ENOSYS, "io_uring is not reachable here")
-        call, (self._nr_setup, self._nr_enter, self._nr_register) = _SYS
+        call, (self._nr_setup, self._nr_enter) = _SYS
         self._call = call
         p = _Params()
         fd = call(ctypes.c_long(self._nr_setup), ctypes.c_long(entries), ctypes.byref(p))
@@ -140,13 +133,6 @@ class Ring:
         self.entries = int(p.sq_entries)
         self.cq_entries = int(p.cq_entries)
         self.submits = 0  # io_uring_enter calls
-        # the file of the current load, registered in slot 0 of the ring's file table: a request on a
-        # registered file takes no reference on the shared ``struct file`` (an atomic that 16 reader
-        # threads reading one file contend on, once per read); None: not registered (plain fds)
-        self._fixed: int | None = None
-        self._table = False  # a one-slot file table exists
-        self._fixed_ok = True  # False once registering failed (old kernel, seccomp): plain fds from then
-        self.fixed_reads = 0
 
     def close(self) -> None:
         for name in ("_sq_head", "_sq_tail", "_sq_array", "_cq_head", "_cq_tail", "_cqes", "_sqes"):
@@ -160,45 +146,6 @@ class Ring:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def _register(self, op: int, arg, n: int) -> int:
-        rc = self._call(ctypes.c_long(self._nr_register), ctypes.c_long(self.fd), ctypes.c_long(op), arg,
-                        ctypes.c_long(n))
-        return 0 if rc >= 0 else ctypes.get_errno()
-
-    def use_file(self, fd: int) -> bool:
-        """Register ``fd`` in slot 0 of this ring's file table (replacing the previous load's file).
-        False where the kernel refuses (the reads then name the fd itself)."""
-        if self._fixed == fd:
-            return True
-        if not self._fixed_ok:
-            return False
-        if not self._table:
-            fds = (ctypes.c_int32 * 1)(fd)
-            e = self._register(_REGISTER_FILES, fds, 1)
-            self._table = e == 0
-        else:
-            fds = (ctypes.c_int32 * 1)(fd)
-            upd = _FilesUpdate(0, 0, ctypes.addressof(fds))
-            e = self._register(_REGISTER_FILES_UPDATE, ctypes.byref(upd), 1)
-        if e:
-            log.info("io_uring: registering the file failed (%s); reads name the fd", os.strerror(e))
-            self._fixed_ok = False
-            self._fixed = None
-            return False
-        self._fixed = fd
-        return True
-
-    def drop_file(self, fd: int) -> None:
-        """Unregister ``fd`` if it is this ring's registered file (the reader is closing it: a registered
-        file would stay open, holding a deleted adapter's disk space, until the next load)."""
-        if self._fixed != fd or self.fd < 0:
-            return
-        fds = (ctypes.c_int32 * 1)(-1)
-        upd = _FilesUpdate(0, 0, ctypes.addressof(fds))
-        if self._register(_REGISTER_FILES_UPDATE, ctypes.byref(upd), 1):
-            self._fixed_ok = False  # cannot clear the slot: stop registering (close() frees the table)
-        self._fixed = None
 
     def _enter(self, to_submit: int, min_complete: int) -> int:
         while True:
@@ -221,10 +168,6 @@ class Ring:
         res = np.empty(k, dtype=np.int64)
         done = 0
         batch = min(self.entries, self.cq_entries)
-        fixed = self.use_file(fd)
-        sqe_fd, sqe_flags = (0, _SQE_FIXED_FILE) if fixed else (fd, 0)
-        if fixed:
-            self.fixed_reads += k
         while done < k:
             n = min(batch, k - done)
             tail = int(self._sq_tail[0])
@@ -232,8 +175,7 @@ class Ring:
             s = self._sqes
             s[idx] = 0
             s["opcode"][idx] = _OP_READV
-            s["flags"][idx] = sqe_flags
-            s["fd"][idx] = sqe_fd
+            s["fd"][idx] = fd
             s["off"][idx] = off[done:done + n]
             s["addr"][idx] = addr[done:done + n]
             s["len"][idx] = niov[done:done + n]
@@ -294,14 +236,6 @@ class RingPool:
                 with self._lock:
                     self._all.append(r)
         return r or None
-
-    def drop_file(self, fd: int) -> None:
-        """Unregister ``fd`` from every ring that holds it (a reader closing its file; no read of it is
-        in flight then)."""
-        with self._lock:
-            rings = list(self._all)
-        for r in rings:
-            r.drop_file(fd)
 
     def close(self) -> None:
         with self._lock:
