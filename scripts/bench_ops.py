@@ -146,9 +146,10 @@ def sglang_op(sg: Any, pool: GpuPool, batch: Any, module: str, x: torch.Tensor, 
                             seg_indptr=indptr.to(dev), weight_indices=plan.blk_slot.to(dev),
                             lora_ranks=ranks.to(dev), scalings=pool.scaling[module][:, 0, 0].contiguous(),
                             max_len=chunk, seg_lens=plan.blk_len.to(dev), permutation=plan.perm.to(dev))
-    A = pool.A[module][:, 0]
-    B = pool.B[module][:, 0]
-    assert A.is_contiguous() and B.is_contiguous()
+    # their kernels want contiguous [S, R, K] / [S, N, R] factors: a copy of layer 0 (the pool holds the
+    # decode-step layers too, so its layer-0 view is strided); the same bytes per slot are read
+    A = pool.A[module][:, 0].contiguous()
+    B = pool.B[module][:, 0].contiguous()
     N = B.shape[1]
     offsets = torch.tensor([0, N], dtype=torch.int32, device=dev)
 
@@ -521,12 +522,12 @@ def profile_host(path: Path) -> None:
 
 # (cases, configurations) groups: dense decode cases with the fused kernel's tuning (their lines "... step":
 # per module in a decode-step graph), MoE cases with the expert op's tuning and regimes, dense prefill cases
-# with the two-launch tiles. Config keys starting with "_" set module constants of tp_lora.ops.triton_kernels, "two." keys TWO_LAUNCH_CONFIG, the others
-# FUSED_CONFIG.
+# with the two-launch tiles. Config keys starting with "_" set module constants of tp_lora.ops.triton_kernels,
+# "two." keys TWO_LAUNCH_CONFIG, the others FUSED_CONFIG.
 SWEEP_GROUPS = [
     ([("q", "16", 1, 32), ("q", "16", 8, 32), ("q", "16", 32, 32), ("q", "mixed", 8, 32), ("q", "64", 32, 32),
       ("down", "16", 1, 32), ("down", "16", 8, 32), ("down", "mixed", 32, 32), ("down", "64", 32, 32)],
-     [dict(), dict(records=False, hoist=False), dict(num_stages=4)]),
+     [dict(), dict(records=False), dict(num_stages=3)]),
     ([("moe", "16", 8, 32), ("moe", "16", 32, 512), ("moe", "64", 8, 512), ("moe", "16", 8, 2048),
       ("moe", "64", 1, 2048), ("moe", "64", 8, 2048)],
      [dict(), dict(expert_block_n=128), dict(_EXPERT_WIDE_BLOCK_M=64), dict(_EXPERT_WIDE_FUSED=True),

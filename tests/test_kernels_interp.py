@@ -55,7 +55,8 @@ def test_plan_dense_blocks_groups_by_slot_and_chunks() -> None:
 
 
 def test_dense_meta_packs_the_plan_into_one_buffer() -> None:
-    """DenseMeta's eight int32 tables (the last: per-block records) are 16-byte aligned views of one buffer holding the batch's plan;
+    """DenseMeta's eight int32 tables (the last: per-block records) are 16-byte aligned views of one buffer
+    holding the batch's plan;
     the static buffer keeps its address across batches (CUDA graphs) and its unused entries are reset
     (slot -1 for blocks and tokens)."""
     from tp_lora.ops.meta import DenseMeta

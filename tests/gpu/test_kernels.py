@@ -201,7 +201,8 @@ def test_two_launch_path_cuda(monkeypatch) -> None:
     assert kc.compare_dense(MOE, par, torch.bfloat16, "cuda", seed=5, trials=2) >= 8
 
 
-@pytest.mark.parametrize("bm,fused", [(64, True), (64, False), (16, True)], ids=["bm64-fused", "bm64-two", "bm16-fused"])
+@pytest.mark.parametrize("bm,fused", [(64, True), (64, False), (16, True)],
+                         ids=["bm64-fused", "bm64-two", "bm16-fused"])
 def test_expert_wide_regime_cuda(monkeypatch, bm: int, fused: bool) -> None:
     """The expert op's wide regime (``EXPERT_FUSED_ROWS`` lowered to 0: every routing is wide) with each
     block size / kernel the benchmark sweeps: fp32 per-token reference, bf16 and fp32 torch path."""
