@@ -12,6 +12,12 @@ batch, a pool of 32 slots, bf16. Per case, medians (``triton.testing.do_bench``)
 * ``sglang_s``: SGLang's chunked SGMV shrink + expand Triton kernels (from the sglang wheel, loaded here with
   stand-ins for the two names they import; never a dependency), same pool buffers, their chunk-size rule;
 * ``lora_over_base`` = ours_s / base_s, ``graph_over_base`` = ours_graph_s / base_graph_s.
+* ``base_step_s`` / ``ours_step_s``: per module in a captured decode step: ONE CUDA graph holding
+  ``layers_in_step`` layers' worth of the op (each layer its own base weight, its own pool layer of LoRA
+  factors, its own x and out, so nothing is reused from L2 across layers), replayed and timed like the
+  others, divided by ``layers_in_step``; ``step_over_base`` = ours_step_s / base_step_s. The one-op graphs
+  above each carry the graph-launch floor (~4.3 us here); an engine replays a whole decode step, which pays it
+  once.
 
 MoE cases (Qwen3-30B-A3B: 128 experts, top-8, hidden 2048, expert intermediate 768): the LoRA of one
 layer's experts (w1, w3, w2 over all routed rows, incl. building the (expert, slot) blocks) vs the base
@@ -140,9 +146,10 @@ def sglang_op(sg: Any, pool: GpuPool, batch: Any, module: str, x: torch.Tensor, 
                             seg_indptr=indptr.to(dev), weight_indices=plan.blk_slot.to(dev),
                             lora_ranks=ranks.to(dev), scalings=pool.scaling[module][:, 0, 0].contiguous(),
                             max_len=chunk, seg_lens=plan.blk_len.to(dev), permutation=plan.perm.to(dev))
-    A = pool.A[module][:, 0]
-    B = pool.B[module][:, 0]
-    assert A.is_contiguous() and B.is_contiguous()
+    # their kernels want contiguous [S, R, K] / [S, N, R] factors: a copy of layer 0 (the pool holds the
+    # decode-step layers too, so its layer-0 view is strided); the same bytes per slot are read
+    A = pool.A[module][:, 0].contiguous()
+    B = pool.B[module][:, 0].contiguous()
     N = B.shape[1]
     offsets = torch.tensor([0, N], dtype=torch.int32, device=dev)
 
@@ -181,9 +188,15 @@ def rank_list(kind: str) -> tuple[list[int], int]:
 
 
 # -- dense --------------------------------------------------------------------------------------------------------
+def step(fns: list[Callable[[], Any]]) -> Callable[[], None]:
+    """One CUDA graph replaying ``fns`` (one per layer) in order: a decode step's worth of one op."""
+    return graphed(lambda: [f() for f in fns])
+
+
 def dense_cases(args: argparse.Namespace, sg: Any) -> list[dict]:
     dev = torch.device("cuda")
-    spec = dataclasses.replace(ModelSpec.from_preset("llama-3-8b"), num_hidden_layers=1)
+    L = args.step_layers
+    spec = dataclasses.replace(ModelSpec.from_preset("llama-3-8b"), num_hidden_layers=max(1, L))
     par = ParallelSpec()
     rows = []
     rng = random.Random(0)
@@ -195,6 +208,7 @@ def dense_cases(args: argparse.Namespace, sg: Any) -> list[dict]:
         rank_t = torch.tensor(ranks, dtype=torch.int32)
         for module, (K, N) in (("q", (4096, 4096)), ("down", (14336, 4096))):
             W = torch.randn(N, K, device=dev, dtype=DT) * 0.02
+            Ws = [W] + [torch.randn(N, K, device=dev, dtype=DT) * 0.02 for _ in range(L - 1)]  # a step's layers
             for T in tokens:
                 for adapters in ((8,) if args.quick else (1, 8, 32)):
                     if rank_kind == "mixed" and adapters == 1:
@@ -232,6 +246,17 @@ def dense_cases(args: argparse.Namespace, sg: Any) -> list[dict]:
                     else:
                         row["sglang_s"] = row["sglang_graph_s"] = None
                     row["torch_path_graph_s"] = bench(graphed(torch_path), rep_ms=40)
+                    if L > 0:
+                        # the decode-step measurement: L layers' worth of the op in one graph
+                        xs = [torch.randn(T, K, device=dev, dtype=DT) for _ in range(L)]
+                        outs = [torch.randn(T, N, device=dev, dtype=DT) for _ in range(L)]
+                        bos = [torch.empty(T, N, device=dev, dtype=DT) for _ in range(L)]
+                        base_fns = [lambda l=l: torch.matmul(xs[l], Ws[l].t(), out=bos[l]) for l in range(L)]
+                        ours_fns = [lambda l=l: ops_g.column(l, module, xs[l], outs[l]) for l in range(L)]
+                        row["layers_in_step"] = L
+                        row["base_step_s"] = bench(step(base_fns), rep_ms=100) / L
+                        row["ours_step_s"] = bench(step(ours_fns), rep_ms=100) / L
+                        del xs, outs, bos
                     finish(row)
                     rows.append(row)
                     print_row(row)
@@ -365,6 +390,8 @@ def checkpoint(rows: list[dict]) -> None:
 def finish(row: dict) -> None:
     row["lora_over_base"] = row["ours_s"] / row["base_s"]
     row["graph_over_base"] = row["ours_graph_s"] / row["base_graph_s"]
+    if row.get("base_step_s"):
+        row["step_over_base"] = row["ours_step_s"] / row["base_step_s"]
     row["speedup_vs_torch_path"] = (row["torch_path_s"] / row["ours_s"]) if row.get("torch_path_s") else None
     row["sglang_over_ours"] = (row["sglang_s"] / row["ours_s"]) if row.get("sglang_s") else None
     row["sglang_graph_over_ours_graph"] = (row["sglang_graph_s"] / row["ours_graph_s"]
@@ -375,7 +402,7 @@ def finish(row: dict) -> None:
 
 HEAD = (f"{'kind':5} {'module':16} {'rank':5} {'ad':>3} {'tokens':>6} {'base us':>8} {'ours us':>8} "
         f"{'ours/base':>9} {'graph/base':>10} {'vs torch':>9} {'sglang us':>9} {'sg/ours':>7} {'rel':>8} "
-        f"{'g-torch/g-ours':>14} {'g-sg/g-ours':>11}")
+        f"{'g-torch/g-ours':>14} {'g-sg/g-ours':>11} {'step b us':>9} {'step o us':>9} {'step/base':>9}")
 
 
 def print_row(r: dict) -> None:
@@ -385,7 +412,8 @@ def print_row(r: dict) -> None:
           f"{(r['speedup_vs_torch_path'] or float('nan')):8.1f}x {us(r.get('sglang_s')):>9} "
           f"{(r['sglang_over_ours'] or float('nan')):7.2f} {r['rel_diff_vs_torch']:8.1e} "
           f"{(r['graph_speedup_vs_torch_path'] or float('nan')):14.1f} "
-          f"{(r['sglang_graph_over_ours_graph'] or float('nan')):11.2f}", flush=True)
+          f"{(r['sglang_graph_over_ours_graph'] or float('nan')):11.2f} {us(r.get('base_step_s'))} "
+          f"{us(r.get('ours_step_s'))} {(r.get('step_over_base') or float('nan')):9.3f}", flush=True)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -492,21 +520,21 @@ def profile_host(path: Path) -> None:
     print("\n".join(lines[:4] + [l for l in lines if l.startswith("moe")]))
 
 
-# (cases, configurations) groups: decode cases with the fused kernel's tuning (and the two-launch path),
-# prefill cases with the two-launch tiles and the fused kernel in the prefill regime. Config keys starting
-# with "_" set module constants of tp_lora.ops.triton_kernels, "two." keys TWO_LAUNCH_CONFIG, the others
-# FUSED_CONFIG.
+# (cases, configurations) groups: dense decode cases with the fused kernel's tuning (their lines "... step":
+# per module in a decode-step graph), MoE cases with the expert op's tuning and regimes, dense prefill cases
+# with the two-launch tiles. Config keys starting with "_" set module constants of tp_lora.ops.triton_kernels,
+# "two." keys TWO_LAUNCH_CONFIG, the others FUSED_CONFIG.
 SWEEP_GROUPS = [
     ([("q", "16", 1, 32), ("q", "16", 8, 32), ("q", "16", 32, 32), ("q", "mixed", 8, 32), ("q", "64", 32, 32),
-      ("down", "16", 1, 32), ("down", "16", 8, 32), ("down", "mixed", 32, 32), ("down", "64", 32, 32),
-      ("q", "16", 8, 256), ("moe", "16", 8, 32)],
-     [dict(), dict(block_n=128), dict(num_warps=4), dict(chunk_k=512), dict(num_stages=4), dict(prefetch=False),
-      dict(_FUSED_DENSE=False)]),
+      ("down", "16", 1, 32), ("down", "16", 8, 32), ("down", "mixed", 32, 32), ("down", "64", 32, 32)],
+     [dict(), dict(records=False), dict(num_stages=3)]),
+    ([("moe", "16", 8, 32), ("moe", "16", 32, 512), ("moe", "64", 8, 512), ("moe", "16", 8, 2048),
+      ("moe", "64", 1, 2048), ("moe", "64", 8, 2048)],
+     [dict(), dict(expert_block_n=128), dict(_EXPERT_WIDE_BLOCK_M=64), dict(_EXPERT_WIDE_FUSED=True),
+      dict(_EXPERT_WIDE_BLOCK_M=64, _EXPERT_WIDE_FUSED=True)]),
     ([("q", "16", 8, 2048), ("q", "mixed", 8, 2048), ("q", "64", 8, 2048), ("down", "16", 8, 2048),
       ("down", "mixed", 32, 2048)],
-     [dict(), {"two.expand_block_n": 256}, {"two.expand_warps": 8}, {"two.shrink_block_k": (256, 256)},
-      {"two.shrink_warps": 8}, dict(_FUSED_PREFILL=True), dict(_FUSED_PREFILL=True, block_n=256),
-      dict(_FUSED_PREFILL=True, programs_per_sm=4)]),
+     [dict(), {"two.prefill_split": 512}, {"two.expand_block_n": 256}]),
 ]
 
 
@@ -561,17 +589,20 @@ def _meta_host(pool: GpuPool, batch: Any) -> list[str]:
     return lines
 
 
-def sweep(path: Path, groups: list[int] | None = None) -> None:
+def sweep(path: Path, groups: list[int] | None = None, layers: int = 0) -> None:
     """Graphed time of the ops for each configuration of ``SWEEP_GROUPS`` on its cases; exactness vs the
-    torch path per case and configuration; the graphed-replay floor and the metadata host time. Writes a
-    table to ``path``."""
+    torch path per case and configuration; the graphed-replay floor and the metadata host time. With
+    ``layers`` > 0 also the per-module time of the dense cases in a decode step of that many layers (one
+    graph, distinct weights, factors, x and out per layer; lines ``... step``). Writes a table to ``path``."""
     from tp_lora.ops import triton_kernels as K
     dev = torch.device("cuda")
-    spec = dataclasses.replace(ModelSpec.from_preset("llama-3-8b"), num_hidden_layers=1)
+    L = max(1, layers)
+    spec = dataclasses.replace(ModelSpec.from_preset("llama-3-8b"), num_hidden_layers=L)
     mspec = dataclasses.replace(ModelSpec.from_preset("qwen3-30b-a3b"), num_hidden_layers=1)
     E, k, h, im = mspec.num_experts, mspec.num_experts_per_tok, mspec.hidden_size, mspec.moe_intermediate_size
     default, default_two = dict(K.FUSED_CONFIG), dict(K.TWO_LAUNCH_CONFIG)
-    saved = {n: getattr(K, n) for n in ("FUSED_DENSE", "FUSED_PREFILL", "EXPERT_FUSED_ROWS", "FUSED_MAX_RANK")}
+    saved = {n: getattr(K, n) for n in ("FUSED_DENSE", "FUSED_PREFILL", "EXPERT_FUSED_ROWS", "FUSED_MAX_RANK",
+                                        "EXPERT_WIDE_BLOCK_M", "EXPERT_WIDE_FUSED")}
     pools = {}
     mods = ("experts.w1", "experts.w3", "experts.w2")
     for kind in ("16", "64", "mixed"):
@@ -580,9 +611,14 @@ def sweep(path: Path, groups: list[int] | None = None) -> None:
                                dtype=DT, device=dev), ranks)
         fill_pool(pools[kind][0], ranks, seed=1)
     ranks16, _ = rank_list("16")
-    pools["moe16"] = (GpuPool(mspec, ParallelSpec(), max_loras=SLOTS, max_rank=16, modules=mods, dtype=DT,
-                              device=dev), ranks16)
-    fill_pool(pools["moe16"][0], ranks16, seed=2)
+    for kind in ("16", "64"):
+        if groups is not None and not any(m == "moe" and k == kind for gi in groups
+                                          for m, k, *_ in SWEEP_GROUPS[gi][0]):
+            continue
+        ranks, mr = rank_list(kind)
+        pools["moe" + kind] = (GpuPool(mspec, ParallelSpec(), max_loras=SLOTS, max_rank=mr, modules=mods,
+                                       dtype=DT, device=dev), ranks)
+        fill_pool(pools["moe" + kind][0], ranks, seed=2)
     rng = random.Random(0)
     lines = _floor()
     lines += _meta_host(pools["16"][0], make_batch(32, 8, ranks16, dev, random.Random(9)))
@@ -610,6 +646,7 @@ def sweep(path: Path, groups: list[int] | None = None) -> None:
                     ops.experts_column(0, "experts.w3", xs[0], r, outs[1])
                     ops.experts_row(0, "experts.w2", xs[1], r, outs[2])
                 base_g = float("nan")
+                step_case = None
             else:
                 pool, ranks = pools[kind]
                 K_, N = (4096, 4096) if module == "q" else (14336, 4096)
@@ -619,17 +656,31 @@ def sweep(path: Path, groups: list[int] | None = None) -> None:
                 W = torch.randn(N, K_, device=dev, dtype=DT) * 0.02
                 bo = torch.empty(T, N, device=dev, dtype=DT)
                 base_g = bench(graphed(lambda: torch.matmul(x, W.t(), out=bo)))
+                step_case = None
+                if layers > 0 and T <= 512:
+                    sx = [torch.randn(T, K_, device=dev, dtype=DT) for _ in range(L)]
+                    so = [torch.randn(T, N, device=dev, dtype=DT) for _ in range(L)]
+                    Ws = [torch.randn(N, K_, device=dev, dtype=DT) * 0.02 for _ in range(L)]
+                    sbo = [torch.empty(T, N, device=dev, dtype=DT) for _ in range(L)]
+                    base_step = bench(step([lambda l=l: torch.matmul(sx[l], Ws[l].t(), out=sbo[l])
+                                            for l in range(L)]), rep_ms=60) / L
+                    del Ws, sbo
+
+                    def step_op(ops, sx=sx, so=so, module=module):
+                        return step([lambda l=l: ops.column(l, module, sx[l], so[l]) for l in range(L)])
+                    step_case = (step_op, base_step)
 
                 def op(ops, outs, x=x, module=module):
                     ops.column(0, module, x, outs[0])
             ref = [o.clone() for o in outs]
             op(LoRAOps(pool, batch, TorchBackend()), ref)
-            cases.append((f"{module} r{kind} a{adapters} T{T}", pool, batch, op, outs, ref, base_g))
+            cases.append((f"{module} r{kind} a{adapters} T{T}", pool, batch, op, outs, ref, step_case, base_g))
         res = {c[0]: [] for c in cases}
+        steps = {c[0]: [] for c in cases if c[6] is not None}
         rels = {c[0]: [] for c in cases}
         for cfg in configs:
             _apply(K, cfg, default, default_two, saved)
-            for name, pool, batch, op, outs, ref, _ in cases:
+            for name, pool, batch, op, outs, ref, step_case, _ in cases:
                 ops = LoRAOps(pool, batch, TritonBackend(max_tokens=batch.num_tokens))
                 got = [o.clone() for o in outs]
                 op(ops, got)
@@ -637,15 +688,20 @@ def sweep(path: Path, groups: list[int] | None = None) -> None:
                                       for g, o, r in zip(got, outs, ref)))
                 work = [o.clone() for o in outs]
                 res[name].append(bench(graphed(lambda: op(ops, work)), rep_ms=40))
+                if step_case is not None:
+                    steps[name].append(bench(step_case[0](ops), rep_ms=60) / L)
         _apply(K, {}, default, default_two, saved)
         lines.append(f"{'case':24} {'base_g':>7} " + " ".join(f"{'c%d' % i:>7}" for i in range(len(configs))))
-        for name, *_, base_g in cases:
+        for name, *_, step_case, base_g in cases:
             lines.append(f"{name:24} {base_g * 1e6:7.1f} " + " ".join(f"{t * 1e6:7.1f}" for t in res[name]))
+            if step_case is not None:
+                lines.append(f"{name + ' step':24} {step_case[1] * 1e6:7.1f} " +
+                             " ".join(f"{t * 1e6:7.1f}" for t in steps[name]))
         lines.append(f"{'max rel diff vs torch':32} " +
                      " ".join(f"{max(rels[n][i] for n in rels):7.1e}" for i in range(len(configs))))
         lines += [f"c{i}: {c}" for i, c in enumerate(configs)]
         path.write_text("\n".join(lines))
-        print("\n".join(lines[-len(cases) - len(configs) - 2:]), flush=True)
+        print("\n".join(lines[-len(cases) - len(steps) - len(configs) - 2:]), flush=True)
     del pools
     torch.cuda.empty_cache()
 
@@ -656,16 +712,18 @@ def main() -> None:
     ap.add_argument("--sglang-wheel", default=None)
     ap.add_argument("--quick", action="store_true", help="a few cases only")
     ap.add_argument("--skip-moe", action="store_true")
+    ap.add_argument("--step-layers", type=int, default=32,
+                    help="layers in the decode-step graph of each dense case (0: no step measurement)")
     ap.add_argument("--profile", default=None, help="write a host-side profile to this file first")
     ap.add_argument("--sweep", default=None, help="write a sweep of the fused kernel's tuning to this file, "
                     "then stop")
     ap.add_argument("--sweep-group", type=int, action="append", default=None,
-                    help="only this group of SWEEP_GROUPS (0: decode, 1: prefill); repeatable")
+                    help="only this group of SWEEP_GROUPS (0: dense decode, 1: MoE, 2: dense prefill); repeatable")
     args = ap.parse_args()
     if args.profile:
         profile_host(Path(args.profile))
     if args.sweep:
-        sweep(Path(args.sweep), args.sweep_group)
+        sweep(Path(args.sweep), args.sweep_group, args.step_layers)
         return
     sg = load_sglang(args.sglang_wheel)
     torch.manual_seed(0)
@@ -685,7 +743,10 @@ def main() -> None:
                 device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 command=" ".join(sys.argv), sglang=("0.5.10.post1 chunked_sgmv (wheel)" if sg else None),
                 dtype="bf16", pool_slots=SLOTS, fused_config=dict(K.FUSED_CONFIG),
-                two_launch_config={k: list(v) if isinstance(v, tuple) else v for k, v in K.TWO_LAUNCH_CONFIG.items()})
+                two_launch_config={k: list(v) if isinstance(v, tuple) else v for k, v in K.TWO_LAUNCH_CONFIG.items()},
+                expert_regimes=dict(fused_rows=K.EXPERT_FUSED_ROWS, wide_block_m=K.EXPERT_WIDE_BLOCK_M,
+                                    wide_fused=K.EXPERT_WIDE_FUSED),
+                step_layers=args.step_layers)
     out.write_text(json.dumps(dict(meta=meta, cases=rows), indent=1))
     plot(rows, out.with_suffix(".png"))
     print(json.dumps(meta))

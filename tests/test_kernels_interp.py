@@ -55,14 +55,15 @@ def test_plan_dense_blocks_groups_by_slot_and_chunks() -> None:
 
 
 def test_dense_meta_packs_the_plan_into_one_buffer() -> None:
-    """DenseMeta's seven int32 tables are 16-byte aligned views of one buffer holding the batch's plan;
+    """DenseMeta's eight int32 tables (the last: per-block records) are 16-byte aligned views of one buffer
+    holding the batch's plan;
     the static buffer keeps its address across batches (CUDA graphs) and its unused entries are reset
     (slot -1 for blocks and tokens)."""
     from tp_lora.ops.meta import DenseMeta
     b1 = build_batch([2, -1, 0, 2, 0], [None] * 5, [3, 4, 20, 1, 2], {0: 4, 2: 8}, torch.device("cpu"), None)
     b2 = build_batch([1], [None], [2], {1: 3}, torch.device("cpu"), None)
     static, eager = DenseMeta(4, 8, "cpu", capacity=40), DenseMeta(4, 8, "cpu")
-    names = ("perm", "blk_start", "blk_len", "blk_slot", "token_slots", "slot_rank", "nblk")
+    names = ("perm", "blk_start", "blk_len", "blk_slot", "token_slots", "slot_rank", "nblk", "blk_rec")
     for m in (static, eager):
         for b in (b1, b2):
             addr = m.buffer.data_ptr() if m is static else None
@@ -77,6 +78,11 @@ def test_dense_meta_packs_the_plan_into_one_buffer() -> None:
             assert m.token_slots[:len(tok)].tolist() == tok and set(m.token_slots[len(tok):].tolist()) <= {-1}
             assert m.slot_rank.tolist() == [b.slot_ranks.get(s, 0) for s in range(4)]
             assert m.nblk.tolist() == [n]
+            rec = m.blk_rec[:n * 20].view(n, 20).tolist()    # [slot, rank, rows, start, 16 rows (0 past them)]
+            for i, r in enumerate(rec):
+                st, ln, s = p.blk_start[i].item(), p.blk_len[i].item(), p.blk_slot[i].item()
+                assert r[:4] == [s, b.slot_ranks[s], ln, st]
+                assert r[4:] == p.perm[st:st + ln].tolist() + [0] * (16 - ln)
             for name in names:
                 v = getattr(m, name)
                 assert v.data_ptr() % 16 == 0 and v.untyped_storage().data_ptr() == m.buffer.data_ptr(), name
@@ -198,10 +204,14 @@ def test_static_metadata_equals_eager(monkeypatch) -> None:
         assert not torch.equal(o1, out), m
 
 
-def test_fused_k_chunks_match_reference(monkeypatch) -> None:
+@pytest.mark.parametrize("records,hoist", [(True, True), (False, False)], ids=["records", "tables"])
+def test_fused_k_chunks_match_reference(monkeypatch, records: bool, hoist: bool) -> None:
     """The fused kernel's K chunks (16 columns here, so the tiny presets' K spans several; summed in chunk
-    order by one program per block under the interpreter): still the per-token reference (fp32)."""
+    order by one program per block under the interpreter): still the per-token reference (fp32), with the
+    blocks read from their records or from the tables (rows loaded after the rank test)."""
     monkeypatch.setitem(triton_kernels.FUSED_CONFIG, "chunk_k", 16)
+    monkeypatch.setitem(triton_kernels.FUSED_CONFIG, "records", records)
+    monkeypatch.setitem(triton_kernels.FUSED_CONFIG, "hoist", hoist)
     assert triton_kernels.fused_chunks(DENSE.hidden_size)[0] > 2
     par = ParallelSpec(tp_size=2, tp_rank=0)
     check_dense_ops(DENSE, par, device=DEV, pool_dtype=torch.float32, act_dtype=torch.float32, tol=FP32_TOL,
@@ -229,3 +239,18 @@ def test_launch_key_separates_what_triton_specialises_on() -> None:
     assert len({k((base, v)) for v in (1, 16, 17, 2 ** 31, 2 ** 31 + 1, 2 ** 63)}) == 6
     assert k((base, 48)) == k((base, 2 ** 30)) and k((base, 3)) == k((base, 5))
     assert k((base, 2 ** 31)) == k((base, -(2 ** 31) - 16))           # both int64, both divisible by 16
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-launch"])
+def test_expert_wide_regime_matches_reference(monkeypatch, fused: bool) -> None:
+    """The expert op's wide regime (above ``EXPERT_FUSED_ROWS`` routed rows; lowered to 0 here so every
+    routing is wide): 64-row (expert, slot) blocks through the fused kernel or the two launches, against the
+    per-token reference (fp32, 1e-5) and the torch path on random routing."""
+    monkeypatch.setattr(triton_kernels, "EXPERT_FUSED_ROWS", 0)
+    monkeypatch.setattr(triton_kernels, "EXPERT_WIDE_BLOCK_M", 64)
+    monkeypatch.setattr(triton_kernels, "EXPERT_WIDE_FUSED", fused)
+    assert triton_kernels.expert_regime(1) == (64, fused)
+    par = ParallelSpec(tp_size=2, tp_rank=1, ep_size=2)
+    check_expert_ops(MOE, par, device=DEV, pool_dtype=torch.float32, act_dtype=torch.float32, tol=FP32_TOL,
+                     backend=TritonBackend)
+    assert kc.compare_experts(MOE, par, torch.float32, DEV, seed=6, rows=90) == 3 * MOE.num_hidden_layers

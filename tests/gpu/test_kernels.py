@@ -201,8 +201,25 @@ def test_two_launch_path_cuda(monkeypatch) -> None:
     assert kc.compare_dense(MOE, par, torch.bfloat16, "cuda", seed=5, trials=2) >= 8
 
 
+@pytest.mark.parametrize("bm,fused", [(64, True), (64, False), (16, True)],
+                         ids=["bm64-fused", "bm64-two", "bm16-fused"])
+def test_expert_wide_regime_cuda(monkeypatch, bm: int, fused: bool) -> None:
+    """The expert op's wide regime (``EXPERT_FUSED_ROWS`` lowered to 0: every routing is wide) with each
+    block size / kernel the benchmark sweeps: fp32 per-token reference, bf16 and fp32 torch path."""
+    from tp_lora.ops import triton_kernels as K
+    monkeypatch.setattr(K, "EXPERT_FUSED_ROWS", 0)
+    monkeypatch.setattr(K, "EXPERT_WIDE_BLOCK_M", bm)
+    monkeypatch.setattr(K, "EXPERT_WIDE_FUSED", fused)
+    par = ParallelSpec(tp_size=2, tp_rank=1, ep_size=2)
+    check_expert_ops(MOE, par, device="cuda", pool_dtype=torch.float32, act_dtype=torch.float32, tol=FP32_TOL,
+                     backend=TritonBackend)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert kc.compare_experts(MOE, par, dtype, "cuda", seed=7, rows=300) == 3 * MOE.num_hidden_layers
+
+
+@pytest.mark.parametrize("records", [True, False], ids=["records", "tables"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_split_fused_kernel_large_k(dtype) -> None:
+def test_split_fused_kernel_large_k(dtype, records, monkeypatch) -> None:
     """Llama-3-8B q/down shapes (K 4096 / 14336): the decode regime's fused kernel splits K into 16 / 14
     chunks over several programs per block that meet on the device. fp32 against the float64 per-token
     delta (1e-5 * (mag + 1)), bf16 against the torch path (12u * mag); ranks 16/64/8/40 (two rank tiles), base-only rows
@@ -212,6 +229,8 @@ def test_split_fused_kernel_large_k(dtype) -> None:
     from tp_lora.device.pool import GpuPool
     from tp_lora.ops import triton_kernels as K
     from tp_lora.plan.model import ModelSpec
+    monkeypatch.setitem(K.FUSED_CONFIG, "records", records)     # blocks from their records or the tables
+    monkeypatch.setitem(K.FUSED_CONFIG, "hoist", records)
     spec = dataclasses.replace(ModelSpec.from_preset("llama-3-8b"), num_hidden_layers=1)
     pool = GpuPool(spec, ParallelSpec(), max_loras=4, max_rank=64, modules=("q", "down"), dtype=dtype,
                    device="cuda")

@@ -115,13 +115,19 @@ def _rank_list(batch: BatchInfo, num_slots: int, max_rank: int) -> list[int]:
 
 # The packed metadata: these int32 segments, in this order, each starting on a 16-byte boundary (Triton
 # specialises pointers on that alignment), in one device buffer filled by one copy per batch.
-_SEGMENTS = ("perm", "blk_start", "blk_len", "blk_slot", "token_slots", "slot_rank", "nblk")
+# blk_rec (16-row blocks only): per block REC_INTS int32, [slot, rank, rows, start, its REC_ROWS rows (0
+# past the block)]: the fused kernel reads a block's slot, rank and rows in one round trip.
+_SEGMENTS = ("perm", "blk_start", "blk_len", "blk_slot", "token_slots", "slot_rank", "nblk", "blk_rec")
+REC_ROWS = 16
+REC_INTS = 4 + REC_ROWS
 
 
-def _layout(tokens: int, blocks: int, slots: int) -> dict[str, tuple[int, int]]:
-    """Segment name -> (offset, length) in int32 elements, for ``tokens`` token and ``blocks`` block entries."""
+def _layout(tokens: int, blocks: int, slots: int, block_m: int) -> dict[str, tuple[int, int]]:
+    """Segment name -> (offset, length) in int32 elements, for ``tokens`` token and ``blocks`` block entries
+    (records only for ``block_m == REC_ROWS``)."""
     sizes = dict(perm=max(tokens, 1), blk_start=blocks, blk_len=blocks, blk_slot=blocks,
-                 token_slots=max(tokens, 1), slot_rank=slots, nblk=1)
+                 token_slots=max(tokens, 1), slot_rank=slots, nblk=1,
+                 blk_rec=max(blocks, 1) * REC_INTS if block_m == REC_ROWS else 4)
     out, off = {}, 0
     for name in _SEGMENTS:
         out[name] = (off, sizes[name])
@@ -131,7 +137,8 @@ def _layout(tokens: int, blocks: int, slots: int) -> dict[str, tuple[int, int]]:
 
 class DenseMeta:
     """Device buffers of the dense blocks, the per-token slots and the per-slot ranks: int32 views
-    (``perm``, ``blk_start``, ``blk_len``, ``blk_slot``, ``token_slots``, ``slot_rank``, ``nblk``) of one
+    (``perm``, ``blk_start``, ``blk_len``, ``blk_slot``, ``token_slots``, ``slot_rank``, ``nblk``, and for
+    16-row blocks ``blk_rec``, each block's slot, rank, length, start and rows in one record) of one
     packed device buffer, written per batch by one non-blocking copy from one pinned host buffer.
 
     ``capacity=None`` (eager): a buffer sized to each batch, grid = the batch's blocks. ``capacity=T``
@@ -156,9 +163,9 @@ class DenseMeta:
             self._allocate(capacity, self.grid_blocks)
 
     def _allocate(self, tokens: int, blocks: int) -> None:
-        self._lay = _layout(tokens, blocks, self.num_slots)
-        off, n = self._lay["nblk"]
-        self.buffer = torch.empty(off + 4, dtype=torch.int32, device=self.device)
+        self._lay = _layout(tokens, blocks, self.num_slots, self.block_m)
+        off, n = self._lay["blk_rec"]
+        self.buffer = torch.empty(off + -(-n // 4) * 4, dtype=torch.int32, device=self.device)
         for name, (o, n) in self._lay.items():
             setattr(self, name, self.buffer[o:o + n])
 
@@ -194,6 +201,15 @@ class DenseMeta:
         put("token_slots", tok, -1)
         put("slot_rank", _rank_list(batch, self.num_slots, self.max_rank))
         put("nblk", [len(slots)])
+        if self.block_m == REC_ROWS:
+            ranks = _rank_list(batch, self.num_slots, self.max_rank)
+            rec: list[int] = []
+            pad = [0] * REC_ROWS
+            for st, n, s in zip(starts, lens, slots):
+                rec += [s, ranks[s], n, st]
+                rec += perm[st:st + n]
+                rec += pad[n:]
+            put("blk_rec", rec)     # unused blocks: zeros (never read: the kernel stops at nblk)
         src = torch.frombuffer(array.array("i", host), dtype=torch.int32)
         if self.device.type == "cuda":
             # a fresh pinned block per batch (torch's host allocator reuses it only after this copy is done)

@@ -4,7 +4,8 @@ Dense op, decode regime (<= 512 tokens): one launch of the fused kernel (K chunk
 programs per block as the used blocks leave SMs for; they meet on the device); prefill: two launches
 (shrink, expand), or the fused kernel with one program per 16-row block (``FUSED_PREFILL``). Expert op:
 one fused launch over the blocks of all routed rows of all local experts up to ``EXPERT_FUSED_ROWS`` routed
-rows, two above (blocks built on the device once per layer and cached in the ``ExpertRouting``).
+rows, above it the wide regime (``expert_regime``: ``EXPERT_WIDE_BLOCK_M`` rows per block, two launches or
+the fused one) (blocks built on the device once per layer and cached in the ``ExpertRouting``).
 Embedding: a gather-shrink and an expand. Pools of a max rank above ``FUSED_MAX_RANK`` take the two-launch path for
 every op. Nothing in a forward reads device memory on the host.
 
@@ -96,7 +97,8 @@ class TritonBackend:
         A, B, sc = self._views(pool, module, layer)
         if self._fused(pool) and (K.FUSED_PREFILL if m.prefill else K.FUSED_DENSE):
             K.fused(x, A, B, sc, out, blocks, m.nblk, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank,
-                    expert=False, scratch=None if m.prefill else self._scratch)
+                    expert=False, scratch=None if m.prefill else self._scratch,
+                    records=m.blk_rec if m.block_m == K.REC_ROWS else None)
             return
         P = K.shrink(x, A, None, blocks, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank)
         K.expand(P, B, None, sc, None, out, blocks, m.grid_blocks, m.block_m, m.slot_rank, x.dtype,
@@ -120,9 +122,10 @@ class TritonBackend:
         if key not in routing.cache:
             m = self._meta(pool)
             E = len(pool.layout.local_experts)
+            bm, _ = K.expert_regime(routing.num_rows)
             blocks, nb, nblk = K.route_blocks(routing.token_index, routing.local_expert, m.token_slots, E,
-                                              pool.max_loras, BLOCK_M_DECODE)
-            routing.cache[key] = (blocks, nb, nblk, BLOCK_M_DECODE)
+                                              pool.max_loras, bm)
+            routing.cache[key] = (blocks, nb, nblk, bm)
         return routing.cache[key]
 
     def experts(self, pool: GpuPool, batch: BatchInfo, layer: int, module: str, x: torch.Tensor,
@@ -132,7 +135,7 @@ class TritonBackend:
         m = self._meta(pool)
         blocks, nb, nblk, bm = self.expert_blocks(pool, routing)
         A, B, sc = self._views(pool, module, layer)   # [S, E, R, in], [S, E, out, R], [S, E]
-        if routing.num_rows <= K.EXPERT_FUSED_ROWS and self._fused(pool):
+        if K.expert_regime(routing.num_rows)[1] and self._fused(pool):
             K.fused(x, A, B, sc, out, blocks, nblk, nb, bm, m.slot_rank, pool.max_rank, expert=True, scratch=None)
             return
         P = K.shrink(x, A, A.stride(1), blocks, nb, bm, m.slot_rank, pool.max_rank)

@@ -12,7 +12,8 @@ A *block* is at most ``BLOCK_M`` rows that share one slot (and one local expert 
   issued before the K work). With one program per block (many blocks, the expert op, the interpreter) the
   program sums the same chunk partials in the same order itself: ``G`` decides which program computes
   what, never how, so a row's bits do not depend on the rest of the batch. No second launch; the grid is
-  static (CUDA-graph safe).
+  static (CUDA-graph safe). Dense 16-row blocks are read from their records (``meta.DenseMeta.blk_rec``:
+  slot, rank, length and rows in one round trip).
 * Rank tile: a slot of rank <= 16 uses a 16-wide tile, others one tile of the pool's max rank (next power of
   two, <= ``FUSED_MAX_RANK``): the whole rank at once, so x is read once per block. Loads are masked at the
   slot's rank: nothing above a slot's rank is ever read (NaN planted there never reaches an output).
@@ -38,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .meta import REC_INTS, REC_ROWS  # noqa: E402,F401 - a dense block's record (meta.DenseMeta.blk_rec)
+
 BLOCK_R = 16
 R16: tl.constexpr = tl.constexpr(16)   # the narrow rank tile, as a constexpr the kernels may read
 # Under Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) the kernels replace tl.dot by an
@@ -50,18 +53,32 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DIRECT = os.environ.get("TP_LORA_TRITON_DIRECT", "1") != "0" and not INTERPRET
 FUSED_MAX_RANK = 128    # pools of a larger max rank take the two-launch path
 EXPERT_FUSED_ROWS = 4096   # the fused expert op up to this many routed rows (decode); two launches above
+# Above EXPERT_FUSED_ROWS routed rows (the wide regime): rows per (expert, slot) block, and whether the fused
+# kernel (one program per block, the whole K) runs there too instead of the two launches.
+EXPERT_WIDE_BLOCK_M = 16
+EXPERT_WIDE_FUSED = False
 FUSED_DENSE = True      # dense ops of the decode regime through the fused kernel (else two launches)
 
 # Tuning of the fused kernel (H200, docs/KERNELS.md); a plain dict so scripts/bench_ops.py --sweep can vary it.
 # chunk_k: K columns per chunk of the K split (summed in chunk order, so the split never changes a row's bits);
 # prefetch: the first N tile's B and out loads issued before the K work.
-FUSED_CONFIG = dict(block_n=256, block_k=128, chunk_k=256, num_warps=8, expert_warps=4, num_stages=3,
-                    programs_per_sm=2, prefetch=True)
-FUSED_MAX_CHUNKS = 16   # K chunks of the fused kernel's split (q: 16 of 256 columns; down: 14 of 1024)
+# max_chunks: at most this many K chunks (q: 16 of 256 columns; down: 14 of 1024); programs_per_sm: the grid of
+# the unsplit dense kernel; the expert_* keys tune the expert op (expert_programs_per_sm 0: one program per
+# block of the static table, no persistent loop).
+# records: dense blocks read from DenseMeta's per-block records (one round trip; H200 sweep of 2026-12-02b:
+# 0.1-0.5 us per module faster in a decode step on 7 of 9 decode cases, within 0.1 us on the other two).
+# hoist: the table path's rows and expert id loaded before the rank test (off: not timed for the expert op,
+# which keeps its previous load order). num_stages 4 (same sweep: 0.4-2.7 us faster on down_proj, within
+# 0.4 us on q_proj). These only move loads, never change what is computed.
+FUSED_CONFIG = dict(block_n=256, block_k=128, chunk_k=256, max_chunks=16, num_warps=8, num_stages=4,
+                    programs_per_sm=2, prefetch=True, records=True, hoist=False, expert_warps=4, expert_stages=3,
+                    expert_block_n=256, expert_prefetch=True, expert_programs_per_sm=2, expert_wide_block_n=128)
 FUSED_PREFILL = False   # dense ops of the prefill regime through the fused kernel too (16-row blocks)
 # The two-launch path's tiles (decode / prefill regime where they differ).
+# prefill_split: K columns per shrink program in the prefill regime (0: split_size's rule); expand_block_n:
+# the expand's N tile for pools of rank tile 16, expand_block_n_wide for wider rank tiles.
 TWO_LAUNCH_CONFIG = dict(shrink_block_k=(256, 128), shrink_warps=4, shrink_stages=3, expand_block_n=128,
-                         expand_warps=4)
+                         expand_block_n_wide=128, expand_warps=4, prefill_split=0)
 
 
 
@@ -181,8 +198,8 @@ def _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out
         _xa(x_ptr, sxm, sxk, a_base, sar, sak, rows, mrow, offs_r, mr, c_lo * KC, tl.minimum(K, c_hi * KC), KC,
             pbase, pmask, 2, IEEE, UPCAST, BLOCK_M, BLOCK_K, BR, BLOCK_M * RT)
         tl.debug_barrier()                                   # every thread's partials are written ...
-        tl.atomic_add(arrive_ptr + b, 1, sem="release")      # ... before the block's counter counts them
-        n = tl.atomic_add(arrive_ptr + b, 0, sem="acquire")
+        # ... before the block's counter counts them; the last to arrive sees G at once (no extra poll)
+        n = tl.atomic_add(arrive_ptr + b, 1, sem="acq_rel") + 1
         while n < G:
             n = tl.atomic_add(arrive_ptr + b, 0, sem="acquire")
         tl.debug_barrier()
@@ -211,8 +228,9 @@ def _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out
 @triton.jit
 def _fused_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, b_ptr, sbs, sbe, sbn, sbr, sc_ptr, scs, sce,
                   out_ptr, som, son, perm_ptr, blk_start_ptr, blk_len_ptr, blk_slot_ptr, blk_exp_ptr, rank_ptr,
-                  nblk_ptr, p_ptr, arrive_ptr, depart_ptr, K, N, KC, R,
-                  CH: tl.constexpr, PREFETCH: tl.constexpr, HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr,
+                  nblk_ptr, rec_ptr, p_ptr, arrive_ptr, depart_ptr, K, N, KC, R,
+                  CH: tl.constexpr, REC: tl.constexpr, HOIST: tl.constexpr, PREFETCH: tl.constexpr,
+                  HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr,
                   UPCAST: tl.constexpr, CDT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, RT: tl.constexpr):
     # R: programs that may meet (resident together: the grid is at most one per SM then; 1 = never meet).
@@ -231,15 +249,35 @@ def _fused_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, b_ptr, sbs, sbe, s
         W = tl.num_programs(0)
         j = pid
         s = 0
+    # REC > 0 (dense, 16-row blocks): block b's record [slot, rank, rows, start, 16 rows] of REC int32 gives
+    # everything in one round trip (no slot -> rank, start -> perm dependent loads before x and A).
+    # HOIST: the rows (and the expert id) are loaded with the slot, before the rank test, not after it.
+    # Both only change when loads are issued, never what is computed.
     for b in range(j, nbu, W):
-        slot, rank = _block_slot_rank(blk_slot_ptr, rank_ptr, b)
+        if REC > 0:
+            rb = rec_ptr + b * REC
+            slot = tl.load(rb)
+            rank = tl.load(rb + 1)
+            offs_m = tl.arange(0, BLOCK_M)
+            mrow = offs_m < tl.load(rb + 2)
+            rows = tl.load(rb + 4 + offs_m).to(tl.int64)    # all BLOCK_M entries written (0 past the block)
+        else:
+            slot, rank = _block_slot_rank(blk_slot_ptr, rank_ptr, b)
+            if HOIST:
+                rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, b, BLOCK_M)
+        if HAS_EXPERT:
+            if HOIST:
+                e = tl.load(blk_exp_ptr + b).to(tl.int64)
         if rank > 0:
-            rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, b, BLOCK_M)
+            if REC == 0:
+                if not HOIST:
+                    rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, b, BLOCK_M)
             a_base = a_ptr + slot.to(tl.int64) * sas
             b_base = b_ptr + slot.to(tl.int64) * sbs
             sc_off = slot.to(tl.int64) * scs
             if HAS_EXPERT:
-                e = tl.load(blk_exp_ptr + b).to(tl.int64)
+                if not HOIST:
+                    e = tl.load(blk_exp_ptr + b).to(tl.int64)
                 a_base += e * sae
                 b_base += e * sbe
                 sc_off += e * sce
@@ -444,12 +482,22 @@ def split_size(K: int, prefill: bool) -> int:
     the batch's content). Decode: short chunks keep a few blocks parallel over many splits; prefill has many
     blocks, so longer chunks (fewer partials for the expand to sum)."""
     if prefill:
+        if TWO_LAUNCH_CONFIG["prefill_split"]:
+            return TWO_LAUNCH_CONFIG["prefill_split"]
         return 1024 if K <= 8192 else 2048
     return 512 if K <= 4096 else 1024
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def expert_regime(routed_rows: int) -> tuple[int, bool]:
+    """(rows per (expert, slot) block, fused kernel?) of the expert op for a layer of ``routed_rows`` routed
+    rows: a function of the routing's size only, never of its content (bits equal within a regime)."""
+    if routed_rows <= EXPERT_FUSED_ROWS:
+        return BLOCK_R, True
+    return EXPERT_WIDE_BLOCK_M, EXPERT_WIDE_FUSED
 
 
 def rank_tile(max_rank: int) -> int:
@@ -461,10 +509,10 @@ def rank_tile(max_rank: int) -> int:
 def fused_chunks(K: int) -> tuple[int, int]:
     """(chunks, K columns per chunk) of the fused kernel's K split: a function of K only. A chunk is the
     unit of the split (its partial is summed with the others in chunk order), so a row's bits never depend
-    on how many programs share its block. At most ``FUSED_MAX_CHUNKS`` chunks (every program of a block
+    on how many programs share its block. At most ``max_chunks`` (``FUSED_CONFIG``) chunks (every program of a block
     loads all partials at once), each ``chunk_k`` columns or the next power of two above K / that."""
     K = max(K, 1)
-    kc = max(FUSED_CONFIG["chunk_k"], triton.next_power_of_2(-(-K // FUSED_MAX_CHUNKS)))
+    kc = max(FUSED_CONFIG["chunk_k"], triton.next_power_of_2(-(-K // FUSED_CONFIG["max_chunks"])))
     kc = max(16, min(triton.next_power_of_2(K), kc))
     return -(-K // kc), kc
 
@@ -513,14 +561,16 @@ class FusedScratch:
 
 def fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, out: torch.Tensor,
           blocks: tuple, nblk: torch.Tensor, grid_blocks: int, block_m: int, slot_rank: torch.Tensor,
-          max_rank: int, expert: bool, scratch: FusedScratch | None) -> None:
+          max_rank: int, expert: bool, scratch: FusedScratch | None, records: torch.Tensor | None = None) -> None:
     """``out[row] += s[slot(, e)] * (x[row] @ A[slot(, e), :rank]^T) @ B[slot(, e), :, :rank]^T`` for the
     blocks' rows, in one launch. x ``[rows, K]``, out ``[rows, N]`` (any strides); A ``[S, R, K]`` / ``[S,
     E, R, K]``, B ``[S, N, R]`` / ``[S, E, N, R]``, scaling ``[S]`` / ``[S, E]`` float32 (``expert``
     selects the second forms); ``nblk`` a 1-element int32 device tensor: the used blocks (a prefix of the
     table); ``grid_blocks``: the table's static length. ``scratch`` given (decode regime, dense): K chunks
     spread over several programs per block that meet through it, as many as the used blocks leave SMs for;
-    None: one program per block. Requires ``max_rank <= FUSED_MAX_RANK``."""
+    None: one program per block. ``records``: the dense blocks' records (``meta.DenseMeta.blk_rec``, 16-row
+    blocks; read instead of the tables when the ``records`` tuning is on). Requires ``max_rank <=
+    FUSED_MAX_RANK``."""
     rows, K = x.shape
     N = out.shape[1]
     if grid_blocks == 0 or rows == 0 or N == 0:
@@ -537,19 +587,28 @@ def fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tens
         grid = meet                                  # one program per SM at most: all resident, they can meet
         P, (arrive, depart) = scratch.p, scratch.counters()
     else:
-        grid = grid_blocks if INTERPRET or x.device.type != "cuda" else \
-            max(1, min(grid_blocks, cfg["programs_per_sm"] * _sms(x.device)))
+        pps = cfg["expert_programs_per_sm" if expert else "programs_per_sm"]
+        grid = grid_blocks if INTERPRET or x.device.type != "cuda" or pps <= 0 else \
+            max(1, min(grid_blocks, pps * _sms(x.device)))
         P, arrive, depart = scaling, nblk, nblk      # not read with one program per block
     perm, bs, bl, bslot, bexp = blocks
     e_a, e_b, e_s = (A.stride(1), B.stride(1), scaling.stride(1)) if expert else (0, 0, 0)
+    use_rec = records is not None and bool(cfg["records"]) and not expert
+    if use_rec:
+        assert block_m == REC_ROWS, block_m
     _fused((grid,), (x, x.stride(0), x.stride(1), A, A.stride(0), e_a, A.stride(-2), A.stride(-1),
                      B, B.stride(0), e_b, B.stride(-2), B.stride(-1), scaling, scaling.stride(0), e_s,
                      out, out.stride(0), out.stride(1), perm, bs, bl, bslot, bexp, slot_rank, nblk,
-                     P, arrive, depart, K, N, kc, meet),
-           dict(CH=ch, PREFETCH=bool(cfg["prefetch"]), HAS_EXPERT=expert, IEEE=x.dtype == torch.float32,
-                UPCAST=INTERPRET, CDT=_CDT[x.dtype], BLOCK_M=block_m, BLOCK_N=_pow2(N, 16, cfg["block_n"]),
+                     records if use_rec else nblk, P, arrive, depart, K, N, kc, meet),
+           dict(CH=ch, REC=REC_INTS if use_rec else 0, HOIST=bool(cfg["hoist"]),
+                PREFETCH=bool(cfg["expert_prefetch" if expert else "prefetch"]),
+                HAS_EXPERT=expert, IEEE=x.dtype == torch.float32,
+                UPCAST=INTERPRET, CDT=_CDT[x.dtype], BLOCK_M=block_m,
+                BLOCK_N=_pow2(N, 16, cfg["block_n"] if not expert else
+                              cfg["expert_block_n"] if block_m <= 16 else cfg["expert_wide_block_n"]),
                 BLOCK_K=_pow2(min(K, kc), 16, cfg["block_k"]), RT=rt),
-           num_warps=cfg["expert_warps" if expert else "num_warps"], num_stages=cfg["num_stages"])
+           num_warps=cfg["expert_warps" if expert else "num_warps"],
+           num_stages=cfg["expert_stages" if expert else "num_stages"])
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, grid_blocks: int,
@@ -607,13 +666,14 @@ def expand(P: torch.Tensor, B: torch.Tensor, expert_stride: int | None, scaling:
     if grid_blocks == 0 or rows == 0 or N == 0:
         return
     perm, bs, bl, bslot, bexp = blocks
-    bn = _pow2(N, 16, TWO_LAUNCH_CONFIG["expand_block_n"])
+    rt = rank_tile(max_rank)
+    bn = _pow2(N, 16, TWO_LAUNCH_CONFIG["expand_block_n" if rt <= BLOCK_R else "expand_block_n_wide"])
     _expand((triton.cdiv(N, bn), grid_blocks),
             (P, P.stride(0), P.stride(1), P.stride(2), B, B.stride(0), expert_stride or 0, B.stride(-2),
              B.stride(-1), scaling, scaling.stride(0), scaling_expert_stride or 0, out, out.stride(0),
              out.stride(1), perm, bs, bl, bslot, bexp, slot_rank, N),
             dict(SPLITS=P.shape[0], HAS_EXPERT=expert_stride is not None, IEEE=compute_dtype == torch.float32,
-                 UPCAST=INTERPRET, CDT=_CDT[compute_dtype], BLOCK_M=block_m, BLOCK_N=bn, RT=rank_tile(max_rank)),
+                 UPCAST=INTERPRET, CDT=_CDT[compute_dtype], BLOCK_M=block_m, BLOCK_N=bn, RT=rt),
             # one stage: one rank tile per slot, nothing to pipeline (and the split partials' stages of a
             # 64-row, 64-rank tile would exceed the shared memory)
             num_warps=TWO_LAUNCH_CONFIG["expand_warps"], num_stages=1)
