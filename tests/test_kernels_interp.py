@@ -254,3 +254,13 @@ def test_expert_wide_regime_matches_reference(monkeypatch, fused: bool) -> None:
     check_expert_ops(MOE, par, device=DEV, pool_dtype=torch.float32, act_dtype=torch.float32, tol=FP32_TOL,
                      backend=TritonBackend)
     assert kc.compare_experts(MOE, par, torch.float32, DEV, seed=6, rows=90) == 3 * MOE.num_hidden_layers
+
+
+def test_fused_stages_deepen_only_where_they_were_timed():
+    """The tuned depth (4) for 2-byte activations up to rank tile 64 (the H200 sweep's cases); fp32 and
+    rank tile 128 keep at most 3 (four fp32 stages of a 128 rank tile need more shared memory than an
+    H100 has)."""
+    f = triton_kernels.fused_stages
+    tuned = triton_kernels.FUSED_CONFIG["num_stages"]
+    assert f(torch.bfloat16, 16) == f(torch.float16, 64) == tuned
+    assert f(torch.float32, 16) == f(torch.bfloat16, 128) == f(torch.float32, 128) == min(tuned, 3)

@@ -73,6 +73,7 @@ FUSED_DENSE = True      # dense ops of the decode regime through the fused kerne
 FUSED_CONFIG = dict(block_n=256, block_k=128, chunk_k=256, max_chunks=16, num_warps=8, num_stages=4,
                     programs_per_sm=2, prefetch=True, records=True, hoist=False, expert_warps=4, expert_stages=3,
                     expert_block_n=256, expert_prefetch=True, expert_programs_per_sm=2, expert_wide_block_n=128)
+FUSED_STAGES_MAX_RT = 64   # num_stages above 3 only up to this rank tile, 2-byte activations (fused_stages)
 FUSED_PREFILL = False   # dense ops of the prefill regime through the fused kernel too (16-row blocks)
 # The two-launch path's tiles (decode / prefill regime where they differ).
 # prefill_split: K columns per shrink program in the prefill regime (0: split_size's rule); expand_block_n:
@@ -500,6 +501,15 @@ def expert_regime(routed_rows: int) -> tuple[int, bool]:
     return EXPERT_WIDE_BLOCK_M, EXPERT_WIDE_FUSED
 
 
+def fused_stages(dtype: torch.dtype, rt: int) -> int:
+    """Pipeline stages of the dense fused kernel: the tuned ``num_stages`` where it was timed (2-byte
+    activations, rank tiles up to ``FUSED_STAGES_MAX_RT``), else at most 3, the depth every tile had
+    before: each stage holds an x and an A tile in shared memory (fp32 at rank tile 128: 72 KiB a stage,
+    so four stages would not fit in an H100's 227 KiB)."""
+    n = FUSED_CONFIG["num_stages"]
+    return n if dtype.itemsize <= 2 and rt <= FUSED_STAGES_MAX_RT else min(n, 3)
+
+
 def rank_tile(max_rank: int) -> int:
     """The wide rank tile for a pool: its max rank rounded up to a power of two (16 .. FUSED_MAX_RANK). A
     slot of rank <= 16 uses the 16-wide tile."""
@@ -608,7 +618,7 @@ def fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tens
                               cfg["expert_block_n"] if block_m <= 16 else cfg["expert_wide_block_n"]),
                 BLOCK_K=_pow2(min(K, kc), 16, cfg["block_k"]), RT=rt),
            num_warps=cfg["expert_warps" if expert else "num_warps"],
-           num_stages=cfg["expert_stages" if expert else "num_stages"])
+           num_stages=cfg["expert_stages"] if expert else fused_stages(x.dtype, rt))
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, grid_blocks: int,
