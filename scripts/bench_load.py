@@ -278,11 +278,15 @@ def trace_summary(tr, total_s: float, readers: int) -> dict:
     }
 
 
-def reads_only(mgr: LoRAManager, path: Path, name: str, repeats: int) -> float:
+_ENGINE_RINGS = object()
+
+
+def reads_only(mgr: LoRAManager, path: Path, name: str, repeats: int, rings=_ENGINE_RINGS) -> float:
     """The rank's reads alone (no H2D, no placement, no loader in the way): every unit of the plan read
     by the engine's own reader threads (same rings, iovec tables and scratch) into host buffers of the
     chunks' sizes, all submitted at once. Subtracted from a cold load, it says what the pipeline costs
-    on top of the read pattern."""
+    on top of the read pattern. ``rings``: the engine's (default), another
+    ``RingPool``, or None (one preadv per read)."""
     from tp_lora.host.reader import SliceReader
     eng = mgr.engine
     a = mgr._adapters[name]  # noqa: SLF001 - the registered plan and header
@@ -292,7 +296,7 @@ def reads_only(mgr: LoRAManager, path: Path, name: str, repeats: int) -> float:
     for _ in range(repeats):
         page_cache(path)
         rd = SliceReader(a.header, eng.scratch, eng._memo.table(a.plan, "iov"), check_header=False,  # noqa: SLF001
-                         rings=eng.rings)
+                         rings=eng.rings if rings is _ENGINE_RINGS else rings)
         t = time.perf_counter()
         futs = [eng._readers.submit(rd.read_part, c, p, b) for c, b in zip(chunks, bufs) for p in c.units()]  # noqa: SLF001
         for f in futs:

@@ -33,7 +33,6 @@ _spec = importlib.util.spec_from_file_location("bench_load", Path(__file__).with
 BL = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(BL)  # type: ignore[union-attr]
 
-from tp_lora.host.reader import SliceReader  # noqa: E402
 
 
 def _threads() -> dict:
@@ -44,25 +43,6 @@ def _threads() -> dict:
         except OSError:
             pass
     return {"iou_wrk": sum(n.startswith("iou-wrk") for n in names), "threads": len(names)}
-
-
-def units_read(mgr, path: Path, name: str, repeats: int, rings) -> float:
-    eng = mgr.engine
-    a = mgr._adapters[name]  # noqa: SLF001
-    chunks = eng.chunks(a.plan)
-    bufs = [eng.device.alloc_host(max(c.nbytes, 1)) for c in chunks]
-    ts = []
-    for _ in range(repeats):
-        BL.page_cache(path)
-        rd = SliceReader(a.header, eng.scratch, eng._memo.table(a.plan, "iov"), check_header=False,  # noqa: SLF001
-                         rings=rings)
-        t = time.perf_counter()
-        futs = [eng._readers.submit(rd.read_part, c, p, b) for c, b in zip(chunks, bufs) for p in c.units()]  # noqa: SLF001
-        for f in futs:
-            f.result()
-        ts.append(time.perf_counter() - t)
-        rd.close()
-    return BL.med(ts)
 
 
 def floor_reads(path: Path, offset: int, nbytes: int, threads: int, repeats: int, alloc) -> float:
@@ -115,9 +95,9 @@ def main() -> int:
             plan = mgr._adapters["a"].plan  # noqa: SLF001
             r["bytes"] = plan.nbytes
             if mgr.engine.rings is not None:
-                r[f"ring_{n}_s"] = units_read(mgr, path, "a", args.repeats, mgr.engine.rings)
+                r[f"ring_{n}_s"] = BL.reads_only(mgr, path, "a", args.repeats)
                 r[f"ring_{n}_threads"] = _threads()
-            r[f"preadv_{n}_s"] = units_read(mgr, path, "a", args.repeats, None)
+            r[f"preadv_{n}_s"] = BL.reads_only(mgr, path, "a", args.repeats, rings=None)
             data_start = 8 + mgr._adapters["a"].header.header_bytes  # noqa: SLF001
             r[f"floor_{n}_s"] = floor_reads(path, data_start, plan.nbytes, n, args.repeats, mgr.engine.device.alloc_host)
             mgr.close()
