@@ -10,6 +10,8 @@ io_uring batches and with one libc ``preadv`` per read (the same reads: the ring
 and the floor's pattern (the same byte count in contiguous 8 MiB ``preadv`` pieces) without H2D. No
 copies to the GPU: the numbers isolate the host side. Also reports the file system, the kernel, and
 whether io_uring handed reads to kernel worker threads (``iou-wrk`` threads alive after the reads).
+``--probe 4096,16384,65536``: synthetic reads of one size spread over the file, per thread count, to tell a
+per-thread cost (time falls with threads) from a shared one (constant summed over threads).
 Writes ``reads.json`` into --out and prints a table (ms, medians).
 """
 
@@ -63,6 +65,53 @@ def floor_reads(path: Path, offset: int, nbytes: int, threads: int, repeats: int
     return BL.med(ts)
 
 
+def probe(path: Path, threads: list[int], sizes: list[int], nreads: int, repeats: int) -> dict:
+    """Synthetic reads of one size at spread offsets of the file, through one io_uring per thread in
+    batches of 512 (the readers' submission shape): is a read's cost per thread (scales with threads) or
+    shared (constant summed over threads)? Returns {f"{size}_{threads}_s": median wall seconds}."""
+    import numpy as np
+
+    from tp_lora.host import uring
+    w = path / BL.W
+    fsize = w.stat().st_size
+    out: dict = {}
+    for size in sizes:
+        n = max(1, min(nreads, fsize // size))
+        stride = fsize // n // 4096 * 4096 or size
+        offs = (np.arange(n, dtype=np.uint64) * np.uint64(stride))
+        import torch
+        buf = torch.empty(n * size, dtype=torch.uint8)
+        iov = np.stack([np.uint64(buf.data_ptr()) + np.arange(n, dtype=np.uint64) * np.uint64(size),
+                        np.full(n, size, dtype=np.uint64)], axis=1)
+        iov = np.ascontiguousarray(iov)
+        addr = np.uint64(iov.ctypes.data) + np.uint64(16) * np.arange(n, dtype=np.uint64)
+        ones = np.ones(n, dtype=np.uint32)
+        for t in threads:
+            pool = uring.RingPool()
+            ex = cf.ThreadPoolExecutor(t)
+            bounds = [(i * n // t, (i + 1) * n // t) for i in range(t)]
+            fd = os.open(w, os.O_RDONLY)
+
+            def run(b):
+                ring = pool.ring()
+                for a in range(b[0], b[1], 512):
+                    z = min(b[1], a + 512)
+                    ring.readv(fd, addr[a:z], ones[a:z], offs[a:z])
+
+            list(ex.map(run, bounds))  # rings made, pages cached
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                list(ex.map(run, bounds))
+                ts.append(time.perf_counter() - t0)
+            os.close(fd)
+            ex.shutdown()
+            pool.close()
+            out[f"{size}_{t}_s"] = BL.med(ts)
+            out[f"{size}_{t}_reads"] = n
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/reads")
@@ -71,6 +120,9 @@ def main() -> int:
     ap.add_argument("--readers", default="4,8,16")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--probe", default="", help="also the synthetic per-read probe on this case's file: "
+                    "sizes in bytes, e.g. 4096,16384,65536 (threads from --readers)")
+    ap.add_argument("--probe-reads", type=int, default=50000)
     args = ap.parse_args()
     table = BL.TINY_CASES if args.tiny else BL.CASES
     root = Path(args.adapters)
@@ -102,6 +154,12 @@ def main() -> int:
             r[f"floor_{n}_s"] = floor_reads(path, data_start, plan.nbytes, n, args.repeats, mgr.engine.device.alloc_host)
             mgr.close()
             print(name, n, {k: v for k, v in r.items() if k.endswith(f"_{n}_s")}, flush=True)
+        if args.probe:
+            from tp_lora.host import uring
+            if uring.available():
+                r["probe"] = probe(path, [int(x) for x in args.readers.split(",")],
+                                   [int(x) for x in args.probe.split(",")], args.probe_reads, args.repeats)
+                print(name, "probe", r["probe"], flush=True)
         res["cases"][name] = r
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +171,12 @@ def main() -> int:
             g = lambda k: r.get(k, float("nan")) * 1e3  # noqa: E731
             print(f"{name:<24}{n:>8}{g(f'ring_{n}_s'):9.1f}{g(f'preadv_{n}_s'):9.1f}{g(f'floor_{n}_s'):9.1f}"
                   f"   iou-wrk {r.get(f'ring_{n}_threads', {}).get('iou_wrk', '-')}")
+        if "probe" in r:
+            pr = r["probe"]
+            for k in sorted({k.rsplit("_", 2)[0] for k in pr}, key=int):
+                cells = "".join(f"{n}: {pr[f'{k}_{n}_s'] * 1e3:.1f} ms ({pr[f'{k}_{n}_s'] / pr[f'{k}_{n}_reads'] * 1e6:.2f} us/read) "
+                                for n in [int(x) for x in args.readers.split(",")] if f"{k}_{n}_s" in pr)
+                print(f"{name:<24} probe {int(k) >> 10} KiB reads, by threads: {cells}")
     return 0
 
 
