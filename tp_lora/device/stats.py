@@ -18,7 +18,7 @@ class LoadStats:
     syscalls: int = 0  # reads issued (preadv of scatter runs + span reads)
     ring_reads: int = 0  # of syscalls: reads submitted through io_uring (a part's direct reads at once)
     span_ops: int = 0  # slices read as spans (strided columns, or short rows by the cost model)
-    readers: int = 0  # reader threads a cold load kept busy at most (a small plan: fewer than the pool)
+    readers: int = 0  # reader threads of the pipeline
     read_s: float = 0.0  # reader thread time (read + slice + pack, incl. allocation)
     alloc_s: float = 0.0  # host (pinned) allocation time inside read_s
     h2d_s: float = 0.0  # device time of the H2D copies + placement (events on CUDA)

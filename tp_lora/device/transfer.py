@@ -205,7 +205,8 @@ class TransferEngine:
         self.cost = RING_COST if use_ring else DEFAULT_COST  # what read_mode "auto" weighs
         # the cold pipeline's unit: a chunk (the cache, H2D-when-warm and placement unit) is read and
         # copied part by part, so a few large chunks still pipeline finely
-        self.part_bytes = part_bytes  # None: per plan, ``part_size``
+        # (smaller parts for small plans were measured and rejected: docs/PERF_NOTES.md row 25)
+        self.part_bytes = part_bytes if part_bytes is not None else max(4096, chunk_bytes // 8)
         self.arena = arena
         self._staging: torch.Tensor | None = None
         self._ring: list[torch.Tensor] = []
@@ -256,16 +257,9 @@ class TransferEngine:
         """Host bytes a streamed load may hold beyond the cache (the ring)."""
         return self.ring_slots * self.chunk_bytes
 
-    def part_size(self, plan: SlicePlan) -> int:
-        """The cold pipeline's unit: ``part_bytes``, else ``chunk_bytes / 8`` (8 MiB). Smaller parts for
-        small plans were measured and rejected (docs/PERF_NOTES.md row 23: an 80 MiB plan in 1.6 MiB
-        parts loaded in 12.5 ms, in 8 MiB parts 10.2 ms: each unit costs the readers' Python a GIL
-        round trip or two)."""
-        return self.part_bytes if self.part_bytes is not None else max(4096, self.chunk_bytes // 8)
-
     def chunks(self, plan: SlicePlan) -> list[Chunk]:
         """The chunks this engine moves ``plan`` in (cached and warm loads)."""
-        return pack(plan, self.chunk_bytes, self.part_size(plan), self.read_mode, self.cost)
+        return pack(plan, self.chunk_bytes, self.part_bytes, self.read_mode, self.cost)
 
     def expect(self, plan: SlicePlan, registered: list[SlicePlan]) -> None:
         """Registration hook, so that the first load of ``plan`` costs what later ones do: pack the plan
@@ -449,7 +443,7 @@ class TransferEngine:
             if entry is not None:
                 sink = _CacheSink(self, entry, chunks, stats)
             else:
-                sink = _RingSink(self, stream_units(job.plan, self.chunk_bytes, self.part_size(job.plan),
+                sink = _RingSink(self, stream_units(job.plan, self.chunk_bytes, self.part_bytes,
                                                     self.read_mode, self.cost), stats)
             units = sink.units()
             trace = None
@@ -469,7 +463,6 @@ class TransferEngine:
                 if cancelled.is_set():
                     raise _Cancelled()
                 t = time.perf_counter()
-                b0, n0 = rd.bytes_read, rd.ring_reads
                 rd.read_part(chunk, part, buf)
                 if job.fault is not None and last:
                     job.fault("read", chunk.index)
