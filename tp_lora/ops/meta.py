@@ -199,10 +199,10 @@ class DenseMeta:
         put("blk_len", lens)
         put("blk_slot", slots, -1)         # unused blocks: slot -1
         put("token_slots", tok, -1)
-        put("slot_rank", _rank_list(batch, self.num_slots, self.max_rank))
+        ranks = _rank_list(batch, self.num_slots, self.max_rank)
+        put("slot_rank", ranks)
         put("nblk", [len(slots)])
         if self.block_m == REC_ROWS:
-            ranks = _rank_list(batch, self.num_slots, self.max_rank)
             rec: list[int] = []
             pad = [0] * REC_ROWS
             for st, n, s in zip(starts, lens, slots):
