@@ -673,11 +673,11 @@ def case_run(name: str, c: dict, path: Path, args: argparse.Namespace) -> dict:
     variants += [(f"cold_backend_{b}_s", dict(read_backend=b)) for b in args.read_backends.split(",") if b]
     variants += [(f"cold_readers_{n}_s", dict(read_workers=int(n))) for n in args.read_workers_list.split(",") if n]
     variants += [(f"cold_part_{n}_s", dict(part_bytes=int(n))) for n in args.part_bytes_list.split(",") if n]
-    if args.ring_exact_rows:  # the io_uring readers with a cost model that charges each span a whole read
+    if args.ring_exact_rows:  # the io_uring readers, one request per owned row range (no junk-gap joins)
         import dataclasses
         from tp_lora.plan.packing import RING_COST
         variants.append(("cold_ring_exact_rows_s", dict(read_backend="io_uring",
-                                                        cost=dataclasses.replace(RING_COST, shared_spans=False))))
+                                                        cost=dataclasses.replace(RING_COST, join_exact=False))))
     for key, over in variants:
         try:
             r[key] = bench_mode(path, c, args, args.repeats, **over)
@@ -713,7 +713,7 @@ def main() -> int:
     ap.add_argument("--placements", default="", help="also time later cold loads with these placements")
     ap.add_argument("--read-ahead", type=int, default=None, help="LoRAConfig.read_ahead")
     ap.add_argument("--read-backend", default="auto", choices=["auto", "io_uring", "preadv"])
-    ap.add_argument("--ring-exact-rows", action="store_true", help="also time io_uring with unshared spans")
+    ap.add_argument("--ring-exact-rows", action="store_true", help="also time io_uring with one request per owned row range (rows not joined through junk gaps)")
     ap.add_argument("--read-backends", default="", help="also time later cold loads with these read backends")
     ap.add_argument("--read-aheads", default="", help="also time later cold loads with these read_ahead")
     ap.add_argument("--floor-threads", type=int, default=None)

@@ -10,6 +10,9 @@ io_uring batches and with one libc ``preadv`` per read (the same reads: the ring
 and the floor's pattern (the same byte count in contiguous 8 MiB ``preadv`` pieces) without H2D. No
 copies to the GPU: the numbers isolate the host side. Also reports the file system, the kernel, and
 whether io_uring handed reads to kernel worker threads (``iou-wrk`` threads alive after the reads).
+``--join joined,exact``: the io_uring reads with rows closer than ``junk_gap()`` joined into one request
+through junk gaps (the default cost model) and with one request per owned range (``join_exact=False``),
+each with its bytes read and request count (``ring_{n}_s`` is the first listed variant).
 ``--probe 4096,16384,65536``: synthetic reads of one size spread over the file, per thread count, to tell a
 per-thread cost (time falls with threads) from a shared one (constant summed over threads).
 Writes ``reads.json`` into --out and prints a table (ms, medians).
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import dataclasses
 import glob
 import importlib.util
 import json
@@ -34,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 _spec = importlib.util.spec_from_file_location("bench_load", Path(__file__).with_name("bench_load.py"))
 BL = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(BL)  # type: ignore[union-attr]
+
+from tp_lora.plan.packing import read_counts  # noqa: E402
 
 
 
@@ -123,6 +129,8 @@ def main() -> int:
     ap.add_argument("--probe", default="", help="also the synthetic per-read probe on this case's file: "
                     "sizes in bytes, e.g. 4096,16384,65536 (threads from --readers)")
     ap.add_argument("--probe-reads", type=int, default=50000)
+    ap.add_argument("--join", default="joined", help="ring cost variants, comma-separated: joined "
+                    "(rows joined through junk gaps: the default) and/or exact (one request per owned range)")
     args = ap.parse_args()
     table = BL.TINY_CASES if args.tiny else BL.CASES
     root = Path(args.adapters)
@@ -142,13 +150,26 @@ def main() -> int:
                                     part_bytes=None, read_mode="auto", placement="auto", read_ahead=None,
                                     read_backend="auto")
             mgr = BL._manager(c, ns)  # noqa: SLF001
+            ring_cost = mgr.engine.cost
+            variants = [v for v in args.join.split(",") if v]
+            if mgr.engine.rings is not None:
+                for j, v in enumerate(variants):
+                    if v not in ("joined", "exact"):
+                        raise SystemExit(f"--join: unknown variant {v!r}")
+                    mgr.engine.cost = dataclasses.replace(ring_cost, join_exact=v == "joined")
+                    mgr.register(v, path)
+                    mgr.engine.wait_prepared()
+                    cnt = read_counts(mgr.engine.chunks(mgr._adapters[v].plan))  # noqa: SLF001
+                    t = BL.reads_only(mgr, path, v, args.repeats)
+                    r[f"ring_{v}_{n}_s"], r[f"ring_{v}_bytes_read"], r[f"ring_{v}_requests"] = t, cnt.read, cnt.syscalls
+                    if j == 0:
+                        r[f"ring_{n}_s"] = t
+                        r[f"ring_{n}_threads"] = _threads()
+                mgr.engine.cost = ring_cost
             mgr.register("a", path)
             mgr.engine.wait_prepared()
             plan = mgr._adapters["a"].plan  # noqa: SLF001
             r["bytes"] = plan.nbytes
-            if mgr.engine.rings is not None:
-                r[f"ring_{n}_s"] = BL.reads_only(mgr, path, "a", args.repeats)
-                r[f"ring_{n}_threads"] = _threads()
             r[f"preadv_{n}_s"] = BL.reads_only(mgr, path, "a", args.repeats, rings=None)
             data_start = 8 + mgr._adapters["a"].header.header_bytes  # noqa: SLF001
             r[f"floor_{n}_s"] = floor_reads(path, data_start, plan.nbytes, n, args.repeats, mgr.engine.device.alloc_host)
@@ -169,8 +190,11 @@ def main() -> int:
     for name, r in res["cases"].items():
         for n in [int(x) for x in args.readers.split(",")]:
             g = lambda k: r.get(k, float("nan")) * 1e3  # noqa: E731
+            var = "".join(f"  {v} {g(f'ring_{v}_{n}_s'):.1f} ({r[f'ring_{v}_requests']} requests, "
+                          f"{r[f'ring_{v}_bytes_read'] / max(r['bytes'], 1):.2f}x owned)"
+                          for v in ("joined", "exact") if f"ring_{v}_{n}_s" in r)
             print(f"{name:<24}{n:>8}{g(f'ring_{n}_s'):9.1f}{g(f'preadv_{n}_s'):9.1f}{g(f'floor_{n}_s'):9.1f}"
-                  f"   iou-wrk {r.get(f'ring_{n}_threads', {}).get('iou_wrk', '-')}")
+                  f"   iou-wrk {r.get(f'ring_{n}_threads', {}).get('iou_wrk', '-')}{var}")
         if "probe" in r:
             pr = r["probe"]
             for k in sorted({k.rsplit("_", 2)[0] for k in pr}, key=int):

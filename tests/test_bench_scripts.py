@@ -25,7 +25,8 @@ def test_bench_load_tiny_with_trace(tmp_path):
     for k in ("cold_s", "first_cold_s", "warm_s", "floor_s", "cold_over_floor"):
         assert r[k] > 0, k
     o = r["ours"]
-    assert o["reads_only_s"] > 0 and o["bytes_read"] == o["bytes_owned"] == o["bytes"]
+    # rows joined through junk gaps read more than they own; the counts report both
+    assert o["reads_only_s"] > 0 and o["bytes_read"] >= o["bytes_owned"] == o["bytes"]
     t = o["trace"]
     assert t["units"] == o["units"] == len(t["raw"]["reads"]) and 0 < t["reader_busy_frac"] <= 1
 

@@ -61,6 +61,34 @@ def test_ring_readv_equals_pread_across_batches(tmp_path):
 
 
 @needs_ring
+def test_ring_batches_that_wrap_the_ring_mid_batch(tmp_path):
+    """The SQEs are written as at most two slices (the ring's end, then its start): batches that start
+    anywhere in the ring read what pread reads, call after call."""
+    data = np.random.default_rng(3).integers(0, 256, 1 << 16, dtype=np.uint8)
+    f = tmp_path / "blob"
+    f.write_bytes(data.tobytes())
+    fd = os.open(f, os.O_RDONLY)
+    ring = uring.Ring(8)
+    try:
+        buf = torch.zeros(64 * 100, dtype=torch.uint8)
+        for call, k in enumerate((5, 7, 11, 3, 13)):  # tails 0, 5, 12, 23, 26: most batches cross the end
+            offs = np.arange(k, dtype=np.uint64) * np.uint64(517) + np.uint64(call * 97)
+            iov = np.zeros((k, 2), dtype=np.uint64)
+            iov[:, 0] = buf.data_ptr() + 64 * np.arange(k, dtype=np.uint64)
+            iov[:, 1] = 64
+            buf.zero_()
+            res = ring.readv(fd, np.uint64(iov.ctypes.data) + np.uint64(16) * np.arange(k, dtype=np.uint64),
+                             np.ones(k, dtype=np.uint32), offs)
+            assert (res == 64).all(), (call, res)
+            b = buf.numpy()
+            for j, o in enumerate(offs.tolist()):
+                assert (b[64 * j:64 * j + 64] == data[o:o + 64]).all(), (call, j)
+    finally:
+        ring.close()
+        os.close(fd)
+
+
+@needs_ring
 @pytest.mark.parametrize("preset,tp,kw", [("tiny-dense", 4, dict(targets=ALL_DENSE)),
                                           ("tiny-moe", 4, dict(targets=("q", "k", "v", "o", "experts")))])
 def test_batched_exact_reads_only_owned_bytes_and_equal_preadv(adir, monkeypatch, preset, tp, kw):
@@ -149,11 +177,16 @@ def test_backend_choice_and_refusal(monkeypatch):
         assert mgr.engine.rings is None and not mgr.engine.cost.batched
 
 
-def test_ring_cost_reads_row_slices_exactly(adir):
-    """The cost model of the batched readers: the o/down A row slices of a TP rank read exactly (only
-    owned bytes), where the preadv readers' model reads their row ranges as spans."""
+def test_ring_cost_joins_row_slices_through_junk_gaps(adir):
+    """The cost model of the batched readers: the o/down A row slices of a TP rank are never spans (no
+    gathers: every read stays in the one submission of its part); rows closer than ``junk_gap()`` share
+    one request, their gaps all read onto the same junk bytes at scratch offset 0. ``join_exact=False``
+    reads only owned bytes, one request per row."""
+    import dataclasses
+
     from support.runtime_ref import make_adapter as mk
     from tp_lora.plan.model import ModelSpec
+    from tp_lora.plan.packing import ReadCost
     from tp_lora.plan.parallel import ParallelSpec
     from tp_lora.plan.planner import plan_rank
     from tp_lora.plan.validate import AdapterSource
@@ -162,10 +195,46 @@ def test_ring_cost_reads_row_slices_exactly(adir):
     model = ModelSpec.from_preset("tiny-dense")
     plan = plan_rank(AdapterSource.open(path, model, name="u"), model, ParallelSpec(tp_size=4, tp_rank=1))
     auto = read_counts(pack(plan, 1 << 20, 4096, "auto"))
-    ring = read_counts(pack(plan, 1 << 20, 4096, "auto", RING_COST))
+    exact_cost = dataclasses.replace(RING_COST, join_exact=False)
+    exact = read_counts(pack(plan, 1 << 20, 4096, "auto", exact_cost))
+    joined = read_counts(pack(plan, 1 << 20, 4096, "auto", RING_COST))
     assert auto.read > plan.nbytes and auto.span_ops > 0
-    assert ring.read == plan.nbytes and ring.span_ops == 0 and ring.syscalls > auto.syscalls
-    # every ring read of the plan lands in the chunk buffer (one submission takes them all)
-    for c in pack(plan, 1 << 20, 4096, "auto", RING_COST):
-        for u in c.units():
-            assert all(not copies and all(o >= 0 for o, _ in pieces) for _, pieces, copies, _ in u.reads)
+    assert exact.read == plan.nbytes and exact.span_ops == 0 and exact.syscalls > auto.syscalls
+    assert joined.span_ops == 0 and plan.nbytes < joined.read and joined.syscalls < exact.syscalls
+    gap_max = RING_COST.junk_gap()
+    for cost in (exact_cost, RING_COST):
+        for c in pack(plan, 1 << 20, 4096, "auto", cost):
+            for u in c.units():
+                for _, pieces, copies, sb in u.reads:
+                    assert not copies
+                    gaps = [n for o, n in pieces if o < 0]
+                    assert all(o == -1 for o, _ in pieces if o < 0) and sb == max(gaps + [0]) <= gap_max
+                    assert cost.join_exact or not gaps
+    # a gap wider than junk_gap() is not joined: a cost whose request is worth fewer bytes than one row's gap
+    tight = dataclasses.replace(RING_COST, syscall_s=RING_COST.byte_s * 8)
+    assert tight.junk_gap() == 8
+    assert read_counts(pack(plan, 1 << 20, 4096, "auto", tight)).read == plan.nbytes
+
+
+@needs_ring
+@pytest.mark.parametrize("join", [True, False])
+def test_junk_gap_reads_land_only_owned_bytes(adir, join):
+    """End to end through the rings: joined rows give the slots of the exact reads, the cache pins only
+    the planned bytes, and the read counters report the junk bytes beside the owned ones."""
+    import dataclasses
+
+    path = make_adapter(adir, "junk-gaps", "tiny-dense", rank=8, dtype="bf16", seed=5, targets=ALL_DENSE)
+    with new_manager("tiny-dense", tp=4, rank=1, max_loras=1, read_backend="io_uring", chunk_bytes=1 << 16,
+                     part_bytes=4096) as mgr:
+        mgr.engine.cost = dataclasses.replace(RING_COST, join_exact=join)
+        plan = mgr.register("a", path)
+        mgr.activate("a")
+        assert slot_diff(mgr.pool, 0, expected_slot(path, mgr.model, 4, 1, 1, mgr.pool)) == []
+        ls, st = mgr.stats().load_stats[-1], mgr.stats()
+        counts = read_counts(mgr.engine.chunks(plan))
+        assert ls["bytes_read"] == counts.read and ls["syscalls"] == counts.syscalls
+        assert (ls["bytes_read"] > plan.nbytes) == join
+        # a part of several reads goes through its ring (a part of one read is one preadv either way)
+        multi = any(len(u.reads) > 1 for c in mgr.engine.chunks(plan) for u in c.units())
+        assert (ls["ring_reads"] > 0) == multi
+        assert st.pinned_bytes_now == st.pinned_planned_now == plan.nbytes

@@ -85,21 +85,24 @@ class _IovTable:
     reads: tuple[tuple[int, int, int, int], ...]
     buf_end: int  # bytes of the chunk buffer / the scratch the iovecs reach: checked before every call
     scratch_end: int
-    # the reads that land in the chunk buffer only (no scratch: they may run at once, in one io_uring
-    # submission; reads through the scratch share it, so they run one after another): their indices,
-    # first iovec row, iovec count, file offset and bytes
+    # the reads without gathers out of the scratch (their scratch pieces are gaps, dropped: they may run
+    # at once, in one io_uring submission, even onto the same junk bytes; reads with span gathers share
+    # the scratch, so they run one after another): indices, first iovec row, iovec count, file offset,
+    # bytes
     direct: np.ndarray
-    direct_first: np.ndarray
+    direct_first: np.ndarray  # byte offset of each direct read's first iovec in the iovec table
     direct_n: np.ndarray
     direct_off: np.ndarray
     direct_want: np.ndarray
+    direct_bytes: int
+    rest: tuple[int, ...]  # the other reads (one preadv each, then their gathers), in order
 
     @staticmethod
     def build(reads) -> "_IovTable":
         rows, scr, meta, direct = [], [], [], []
         for i, (file_off, pieces, copies, _) in enumerate(reads):
             meta.append((len(rows), len(pieces), file_off, sum(n for _, n in pieces)))
-            if not copies and all(o >= 0 for o, _ in pieces):
+            if not copies:
                 direct.append(i)
             for o, n in pieces:
                 rows.append((o if o >= 0 else -o - 1, n))
@@ -107,11 +110,13 @@ class _IovTable:
         rel = np.array(rows, dtype=np.uint64).reshape(-1, 2)
         ends = [(o + n, s) for (o, n), s in zip(rows, scr)]
         d = [meta[i] for i in direct]
+        ds = set(direct)
         return _IovTable(rel, np.array(scr, dtype=bool), tuple(meta),
                          max([e for e, s in ends if not s] + [0]), max([e for e, s in ends if s] + [0]),
-                         np.array(direct, dtype=np.int64), np.array([m[0] for m in d], dtype=np.uint64),
+                         np.array(direct, dtype=np.int64), np.array([16 * m[0] for m in d], dtype=np.uint64),
                          np.array([m[1] for m in d], dtype=np.uint32), np.array([m[2] for m in d], dtype=np.uint64),
-                         np.array([m[3] for m in d], dtype=np.int64))
+                         np.array([m[3] for m in d], dtype=np.int64), sum(m[3] for m in d),
+                         tuple(i for i in range(len(meta)) if i not in ds))
 
     def rebased(self, buf: torch.Tensor, scratch: torch.Tensor | None) -> np.ndarray:
         """The iovecs for this load's buffers (raw pointers: the bounds are checked here, once)."""
@@ -260,14 +265,13 @@ class SliceReader:
                 tab = self._iov_tables.setdefault(id(u.reads), _IovTable.build(u.reads))
             iov = tab.rebased(buf, scratch)
         total = 0
-        batched: set[int] | None = None
         ring = self._rings.ring() if self._rings is not None and tab is not None and len(tab.direct) > 1 else None
+        todo = range(len(u.reads))
         if ring is not None:
             total += self._ring_reads(ring, chunk, u, tab, iov, buf, scratch)
-            batched = set(tab.direct.tolist())
-        for i, (file_off, pieces, copies, _) in enumerate(u.reads):
-            if batched is not None and i in batched:
-                continue
+            todo = tab.rest
+        for i in todo:
+            file_off, pieces, copies, _ = u.reads[i]
             if tab is not None:
                 first, n, _, want = tab.reads[i]
                 got = self._libc_preadv(iov.ctypes.data + 16 * first, n, file_off)
@@ -285,16 +289,17 @@ class SliceReader:
 
     def _ring_reads(self, ring: uring.Ring, chunk: Chunk, u: Part, tab: _IovTable, iov: np.ndarray,
                     buf: torch.Tensor, scratch: torch.Tensor | None) -> int:
-        """The unit's direct reads (no scratch) in one io_uring submission; a read that came back short
+        """The unit's direct reads (no gathers) in one io_uring submission; a read that came back short
         (a signal, a truncated file) or failed is done again piece by piece, raising our error at EOF."""
-        addr = np.uint64(iov.ctypes.data) + np.uint64(16) * tab.direct_first
+        addr = tab.direct_first + np.uint64(iov.ctypes.data)
         res = _RING_READV(ring, self.fd, addr, tab.direct_n, tab.direct_off)
-        for j in np.flatnonzero(res != tab.direct_want).tolist():
-            file_off, pieces, _, _ = u.reads[int(tab.direct[j])]
-            self._finish_short(chunk, buf, scratch, pieces, file_off)
+        if not np.array_equal(res, tab.direct_want):
+            for j in np.flatnonzero(res != tab.direct_want).tolist():
+                file_off, pieces, _, _ = u.reads[int(tab.direct[j])]
+                self._finish_short(chunk, buf, scratch, pieces, file_off)
         with self._lock:
             self.ring_reads += len(res)
-        return int(tab.direct_want.sum())
+        return tab.direct_bytes
 
     def _libc_preadv(self, iov_ptr: int, n: int, file_off: int) -> int:
         got = _PREADV(self.fd, iov_ptr, n, file_off)

@@ -22,6 +22,7 @@ re-pack 5000 slices); ``stream_units`` cuts chunks larger than a ring buffer int
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -66,11 +67,14 @@ class ReadCost:
     about 30 GB/s with 16 threads; copying span slices out of the scratch costs about 1 us a slice (one
     gather per copy group of a read).
 
-    ``batched`` (the io_uring readers): reads that land in the chunk buffer only go in one submission per
-    part, so they cost ``syscall_s`` each (kernel time, in parallel on every reader, ~1.5-2 us / 16
-    readers) and no Python; reads through the scratch (gaps, spans and their gathers) still run one by
-    one in Python, ``scratch_call_s`` each. Exact pieces are then never joined through a scratch gap (that
-    would take them out of the batch), and spans are merged as by the preadv readers.
+    ``batched`` (the io_uring readers): reads without span gathers go in one submission per part, so they
+    cost ``syscall_s`` each (one io_uring request, kernel time on every reader in parallel) and no
+    Python; reads with gathers out of the scratch (spans) still run one by one in Python,
+    ``scratch_call_s`` each. Exact pieces at most ``junk_gap()`` bytes apart are joined into one request
+    whose gap iovecs all land on the same junk bytes of the reader's scratch (never read back: the chunk
+    still receives only owned bytes, and the request stays in the batch); ``join_exact=False`` keeps one
+    request per contiguous owned range (the 2026-12-02 behaviour, for the benchmark's comparison).
+    Spans are merged as by the preadv readers.
     """
 
     syscall_s: float = 8e-6
@@ -79,6 +83,7 @@ class ReadCost:
     scratch_call_s: float | None = None  # None: syscall_s
     batched: bool = False
     shared_spans: bool = False  # a span pays only its share of a merged read (measured worse: RING_COST)
+    join_exact: bool = True  # batched: exact pieces joined through junk gaps (``junk_gap``)
 
     @property
     def scratch_s(self) -> float:
@@ -99,15 +104,24 @@ class ReadCost:
         """Bytes of gap between two pieces (or spans) worth reading into scratch to save one read."""
         return int(self.scratch_s / self.byte_s)
 
+    def junk_gap(self) -> int:
+        """Batched readers: bytes of gap between two exact pieces worth reading (into junk) to save one
+        request of the batch; -1: never (``join_exact`` off, or not batched)."""
+        return int(self.syscall_s / self.byte_s) if self.batched and self.join_exact else -1
+
 
 DEFAULT_COST = ReadCost()
 """The preadv readers: every read is a Python call (~7-8 us of it GIL-held, serialised over the readers)."""
 
-RING_COST = ReadCost(syscall_s=0.5e-6, scratch_call_s=8e-6, batched=True)
-"""The io_uring readers (host/uring.py): ~8 us of reader time per direct read on the H200 host with 16
-readers (111k reads of Qwen3-30B-A3B, rank of TP=8, 2026-12-02: 1.43 s summed), i.e. 0.5 us of wall. Row
-slices are then read exactly (only owned bytes): Llama-3.1-70B r128, rank of TP=8: 21k direct reads of
-1.44 GB instead of 277 reads of 2.13 GB. Charging a span only its share of a merged read
+RING_COST = ReadCost(syscall_s=0.37e-6, byte_s=1 / 37e9, scratch_call_s=8e-6, batched=True)
+"""The io_uring readers (host/uring.py), from the reads alone on the H200 host with 16 readers
+(docs/PERF_NOTES.md row 30): one request of a batch costs ~0.37 us of wall (joining the rows of a
+Qwen3-30B-A3B rank of TP=8 saved 99k requests and 33 ms for 138 MB more; Llama-3-70B r64 and r128 ranks
+of TP=8: 0.39-0.43 us per request saved), bytes go at ~37 GB/s (the floor's pattern). Row slices are not
+read as spans: Llama-3.1-70B r128, rank of TP=8, reads 21k rows of 1.44 GB instead of 277 spans of
+2.13 GB. Rows less than ``junk_gap()`` (13.7 kB) apart share one request, their gaps read onto junk
+bytes: the 192-byte rows of the experts' down_proj A (1.3 kB gaps) join, the 2 KiB rows of a 70B
+o_proj A (14 KiB gaps) sit at the break-even (measured equal) and stay one request each. Charging a span only its share of a merged read
 (``shared_spans``) was measured and rejected: spans between direct reads do not merge (the bytes between
 them are read directly), so a Qwen3-30B-A3B rank of TP=8 issued 6192 scratch reads one by one in Python
 and took 1.36 s instead of 0.16 s (docs/PERF_NOTES.md row 21)."""
@@ -200,11 +214,11 @@ class Part:
     reads: tuple[ScatterRead, ...]
     spans: tuple[SpanRead, ...]
 
-    @property
+    @functools.cached_property
     def syscalls(self) -> int:
         return len(self.reads) + len(self.spans)
 
-    @property
+    @functools.cached_property
     def scratch_bytes(self) -> int:
         """Scratch a reader needs for this unit (the largest of its reads' gap/span bytes)."""
         return max([x[3] for x in self.reads] + [sp.nbytes for sp in self.spans] + [0])
@@ -379,7 +393,7 @@ def _make_chunk(plan: "SlicePlan", index: int, ops: list["SliceOp"], part_bytes:
     # spans existed); the other modes merge neighbouring and overlapping spans
     gap = -1 if read_mode == "exact" else cost.merge_gap()
     def runs(idx: range) -> tuple[tuple[ScatterRead, ...], tuple[SpanRead, ...]]:
-        r, sp = _read_runs(ordered, offsets, span, idx, gap, part_bytes, cost.batched)
+        r, sp = _read_runs(ordered, offsets, span, idx, gap, part_bytes, cost.batched, cost.junk_gap())
         return (tuple((f, p, _batch_copies(c, ordered, member, groups), sb) for f, p, c, sb in r),
                 tuple(dataclasses.replace(x, copies=_batch_copies(
                     tuple((i, span_of(ordered[i])[0] - x.file_offset) for i in x.ops), ordered, member, groups))
@@ -471,14 +485,15 @@ def _read_as_span(op: "SliceOp", read_mode: ReadMode, cost: ReadCost) -> bool:
 
 def _read_runs(ops: list["SliceOp"], offsets: list[int], as_span: list[bool], idx: range,
                gap: int, max_bytes: int | None = None,
-               batched: bool = False) -> tuple[tuple[ScatterRead, ...], tuple[SpanRead, ...]]:
+               batched: bool = False, junk_gap: int = -1) -> tuple[tuple[ScatterRead, ...], tuple[SpanRead, ...]]:
     """Turn slices ``ops[idx]`` into few syscalls. Exact slices become (file range, chunk range) pieces
     (one per row when only some columns are owned); pieces whose file ranges touch are merged into one
     scatter read (preadv with one iovec per destination), and, when ``gap`` >= 0, pieces at most ``gap``
     bytes apart are joined by a scratch iovec for the gap. Span slices become span reads, neighbouring
     spans merged when at most ``gap`` bytes apart (reading the gap costs less than a syscall; -1: never).
-    ``batched``: exact pieces and spans go in separate runs, exact pieces joined only where they touch
-    (their reads stay scratch-free: one io_uring submission takes them all)."""
+    ``batched``: exact pieces and spans go in separate runs; exact pieces are joined where they touch or
+    lie at most ``junk_gap`` bytes apart, the gaps read onto the same junk scratch bytes (their reads
+    have no gathers: one io_uring submission takes them all)."""
     pieces: list[tuple[int, int, int]] = []  # (file offset, chunk offset, bytes)
     span_list: list[tuple[int, int, int]] = []  # (file offset, bytes, op index)
     for i in idx:
@@ -516,7 +531,7 @@ def _read_runs(ops: list["SliceOp"], offsets: list[int], as_span: list[bool], id
     if gap < 0:  # exact: scatter runs of touching pieces; each span read on its own
         return _scatter_runs([(f, o, n, None) for f, o, n in pieces], -1, ops, max_bytes), tuple(spans)
     if batched:
-        exact = _scatter_runs([(f, o, n, None) for f, o, n in pieces], -1, ops, max_bytes)
+        exact = _scatter_runs([(f, o, n, None) for f, o, n in pieces], junk_gap, ops, max_bytes, junk=True)
         return exact + _scatter_runs([(sp.file_offset, -1, sp.nbytes, sp) for sp in spans], gap, ops,
                                      max_bytes), ()
     # otherwise spans become scratch pieces of the scatter runs, and small gaps are read into scratch
@@ -525,20 +540,26 @@ def _read_runs(ops: list["SliceOp"], offsets: list[int], as_span: list[bool], id
     return _scatter_runs(items, gap, ops, max_bytes), ()
 
 
-def _scatter_runs(items: list, gap: int, ops: list["SliceOp"], max_bytes: int | None) -> tuple[ScatterRead, ...]:
+def _scatter_runs(items: list, gap: int, ops: list["SliceOp"], max_bytes: int | None,
+                  junk: bool = False) -> tuple[ScatterRead, ...]:
     """Sorted (file offset, chunk offset, bytes, span or None) -> scatter reads (see ScatterRead). A run
-    stops growing at ``max_bytes`` (the part size): several readers share a chunk's reads."""
+    stops growing at ``max_bytes`` (the part size): several readers share a chunk's reads. ``junk``
+    (runs without spans): every gap of a run lands at scratch offset 0 (its bytes are dropped), so the
+    run's scratch is its largest gap, not their sum."""
     runs: list[list] = []  # [file offset, pieces, copies, scratch bytes, bytes]
     end = -1
     for f, o, n, sp in items:
         r = runs[-1] if runs else None
         g = f - end
+        need = (max(r[3], g) if junk else r[3] + max(g, 0) + (n if sp is not None else 0)) if r else 0
         join = (r is not None and 0 <= g and (g == 0 or g <= gap) and len(r[1]) < IOV_MAX - 1
-                and r[3] + (g if g > 0 else 0) + (n if sp is not None else 0) <= SCRATCH_BYTES
-                and (max_bytes is None or r[4] < max_bytes))
+                and need <= SCRATCH_BYTES and (max_bytes is None or r[4] < max_bytes))
         if not join:
             r = [f, [], [], 0, 0]
             runs.append(r)
+        elif g > 0 and junk:
+            r[1].append((-1, g))  # the gap, onto the junk bytes at scratch offset 0 (dropped)
+            r[3] = max(r[3], g)
         elif g > 0:
             r[1].append((-r[3] - 1, g))  # the gap, into scratch (dropped)
             r[3] += g
