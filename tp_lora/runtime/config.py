@@ -60,8 +60,10 @@ class LoRAConfig:
     """Parts of a cached cold load read ahead of the copy (their buffers are the cache entry's, so this
     bounds no memory, only how far readers run past a slow part); None: read_workers + 1 (1..65536)."""
     read_mode: ReadMode = "auto"
-    """How slices of many short rows are read: "exact" (only owned bytes, one syscall per row), "span"
-    (the row range once, then sliced), "auto" (a cost model per slice). The cache holds owned bytes only."""
+    """How slices of many short rows are read: "exact" (only owned bytes, one read per row), "span"
+    (the row range once, then sliced), "auto" (the read backend's cost model per slice; with io_uring,
+    rows a few kB apart share one request, their gaps read into scratch and dropped). The cache holds
+    owned bytes only."""
     placement: PlacementMode = "auto"
     """How a packed chunk reaches its slot on the device: "kernel" (one Triton launch per chunk copies,
     casts and value-checks every tensor group in it), "copies" (one strided copy per group plus torch
