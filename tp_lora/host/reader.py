@@ -87,10 +87,10 @@ class _IovTable:
     scratch_end: int
     # the reads without gathers out of the scratch (their scratch pieces are gaps, dropped: they may run
     # at once, in one io_uring submission, even onto the same junk bytes; reads with span gathers share
-    # the scratch, so they run one after another): indices, first iovec row, iovec count, file offset,
-    # bytes
+    # the scratch, so they run one after another): their indices, first iovec's byte offset in the
+    # table, iovec counts, file offsets and bytes (each and in all)
     direct: np.ndarray
-    direct_first: np.ndarray  # byte offset of each direct read's first iovec in the iovec table
+    direct_first: np.ndarray
     direct_n: np.ndarray
     direct_off: np.ndarray
     direct_want: np.ndarray

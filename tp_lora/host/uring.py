@@ -131,9 +131,9 @@ class Ring:
         self._cq_head, self._cq_tail = u32(cq, p.cq_head), u32(cq, p.cq_tail)
         self._cq_mask = int(u32(cq, p.cq_ring_mask)[0])
         self._cqes = np.frombuffer(cq, dtype=_CQE, count=p.cq_entries, offset=p.cq_cqes)
-        # the SQEs as rows of 8 little-endian u64 words (see _row_words): a batch is written with at
-        # most two contiguous slice copies, no per-field fancy indexing (that Python ran under the GIL,
-        # ~100 us a part, serialised over the readers)
+        # the SQEs as rows of 8 little-endian u64 words (the _SQE layout, see ``readv``): a batch is
+        # written with at most two contiguous slice copies, no per-field fancy indexing (that Python ran
+        # under the GIL, ~100 us a part, serialised over the readers)
         self._sq64 = np.frombuffer(sqes, dtype="<u8", count=p.sq_entries * 8).reshape(p.sq_entries, 8)
         self.entries = int(p.sq_entries)
         self.cq_entries = int(p.cq_entries)

@@ -121,10 +121,10 @@ of TP=8: 0.39-0.43 us per request saved), bytes go at ~37 GB/s (the floor's patt
 read as spans: Llama-3.1-70B r128, rank of TP=8, reads 21k rows of 1.44 GB instead of 277 spans of
 2.13 GB. Rows less than ``junk_gap()`` (13.7 kB) apart share one request, their gaps read onto junk
 bytes: the 192-byte rows of the experts' down_proj A (1.3 kB gaps) join, the 2 KiB rows of a 70B
-o_proj A (14 KiB gaps) sit at the break-even (measured equal) and stay one request each. Charging a span only its share of a merged read
-(``shared_spans``) was measured and rejected: spans between direct reads do not merge (the bytes between
-them are read directly), so a Qwen3-30B-A3B rank of TP=8 issued 6192 scratch reads one by one in Python
-and took 1.36 s instead of 0.16 s (docs/PERF_NOTES.md row 21)."""
+o_proj A (14 KiB gaps) sit at the break-even (measured equal) and stay one request each. Charging a span
+only its share of a merged read (``shared_spans``) was measured and rejected: spans between direct reads
+do not merge (the bytes between them are read directly), so a Qwen3-30B-A3B rank of TP=8 issued 6192
+scratch reads one by one in Python and took 1.36 s instead of 0.16 s (docs/PERF_NOTES.md row 21)."""
 
 
 @dataclass(frozen=True)
