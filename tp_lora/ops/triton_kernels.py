@@ -56,13 +56,14 @@ EXPERT_FUSED_ROWS = 4096   # the fused expert op up to this many routed rows (de
 # Above EXPERT_FUSED_ROWS routed rows (the wide regime): rows per (expert, slot) block, and whether the fused
 # kernel (one program per block, the whole K) runs there too instead of the two launches.
 EXPERT_WIDE_BLOCK_M = 16
-EXPERT_WIDE_FUSED = False
+EXPERT_WIDE_FUSED = True   # H200 sweep 2026-12-02g: 2048 tokens 1.4-2.5x faster than two launches
 FUSED_DENSE = True      # dense ops of the decode regime through the fused kernel (else two launches)
 
 # Tuning of the fused kernel (H200, docs/KERNELS.md); a plain dict so scripts/bench_ops.py --sweep can vary it.
 # chunk_k: K columns per chunk of the K split (summed in chunk order, so the split never changes a row's bits);
 # prefetch: the first N tile's B and out loads issued before the K work.
-# max_chunks: at most this many K chunks (q: 16 of 256 columns; down: 14 of 1024); programs_per_sm: the grid of
+# max_chunks: at most this many K chunks (q: 16 of 256 columns; down: 28 of 512; 32 from the H200 sweep of
+# 2026-12-02g: down_proj r16 at decode 11.8 -> 9.4 us a module in a step, q unchanged); programs_per_sm: the grid of
 # the unsplit dense kernel; the expert_* keys tune the expert op (expert_programs_per_sm 0: one program per
 # block of the static table, no persistent loop).
 # records: dense blocks read from DenseMeta's per-block records (one round trip; H200 sweep of 2026-12-02b:
@@ -70,7 +71,7 @@ FUSED_DENSE = True      # dense ops of the decode regime through the fused kerne
 # hoist: the table path's rows and expert id loaded before the rank test (off: not timed for the expert op,
 # which keeps its previous load order). num_stages 4 (same sweep: 0.4-2.7 us faster on down_proj, within
 # 0.4 us on q_proj). These only move loads, never change what is computed.
-FUSED_CONFIG = dict(block_n=256, block_k=128, chunk_k=256, max_chunks=16, num_warps=8, num_stages=4,
+FUSED_CONFIG = dict(block_n=256, block_k=128, chunk_k=256, max_chunks=32, num_warps=8, num_stages=4,
                     programs_per_sm=2, prefetch=True, records=True, hoist=False, expert_warps=4, expert_stages=3,
                     expert_block_n=256, expert_prefetch=True, expert_programs_per_sm=2, expert_wide_block_n=128)
 FUSED_STAGES_MAX_RT = 64   # num_stages above 3 only up to this rank tile, 2-byte activations (fused_stages)
@@ -485,7 +486,7 @@ def split_size(K: int, prefill: bool) -> int:
     if prefill:
         if TWO_LAUNCH_CONFIG["prefill_split"]:
             return TWO_LAUNCH_CONFIG["prefill_split"]
-        return 1024 if K <= 8192 else 2048
+        return 2048
     return 512 if K <= 4096 else 1024
 
 
