@@ -281,12 +281,14 @@ def trace_summary(tr, total_s: float, readers: int) -> dict:
 _ENGINE_RINGS = object()
 
 
-def reads_only(mgr: LoRAManager, path: Path, name: str, repeats: int, rings=_ENGINE_RINGS) -> float:
+def reads_only(mgr: LoRAManager, path: Path, name: str, repeats: int, rings=_ENGINE_RINGS,
+               native=_ENGINE_RINGS) -> float:
     """The rank's reads alone (no H2D, no placement, no loader in the way): every unit of the plan read
     by the engine's own reader threads (same rings, iovec tables and scratch) into host buffers of the
     chunks' sizes, all submitted at once. Subtracted from a cold load, it says what the pipeline costs
     on top of the read pattern. ``rings``: the engine's (default), another
-    ``RingPool``, or None (one preadv per read)."""
+    ``RingPool``, or None (one preadv per read). ``native``: the engine's C read loop (default) or None
+    (the readers' Python loop)."""
     from tp_lora.host.reader import SliceReader
     eng = mgr.engine
     a = mgr._adapters[name]  # noqa: SLF001 - the registered plan and header
@@ -296,7 +298,8 @@ def reads_only(mgr: LoRAManager, path: Path, name: str, repeats: int, rings=_ENG
     for _ in range(repeats):
         page_cache(path)
         rd = SliceReader(a.header, eng.scratch, eng._memo.table(a.plan, "iov"), check_header=False,  # noqa: SLF001
-                         rings=eng.rings if rings is _ENGINE_RINGS else rings)
+                         rings=eng.rings if rings is _ENGINE_RINGS else rings,
+                         native=eng.native if native is _ENGINE_RINGS else native)
         t = time.perf_counter()
         futs = [eng._readers.submit(rd.read_part, c, p, b) for c, b in zip(chunks, bufs) for p in c.units()]  # noqa: SLF001
         for f in futs:
@@ -364,6 +367,7 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
         "cold_issue_s": med([x["issue_s"] for x in cold_ls]), "cold_place_s": med([x["place_s"] for x in cold_ls]),
         "placement": "kernel" if mgr.engine.placer.kernel else "copies",
         "read_backend": "io_uring" if mgr.engine.rings is not None else "preadv",
+        "native_reads": mgr.engine.native is not None,
         "cold_load_stats": cold_ls[-1],
         "first_load_stats": first_ls, "cold_alloc_s": med([x["alloc_s"] for x in cold_ls]),
         "cold_device_span_s": med([x["h2d_s"] for x in cold_ls]),
@@ -673,6 +677,8 @@ def case_run(name: str, c: dict, path: Path, args: argparse.Namespace) -> dict:
     variants += [(f"cold_backend_{b}_s", dict(read_backend=b)) for b in args.read_backends.split(",") if b]
     variants += [(f"cold_readers_{n}_s", dict(read_workers=int(n))) for n in args.read_workers_list.split(",") if n]
     variants += [(f"cold_part_{n}_s", dict(part_bytes=int(n))) for n in args.part_bytes_list.split(",") if n]
+    if args.python_reads:  # the readers' Python loop instead of the C one (host/native.py)
+        variants.append(("cold_python_reads_s", dict(native_reads=False)))
     if args.ring_exact_rows:  # the io_uring readers, one request per owned row range (no junk-gap joins)
         import dataclasses
         from tp_lora.plan.packing import RING_COST
@@ -714,6 +720,8 @@ def main() -> int:
     ap.add_argument("--read-ahead", type=int, default=None, help="LoRAConfig.read_ahead")
     ap.add_argument("--read-backend", default="auto", choices=["auto", "io_uring", "preadv"])
     ap.add_argument("--ring-exact-rows", action="store_true", help="also time io_uring with one request per owned row range (rows not joined through junk gaps)")
+    ap.add_argument("--python-reads", action="store_true",
+                    help="also time cold loads with the readers' Python loop (native_reads=False)")
     ap.add_argument("--read-backends", default="", help="also time later cold loads with these read backends")
     ap.add_argument("--read-aheads", default="", help="also time later cold loads with these read_ahead")
     ap.add_argument("--floor-threads", type=int, default=None)

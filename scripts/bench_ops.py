@@ -532,16 +532,15 @@ def profile_host(path: Path) -> None:
 SWEEP_GROUPS = [
     ([("q", "16", 1, 32), ("q", "16", 8, 32), ("q", "16", 32, 32), ("q", "mixed", 8, 32), ("q", "64", 32, 32),
       ("down", "16", 1, 32), ("down", "16", 8, 32), ("down", "mixed", 32, 32), ("down", "64", 32, 32)],
-     [dict(), dict(prefetch=False), dict(max_chunks=32)]),
+     [dict(), dict(max_chunks=64), dict(max_chunks=32, chunk_k=128), dict(max_chunks=64, chunk_k=128)]),
     ([("moe", "16", 8, 32), ("moe", "16", 32, 512), ("moe", "64", 8, 512), ("moe", "16", 8, 2048),
       ("moe", "64", 1, 2048), ("moe", "64", 8, 2048)],
-     [dict(), dict(expert_block_n=128), dict(expert_prefetch=False), dict(_EXPERT_WIDE_BLOCK_M=64),
-      dict(_EXPERT_WIDE_BLOCK_M=32), dict(_EXPERT_WIDE_FUSED=True), dict(_EXPERT_WIDE_BLOCK_M=64, _EXPERT_WIDE_FUSED=True),
-      dict(_EXPERT_FUSED_ROWS=2048, _EXPERT_WIDE_BLOCK_M=64)]),
+     [dict(), dict(_EXPERT_WIDE_BLOCK_M=32), dict(_EXPERT_FUSED_ROWS=1 << 30), dict(expert_stages=4),
+      dict(expert_warps=8), dict(expert_block_n=128)]),
     ([("q", "16", 8, 2048), ("q", "mixed", 8, 2048), ("q", "64", 8, 2048), ("down", "16", 8, 2048),
       ("down", "mixed", 32, 2048)],
-     [dict(), {"two.prefill_split": 512}, {"two.prefill_split": 2048}, {"two.expand_block_n_wide": 256},
-      {"two.expand_warps": 8, "two.expand_block_n": 256}]),
+     [dict(), {"two.prefill_split": 4096}, {"two.prefill_split": 8192},
+      {"two.prefill_split": 4096, "two.expand_block_n_wide": 256}]),
 ]
 
 

@@ -13,6 +13,8 @@ whether io_uring handed reads to kernel worker threads (``iou-wrk`` threads aliv
 ``--join joined,exact``: the io_uring reads with rows closer than ``junk_gap()`` joined into one request
 through junk gaps (the default cost model) and with one request per owned range (``join_exact=False``),
 each with its bytes read and request count (``ring_{n}_s`` is the first listed variant).
+``ring_python_{n}_s``: the default ring reads through the readers' Python loop instead of the C one
+(``native_reads=False``, host/native.py).
 ``--probe 4096,16384,65536``: synthetic reads of one size spread over the file, per thread count, to tell a
 per-thread cost (time falls with threads) from a shared one (constant summed over threads).
 Writes ``reads.json`` into --out and prints a table (ms, medians).
@@ -168,9 +170,13 @@ def main() -> int:
                 mgr.engine.cost = ring_cost
             mgr.register("a", path)
             mgr.engine.wait_prepared()
+            if mgr.engine.rings is not None and mgr.engine.native is not None:  # the same reads, Python loop
+                r[f"ring_python_{n}_s"] = BL.reads_only(mgr, path, "a", args.repeats, native=None)
+            mgr.engine.wait_prepared()
             plan = mgr._adapters["a"].plan  # noqa: SLF001
             r["bytes"] = plan.nbytes
             r[f"preadv_{n}_s"] = BL.reads_only(mgr, path, "a", args.repeats, rings=None)
+            r["native_reads"] = mgr.engine.native is not None
             data_start = 8 + mgr._adapters["a"].header.header_bytes  # noqa: SLF001
             r[f"floor_{n}_s"] = floor_reads(path, data_start, plan.nbytes, n, args.repeats, mgr.engine.device.alloc_host)
             mgr.close()
@@ -194,7 +200,8 @@ def main() -> int:
                           f"{r[f'ring_{v}_bytes_read'] / max(r['bytes'], 1):.2f}x owned)"
                           for v in ("joined", "exact") if f"ring_{v}_{n}_s" in r)
             print(f"{name:<24}{n:>8}{g(f'ring_{n}_s'):9.1f}{g(f'preadv_{n}_s'):9.1f}{g(f'floor_{n}_s'):9.1f}"
-                  f"   iou-wrk {r.get(f'ring_{n}_threads', {}).get('iou_wrk', '-')}{var}")
+                  f"   iou-wrk {r.get(f'ring_{n}_threads', {}).get('iou_wrk', '-')}"
+                  f"  ring, Python loop {g(f'ring_python_{n}_s'):.1f}{var}")
         if "probe" in r:
             pr = r["probe"]
             for k in sorted({k.rsplit("_", 2)[0] for k in pr}, key=int):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from support.runtime_ref import ALL_DENSE, ReadRecorder, expected_slot, make_adapter, new_manager, slot_diff
-from tp_lora.host import reader, uring
+from tp_lora.host import native, reader, uring
 from tp_lora.plan.packing import RING_COST, pack, read_counts
 
 needs_ring = pytest.mark.skipif(not uring.available(), reason="this kernel / seccomp profile refuses io_uring")
@@ -119,27 +119,54 @@ def _header_reads(rec: ReadRecorder) -> int:
     return sum(n for o, n in rec.reads if o == 0)  # the header check reads from offset 0
 
 
+def _hooks(native_reads: bool):
+    """(the reader's hook for a part's ring batch, a wrapper maker): ``wrap(after)`` calls the real reads,
+    then ``after(res)`` on the results (which may rewrite them) - the Python ring path's ``_RING_READV``,
+    or the C loop's ``_NATIVE_READ`` (whose short-count is recomputed from the rewritten results)."""
+    if native_reads:
+        real = reader._NATIVE_READ
+
+        def wrap(after):
+            def hook(nat, ring, fd, tab, b, s, iov, res):
+                real(nat, ring, fd, tab, b, s, iov, res)
+                after(res)
+                return int((res != tab.direct_want).sum())
+            return hook
+        return "_NATIVE_READ", wrap
+    real_ring = reader._RING_READV
+
+    def wrap(after):
+        def hook(ring, fd, addr, niov, off):
+            res = real_ring(ring, fd, addr, niov, off).copy()
+            after(res)
+            return res
+        return hook
+    return "_RING_READV", wrap
+
+
 @needs_ring
-def test_short_ring_results_are_read_again_and_truncation_is_our_error(adir, monkeypatch, tmp_path):
+@pytest.mark.parametrize("native_reads", [True, False], ids=["native", "python"])
+def test_short_ring_results_are_read_again_and_truncation_is_our_error(adir, monkeypatch, tmp_path, native_reads):
     from tp_lora.errors import AdapterActivationError
 
+    if native_reads and native.load() is None:
+        pytest.skip("no C compiler here: the native read loop cannot be built")
     path = make_adapter(adir, "ring-short", "tiny-dense", rank=8, dtype="bf16", targets=ALL_DENSE, seed=4)
-    real = reader._RING_READV
+    name, wrap = _hooks(native_reads)
     calls = []
 
-    def short(ring, fd, addr, niov, off):
-        res = real(ring, fd, addr, niov, off)
+    def shorten(res):
         calls.append(len(res))
-        res = res.copy()
         res[::2] = np.minimum(res[::2], 1)  # every other read "came back short" (a signal)
-        return res
 
-    monkeypatch.setattr(reader, "_RING_READV", short)
-    with new_manager("tiny-dense", tp=4, rank=2, max_loras=1, read_mode="exact", read_backend="io_uring",
-                     chunk_bytes=1 << 16, part_bytes=4096) as mgr:
+    monkeypatch.setattr(reader, name, wrap(shorten))
+    kw = dict(read_mode="exact", read_backend="io_uring", chunk_bytes=1 << 16, part_bytes=4096,
+              native_reads=native_reads)
+    with new_manager("tiny-dense", tp=4, rank=2, max_loras=1, **kw) as mgr:
         mgr.register("a", path)
         mgr.activate("a")
         assert calls and slot_diff(mgr.pool, 0, expected_slot(path, mgr.model, 4, 2, 1, mgr.pool)) == []
+        assert (mgr.stats().load_stats[-1]["native_parts"] > 0) == native_reads
 
     # a file cut short under the reader: the redo hits EOF and raises our error naming the file
     import shutil
@@ -148,14 +175,12 @@ def test_short_ring_results_are_read_again_and_truncation_is_our_error(adir, mon
     shutil.copytree(path, cut)
     w = cut / "adapter_model.safetensors"
 
-    def truncating(ring, fd, addr, niov, off):
-        res = real(ring, fd, addr, niov, off)
+    def truncating(res):
         os.truncate(w, 64)  # after the header: every later read fails
-        return np.zeros_like(res)
+        res[:] = 0
 
-    monkeypatch.setattr(reader, "_RING_READV", truncating)
-    with new_manager("tiny-dense", tp=4, rank=2, max_loras=1, read_mode="exact", read_backend="io_uring",
-                     chunk_bytes=1 << 16, part_bytes=4096) as mgr:
+    monkeypatch.setattr(reader, name, wrap(truncating))
+    with new_manager("tiny-dense", tp=4, rank=2, max_loras=1, **kw) as mgr:
         mgr.register("a", cut)
         with pytest.raises(AdapterActivationError, match="truncated|changed"):
             mgr.activate("a")

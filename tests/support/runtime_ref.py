@@ -224,8 +224,9 @@ def new_manager(model: Any, tp: int = 1, rank: int = 0, ep: int = 1, *, group: A
 
 
 class ReadRecorder:
-    """Wraps os.preadv / os.pread, the reader's libc preadv (host/reader.py ``_PREADV``) and its io_uring
-    batches (``_RING_READV``: one entry per read of a batch) to record
+    """Wraps os.preadv / os.pread, the reader's libc preadv (host/reader.py ``_PREADV``), its io_uring
+    batches (``_RING_READV``: one entry per read of a batch) and its C loop's parts (``_NATIVE_READ``: one
+    entry per direct read) to record
     (offset, length) of every read through them (the data path)."""
 
     def __init__(self, monkeypatch: Any):
@@ -251,6 +252,14 @@ class ReadRecorder:
             return res
 
         monkeypatch.setattr(reader, "_RING_READV", ring_readv)
+        real_native = reader._NATIVE_READ
+
+        def native_read(nat: Any, ring: Any, fd: int, tab: Any, *a: Any) -> int:
+            bad = real_native(nat, ring, fd, tab, *a)
+            self.reads.extend((int(o), int(n)) for o, n in zip(tab.direct_off, a[-1]))
+            return bad
+
+        monkeypatch.setattr(reader, "_NATIVE_READ", native_read)
 
         def preadv(fd: int, buffers: Any, offset: int, *a: Any) -> int:
             n = real_preadv(fd, buffers, offset, *a)

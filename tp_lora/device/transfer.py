@@ -36,7 +36,7 @@ from ..format.adapter import AdapterHeader
 from ..format.dtypes import SAFETENSORS_FLOAT
 from ..host.memory import Device, HostArena, ScratchPool
 from ..host.pinned_cache import CacheEntry, PinnedCache
-from ..host import uring
+from ..host import native, uring
 from ..host.reader import SliceReader
 from ..plan.memo import PerPlan
 from ..plan.packing import (DEFAULT_COST, RING_COST, Chunk, Part, ReadMode, check_read_mode, pack, read_counts,
@@ -182,7 +182,8 @@ class TransferEngine:
     def __init__(self, device: Device, pool: GpuPool, cache: PinnedCache, *, chunk_bytes: int,
                  ring_slots: int, read_workers: int | None, pin_workers: int, part_bytes: int | None,
                  read_mode: ReadMode, arena: HostArena | None = None, placement: PlacementMode = "auto",
-                 read_ahead: int | None = None, read_backend: uring.ReadBackend = "auto"):
+                 read_ahead: int | None = None, read_backend: uring.ReadBackend = "auto",
+                 native_reads: bool = True):
         # the knobs come from a LoRAConfig, which holds their defaults and checked their bounds (the one
         # place for both); these asserts guard the internal contract only
         assert chunk_bytes >= 1 and ring_slots >= 2 and pin_workers >= 1, (chunk_bytes, ring_slots, pin_workers)
@@ -203,6 +204,8 @@ class TransferEngine:
         use_ring = read_backend == "io_uring" or (read_backend == "auto" and uring.available())
         self.rings = uring.RingPool() if use_ring else None  # one ring per reader thread
         self.cost = RING_COST if use_ring else DEFAULT_COST  # what read_mode "auto" weighs
+        # each part's direct reads in one C call without the GIL (None: the readers' Python loop)
+        self.native = native.load() if native_reads else None
         # the cold pipeline's unit: a chunk (the cache, H2D-when-warm and placement unit) is read and
         # copied part by part, so a few large chunks still pipeline finely
         # (smaller parts for small plans were measured and rejected: docs/PERF_NOTES.md row 25)
@@ -431,7 +434,7 @@ class TransferEngine:
         # opened before reserving cache budget: it raises if the file vanished or changed; closed in the
         # finally below whatever fails after (a ring allocation, a reader)
         rd = SliceReader(header, self.scratch, self._memo.table(job.plan, "iov"), check_header=False,
-                         rings=self.rings)
+                         rings=self.rings, native=self.native)
         header_ok = self._pinner.submit(rd.check_header)  # beside the reads; awaited before success
         sink: _CacheSink | _RingSink | None = None
         pending: deque = deque()
@@ -555,6 +558,7 @@ class TransferEngine:
                         pass
             stats.bytes_read += rd.bytes_read
             stats.ring_reads += rd.ring_reads
+            stats.native_parts += rd.native_parts
             rd.close()
             if sink is not None:
                 sink.finish(ok)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import functools
 import errno
 import hashlib
 import logging
@@ -39,6 +40,7 @@ from ..format.adapter import AdapterHeader
 from ..plan.packing import Chunk, Part, SpanCopy
 from . import uring
 from .memory import ScratchPool
+from .native import NativeReads
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,14 @@ def _RING_READV(ring: uring.Ring, fd: int, addr: np.ndarray, niov: np.ndarray, o
     """One batch of READV requests through ``ring`` (a module-level name: the tests' read recorder
     wraps it)."""
     return ring.readv(fd, addr, niov, off)
+
+
+def _NATIVE_READ(nat: NativeReads, ring_addr: int | None, fd: int, tab: "_IovTable", buf: int, scratch: int,
+                 iov: int, res: np.ndarray) -> int:
+    """One part's direct reads through the C loop (a module-level name, like ``_RING_READV``: the tests'
+    read recorder wraps it). ``res`` [k] receives each read's result; returns the count short of their
+    bytes, or -errno when the ring failed."""
+    return nat.read_part(ring_addr, fd, tab.native[1], buf, scratch, iov, res.ctypes.data)
 
 
 @dataclass(frozen=True)
@@ -118,12 +128,23 @@ class _IovTable:
                          np.array([m[3] for m in d], dtype=np.int64), sum(m[3] for m in d),
                          tuple(i for i in range(len(meta)) if i not in ds))
 
-    def rebased(self, buf: torch.Tensor, scratch: torch.Tensor | None) -> np.ndarray:
-        """The iovecs for this load's buffers (raw pointers: the bounds are checked here, once)."""
+    def check(self, buf: torch.Tensor, scratch: torch.Tensor | None) -> None:
+        """The iovecs stay inside this load's buffers (they become raw pointers: checked before every use)."""
         if buf.numel() < self.buf_end or (self.scratch_end and (scratch is None or scratch.numel() < self.scratch_end)):
             raise AssertionError(f"read plan reaches byte {self.buf_end} / {self.scratch_end} of buffers of "
                                  f"{buf.numel()} / {0 if scratch is None else scratch.numel()} bytes")
         assert buf.is_contiguous() and buf.dtype == torch.uint8 and buf.device.type == "cpu"
+
+    @functools.cached_property
+    def native(self) -> tuple:
+        """The table as native.c's ``struct tpl_table`` (and the arrays it points into), and its address."""
+        scr = self.scratch.view(np.uint8)
+        t = NativeReads.table(self.rel, scr, self.direct_first, self.direct_n, self.direct_off, self.direct_want)
+        return (t, scr), ctypes.addressof(t)
+
+    def rebased(self, buf: torch.Tensor, scratch: torch.Tensor | None) -> np.ndarray:
+        """The iovecs for this load's buffers (raw pointers: the bounds are checked here, once)."""
+        self.check(buf, scratch)
         buf_ptr, scratch_ptr = buf.data_ptr(), 0 if scratch is None else scratch.data_ptr()
         iov = self.rel.copy()
         iov[:, 0] += np.where(self.scratch, np.uint64(scratch_ptr), np.uint64(buf_ptr))
@@ -140,10 +161,13 @@ class SliceReader:
     reader threads of one load share it (pread has no file offset)."""
 
     def __init__(self, header: AdapterHeader, scratch: ScratchPool | None = None, iov_tables: dict | None = None,
-                 *, check_header: bool = True, rings: uring.RingPool | None = None):
+                 *, check_header: bool = True, rings: uring.RingPool | None = None,
+                 native: NativeReads | None = None):
         self.header = header
         self._rings = rings  # io_uring per reader thread (None: preadv only)
+        self._native = native if _PREADV is not None else None  # the C read loop (None: Python's)
         self.ring_reads = 0  # reads done through io_uring submissions
+        self.native_parts = 0  # units whose direct reads ran in the C loop
         self._scratch_pool = scratch if scratch is not None else ScratchPool()
         # per plan, owned by the engine (kept across loads); keyed by the id of a unit's reads tuple
         self._iov_tables = iov_tables if iov_tables is not None else {}
@@ -257,19 +281,25 @@ class SliceReader:
     def _read_unit(self, chunk: Chunk, u: Part, buf: torch.Tensor, scratch: torch.Tensor | None) -> int:
         """The unit's scatter reads (libc preadv on a prebuilt iovec table; ``os.preadv`` with one
         memoryview per piece where libc is not reachable through ctypes), each followed by its gathers,
-        then its span reads."""
+        then its span reads. With the native loop, the table's rebase and every direct read (the ring's
+        batch, or one preadv each) are one C call without the GIL."""
         tab = iov = None
         if _PREADV is not None and u.reads:
             tab = self._iov_tables.get(id(u.reads))
             if tab is None:
                 tab = self._iov_tables.setdefault(id(u.reads), _IovTable.build(u.reads))
-            iov = tab.rebased(buf, scratch)
         total = 0
-        ring = self._rings.ring() if self._rings is not None and tab is not None and len(tab.direct) > 1 else None
         todo = range(len(u.reads))
-        if ring is not None:
-            total += self._ring_reads(ring, chunk, u, tab, iov, buf, scratch)
+        if tab is not None and self._native is not None:
+            iov = self._native_reads(chunk, u, tab, buf, scratch)
+            total += tab.direct_bytes
             todo = tab.rest
+        elif tab is not None:
+            iov = tab.rebased(buf, scratch)
+            ring = self._rings.ring() if self._rings is not None and len(tab.direct) > 1 else None
+            if ring is not None:
+                total += self._ring_reads(ring, chunk, u, tab, iov, buf, scratch)
+                todo = tab.rest
         for i in todo:
             file_off, pieces, copies, _ = u.reads[i]
             if tab is not None:
@@ -300,6 +330,36 @@ class SliceReader:
         with self._lock:
             self.ring_reads += len(res)
         return tab.direct_bytes
+
+    def _native_reads(self, chunk: Chunk, u: Part, tab: _IovTable, buf: torch.Tensor,
+                      scratch: torch.Tensor | None) -> np.ndarray:
+        """The table rebased and its direct reads done by one call of the C loop (through this thread's
+        ring when there is one and more than one direct read, else one preadv each); reads that came back
+        short are done again piece by piece (raising our error at EOF). Returns the rebased iovecs (the
+        other reads use them)."""
+        nat = self._native
+        tab.check(buf, scratch)
+        iov, iov_ptr, res = nat.buffers(len(tab.rel), len(tab.direct))
+        k = len(tab.direct)
+        ring = self._rings.ring() if self._rings is not None and len(tab.direct) > 1 else None
+        raddr = None if ring is None else NativeReads.ring_addr(ring)
+        bptr, sptr = buf.data_ptr(), 0 if scratch is None else scratch.data_ptr()
+        bad = _NATIVE_READ(nat, raddr, self.fd, tab, bptr, sptr, iov_ptr, res[:k])
+        if bad < 0:  # the ring failed (it may hold reads in flight): drop it, read this part with preadv
+            log.warning("io_uring_enter failed on a reader thread (%s): its ring is closed, this part read "
+                        "again with preadv (the thread makes a new ring for its next part)", os.strerror(-bad))
+            self._rings.discard(ring)
+            bad = _NATIVE_READ(nat, None, self.fd, tab, bptr, sptr, iov_ptr, res[:k])
+            ring = None
+        if bad:
+            for j in np.flatnonzero(res[:k] != tab.direct_want).tolist():
+                file_off, pieces, _, _ = u.reads[int(tab.direct[j])]
+                self._finish_short(chunk, buf, scratch, pieces, file_off)
+        with self._lock:
+            self.native_parts += 1
+            if ring is not None:
+                self.ring_reads += k
+        return iov[:len(tab.rel)]
 
     def _libc_preadv(self, iov_ptr: int, n: int, file_off: int) -> int:
         got = _PREADV(self.fd, iov_ptr, n, file_off)

@@ -140,7 +140,7 @@ class Ring:
         self.submits = 0  # io_uring_enter calls
 
     def close(self) -> None:
-        for name in ("_sq_head", "_sq_tail", "_sq_array", "_cq_head", "_cq_tail", "_cqes", "_sq64"):
+        for name in ("_native", "_sq_head", "_sq_tail", "_sq_array", "_cq_head", "_cq_tail", "_cqes", "_sq64"):
             self.__dict__.pop(name, None)  # numpy views pin the mmaps: drop them first
         for m in self._maps:
             try:
@@ -252,6 +252,16 @@ class RingPool:
                 with self._lock:
                     self._all.append(r)
         return r or None
+
+    def discard(self, ring: Ring) -> None:
+        """Close this thread's ``ring`` after a failure (it may hold reads in flight); the thread's next
+        ``ring()`` makes a new one."""
+        if getattr(self._local, "ring", None) is ring:
+            self._local.ring = None
+        with self._lock:
+            if ring in self._all:
+                self._all.remove(ring)
+        ring.close()
 
     def close(self) -> None:
         with self._lock:

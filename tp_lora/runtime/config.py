@@ -56,6 +56,11 @@ class LoRAConfig:
     """How readers issue reads: "io_uring" (each part's reads in one submission: reading only owned bytes
     of row slices costs no Python per row), "preadv" (one call per read), "auto" (io_uring where this
     kernel and its seccomp profile allow a ring, else preadv). The cost model of read_mode "auto" follows."""
+    native_reads: bool = True
+    """Issue each part's reads from a small C loop (``tp_lora/host/native.c``, compiled once per machine
+    with the system C compiler at first use, cached under ``$TP_LORA_CACHE_DIR`` or ``~/.cache/tp_lora``),
+    one call per part without the GIL; where it cannot be built (no compiler, ``TP_LORA_NATIVE=0``) the
+    readers' Python loop reads the same bytes. False: always the Python loop."""
     read_ahead: int | None = None
     """Parts of a cached cold load read ahead of the copy (their buffers are the cache entry's, so this
     bounds no memory, only how far readers run past a slow part); None: read_workers + 1 (1..65536)."""
@@ -104,7 +109,7 @@ class LoRAConfig:
                 raise ConfigError(f"{f} must be a number of seconds, got {type(v).__name__} {v!r}")
             if not math.isfinite(v) or not 0 < v <= MAX_TIMEOUT_S:
                 raise ConfigError(f"{f} must be finite, > 0 and <= {MAX_TIMEOUT_S:g} s, got {v!r}")
-        for f in ("check_finite", "allow_pickle"):
+        for f in ("check_finite", "allow_pickle", "native_reads"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f"{f} must be True or False, got {getattr(self, f)!r}")
         _choice(self, "dtype", DTypeName)

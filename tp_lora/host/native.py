@@ -1,0 +1,199 @@
+"""The readers' per-part loop in C (``native.c``), compiled once per machine with the system C compiler.
+
+Why: with 16 reader threads, the Python a part's reads need around their one system call (rebasing the
+iovec table onto the load's buffers, writing the SQEs, reaping the completions: ~60-150 us a part) holds
+the GIL, so the readers and the loader thread queue for it (docs/PERF_NOTES.md rows 23-33: the reads
+alone stayed 1.2-1.4x the floor's pattern with that Python halved). Here a part's direct reads are one
+ctypes call, which drops the GIL for its whole duration.
+
+How it is built: like Triton's launcher stubs, at first use: ``cc -O2 -shared -fPIC native.c`` into the
+cache folder (``$TP_LORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/tp_lora``, else ``~/.cache/tp_lora``; a
+temporary folder where none is writable), named by the source's digest and the machine, written
+atomically (ranks of one node may build it at once). Where there is no compiler, the build fails or
+``TP_LORA_NATIVE=0`` is set, ``load()`` returns None and the readers keep their Python loop, which reads
+the same bytes into the same places (tested both ways).
+
+The C code allocates nothing and keeps no state: the tables and buffers are the caller's, and their
+bounds are checked in Python (``_IovTable.check``) before every call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native.c")
+ABI = 1  # native.c's TPL_ABI
+_ENV = "TP_LORA_NATIVE"
+
+
+class _Ring(ctypes.Structure):
+    """native.c's ``struct tpl_ring``: the addresses of one io_uring's mapped queues."""
+
+    _fields_ = [("sq_tail", ctypes.c_void_p), ("sqes", ctypes.c_void_p), ("cq_head", ctypes.c_void_p),
+                ("cq_tail", ctypes.c_void_p), ("cqes", ctypes.c_void_p), ("sq_mask", ctypes.c_uint32),
+                ("sq_entries", ctypes.c_uint32), ("cq_mask", ctypes.c_uint32), ("cq_entries", ctypes.c_uint32),
+                ("ring_fd", ctypes.c_int32), ("reserved", ctypes.c_uint32), ("submits", ctypes.c_uint64)]
+
+
+class _Table(ctypes.Structure):
+    """native.c's ``struct tpl_table``: a part's prebuilt reads (arrays owned by the ``_IovTable``)."""
+
+    _fields_ = [("rel", ctypes.c_void_p), ("scr", ctypes.c_void_p), ("pieces", ctypes.c_int64),
+                ("first", ctypes.c_void_p), ("niov", ctypes.c_void_p), ("off", ctypes.c_void_p),
+                ("want", ctypes.c_void_p), ("k", ctypes.c_int64)]
+
+
+class NativeReads:
+    """The bound C library (one per process, see ``load``)."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path):
+        self.path = path
+        f = lib.tpl_read_part
+        # plain ints for every pointer: ctypes converts them without building objects per call
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
+                      ctypes.c_void_p, ctypes.c_void_p]
+        f.restype = ctypes.c_int64
+        self._read_part = f
+        self._local = threading.local()
+
+    @staticmethod
+    def table(rel: np.ndarray, scratch: np.ndarray, first: np.ndarray, niov: np.ndarray, off: np.ndarray,
+              want: np.ndarray) -> _Table:
+        """The C view of a part's table; the arrays must outlive it (the ``_IovTable`` holds both)."""
+        for a, dt in ((rel, np.uint64), (scratch, np.uint8), (first, np.uint64), (niov, np.uint32),
+                      (off, np.uint64), (want, np.int64)):
+            assert a.dtype == dt and a.flags.c_contiguous, (a.dtype, dt)
+        assert rel.shape == (len(scratch), 2) and len(first) == len(niov) == len(off) == len(want)
+        return _Table(rel.ctypes.data, scratch.ctypes.data, len(scratch), first.ctypes.data, niov.ctypes.data,
+                      off.ctypes.data, want.ctypes.data, len(first))
+
+    @staticmethod
+    def ring_addr(ring) -> int:
+        """The address of the C view of a ``uring.Ring``, made at the first call and kept by the ring (so
+        it lives exactly as long as the mappings it points into)."""
+        view = ring.__dict__.get("_native")
+        if view is None:
+            view = ring._native = _Ring(ring._sq_tail.ctypes.data, ring._sq64.ctypes.data,
+                                        ring._cq_head.ctypes.data, ring._cq_tail.ctypes.data,
+                                        ring._cqes.ctypes.data, ring._sq_mask, ring.entries, ring._cq_mask,
+                                        ring.cq_entries, ring.fd, 0, 0)
+        return ctypes.addressof(view)
+
+    def buffers(self, pieces: int, k: int) -> tuple[np.ndarray, int, np.ndarray]:
+        """This thread's iovec ``[pieces, 2]`` buffer, its address, and result ``[k]`` buffer (grown, never
+        shrunk): a part's iovecs live until its last read and the gathers after it."""
+        loc = self._local
+        iov = getattr(loc, "iov", None)
+        if iov is None or len(iov) < pieces:
+            loc.iov = iov = np.empty((max(pieces, 1024), 2), dtype=np.uint64)
+            loc.iov_ptr = iov.ctypes.data
+        res = getattr(loc, "res", None)
+        if res is None or len(res) < k:
+            loc.res = res = np.empty(max(k, 1024), dtype=np.int64)
+        return iov, loc.iov_ptr, res
+
+    def read_part(self, ring_addr: int | None, fd: int, table_addr: int, buf: int, scratch: int, iov: int,
+                  res: int) -> int:
+        """Rebase the table at ``table_addr`` onto the buffers, then its direct reads (through the ring, or
+        one preadv each when ``ring_addr`` is None). Returns the count of reads short of their bytes, or
+        -errno if io_uring_enter failed (that ring must be dropped)."""
+        return self._read_part(ring_addr, fd, table_addr, buf, scratch, iov, res)
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("TP_LORA_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) / "tp_lora" if xdg else Path.home() / ".cache" / "tp_lora"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc and shutil.which(cc):
+        return cc
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return name
+    return None
+
+
+def build(dest_dir: Path | None = None) -> Path:
+    """Compile ``native.c`` (if its library for this source and machine is not built yet) and return the
+    library's path. Raises OSError (no compiler, a failed build, no writable folder)."""
+    src = SOURCE.read_bytes()
+    tag = hashlib.sha256(src + platform.machine().encode()).hexdigest()[:16]
+    name = f"tp_lora_native-{tag}-{platform.machine()}.so"
+    dirs = [dest_dir] if dest_dir is not None else [_cache_dir(), Path(tempfile.gettempdir()) / "tp_lora"]
+    for d in dirs:
+        if (d / name).exists():
+            return d / name
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found (cc, gcc or clang; or $CC)")
+    err = None
+    for d in dirs:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=name + ".", dir=d)
+            os.close(fd)
+        except OSError as e:
+            err = e
+            continue
+        try:
+            r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)], capture_output=True,
+                               text=True, timeout=120)
+            if r.returncode != 0:
+                raise OSError(f"{cc} failed ({r.returncode}): {r.stderr.strip()[:500]}")
+            os.replace(tmp, d / name)  # atomic: ranks of a node may build at once
+            return d / name
+        except subprocess.TimeoutExpired:
+            raise OSError(f"{cc} took over 120 s") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise OSError(f"no writable folder for the native reader's library ({err})")
+
+
+_LOADED: list[NativeReads | None] = []
+_LOCK = threading.Lock()
+
+
+def load() -> NativeReads | None:
+    """The native read loop, built and loaded once per process; None where it cannot be (not Linux,
+    ``TP_LORA_NATIVE=0``, no compiler, a failed build: logged once) - the readers' Python loop then runs."""
+    with _LOCK:
+        if not _LOADED:
+            _LOADED.append(_load())
+        return _LOADED[0]
+
+
+def _load() -> NativeReads | None:
+    if os.environ.get(_ENV, "1") == "0":
+        log.info("native reader off (%s=0): reads use the Python loop", _ENV)
+        return None
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        path = build()
+        lib = ctypes.CDLL(str(path))
+        if lib.tpl_abi() != ABI:
+            raise OSError(f"{path} has ABI {lib.tpl_abi()}, expected {ABI}")
+        return NativeReads(lib, path)
+    except OSError as e:
+        log.info("native reader not available (%s): reads use the Python loop", e)
+        return None
