@@ -290,13 +290,13 @@ class SliceReader:
                 tab = self._iov_tables.setdefault(id(u.reads), _IovTable.build(u.reads))
         total = 0
         todo = range(len(u.reads))
+        ring = self._rings.ring() if self._rings is not None and tab is not None and len(tab.direct) > 1 else None
         if tab is not None and self._native is not None:
-            iov = self._native_reads(chunk, u, tab, buf, scratch)
+            iov = self._native_reads(chunk, u, tab, buf, scratch, ring)
             total += tab.direct_bytes
             todo = tab.rest
         elif tab is not None:
             iov = tab.rebased(buf, scratch)
-            ring = self._rings.ring() if self._rings is not None and len(tab.direct) > 1 else None
             if ring is not None:
                 total += self._ring_reads(ring, chunk, u, tab, iov, buf, scratch)
                 todo = tab.rest
@@ -324,24 +324,28 @@ class SliceReader:
         addr = tab.direct_first + np.uint64(iov.ctypes.data)
         res = _RING_READV(ring, self.fd, addr, tab.direct_n, tab.direct_off)
         if not np.array_equal(res, tab.direct_want):
-            for j in np.flatnonzero(res != tab.direct_want).tolist():
-                file_off, pieces, _, _ = u.reads[int(tab.direct[j])]
-                self._finish_short(chunk, buf, scratch, pieces, file_off)
+            self._redo_short(chunk, u, tab, res, buf, scratch)
         with self._lock:
             self.ring_reads += len(res)
         return tab.direct_bytes
 
+    def _redo_short(self, chunk: Chunk, u: Part, tab: _IovTable, res: np.ndarray, buf: torch.Tensor,
+                    scratch: torch.Tensor | None) -> None:
+        """Direct reads whose result ``res[j]`` is not their byte count (a signal, a truncated file, an
+        error): done again piece by piece, raising our error at EOF."""
+        for j in np.flatnonzero(res != tab.direct_want).tolist():
+            file_off, pieces, _, _ = u.reads[int(tab.direct[j])]
+            self._finish_short(chunk, buf, scratch, pieces, file_off)
+
     def _native_reads(self, chunk: Chunk, u: Part, tab: _IovTable, buf: torch.Tensor,
-                      scratch: torch.Tensor | None) -> np.ndarray:
-        """The table rebased and its direct reads done by one call of the C loop (through this thread's
-        ring when there is one and more than one direct read, else one preadv each); reads that came back
-        short are done again piece by piece (raising our error at EOF). Returns the rebased iovecs (the
-        other reads use them)."""
+                      scratch: torch.Tensor | None, ring: uring.Ring | None) -> np.ndarray:
+        """The table rebased and its direct reads done by one call of the C loop (through ``ring``, this
+        thread's, when given, else one preadv each); reads that came back short are done again piece by
+        piece. Returns the rebased iovecs (the other reads use them)."""
         nat = self._native
         tab.check(buf, scratch)
-        iov, iov_ptr, res = nat.buffers(len(tab.rel), len(tab.direct))
         k = len(tab.direct)
-        ring = self._rings.ring() if self._rings is not None and len(tab.direct) > 1 else None
+        iov, iov_ptr, res = nat.buffers(len(tab.rel), k)
         raddr = None if ring is None else NativeReads.ring_addr(ring)
         bptr, sptr = buf.data_ptr(), 0 if scratch is None else scratch.data_ptr()
         bad = _NATIVE_READ(nat, raddr, self.fd, tab, bptr, sptr, iov_ptr, res[:k])
@@ -352,9 +356,7 @@ class SliceReader:
             bad = _NATIVE_READ(nat, None, self.fd, tab, bptr, sptr, iov_ptr, res[:k])
             ring = None
         if bad:
-            for j in np.flatnonzero(res[:k] != tab.direct_want).tolist():
-                file_off, pieces, _, _ = u.reads[int(tab.direct[j])]
-                self._finish_short(chunk, buf, scratch, pieces, file_off)
+            self._redo_short(chunk, u, tab, res[:k], buf, scratch)
         with self._lock:
             self.native_parts += 1
             if ring is not None:
