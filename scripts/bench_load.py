@@ -388,7 +388,9 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
 def bench_mode(path: Path, c: dict, args: argparse.Namespace, repeats: int, cost=None, **over) -> float:
     """Later cold loads with other settings (a read mode, a placement, a read cost model: strategies side
     by side)."""
+    batch = over.pop("batch_reads", True)
     mgr = _manager(c, args, **over)
+    mgr.engine.batch_reads = batch  # False: one reader task per part (the C batch's predecessor)
     if cost is not None:
         mgr.engine.cost = cost  # before any register: the plans are packed by this model
     mgr.register("a", path)
@@ -677,6 +679,8 @@ def case_run(name: str, c: dict, path: Path, args: argparse.Namespace) -> dict:
     variants += [(f"cold_backend_{b}_s", dict(read_backend=b)) for b in args.read_backends.split(",") if b]
     variants += [(f"cold_readers_{n}_s", dict(read_workers=int(n))) for n in args.read_workers_list.split(",") if n]
     variants += [(f"cold_part_{n}_s", dict(part_bytes=int(n))) for n in args.part_bytes_list.split(",") if n]
+    if args.per_part:  # one reader task per part instead of the C batch (one call per reader thread)
+        variants.append(("cold_per_part_s", dict(batch_reads=False)))
     if args.python_reads:  # the readers' Python loop instead of the C one (host/native.py)
         variants.append(("cold_python_reads_s", dict(native_reads=False)))
     if args.ring_exact_rows:  # the io_uring readers, one request per owned row range (no junk-gap joins)
@@ -723,6 +727,8 @@ def main() -> int:
     ap.add_argument("--python-reads", action="store_true",
                     help="also time cold loads with the readers' Python loop (native_reads=False)")
     ap.add_argument("--read-backends", default="", help="also time later cold loads with these read backends")
+    ap.add_argument("--per-part", action="store_true",
+                    help="also time cold loads with one reader task per part instead of the C batch")
     ap.add_argument("--read-aheads", default="", help="also time later cold loads with these read_ahead")
     ap.add_argument("--floor-threads", type=int, default=None)
     ap.add_argument("--trace", action="store_true",

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from support.runtime_ref import ALL_DENSE, ReadRecorder, expected_slot, make_adapter, new_manager, slot_diff
+from support.runtime_ref import (ALL_DENSE, ReadRecorder, check_out_of_order_batch, expected_slot, make_adapter,
+                                 new_manager, slot_diff)
 from tp_lora.host import native, reader, uring
 from tp_lora.plan.packing import read_counts
 
@@ -138,20 +139,24 @@ def test_native_and_python_loops_load_the_same_slot(adir, monkeypatch, preset, t
     for backend in backends:
         for mode in ("auto", "exact"):
             got = {}
-            for nat in (True, False):
+            for loop in ("batch", "native", "python"):
+                nat = loop != "python"
                 rec = ReadRecorder(monkeypatch)
                 with new_manager(preset, tp=tp, rank=1, ep=ep, max_loras=1, read_mode=mode, read_backend=backend,
                                  native_reads=nat, chunk_bytes=1 << 16, part_bytes=4096) as mgr:
+                    mgr.engine.batch_reads = loop == "batch"
                     plan = mgr.register("a", path)
                     rec.reads.clear()
                     mgr.activate("a")
                     ls = mgr.stats().load_stats[-1]
-                    assert (ls["native_parts"] > 0) == nat, (backend, mode, nat)
+                    assert (ls["native_parts"] > 0) == nat, (backend, mode, loop)
+                    # the batch takes every load whose parts are all direct reads (no span reads here)
+                    assert ls["batched"] == (loop == "batch" and ls["span_ops"] == 0), (backend, mode, loop)
                     assert ls["bytes_read"] == read_counts(mgr.engine.chunks(plan)).read
                     assert slot_diff(mgr.pool, 0, expected_slot(path, mgr.model, tp, 1, ep, mgr.pool)) == []
-                    got[nat] = (mgr.pool.checksum(0), sorted(r for r in rec.reads if r[0] != 0))
+                    got[loop] = (mgr.pool.checksum(0), sorted(r for r in rec.reads if r[0] != 0))
                 monkeypatch.undo()
-            assert got[True] == got[False], (backend, mode)
+            assert got["batch"] == got["native"] == got["python"], (backend, mode)
 
 
 def test_config_checks_native_reads():
@@ -162,3 +167,14 @@ def test_config_checks_native_reads():
         LoRAConfig(native_reads="yes")
     with new_manager("tiny-dense", native_reads=False) as mgr:
         assert mgr.engine.native is None
+
+
+@needs_native
+@pytest.mark.parametrize("order", ["backwards", "interleaved"])
+@pytest.mark.parametrize("preset,kw", [("tiny-dense", dict(targets=ALL_DENSE)),
+                                       ("tiny-moe", dict(targets=("q", "o", "experts")))])
+def test_batch_parts_completing_out_of_order_land_in_place(adir, monkeypatch, preset, kw, order):
+    """The loader copies a batch's parts in the order they complete (support.runtime_ref.reorder_batch:
+    last to first, or every chunk's first part, then every chunk's second...). The slot is the
+    reference's, and a batch whose reader threads stop with parts unread is our error, not a hang."""
+    check_out_of_order_batch(adir, monkeypatch, preset, kw, order, device="cpu")

@@ -145,24 +145,41 @@ def _hooks(native_reads: bool):
 
 
 @needs_ring
-@pytest.mark.parametrize("native_reads", [True, False], ids=["native", "python"])
-def test_short_ring_results_are_read_again_and_truncation_is_our_error(adir, monkeypatch, tmp_path, native_reads):
+@pytest.mark.parametrize("loop", ["batch", "native", "python"])
+def test_short_ring_results_are_read_again_and_truncation_is_our_error(adir, monkeypatch, tmp_path, loop):
+    """Reads that come back short are read again piece by piece, and a file cut short under the reader
+    is our error naming the file: in the C batch (every reader thread one call per load), the C loop per
+    part, and the Python loop."""
     from tp_lora.errors import AdapterActivationError
 
+    native_reads = loop != "python"
     if native_reads and native.load() is None:
         pytest.skip("no C compiler here: the native read loop cannot be built")
     path = make_adapter(adir, "ring-short", "tiny-dense", rank=8, dtype="bf16", targets=ALL_DENSE, seed=4)
-    name, wrap = _hooks(native_reads)
     calls = []
+    if loop == "batch":
+        # the C batch reports every other part short (its reads did return their bytes: the redo must
+        # read them again and land the same bytes)
+        monkeypatch.setattr(reader, "_BATCH_SHORT_EVERY", 2)
+        real = reader.SliceReader.redo
 
-    def shorten(res):
-        calls.append(len(res))
-        res[::2] = np.minimum(res[::2], 1)  # every other read "came back short" (a signal)
+        def redo(self, pb, i, buf):
+            calls.append(i)
+            real(self, pb, i, buf)
 
-    monkeypatch.setattr(reader, name, wrap(shorten))
+        monkeypatch.setattr(reader.SliceReader, "redo", redo)
+    else:
+        name, wrap = _hooks(native_reads)
+
+        def shorten(res):
+            calls.append(len(res))
+            res[::2] = np.minimum(res[::2], 1)  # every other read "came back short" (a signal)
+
+        monkeypatch.setattr(reader, name, wrap(shorten))
     kw = dict(read_mode="exact", read_backend="io_uring", chunk_bytes=1 << 16, part_bytes=4096,
               native_reads=native_reads)
     with new_manager("tiny-dense", tp=4, rank=2, max_loras=1, **kw) as mgr:
+        mgr.engine.batch_reads = loop == "batch"
         mgr.register("a", path)
         mgr.activate("a")
         assert calls and slot_diff(mgr.pool, 0, expected_slot(path, mgr.model, 4, 2, 1, mgr.pool)) == []
@@ -175,12 +192,20 @@ def test_short_ring_results_are_read_again_and_truncation_is_our_error(adir, mon
     shutil.copytree(path, cut)
     w = cut / "adapter_model.safetensors"
 
-    def truncating(res):
-        os.truncate(w, 64)  # after the header: every later read fails
-        res[:] = 0
+    if loop == "batch":
+        def cut_after_first(a, stage, i):
+            if stage == "read" and i == 0:
+                os.truncate(w, 64)  # after the header: every later read and redo fails
+    else:
+        def truncating(res):
+            os.truncate(w, 64)
+            res[:] = 0
 
-    monkeypatch.setattr(reader, name, wrap(truncating))
+        monkeypatch.setattr(reader, name, wrap(truncating))
     with new_manager("tiny-dense", tp=4, rank=2, max_loras=1, **kw) as mgr:
+        mgr.engine.batch_reads = loop == "batch"
+        if loop == "batch":
+            mgr.fault_hook = cut_after_first
         mgr.register("a", cut)
         with pytest.raises(AdapterActivationError, match="truncated|changed"):
             mgr.activate("a")

@@ -154,3 +154,16 @@ def test_batch_on_compute_stream_is_not_overwritten_by_a_later_load(adir):
         want = expected_slot(x, mgr.model, 2, 0, 1, mgr.pool)["q"][0]
         assert torch.equal(snap.cpu(), want)
         assert slot_diff(mgr.pool, 0, expected_slot(y, mgr.model, 2, 0, 1, mgr.pool)) == []
+
+
+@pytest.mark.parametrize("order", ["backwards", "interleaved"])
+def test_batch_parts_out_of_order_on_cuda(tmp_path, monkeypatch, order):
+    """The C batch's parts copied H2D in the order they complete, into the loader's staging buffers
+    (fewer than the chunks open at once in the interleaved order: parts wait for one), land the
+    reference's slot on the GPU."""
+    from support.runtime_ref import check_out_of_order_batch
+    from tp_lora.host import native
+
+    if native.load() is None:
+        pytest.skip("the native read loop cannot be built here")
+    check_out_of_order_batch(tmp_path, monkeypatch, "tiny-dense", dict(targets=ALL_DENSE), order, device="cuda")

@@ -18,6 +18,7 @@ class LoadStats:
     syscalls: int = 0  # reads issued (preadv of scatter runs + span reads)
     ring_reads: int = 0  # of syscalls: reads submitted through io_uring (a part's direct reads at once)
     native_parts: int = 0  # units whose direct reads ran in the C loop (host/native.py), without the GIL
+    batched: bool = False  # read by the C batch: one call per reader thread, parts copied as they complete
     span_ops: int = 0  # slices read as spans (strided columns, or short rows by the cost model)
     readers: int = 0  # reader threads of the pipeline
     read_s: float = 0.0  # reader thread time (read + slice + pack, incl. allocation)

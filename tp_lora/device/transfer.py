@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import AdapterDataError, AdapterError
@@ -206,12 +207,16 @@ class TransferEngine:
         self.cost = RING_COST if use_ring else DEFAULT_COST  # what read_mode "auto" weighs
         # each part's direct reads in one C call without the GIL (None: the readers' Python loop)
         self.native = native.load() if native_reads else None
+        # with the C loop, a cached cold load whose parts are all direct reads is one C call per reader
+        # thread (``_copy_batch``); False (benchmarks): one reader task per part
+        self.batch_reads = True
         # the cold pipeline's unit: a chunk (the cache, H2D-when-warm and placement unit) is read and
         # copied part by part, so a few large chunks still pipeline finely
         # (smaller parts for small plans were measured and rejected: docs/PERF_NOTES.md row 25)
         self.part_bytes = part_bytes if part_bytes is not None else max(4096, chunk_bytes // 8)
         self.arena = arena
         self._staging: torch.Tensor | None = None
+        self._stagings: list[torch.Tensor] = []  # the batch path's: one per chunk being copied
         self._ring: list[torch.Tensor] = []
         self._memo = PerPlan()  # per plan: pool coverage, scaling tables, placement tables
         self.placer = Placer(pool, placement, self._memo)
@@ -407,13 +412,14 @@ class TransferEngine:
         return LoadResult(event=end_ev, stats=stats, bad_values=bad, bad_detail=detail)
 
     def _h2d_and_place(self, job: LoadJob, chk: LoadCheck, pos: int, chunk: Chunk, host: torch.Tensor,
-                       stats: LoadStats, start: int = 0, end: int | None = None, place: bool = True) -> None:
+                       stats: LoadStats, start: int = 0, end: int | None = None, place: bool = True,
+                       staging: torch.Tensor | None = None) -> None:
         """H2D of bytes [start, end) of the chunk (all of it by default; ``pos``: its index in the load's
-        chunk list) into the staging buffer; once the chunk's last bytes are there (``place``), its slices
-        are placed into the slot (checked on a cold load)."""
+        chunk list) into the staging buffer (``staging``, else the engine's one); once the chunk's last
+        bytes are there (``place``), its slices are placed into the slot (checked on a cold load)."""
         end = chunk.nbytes if end is None else end
         if self.device.is_cuda:
-            dev_buf = self._staging_for(chunk.nbytes)
+            dev_buf = self._staging_for(chunk.nbytes) if staging is None else staging[:chunk.nbytes]
             if end > start:
                 dev_buf[start:end].copy_(host[start:end], non_blocking=True)
             src = dev_buf
@@ -427,6 +433,155 @@ class TransferEngine:
         tp = time.perf_counter()
         self.placer.place(chk, pos, chunk, src, job.slot, chk.check)
         stats.place_s += time.perf_counter() - tp
+
+    # -- the batch path: one C call per reader thread, parts copied in the order they complete --------
+    STAGINGS = 2  # device staging buffers of the batch path: chunks whose parts may be copied at once
+
+    def _staging_buffers(self, nbytes: int) -> list[torch.Tensor]:
+        if len(self._stagings) < self.STAGINGS or any(b.numel() < nbytes for b in self._stagings):
+            with torch.cuda.stream(self.device.copy_stream):
+                self._stagings = [torch.empty(max(nbytes, self.chunk_bytes), dtype=torch.uint8,
+                                              device=self.device.device) for _ in range(self.STAGINGS)]
+        return list(self._stagings)
+
+    def _copy_batch(self, job: LoadJob, rd: SliceReader, sink: "_CacheSink", units: list, chk: LoadCheck,
+                    pos: dict, stats: LoadStats, t0: float, trace: LoadTrace | None,
+                    cancelled: threading.Event) -> None:
+        """A cached cold load through the C batch (host/native.c ``tpl_read_batch``): every reader thread
+        reads parts in order by one C call; this thread takes each chunk's buffer from the arena and
+        publishes its parts, then copies parts H2D in the order they complete (adjacent ones in one copy)
+        into one of ``STAGINGS`` device buffers, and places a chunk once all its parts are there. Parts
+        whose reads came back short are read again here, piece by piece (raising at EOF)."""
+        header = job.header
+        stats.batched = True
+        pb = rd.start_batch([(c, p) for c, p, _, _ in units])
+        n = pb.n
+        t0_ns = time.monotonic_ns() - int((time.perf_counter() - t0) * 1e9)
+        workers: list[cf.Future] = []
+
+        def err(e: BaseException) -> BaseException:
+            if isinstance(e, AdapterError):
+                return e
+            if isinstance(e, (OSError, ValueError, RuntimeError)):
+                return AdapterDataError(f"reading slices failed: {type(e).__name__}: {e}",
+                                        adapter=header.name, path=header.weights_path)
+            return e
+
+        try:
+            workers = [self._readers.submit(rd.batch_worker, pb, w) for w in range(min(self.read_workers, n))]
+            # each chunk's buffer from the arena, its parts published at once (readers wait for them)
+            bufs: dict[int, torch.Tensor] = {}
+            members: dict[int, list[int]] = {}
+            for i, (c, _, _, _) in enumerate(units):
+                members.setdefault(id(c), []).append(i)
+            i = 0
+            while i < n:
+                c = units[i][0]
+                idx = members[id(c)]
+                bufs[id(c)] = buf = sink.buffer(c, cancelled)
+                for k in idx:
+                    rd.set_buffer(pb, k, buf)
+                i = idx[-1] + 1
+                pb.batch.publish(i)
+            # per chunk: parts still to copy; whether its parts tile it (packed order: each part's bytes
+            # are its own, copied as soon as read) or not (file order: the whole chunk once complete)
+            left = {k: len(v) for k, v in members.items()}
+            tiles = {}
+            for k, v in members.items():
+                rs = sorted((units[j][1].start, units[j][1].end) for j in v)
+                tiles[k] = all(a[1] <= b[0] for a, b in zip(rs, rs[1:]))
+            cuda = self.device.is_cuda
+            free = self._staging_buffers(max(c.nbytes for c, _, _, _ in units)) if cuda else []
+            staged: dict[int, torch.Tensor | None] = {}
+            waiting: list[int] = []  # parts read, their chunk without a staging buffer yet
+            status = pb.batch.status
+            handled = np.zeros(n, dtype=bool)
+            seen = copied = 0
+            while copied < n:
+                tw = time.perf_counter()
+                # parts deferred for want of a staging buffer, and one free now: no waiting
+                now = pb.batch.wait(seen, 0.0 if waiting and (free or not cuda) else 0.05)
+                te = time.perf_counter()
+                stats.wait_s += te - tw
+                if trace is not None:
+                    trace.loader.append(("wait", tw - t0, te - t0, -1))
+                if now == seen and not waiting:
+                    for f in workers:
+                        if f.done() and f.exception() is not None:
+                            raise err(f.exception())
+                    if all(f.done() for f in workers) and pb.batch.wait(seen, 0) == seen:
+                        raise AdapterDataError(f"the reader threads stopped with {n - seen} of {n} parts "
+                                               f"unread", adapter=header.name, path=header.weights_path)
+                    continue
+                seen = now
+                ti = time.perf_counter()
+                new = np.flatnonzero((status != native.PENDING) & ~handled)
+                handled[new] = True
+                todo = waiting + new.tolist()
+                waiting = []
+                by_chunk: dict[int, list[int]] = {}
+                for j in todo:
+                    by_chunk.setdefault(id(units[j][0]), []).append(j)
+                for k, js in by_chunk.items():
+                    c = units[js[0]][0]
+                    buf = bufs[k]
+                    if k not in staged:
+                        if cuda and not free:
+                            waiting.extend(js)
+                            continue
+                        staged[k] = free.pop(0) if cuda else None
+                    try:
+                        for j in js:
+                            if status[j] != 0:
+                                rd.redo(pb, j, buf)
+                        left[k] -= len(js)
+                        if job.fault is not None and left[k] == 0:
+                            job.fault("read", c.index)
+                    except BaseException as e:  # noqa: BLE001 - re-raised as our error
+                        raise err(e) from e
+                    if tiles[k]:
+                        rs = sorted((units[j][1].start, units[j][1].end) for j in js)
+                        runs: list[list[int]] = []
+                        for a, b in rs:
+                            if b <= a:
+                                continue
+                            if runs and runs[-1][1] == a:
+                                runs[-1][1] = b
+                            else:
+                                runs.append([a, b])
+                        for a, b in runs:
+                            self._h2d_and_place(job, chk, pos[id(c)], c, buf, stats, a, b, place=False,
+                                                staging=staged[k])
+                            stats.h2d_calls += 1
+                    if left[k] == 0:
+                        if tiles[k]:
+                            self._h2d_and_place(job, chk, pos[id(c)], c, buf, stats, 0, 0, staging=staged[k])
+                        else:
+                            self._h2d_and_place(job, chk, pos[id(c)], c, buf, stats, staging=staged[k])
+                            stats.h2d_calls += 1
+                        if cuda:
+                            free.append(staged[k])  # reused after this chunk's placement (stream order)
+                        del staged[k]
+                    copied += len(js)
+                te = time.perf_counter()
+                stats.issue_s += te - ti
+                if trace is not None:
+                    trace.loader.append(("issue", ti - t0, te - t0, int(new[-1]) if len(new) else -1))
+        finally:
+            pb.batch.cancel()
+            for f in workers:
+                try:
+                    f.result()
+                except BaseException:  # noqa: BLE001 - surfaced above when it mattered
+                    pass
+            st = pb.batch
+            done = np.flatnonzero(st.status != native.PENDING)
+            stats.read_s += float((st.t_end[done] - st.t_start[done]).sum()) / 1e9
+            if trace is not None:
+                for j in done.tolist():
+                    a, b = (st.t_start[j] - t0_ns) / 1e9, (st.t_end[j] - t0_ns) / 1e9
+                    trace.reads.append((int(st.worker[j]), j, a, a, b, units[j][1].syscalls))
+            rd.finish_batch(pb)
 
     def _run_cold(self, job: LoadJob, chunks: list[Chunk], sizes: tuple[int, ...],
                   stats: LoadStats, t0: float) -> LoadCheck:
@@ -458,6 +613,15 @@ class TransferEngine:
             counts = self._memo.get(job.plan, ("counts", stats.streamed, self.chunk_bytes),
                                     lambda: read_counts(sink.chunks))
             stats.syscalls, stats.span_ops = counts.syscalls, counts.span_ops
+            if (self.batch_reads and isinstance(sink, _CacheSink)
+                    and rd.batchable([(c, p) for c, p, _, _ in units])):
+                self._copy_batch(job, rd, sink, units, chk, pos, stats, t0, trace, cancelled)
+                header_ok.result()
+                rd.verify_unchanged()
+                ok = True
+                if trace is not None:
+                    trace.end = time.perf_counter() - t0
+                return chk
             lock = self._stat_lock
 
             def fill(i: int, chunk: Chunk, part: Part, last: bool, buf_f: cf.Future) -> torch.Tensor:  # readers

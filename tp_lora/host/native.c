@@ -13,10 +13,13 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef __NR_io_uring_enter
@@ -26,7 +29,7 @@
 #define TPL_OP_READV 1u
 
 /* Keep in step with native.py (_Ring, _Table, ABI). */
-#define TPL_ABI 1
+#define TPL_ABI 2
 
 struct tpl_ring {
     uint32_t *sq_tail;  /* the SQ ring's tail (we write it) */
@@ -154,4 +157,137 @@ int64_t tpl_read_part(struct tpl_ring *r, int32_t fd, const struct tpl_table *t,
         return 0;
     return r ? ring_reads(r, fd, t, (uint64_t)(uintptr_t)iov, res)
              : preadv_reads(fd, t, (uint64_t)(uintptr_t)iov, res);
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * A whole cold load's parts, read by every reader thread in one call each (the batch).
+ *
+ * Why: with one Python task per part, each part cost a thread wake-up and the Python around its C call,
+ * under the GIL, serially across the readers (they were 41-56% busy in a cold load). Here each reader
+ * thread makes one call per load: it takes the next part by an atomic counter, reads it, publishes its
+ * status, and takes the next, without the GIL. The loader thread waits in tpl_wait (futex) and copies
+ * parts in the order they complete.
+ *
+ * Protocol (host/native.py's Batch owns every array):
+ *   parts[i]    the part's table and its chunk buffer; valid for i < avail (the loader publishes buffers
+ *               as it takes them from the arena: tpl_publish)
+ *   status[i]   TPL_PENDING until read; then 0 (every read returned its bytes), > 0 (that many reads came
+ *               back short: the caller reads the part again in Python, raising at EOF) or -errno (the
+ *               ring failed on it: the caller reads it again; this thread's call returns -errno too)
+ *   done        futex word: parts with a status, for tpl_wait
+ *   cancel      set by tpl_cancel: readers stop before their next part
+ */
+#define TPL_PENDING INT64_MIN
+
+struct tpl_part {
+    const struct tpl_table *t;
+    uint64_t buf;
+};
+
+struct tpl_batch {
+    const struct tpl_part *parts;
+    int64_t n;
+    uint64_t scratch;     /* the gap pieces' junk bytes (shared: nothing is gathered out of them) */
+    int64_t *status;      /* [n] */
+    int64_t *t_start;     /* [n] CLOCK_MONOTONIC ns, the trace */
+    int64_t *t_end;       /* [n] */
+    int32_t *worker;      /* [n] which call read it */
+    int64_t next;         /* atomic: the next part to take */
+    int64_t ring_reads;   /* atomic: reads that went through a ring */
+    int32_t avail;        /* futex word: parts whose buffers are set */
+    int32_t done;         /* futex word: parts with a status */
+    int32_t cancel;
+    int32_t waiters;      /* threads in futex_wait on `done` */
+    int32_t avail_waiters;
+    int32_t short_every;  /* tests: report every short_every-th part short (0: never) */
+};
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static long futex(int32_t *w, int op, int32_t v, const struct timespec *to) {
+    return syscall(SYS_futex, w, op, v, to, NULL, 0);
+}
+
+static void wake_all(int32_t *w, int32_t *waiters) {
+    if (__atomic_load_n(waiters, __ATOMIC_SEQ_CST))
+        futex(w, FUTEX_WAKE_PRIVATE, INT_MAX, NULL);
+}
+
+/* Block until *w != seen, *cancel is set, or `ns` elapse; spins a little first (a futex wake-up costs
+ * a context switch, often more than the wait). */
+static void wait_change(int32_t *w, int32_t seen, int32_t *waiters, int32_t *cancel, int64_t ns) {
+    for (int i = 0; i < 2000; i++) {
+        if (__atomic_load_n(w, __ATOMIC_ACQUIRE) != seen || __atomic_load_n(cancel, __ATOMIC_ACQUIRE))
+            return;
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+    }
+    struct timespec to = {ns / 1000000000LL, ns % 1000000000LL};
+    __atomic_add_fetch(waiters, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(w, __ATOMIC_SEQ_CST) == seen && !__atomic_load_n(cancel, __ATOMIC_SEQ_CST))
+        futex(w, FUTEX_WAIT_PRIVATE, seen, &to);
+    __atomic_sub_fetch(waiters, 1, __ATOMIC_SEQ_CST);
+}
+
+/* One reader thread's share of the batch: parts taken in order until none is left or the batch is
+ * cancelled. `r` is this thread's ring (NULL: preadv; a part of one read uses preadv anyway), `iov` and
+ * `res` its buffers, sized by the caller for the largest part. Returns 0, or -errno when the ring failed
+ * (the caller drops the ring and calls again without it). */
+int64_t tpl_read_batch(struct tpl_batch *b, struct tpl_ring *r, int32_t fd, uint64_t *iov, int64_t *res,
+                       int32_t wid) {
+    for (;;) {
+        if (__atomic_load_n(&b->cancel, __ATOMIC_ACQUIRE))
+            return 0;
+        int64_t i = __atomic_fetch_add(&b->next, 1, __ATOMIC_ACQ_REL);
+        if (i >= b->n)
+            return 0;
+        for (;;) {
+            int32_t a = __atomic_load_n(&b->avail, __ATOMIC_ACQUIRE);
+            if (i < a)
+                break;
+            if (__atomic_load_n(&b->cancel, __ATOMIC_ACQUIRE))
+                return 0;
+            wait_change(&b->avail, a, &b->avail_waiters, &b->cancel, 1000000);
+        }
+        const struct tpl_part *p = &b->parts[i];
+        struct tpl_ring *ring = p->t->k > 1 ? r : NULL;
+        b->t_start[i] = now_ns();
+        int64_t v = tpl_read_part(ring, fd, p->t, p->buf, b->scratch, iov, res);
+        b->t_end[i] = now_ns();
+        b->worker[i] = wid;
+        if (v == 0 && ring)
+            __atomic_add_fetch(&b->ring_reads, p->t->k, __ATOMIC_RELAXED);
+        if (v == 0 && b->short_every > 0 && i % b->short_every == 0)
+            v = 1;
+        __atomic_store_n(&b->status[i], v, __ATOMIC_RELEASE);
+        __atomic_add_fetch(&b->done, 1, __ATOMIC_SEQ_CST);
+        wake_all(&b->done, &b->waiters);
+        if (v < 0 && ring)
+            return v;
+    }
+}
+
+/* The loader: block until more than `seen` parts have a status (or `ns` elapse, or cancel); returns the
+ * count now. */
+int32_t tpl_wait(struct tpl_batch *b, int32_t seen, int64_t ns) {
+    wait_change(&b->done, seen, &b->waiters, &b->cancel, ns);
+    return __atomic_load_n(&b->done, __ATOMIC_ACQUIRE);
+}
+
+/* The loader: parts [0, avail) have their buffers set. */
+void tpl_publish(struct tpl_batch *b, int32_t avail) {
+    __atomic_store_n(&b->avail, avail, __ATOMIC_SEQ_CST);
+    wake_all(&b->avail, &b->avail_waiters);
+}
+
+/* Stop the readers before their next part (the load failed elsewhere), and wake every waiter. */
+void tpl_cancel(struct tpl_batch *b) {
+    __atomic_store_n(&b->cancel, 1, __ATOMIC_SEQ_CST);
+    futex(&b->avail, FUTEX_WAKE_PRIVATE, INT_MAX, NULL);
+    futex(&b->done, FUTEX_WAKE_PRIVATE, INT_MAX, NULL);
 }

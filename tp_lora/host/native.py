@@ -36,7 +36,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
-ABI = 1  # native.c's TPL_ABI
+ABI = 2  # native.c's TPL_ABI
 _ENV = "TP_LORA_NATIVE"
 
 
@@ -57,6 +57,74 @@ class _Table(ctypes.Structure):
                 ("want", ctypes.c_void_p), ("k", ctypes.c_int64)]
 
 
+class _Part(ctypes.Structure):
+    """native.c's ``struct tpl_part``: one part of a batch (its table's address, its chunk buffer's)."""
+
+    _fields_ = [("t", ctypes.c_void_p), ("buf", ctypes.c_uint64)]
+
+
+class _Batch(ctypes.Structure):
+    """native.c's ``struct tpl_batch``: one cold load's parts, read by every reader thread at once."""
+
+    _fields_ = [("parts", ctypes.c_void_p), ("n", ctypes.c_int64), ("scratch", ctypes.c_uint64),
+                ("status", ctypes.c_void_p), ("t_start", ctypes.c_void_p), ("t_end", ctypes.c_void_p),
+                ("worker", ctypes.c_void_p), ("next", ctypes.c_int64), ("ring_reads", ctypes.c_int64),
+                ("avail", ctypes.c_int32), ("done", ctypes.c_int32), ("cancel", ctypes.c_int32),
+                ("waiters", ctypes.c_int32), ("avail_waiters", ctypes.c_int32), ("short_every", ctypes.c_int32)]
+
+
+PENDING = np.iinfo(np.int64).min  # native.c's TPL_PENDING: a part not read yet
+
+
+class Batch:
+    """One cold load's parts for ``tpl_read_batch`` (see native.c): every reader thread calls ``run``
+    once and reads parts in order until none is left; the loader ``publish``es parts as their buffers
+    are set, ``wait``s for completions and reads ``status`` [n] (``PENDING``, 0 ok, > 0 short, < 0 the
+    ring failed: read the part again). ``t_start`` / ``t_end`` [n]: CLOCK_MONOTONIC ns (the clock of
+    ``time.perf_counter`` on Linux), ``worker`` [n]: which ``run`` call read it. The tables and buffers
+    the parts point to must outlive the batch (the caller checks their bounds before ``set``)."""
+
+    def __init__(self, lib: "NativeReads", n: int, scratch: int, short_every: int = 0):
+        self._lib = lib
+        self.n = n
+        self._parts = (_Part * max(n, 1))()
+        self.status = np.full(n, PENDING, dtype=np.int64)
+        self.t_start = np.zeros(n, dtype=np.int64)
+        self.t_end = np.zeros(n, dtype=np.int64)
+        self.worker = np.full(n, -1, dtype=np.int32)
+        self._c = _Batch(ctypes.addressof(self._parts), n, scratch, self.status.ctypes.data,
+                         self.t_start.ctypes.data, self.t_end.ctypes.data, self.worker.ctypes.data,
+                         0, 0, 0, 0, 0, 0, 0, short_every)
+        self.addr = ctypes.addressof(self._c)
+        self._set = 0
+
+    def set(self, i: int, table_addr: int, buf: int) -> None:
+        """Part ``i``'s table and chunk buffer (before it is published)."""
+        assert i >= self._set, "a published part cannot change"
+        self._parts[i].t = table_addr
+        self._parts[i].buf = buf
+
+    def publish(self, avail: int) -> None:
+        """Parts [0, avail) may be read now."""
+        self._lib._publish(self.addr, avail)
+        self._set = avail
+
+    def run(self, ring_addr: int | None, fd: int, iov: int, res: int, wid: int) -> int:
+        """A reader thread's share (returns when no part is left): 0, or -errno when the ring failed."""
+        return self._lib._read_batch(self.addr, ring_addr, fd, iov, res, wid)
+
+    def wait(self, seen: int, timeout_s: float) -> int:
+        """Block (without the GIL) until more than ``seen`` parts have a status, or the timeout: the count."""
+        return self._lib._wait(self.addr, seen, int(timeout_s * 1e9))
+
+    def cancel(self) -> None:
+        self._lib._cancel(self.addr)
+
+    @property
+    def ring_reads(self) -> int:
+        return self._c.ring_reads
+
+
 class NativeReads:
     """The bound C library (one per process, see ``load``)."""
 
@@ -68,7 +136,28 @@ class NativeReads:
                       ctypes.c_void_p, ctypes.c_void_p]
         f.restype = ctypes.c_int64
         self._read_part = f
+        b = lib.tpl_read_batch
+        b.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
+                      ctypes.c_int32]
+        b.restype = ctypes.c_int64
+        self._read_batch = b
+        w = lib.tpl_wait
+        w.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64]
+        w.restype = ctypes.c_int32
+        self._wait = w
+        pub = lib.tpl_publish
+        pub.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+        pub.restype = None
+        self._publish = pub
+        c = lib.tpl_cancel
+        c.argtypes = [ctypes.c_void_p]
+        c.restype = None
+        self._cancel = c
         self._local = threading.local()
+
+    def batch(self, n: int, scratch: int, short_every: int = 0) -> Batch:
+        """A batch of ``n`` parts (see ``Batch``); ``scratch``: the gap pieces' junk buffer's address."""
+        return Batch(self, n, scratch, short_every)
 
     @staticmethod
     def table(rel: np.ndarray, scratch: np.ndarray, first: np.ndarray, niov: np.ndarray, off: np.ndarray,

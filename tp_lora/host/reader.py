@@ -38,6 +38,7 @@ import torch
 from ..errors import AdapterDataError
 from ..format.adapter import AdapterHeader
 from ..plan.packing import Chunk, Part, SpanCopy
+from . import native as native_mod
 from . import uring
 from .memory import ScratchPool
 from .native import NativeReads
@@ -82,6 +83,14 @@ def _NATIVE_READ(nat: NativeReads, ring_addr: int | None, fd: int, tab: "_IovTab
     read recorder wraps it). ``res`` [k] receives each read's result; returns the count short of their
     bytes, or -errno when the ring failed."""
     return nat.read_part(ring_addr, fd, tab.native[1], buf, scratch, iov, res.ctypes.data)
+
+
+def _NATIVE_READ_BATCH(pb: "PartBatch", ring_addr: int | None, fd: int, iov: int, res: int, wid: int) -> int:
+    """One reader thread's share of a batch (a module-level name: the tests' read recorder wraps it)."""
+    return pb.batch.run(ring_addr, fd, iov, res, wid)
+
+
+_BATCH_SHORT_EVERY = 0  # tests: the C batch reports every n-th part short, so the redo path runs
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,27 @@ class _IovTable:
         iov = self.rel.copy()
         iov[:, 0] += np.where(self.scratch, np.uint64(scratch_ptr), np.uint64(buf_ptr))
         return iov
+
+
+_EMPTY_READS: tuple = ()
+
+
+@dataclass
+class PartBatch:
+    """A cold load's parts, read by every reader thread in one C call each (native.c, ``tpl_read_batch``):
+    ``units`` [(chunk, part)] in load order, ``tables`` their iovec tables, ``scratch`` the junk bytes of
+    every gap piece (one buffer for all: nothing is gathered out of it)."""
+
+    units: list
+    tables: list
+    batch: object  # native.Batch
+    scratch: torch.Tensor | None
+    max_pieces: int
+    max_k: int
+
+    @property
+    def n(self) -> int:
+        return len(self.units)
 
 
 def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -246,6 +276,83 @@ class SliceReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- the batch: every part of a load in one C call per reader thread ----------------------------
+    def batchable(self, units: list) -> bool:
+        """Whether every part of ``units`` [(chunk, part)] can go through the C batch: the C loop is built
+        and each part's reads are direct scatter reads (no gathers out of the scratch, no span reads,
+        which need torch ops and so the GIL)."""
+        if self._native is None or not units:
+            return False
+        for _, u in units:
+            if u.spans:
+                return False
+            if u.reads and self._table(u).rest:
+                return False
+        return True
+
+    def _table(self, u: Part) -> "_IovTable":
+        key = id(u.reads) if u.reads else id(_EMPTY_READS)
+        tab = self._iov_tables.get(key)
+        if tab is None:
+            tab = self._iov_tables.setdefault(key, _IovTable.build(u.reads))
+        return tab
+
+    def start_batch(self, units: list) -> PartBatch:
+        """The C batch of ``units`` (``batchable``): parts are published (``set_buffer``) as the loader
+        takes their buffers; reader threads run ``batch_worker``; the loader ``redo``es parts whose
+        status is not 0 and calls ``finish_batch`` at the end, whatever happened."""
+        tabs = [self._table(u) for _, u in units]
+        need = max((t.scratch_end for t in tabs), default=0)
+        scratch = self._scratch_pool.take(need) if need else None
+        b = self._native.batch(len(units), 0 if scratch is None else scratch.data_ptr(), _BATCH_SHORT_EVERY)
+        return PartBatch(units, tabs, b, scratch, max((len(t.rel) for t in tabs), default=0),
+                         max((len(t.direct) for t in tabs), default=0))
+
+    def set_buffer(self, pb: PartBatch, i: int, buf: torch.Tensor) -> None:
+        """Part ``i``'s chunk buffer (its iovecs' bounds checked here: they become raw pointers in C)."""
+        tab = pb.tables[i]
+        tab.check(buf, pb.scratch)
+        pb.batch.set(i, tab.native[1], buf.data_ptr())
+
+    def batch_worker(self, pb: PartBatch, wid: int) -> None:
+        """A reader thread's share of the batch: parts in order until none is left (no GIL inside). If the
+        thread's ring fails, the ring is closed and the thread goes on with preadv (the part it failed on
+        is marked for the loader to read again)."""
+        nat = self._native
+        ring = self._rings.ring() if self._rings is not None else None
+        _, iov_ptr, res = nat.buffers(pb.max_pieces, pb.max_k)
+        while True:
+            raddr = None if ring is None else NativeReads.ring_addr(ring)
+            r = _NATIVE_READ_BATCH(pb, raddr, self.fd, iov_ptr, res.ctypes.data, wid)
+            if r >= 0 or ring is None:
+                return
+            log.warning("io_uring_enter failed on a reader thread (%s): its ring is closed, the thread goes "
+                        "on with preadv (the next load makes a new ring)", os.strerror(-r))
+            self._rings.discard(ring)
+            ring = None
+
+    def redo(self, pb: PartBatch, i: int, buf: torch.Tensor) -> None:
+        """Part ``i`` again, piece by piece (some of its reads came back short: a signal, a truncated
+        file; or its ring failed), raising our error at EOF."""
+        chunk, u = pb.units[i]
+        for file_off, pieces, _, _ in u.reads:
+            self._finish_short(chunk, buf, pb.scratch, pieces, file_off)
+
+    def finish_batch(self, pb: PartBatch) -> None:
+        """The batch's stats (the parts read), and its scratch back to the pool. After every reader
+        thread returned."""
+        done = np.flatnonzero(pb.batch.status != native_mod.PENDING).tolist()
+        with self._lock:
+            for i in done:
+                t, u = pb.tables[i], pb.units[i][1]
+                self.bytes_read += t.direct_bytes
+                self.syscalls += u.syscalls
+            self.native_parts += len(done)
+            self.ring_reads += pb.batch.ring_reads
+        if pb.scratch is not None:
+            self._scratch_pool.give(pb.scratch)
+            pb.scratch = None
 
     # -- reads -----------------------------------------------------------------------------------
     def read_chunk(self, chunk: Chunk, buf: torch.Tensor) -> None:
