@@ -174,7 +174,7 @@ def test_config_checks_native_reads():
 @pytest.mark.parametrize("preset,kw", [("tiny-dense", dict(targets=ALL_DENSE)),
                                        ("tiny-moe", dict(targets=("q", "o", "experts")))])
 def test_batch_parts_completing_out_of_order_land_in_place(adir, monkeypatch, preset, kw, order):
-    """The loader copies a batch's parts in the order they complete (support.runtime_ref.reorder_batch:
-    last to first, or every chunk's first part, then every chunk's second...). The slot is the
-    reference's, and a batch whose reader threads stop with parts unread is our error, not a hang."""
+    """The loader copies a batch's parts in the order they complete (support.runtime_ref.batch_order:
+    last to first, or every chunk's first part, then every chunk's second...): the slot is the
+    reference's."""
     check_out_of_order_batch(adir, monkeypatch, preset, kw, order, device="cpu")

@@ -226,8 +226,8 @@ def new_manager(model: Any, tp: int = 1, rank: int = 0, ep: int = 1, *, group: A
 class ReadRecorder:
     """Wraps os.preadv / os.pread, the reader's libc preadv (host/reader.py ``_PREADV``), its io_uring
     batches (``_RING_READV``: one entry per read of a batch), its C loop's parts (``_NATIVE_READ``: one
-    entry per direct read) and the C batch's parts (``_NATIVE_READ_BATCH``: one entry per direct read of
-    each part the thread read) to record
+    entry per direct read) and the C batch's parts (at ``SliceReader.finish_batch``: one entry per direct
+    read of each part read) to record
     (offset, length) of every read through them (the data path)."""
 
     def __init__(self, monkeypatch: Any):
@@ -264,17 +264,15 @@ class ReadRecorder:
             return bad
 
         monkeypatch.setattr(reader, "_NATIVE_READ", native_read)
-        real_batch = reader._NATIVE_READ_BATCH
+        real_finish = reader.SliceReader.finish_batch
 
-        def native_batch(pb: Any, ring: Any, fd: int, iov: int, res: int, wid: int) -> int:
-            r = real_batch(pb, ring, fd, iov, res, wid)
-            b = pb.batch
-            for i in np.flatnonzero((b.worker == wid) & (b.status != PENDING)).tolist():
+        def finish_batch(rd: Any, pb: Any) -> None:
+            for i in np.flatnonzero(pb.batch.status != PENDING).tolist():
                 t = pb.tables[i]
                 self.reads.extend((int(o), int(n)) for o, n in zip(t.direct_off, t.direct_want))
-            return r
+            real_finish(rd, pb)
 
-        monkeypatch.setattr(reader, "_NATIVE_READ_BATCH", native_batch)
+        monkeypatch.setattr(reader.SliceReader, "finish_batch", finish_batch)
 
         def preadv(fd: int, buffers: Any, offset: int, *a: Any) -> int:
             n = real_preadv(fd, buffers, offset, *a)
@@ -319,57 +317,34 @@ def keep_mtime(path: str | os.PathLike[str], write: Any) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def reorder_batch(order: str) -> Any:
-    """A stand-in for host/reader.py's ``_NATIVE_READ_BATCH`` whose first reader thread reads every part
-    of the batch, through the per-part C call, in ``order``: "backwards" (last part first) or
-    "interleaved" (every chunk's first part, then every chunk's second, ...: more chunks open at once
-    than the loader has staging buffers). The other threads read nothing."""
-    import numpy as np
+def batch_order(order: str) -> Any:
+    """A stand-in for host/reader.py's ``_BATCH_ORDER``: the C batch takes parts "backwards" (last part
+    first) or "interleaved" (every chunk's first part, then every chunk's second, ...: more chunks open
+    at once than the loader has staging buffers), so they complete out of the load's order."""
 
-    from tp_lora.host import native
-
-    nat = native.load()
-
-    def run(pb: Any, ring: Any, fd: int, iov: int, res: int, wid: int) -> int:
-        b = pb.batch
-        if wid != 0:
-            return 0
-        while b._c.avail < b.n:  # every buffer published
-            pass
-        idx = list(range(b.n))
+    def perm(units: list) -> list[int]:
+        idx = list(range(len(units)))
         if order == "backwards":
-            idx.reverse()
-        else:
-            rank: dict[int, int] = {}
-            pos = []
-            for i, (c, _) in enumerate(pb.units):
-                pos.append((rank.get(id(c), 0), i))
-                rank[id(c)] = rank.get(id(c), 0) + 1
-            idx = [i for _, i in sorted(pos)]
-        for i in idx:
-            t = pb.tables[i]
-            bad = nat.read_part(None, fd, t.native[1], b._parts[i].buf,
-                                0 if pb.scratch is None else pb.scratch.data_ptr(), iov, res)
-            b.worker[i] = wid
-            b.status[i] = bad
-            b._c.done += 1  # one writer; the loader's wait times out and rescans (no futex wake)
-        assert np.all(b.status != native.PENDING)
-        return 0
+            return idx[::-1]
+        rank: dict[int, int] = {}
+        pos = []
+        for i, (c, _) in enumerate(units):
+            pos.append((rank.get(id(c), 0), i))
+            rank[id(c)] = rank.get(id(c), 0) + 1
+        return [i for _, i in sorted(pos)]
 
-    return run
+    return perm
 
 
 def check_out_of_order_batch(adir: Any, monkeypatch: Any, preset: str, kw: dict, order: str, device: str) -> None:
-    """A cold load whose parts complete in ``order`` (``reorder_batch``) lands the reference's slot; and
-    reader threads that stop with parts unread are our error (tests/test_native.py, tests/gpu)."""
-    import pytest
-
-    from tp_lora.errors import AdapterActivationError
+    """A cold load whose parts complete in ``order`` (``batch_order``) lands the reference's slot
+    (tests/test_native.py, tests/gpu)."""
     from tp_lora.host import reader
 
     path = make_adapter(adir, f"ooo-{preset}", preset, rank=8, dtype="bf16", seed=21, **kw)
-    monkeypatch.setattr(reader, "_NATIVE_READ_BATCH", reorder_batch(order))
-    opts = dict(tp=2, rank=1, max_loras=1, read_mode="exact", chunk_bytes=1 << 13, part_bytes=4096, device=device)
+    monkeypatch.setattr(reader, "_BATCH_ORDER", batch_order(order))
+    opts = dict(tp=2, rank=1, max_loras=1, read_mode="exact", chunk_bytes=1 << 13, part_bytes=4096, device=device,
+                read_workers=1 if order == "backwards" else 2)  # one thread: the completions in that order
     with new_manager(preset, **opts) as mgr:
         plan = mgr.register("a", path)
         chunks = mgr.engine.chunks(plan)
@@ -378,9 +353,3 @@ def check_out_of_order_batch(adir: Any, monkeypatch: Any, preset: str, kw: dict,
         ls = mgr.stats().load_stats[-1]
         assert ls["batched"] and ls["native_parts"] > 0
         assert slot_diff(mgr.pool, 0, expected_slot(path, mgr.model, 2, 1, 1, mgr.pool)) == []
-
-    monkeypatch.setattr(reader, "_NATIVE_READ_BATCH", lambda *a: 0)  # returns with every part unread
-    with new_manager(preset, **opts) as mgr:
-        mgr.register("a", path)
-        with pytest.raises(AdapterActivationError, match="reader threads stopped"):
-            mgr.activate("a")

@@ -207,9 +207,10 @@ class TransferEngine:
         self.cost = RING_COST if use_ring else DEFAULT_COST  # what read_mode "auto" weighs
         # each part's direct reads in one C call without the GIL (None: the readers' Python loop)
         self.native = native.load() if native_reads else None
-        # with the C loop, a cached cold load whose parts are all direct reads is one C call per reader
-        # thread (``_copy_batch``); False (benchmarks): one reader task per part
+        # with the C loop, a cached cold load whose parts are all direct reads goes to reader threads that
+        # stay in C between loads (``_copy_batch``); False (benchmarks): one reader task per part
         self.batch_reads = True
+        self.batch_pool: native.ReaderPool | None = None  # made with the readers (_spawn_readers)
         # the cold pipeline's unit: a chunk (the cache, H2D-when-warm and placement unit) is read and
         # copied part by part, so a few large chunks still pipeline finely
         # (smaller parts for small plans were measured and rejected: docs/PERF_NOTES.md row 25)
@@ -251,9 +252,13 @@ class TransferEngine:
         except threading.BrokenBarrierError:
             pass
         cf.wait(futs)
+        if self.native is not None:
+            self.batch_pool = self.native.pool(self.read_workers, self.rings)
 
     def close(self) -> None:
         self._preparer.shutdown(wait=True, cancel_futures=True)
+        if self.batch_pool is not None:
+            self.batch_pool.close()  # before the rings: its threads read through theirs
         self._readers.shutdown(wait=True)
         self._pinner.shutdown(wait=True)
         self._free_ring()
@@ -447,17 +452,19 @@ class TransferEngine:
     def _copy_batch(self, job: LoadJob, rd: SliceReader, sink: "_CacheSink", units: list, chk: LoadCheck,
                     pos: dict, stats: LoadStats, t0: float, trace: LoadTrace | None,
                     cancelled: threading.Event) -> None:
-        """A cached cold load through the C batch (host/native.c ``tpl_read_batch``): every reader thread
-        reads parts in order by one C call; this thread takes each chunk's buffer from the arena and
-        publishes its parts, then copies parts H2D in the order they complete (adjacent ones in one copy)
-        into one of ``STAGINGS`` device buffers, and places a chunk once all its parts are there. Parts
-        whose reads came back short are read again here, piece by piece (raising at EOF)."""
+        """A cached cold load through the C batch (host/native.c): the reader pool's threads, which stay
+        in C between loads, take parts in order and read them without the GIL; this thread takes each
+        chunk's buffer from the arena and publishes its parts (the pool starts on the first chunk's), then
+        copies parts H2D in the order they complete (adjacent ones in one copy) into one of ``STAGINGS``
+        device buffers, and places a chunk once all its parts are there. Parts whose reads came back short
+        are read again here, piece by piece (raising at EOF)."""
         header = job.header
         stats.batched = True
+        pool = self.batch_pool
         pb = rd.start_batch([(c, p) for c, p, _, _ in units])
         n = pb.n
         t0_ns = time.monotonic_ns() - int((time.perf_counter() - t0) * 1e9)
-        workers: list[cf.Future] = []
+        posted = False
 
         def err(e: BaseException) -> BaseException:
             if isinstance(e, AdapterError):
@@ -468,8 +475,8 @@ class TransferEngine:
             return e
 
         try:
-            workers = [self._readers.submit(rd.batch_worker, pb, w) for w in range(min(self.read_workers, n))]
-            # each chunk's buffer from the arena, its parts published at once (readers wait for them)
+            # each chunk's buffer from the arena, its parts published at once; the pool starts on the
+            # first chunk's parts while this thread takes the others' buffers
             bufs: dict[int, torch.Tensor] = {}
             members: dict[int, list[int]] = {}
             for i, (c, _, _, _) in enumerate(units):
@@ -483,6 +490,9 @@ class TransferEngine:
                     rd.set_buffer(pb, k, buf)
                 i = idx[-1] + 1
                 pb.batch.publish(i)
+                if not posted:
+                    pool.post(pb.batch, pb.max_pieces, pb.max_k)
+                    posted = True
             # per chunk: parts still to copy; whether its parts tile it (packed order: each part's bytes
             # are its own, copied as soon as read) or not (file order: the whole chunk once complete)
             left = {k: len(v) for k, v in members.items()}
@@ -506,10 +516,7 @@ class TransferEngine:
                 if trace is not None:
                     trace.loader.append(("wait", tw - t0, te - t0, -1))
                 if now == seen and not waiting:
-                    for f in workers:
-                        if f.done() and f.exception() is not None:
-                            raise err(f.exception())
-                    if all(f.done() for f in workers) and pb.batch.wait(seen, 0) == seen:
+                    if pb.batch.active == 0 and pb.batch.wait(seen, 0) == seen:
                         raise AdapterDataError(f"the reader threads stopped with {n - seen} of {n} parts "
                                                f"unread", adapter=header.name, path=header.weights_path)
                     continue
@@ -568,20 +575,35 @@ class TransferEngine:
                 if trace is not None:
                     trace.loader.append(("issue", ti - t0, te - t0, int(new[-1]) if len(new) else -1))
         finally:
-            pb.batch.cancel()
-            for f in workers:
-                try:
-                    f.result()
-                except BaseException:  # noqa: BLE001 - surfaced above when it mattered
-                    pass
             st = pb.batch
-            done = np.flatnonzero(st.status != native.PENDING)
-            stats.read_s += float((st.t_end[done] - st.t_start[done]).sum()) / 1e9
-            if trace is not None:
-                for j in done.tolist():
-                    a, b = (st.t_start[j] - t0_ns) / 1e9, (st.t_end[j] - t0_ns) / 1e9
-                    trace.reads.append((int(st.worker[j]), j, a, a, b, units[j][1].syscalls))
-            rd.finish_batch(pb)
+            st.cancel()
+            stuck = posted and pool.wait_idle(60.0)
+            if stuck:
+                # a reader stuck in a read for a minute: the batch stays posted (its buffers alive), and
+                # later loads take the per-part path
+                log.error("adapter %r: reader threads still in a read 60 s after the load ended; later "
+                          "loads use one reader task per part", header.name)
+                self.batch_pool = None
+            else:
+                self._batch_done(pb, units, stats, t0_ns, trace, rd)
+        if stuck:
+            raise AdapterDataError("reader threads did not finish their reads within 60 s",
+                                   adapter=header.name, path=header.weights_path)
+
+    def _batch_done(self, pb, units: list, stats: LoadStats, t0_ns: int, trace: LoadTrace | None,
+                    rd: SliceReader) -> None:
+        """A batch's stats and trace, and its scratch back (the pool is done with it)."""
+        st = pb.batch
+        if st.ring_failed:
+            log.warning("adapter %r: io_uring failed on %d reader thread(s); they read with preadv since "
+                        "(the parts they failed on were read again)", rd.header.name, st.ring_failed)
+        done = np.flatnonzero(st.status != native.PENDING)
+        stats.read_s += float((st.t_end[done] - st.t_start[done]).sum()) / 1e9
+        if trace is not None:
+            for j in done.tolist():
+                a, b = (st.t_start[j] - t0_ns) / 1e9, (st.t_end[j] - t0_ns) / 1e9
+                trace.reads.append((int(st.worker[j]), j, a, a, b, units[j][1].syscalls))
+        rd.finish_batch(pb)
 
     def _run_cold(self, job: LoadJob, chunks: list[Chunk], sizes: tuple[int, ...],
                   stats: LoadStats, t0: float) -> LoadCheck:
@@ -613,7 +635,7 @@ class TransferEngine:
             counts = self._memo.get(job.plan, ("counts", stats.streamed, self.chunk_bytes),
                                     lambda: read_counts(sink.chunks))
             stats.syscalls, stats.span_ops = counts.syscalls, counts.span_ops
-            if (self.batch_reads and isinstance(sink, _CacheSink)
+            if (self.batch_reads and self.batch_pool is not None and isinstance(sink, _CacheSink)
                     and rd.batchable([(c, p) for c, p, _, _ in units])):
                 self._copy_batch(job, rd, sink, units, chk, pos, stats, t0, trace, cancelled)
                 header_ok.result()

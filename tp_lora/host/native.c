@@ -187,6 +187,7 @@ struct tpl_part {
 struct tpl_batch {
     const struct tpl_part *parts;
     int64_t n;
+    const int64_t *order; /* [n]: the order parts are taken in (NULL: 0, 1, ...; tests permute it) */
     uint64_t scratch;     /* the gap pieces' junk bytes (shared: nothing is gathered out of them) */
     int64_t *status;      /* [n] */
     int64_t *t_start;     /* [n] CLOCK_MONOTONIC ns, the trace */
@@ -200,6 +201,10 @@ struct tpl_batch {
     int32_t waiters;      /* threads in futex_wait on `done` */
     int32_t avail_waiters;
     int32_t short_every;  /* tests: report every short_every-th part short (0: never) */
+    int32_t fd;           /* the file (tpl_serve's threads read it) */
+    int32_t active;       /* futex word: pool threads not yet done with this batch */
+    int32_t active_waiters;
+    int32_t ring_failed;  /* rings that failed in this batch (their threads went on with preadv) */
 };
 
 static int64_t now_ns(void) {
@@ -246,6 +251,8 @@ int64_t tpl_read_batch(struct tpl_batch *b, struct tpl_ring *r, int32_t fd, uint
         int64_t i = __atomic_fetch_add(&b->next, 1, __ATOMIC_ACQ_REL);
         if (i >= b->n)
             return 0;
+        if (b->order)
+            i = b->order[i];
         for (;;) {
             int32_t a = __atomic_load_n(&b->avail, __ATOMIC_ACQUIRE);
             if (i < a)
@@ -290,4 +297,81 @@ void tpl_cancel(struct tpl_batch *b) {
     __atomic_store_n(&b->cancel, 1, __ATOMIC_SEQ_CST);
     futex(&b->avail, FUTEX_WAKE_PRIVATE, INT_MAX, NULL);
     futex(&b->done, FUTEX_WAKE_PRIVATE, INT_MAX, NULL);
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * The reader threads, kept in C between loads (host/native.py's ReaderPool).
+ *
+ * Each thread calls tpl_serve once, at engine start, and stays inside it (without the GIL) until
+ * tpl_stop: it sleeps on `seq` until the loader posts a batch, reads its share of it (tpl_read_batch),
+ * checks out of it (`active`), and sleeps again. So a load starts every reader at once by one futex wake,
+ * instead of waking a Python task per part (or per thread) that then queues for the GIL.
+ */
+struct tpl_pool {
+    struct tpl_batch *batch;  /* the batch being read (set before seq is bumped) */
+    uint64_t *iov;            /* [threads]: each thread's iovec buffer ([pieces][2] u64) */
+    uint64_t *res;            /* [threads]: each thread's result buffer ([k] i64) */
+    int32_t seq;              /* futex word: batches posted */
+    int32_t stop;
+    int32_t waiters;
+    int32_t reserved;
+};
+
+/* A pool thread's life: every batch posted until tpl_stop. `r`: this thread's ring (NULL: preadv); a
+ * ring that fails is not used again by this thread. Returns how many rings failed (0 or 1). */
+int64_t tpl_serve(struct tpl_pool *p, struct tpl_ring *r, int32_t wid) {
+    int32_t seen = 0;
+    int64_t failed = 0;
+    for (;;) {
+        int32_t s;
+        for (;;) {
+            if (__atomic_load_n(&p->stop, __ATOMIC_ACQUIRE))
+                return failed;
+            s = __atomic_load_n(&p->seq, __ATOMIC_ACQUIRE);
+            if (s != seen)
+                break;
+            __atomic_add_fetch(&p->waiters, 1, __ATOMIC_SEQ_CST);
+            if (__atomic_load_n(&p->seq, __ATOMIC_SEQ_CST) == seen && !__atomic_load_n(&p->stop, __ATOMIC_SEQ_CST))
+                futex(&p->seq, FUTEX_WAIT_PRIVATE, seen, NULL);
+            __atomic_sub_fetch(&p->waiters, 1, __ATOMIC_SEQ_CST);
+        }
+        seen = s;
+        struct tpl_batch *b = __atomic_load_n(&p->batch, __ATOMIC_ACQUIRE);
+        uint64_t *iov = (uint64_t *)(uintptr_t)p->iov[wid];
+        int64_t *res = (int64_t *)(uintptr_t)p->res[wid];
+        while (tpl_read_batch(b, r, b->fd, iov, res, wid) < 0) {
+            __atomic_add_fetch(&b->ring_failed, 1, __ATOMIC_RELAXED);
+            r = NULL;  /* the part it failed on is marked: the loader reads it again */
+            failed = 1;
+        }
+        if (__atomic_sub_fetch(&b->active, 1, __ATOMIC_SEQ_CST) == 0)
+            wake_all(&b->active, &b->active_waiters);
+    }
+}
+
+/* The loader: start `b` on every pool thread (b->active = the pool's threads, set by the caller). */
+void tpl_post(struct tpl_pool *p, struct tpl_batch *b) {
+    __atomic_store_n(&p->batch, b, __ATOMIC_RELEASE);
+    __atomic_add_fetch(&p->seq, 1, __ATOMIC_SEQ_CST);
+    wake_all(&p->seq, &p->waiters);
+}
+
+/* The loader: block until every pool thread is done with `b` (or `ns` elapse): the threads still in it. */
+int32_t tpl_wait_idle(struct tpl_batch *b, int64_t ns) {
+    int32_t a;
+    int64_t end = now_ns() + ns;
+    while ((a = __atomic_load_n(&b->active, __ATOMIC_ACQUIRE)) != 0) {
+        int64_t left = end - now_ns();
+        if (left <= 0)
+            break;
+        int32_t never = 0;
+        wait_change(&b->active, a, &b->active_waiters, &never, left);
+    }
+    return __atomic_load_n(&b->active, __ATOMIC_ACQUIRE);
+}
+
+/* Engine close: every pool thread returns from tpl_serve (once done with the batch it is in, if any). */
+void tpl_stop(struct tpl_pool *p) {
+    __atomic_store_n(&p->stop, 1, __ATOMIC_SEQ_CST);
+    futex(&p->seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL);
 }

@@ -66,11 +66,22 @@ class _Part(ctypes.Structure):
 class _Batch(ctypes.Structure):
     """native.c's ``struct tpl_batch``: one cold load's parts, read by every reader thread at once."""
 
-    _fields_ = [("parts", ctypes.c_void_p), ("n", ctypes.c_int64), ("scratch", ctypes.c_uint64),
+    _fields_ = [("parts", ctypes.c_void_p), ("n", ctypes.c_int64), ("order", ctypes.c_void_p),
+                ("scratch", ctypes.c_uint64),
                 ("status", ctypes.c_void_p), ("t_start", ctypes.c_void_p), ("t_end", ctypes.c_void_p),
                 ("worker", ctypes.c_void_p), ("next", ctypes.c_int64), ("ring_reads", ctypes.c_int64),
                 ("avail", ctypes.c_int32), ("done", ctypes.c_int32), ("cancel", ctypes.c_int32),
-                ("waiters", ctypes.c_int32), ("avail_waiters", ctypes.c_int32), ("short_every", ctypes.c_int32)]
+                ("waiters", ctypes.c_int32), ("avail_waiters", ctypes.c_int32), ("short_every", ctypes.c_int32),
+                ("fd", ctypes.c_int32), ("active", ctypes.c_int32), ("active_waiters", ctypes.c_int32),
+                ("ring_failed", ctypes.c_int32)]
+
+
+class _Pool(ctypes.Structure):
+    """native.c's ``struct tpl_pool``: the reader threads kept in C between loads."""
+
+    _fields_ = [("batch", ctypes.c_void_p), ("iov", ctypes.c_void_p), ("res", ctypes.c_void_p),
+                ("seq", ctypes.c_int32), ("stop", ctypes.c_int32), ("waiters", ctypes.c_int32),
+                ("reserved", ctypes.c_int32)]
 
 
 PENDING = np.iinfo(np.int64).min  # native.c's TPL_PENDING: a part not read yet
@@ -84,7 +95,8 @@ class Batch:
     ``time.perf_counter`` on Linux), ``worker`` [n]: which ``run`` call read it. The tables and buffers
     the parts point to must outlive the batch (the caller checks their bounds before ``set``)."""
 
-    def __init__(self, lib: "NativeReads", n: int, scratch: int, short_every: int = 0):
+    def __init__(self, lib: "NativeReads", n: int, scratch: int, fd: int, short_every: int = 0,
+                 order: list[int] | None = None):
         self._lib = lib
         self.n = n
         self._parts = (_Part * max(n, 1))()
@@ -92,9 +104,13 @@ class Batch:
         self.t_start = np.zeros(n, dtype=np.int64)
         self.t_end = np.zeros(n, dtype=np.int64)
         self.worker = np.full(n, -1, dtype=np.int32)
-        self._c = _Batch(ctypes.addressof(self._parts), n, scratch, self.status.ctypes.data,
-                         self.t_start.ctypes.data, self.t_end.ctypes.data, self.worker.ctypes.data,
-                         0, 0, 0, 0, 0, 0, 0, short_every)
+        self.order = None
+        if order is not None:
+            self.order = np.asarray(order, dtype=np.int64)
+            assert sorted(self.order.tolist()) == list(range(n)), "order must be a permutation of the parts"
+        self._c = _Batch(ctypes.addressof(self._parts), n, 0 if self.order is None else self.order.ctypes.data,
+                         scratch, self.status.ctypes.data, self.t_start.ctypes.data, self.t_end.ctypes.data,
+                         self.worker.ctypes.data, 0, 0, 0, 0, 0, 0, 0, short_every, fd, 0, 0, 0)
         self.addr = ctypes.addressof(self._c)
         self._set = 0
 
@@ -123,6 +139,95 @@ class Batch:
     @property
     def ring_reads(self) -> int:
         return self._c.ring_reads
+
+    @property
+    def ring_failed(self) -> int:
+        return self._c.ring_failed
+
+    @property
+    def active(self) -> int:
+        """Pool threads not yet done with this batch (``ReaderPool.post``)."""
+        return self._c.active
+
+
+class ReaderPool:
+    """Reader threads kept inside C between loads (native.c ``tpl_serve``): each sleeps on a futex until
+    the loader ``post``s a batch, reads its share of the parts, and sleeps again; so a load starts every
+    reader by one wake-up, none of them touching the GIL. Each thread's io_uring is made in that thread
+    (``rings``, before it enters C); its iovec and result buffers are grown by the loader while the pool
+    is idle (``post`` sizes them for the batch)."""
+
+    def __init__(self, lib: "NativeReads", threads: int, rings=None, name: str = "tp_lora-batch"):
+        self._lib = lib
+        self.threads = threads
+        self._iov_ptrs = (ctypes.c_uint64 * threads)()
+        self._res_ptrs = (ctypes.c_uint64 * threads)()
+        self._iov: list[np.ndarray | None] = [None] * threads
+        self._res: list[np.ndarray | None] = [None] * threads
+        self._c = _Pool(0, ctypes.addressof(self._iov_ptrs), ctypes.addressof(self._res_ptrs), 0, 0, 0, 0)
+        self.addr = ctypes.addressof(self._c)
+        self.ring_failures = 0  # threads whose ring failed (they read with preadv since)
+        self._grow(1024, 1024)
+        self._busy: Batch | None = None
+        ready = threading.Barrier(threads + 1)
+        self._threads = [threading.Thread(target=self._serve, args=(w, rings, ready), daemon=True,
+                                          name=f"{name}_{w}") for w in range(threads)]
+        for t in self._threads:
+            t.start()
+        try:
+            ready.wait(timeout=10)
+        except threading.BrokenBarrierError:
+            pass
+
+    def _serve(self, wid: int, rings, ready: threading.Barrier) -> None:
+        ring = rings.ring() if rings is not None else None
+        raddr = None if ring is None else NativeReads.ring_addr(ring)
+        try:
+            ready.wait(timeout=10)
+        except threading.BrokenBarrierError:
+            pass
+        if self._lib._serve(self.addr, raddr, wid):
+            self.ring_failures += 1
+            log.warning("io_uring_enter failed on batch reader thread %d: it reads with preadv since", wid)
+
+    def _grow(self, pieces: int, k: int) -> None:
+        for w in range(self.threads):
+            iov, res = self._iov[w], self._res[w]
+            if iov is None or len(iov) < pieces:
+                self._iov[w] = iov = np.empty((max(pieces, 1024), 2), dtype=np.uint64)
+                self._iov_ptrs[w] = iov.ctypes.data
+            if res is None or len(res) < k:
+                self._res[w] = res = np.empty(max(k, 1024), dtype=np.int64)
+                self._res_ptrs[w] = res.ctypes.data
+
+    def post(self, batch: Batch, pieces: int, k: int) -> None:
+        """Start ``batch`` on every thread; ``pieces`` / ``k``: its largest part's iovecs and reads. One
+        batch at a time: ``wait_idle`` before the next."""
+        assert self._busy is None, "the previous batch is still being read"
+        self._grow(pieces, k)
+        batch._c.active = self.threads
+        self._busy = batch
+        self._lib._post(self.addr, batch.addr)
+
+    def wait_idle(self, timeout_s: float = 30.0) -> int:
+        """Block (without the GIL) until every thread is done with the batch posted: 0, else the threads
+        still in it (after ``timeout_s``; the batch must then be kept alive: it stays posted)."""
+        b = self._busy
+        if b is None:
+            return 0
+        left = self._lib._wait_idle(b.addr, int(timeout_s * 1e9))
+        if left == 0:
+            self._busy = None
+        return left
+
+    def close(self) -> None:
+        """Stop every thread (each first finishes the batch it is in) and join them."""
+        if self._busy is not None:
+            self._busy.cancel()
+            self.wait_idle(10.0)
+        self._lib._stop(self.addr)
+        for t in self._threads:
+            t.join(timeout=10)
 
 
 class NativeReads:
@@ -153,11 +258,32 @@ class NativeReads:
         c.argtypes = [ctypes.c_void_p]
         c.restype = None
         self._cancel = c
+        sv = lib.tpl_serve
+        sv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
+        sv.restype = ctypes.c_int64
+        self._serve = sv
+        po = lib.tpl_post
+        po.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        po.restype = None
+        self._post = po
+        wi = lib.tpl_wait_idle
+        wi.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        wi.restype = ctypes.c_int32
+        self._wait_idle = wi
+        st = lib.tpl_stop
+        st.argtypes = [ctypes.c_void_p]
+        st.restype = None
+        self._stop = st
         self._local = threading.local()
 
-    def batch(self, n: int, scratch: int, short_every: int = 0) -> Batch:
-        """A batch of ``n`` parts (see ``Batch``); ``scratch``: the gap pieces' junk buffer's address."""
-        return Batch(self, n, scratch, short_every)
+    def batch(self, n: int, scratch: int, fd: int, short_every: int = 0, order: list[int] | None = None) -> Batch:
+        """A batch of ``n`` parts of the file ``fd`` (see ``Batch``); ``scratch``: the gap pieces' junk
+        buffer's address; ``order``: the order parts are taken in (tests)."""
+        return Batch(self, n, scratch, fd, short_every, order)
+
+    def pool(self, threads: int, rings=None) -> ReaderPool:
+        """``threads`` reader threads kept in C (see ``ReaderPool``)."""
+        return ReaderPool(self, threads, rings)
 
     @staticmethod
     def table(rel: np.ndarray, scratch: np.ndarray, first: np.ndarray, niov: np.ndarray, off: np.ndarray,

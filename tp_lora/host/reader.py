@@ -85,12 +85,8 @@ def _NATIVE_READ(nat: NativeReads, ring_addr: int | None, fd: int, tab: "_IovTab
     return nat.read_part(ring_addr, fd, tab.native[1], buf, scratch, iov, res.ctypes.data)
 
 
-def _NATIVE_READ_BATCH(pb: "PartBatch", ring_addr: int | None, fd: int, iov: int, res: int, wid: int) -> int:
-    """One reader thread's share of a batch (a module-level name: the tests' read recorder wraps it)."""
-    return pb.batch.run(ring_addr, fd, iov, res, wid)
-
-
 _BATCH_SHORT_EVERY = 0  # tests: the C batch reports every n-th part short, so the redo path runs
+_BATCH_ORDER = None  # tests: callable(units) -> the order the C batch takes parts in (a permutation)
 
 
 @dataclass(frozen=True)
@@ -300,12 +296,14 @@ class SliceReader:
 
     def start_batch(self, units: list) -> PartBatch:
         """The C batch of ``units`` (``batchable``): parts are published (``set_buffer``) as the loader
-        takes their buffers; reader threads run ``batch_worker``; the loader ``redo``es parts whose
-        status is not 0 and calls ``finish_batch`` at the end, whatever happened."""
+        takes their buffers, the batch is posted to the reader pool (native.ReaderPool); the loader
+        ``redo``es parts whose status is not 0 and calls ``finish_batch`` once the pool is done with it,
+        whatever happened."""
         tabs = [self._table(u) for _, u in units]
         need = max((t.scratch_end for t in tabs), default=0)
         scratch = self._scratch_pool.take(need) if need else None
-        b = self._native.batch(len(units), 0 if scratch is None else scratch.data_ptr(), _BATCH_SHORT_EVERY)
+        b = self._native.batch(len(units), 0 if scratch is None else scratch.data_ptr(), self.fd,
+                               _BATCH_SHORT_EVERY, None if _BATCH_ORDER is None else _BATCH_ORDER(units))
         return PartBatch(units, tabs, b, scratch, max((len(t.rel) for t in tabs), default=0),
                          max((len(t.direct) for t in tabs), default=0))
 
@@ -315,23 +313,6 @@ class SliceReader:
         tab.check(buf, pb.scratch)
         pb.batch.set(i, tab.native[1], buf.data_ptr())
 
-    def batch_worker(self, pb: PartBatch, wid: int) -> None:
-        """A reader thread's share of the batch: parts in order until none is left (no GIL inside). If the
-        thread's ring fails, the ring is closed and the thread goes on with preadv (the part it failed on
-        is marked for the loader to read again)."""
-        nat = self._native
-        ring = self._rings.ring() if self._rings is not None else None
-        _, iov_ptr, res = nat.buffers(pb.max_pieces, pb.max_k)
-        while True:
-            raddr = None if ring is None else NativeReads.ring_addr(ring)
-            r = _NATIVE_READ_BATCH(pb, raddr, self.fd, iov_ptr, res.ctypes.data, wid)
-            if r >= 0 or ring is None:
-                return
-            log.warning("io_uring_enter failed on a reader thread (%s): its ring is closed, the thread goes "
-                        "on with preadv (the next load makes a new ring)", os.strerror(-r))
-            self._rings.discard(ring)
-            ring = None
-
     def redo(self, pb: PartBatch, i: int, buf: torch.Tensor) -> None:
         """Part ``i`` again, piece by piece (some of its reads came back short: a signal, a truncated
         file; or its ring failed), raising our error at EOF."""
@@ -340,8 +321,8 @@ class SliceReader:
             self._finish_short(chunk, buf, pb.scratch, pieces, file_off)
 
     def finish_batch(self, pb: PartBatch) -> None:
-        """The batch's stats (the parts read), and its scratch back to the pool. After every reader
-        thread returned."""
+        """The batch's stats (the parts read), and its scratch back to the pool. Once no reader thread is
+        in the batch any more."""
         done = np.flatnonzero(pb.batch.status != native_mod.PENDING).tolist()
         with self._lock:
             for i in done:
