@@ -374,7 +374,7 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
         "warm_device_span_s": med([x["h2d_s"] for x in warm_ls]),
         "pinned_in_use": st.pinned_bytes_now, "pinned_planned": st.pinned_planned_now,
         "pinned_reserved": st.pinned_reserved_bytes, "pinned_free": st.pinned_free_bytes,
-        "arena_grow_in_load": ar.grow_in_load, "part_bytes": mgr.engine.part_bytes,
+        "arena_grow_in_load": ar.grow_in_load, "part_bytes": mgr.engine.part_for(plan),
         "units": sum(len(ch.units()) for ch in mgr.engine.chunks(plan)),
     }
     if args.trace:

@@ -215,6 +215,7 @@ class TransferEngine:
         # copied part by part, so a few large chunks still pipeline finely
         # (smaller parts for small plans were measured and rejected: docs/PERF_NOTES.md row 25)
         self.part_bytes = part_bytes if part_bytes is not None else max(4096, chunk_bytes // 8)
+        self._part_fixed = part_bytes is not None
         self.arena = arena
         self._staging: torch.Tensor | None = None
         self._stagings: list[torch.Tensor] = []  # the batch path's: one per chunk being copied
@@ -272,7 +273,17 @@ class TransferEngine:
 
     def chunks(self, plan: SlicePlan) -> list[Chunk]:
         """The chunks this engine moves ``plan`` in (cached and warm loads)."""
-        return pack(plan, self.chunk_bytes, self.part_bytes, self.read_mode, self.cost)
+        return pack(plan, self.chunk_bytes, self.part_for(plan), self.read_mode, self.cost)
+
+    def part_for(self, plan: SlicePlan) -> int:
+        """The cold pipeline's part size for ``plan``: ``part_bytes`` when configured; else chunk_bytes / 8,
+        or, for a plan small enough that its parts would leave readers idle, about four parts per reader
+        (at least 1 MiB) when the C batch reads it (a part there costs an atomic add, not a Python task):
+        every reader gets work, and the last part's H2D, the load's tail, is short. (With one Python task
+        per part, smaller parts were slower: docs/PERF_NOTES.md row 25.)"""
+        if self._part_fixed or not self.batch_reads or self.native is None:
+            return self.part_bytes
+        return max(min(self.part_bytes, 1 << 20), min(self.part_bytes, plan.nbytes // (4 * self.read_workers)))
 
     def expect(self, plan: SlicePlan, registered: list[SlicePlan]) -> None:
         """Registration hook, so that the first load of ``plan`` costs what later ones do: pack the plan
@@ -372,13 +383,18 @@ class TransferEngine:
                     start_ev = torch.cuda.Event(enable_timing=True)
                     end_ev = torch.cuda.Event(enable_timing=True)
                     start_ev.record(dev.copy_stream)
-                cov = self._memo.get(plan, ("coverage", id(self.pool)), lambda: self.pool.coverage(plan.ops))
-                self.pool.clear_slot(job.slot, cov)
-                # the slot is reserved (no batch can use it before activation): set its scalings here,
-                # on the copy stream, so activation issues no host-to-device copy on the compute stream
-                self.pool.set_scalings(job.slot, plan.scalings, non_blocking=True,
-                                       memo=self._memo.table(plan, "scalings"))
+                def setup_slot() -> None:
+                    # on the copy stream, before the load's first placement (a cold load starts its reads
+                    # first: these launches are host time the readers need not wait for)
+                    cov = self._memo.get(plan, ("coverage", id(self.pool)), lambda: self.pool.coverage(plan.ops))
+                    self.pool.clear_slot(job.slot, cov)
+                    # the slot is reserved (no batch can use it before activation): set its scalings here,
+                    # on the copy stream, so activation issues no host-to-device copy on the compute stream
+                    self.pool.set_scalings(job.slot, plan.scalings, non_blocking=True,
+                                           memo=self._memo.table(plan, "scalings"))
+
                 if entry is not None:
+                    setup_slot()
                     stats.warm = True
                     # a warm load copies bytes that were checked when first read (a load that found
                     # NaN/Inf is evicted from the cache), so only cold loads check
@@ -387,7 +403,7 @@ class TransferEngine:
                         assert buf is not None
                         self._h2d_and_place(job, chk, i, chunk, buf, stats)
                 else:
-                    chk = self._run_cold(job, chunks, sizes, stats, t0)
+                    chk = self._run_cold(job, chunks, sizes, stats, t0, setup_slot)
                 bad: Any = self.placer.finish(chk)
                 if dev.is_cuda:
                     end_ev.record(dev.copy_stream)
@@ -451,7 +467,7 @@ class TransferEngine:
 
     def _copy_batch(self, job: LoadJob, rd: SliceReader, sink: "_CacheSink", units: list, chk: LoadCheck,
                     pos: dict, stats: LoadStats, t0: float, trace: LoadTrace | None,
-                    cancelled: threading.Event) -> None:
+                    cancelled: threading.Event, setup_slot) -> None:
         """A cached cold load through the C batch (host/native.c): the reader pool's threads, which stay
         in C between loads, take parts in order and read them without the GIL; this thread takes each
         chunk's buffer from the arena and publishes its parts (the pool starts on the first chunk's), then
@@ -493,6 +509,7 @@ class TransferEngine:
                 if not posted:
                     pool.post(pb.batch, pb.max_pieces, pb.max_k)
                     posted = True
+                    setup_slot()  # the slot's zeroing and scalings, while the first parts are read
             # per chunk: parts still to copy; whether its parts tile it (packed order: each part's bytes
             # are its own, copied as soon as read) or not (file order: the whole chunk once complete)
             left = {k: len(v) for k, v in members.items()}
@@ -606,7 +623,7 @@ class TransferEngine:
         rd.finish_batch(pb)
 
     def _run_cold(self, job: LoadJob, chunks: list[Chunk], sizes: tuple[int, ...],
-                  stats: LoadStats, t0: float) -> LoadCheck:
+                  stats: LoadStats, t0: float, setup_slot) -> LoadCheck:
         header = job.header
         # opened before reserving cache budget: it raises if the file vanished or changed; closed in the
         # finally below whatever fails after (a ring allocation, a reader)
@@ -637,13 +654,14 @@ class TransferEngine:
             stats.syscalls, stats.span_ops = counts.syscalls, counts.span_ops
             if (self.batch_reads and self.batch_pool is not None and isinstance(sink, _CacheSink)
                     and rd.batchable([(c, p) for c, p, _, _ in units])):
-                self._copy_batch(job, rd, sink, units, chk, pos, stats, t0, trace, cancelled)
+                self._copy_batch(job, rd, sink, units, chk, pos, stats, t0, trace, cancelled, setup_slot)
                 header_ok.result()
                 rd.verify_unchanged()
                 ok = True
                 if trace is not None:
                     trace.end = time.perf_counter() - t0
                 return chk
+            setup_slot()
             lock = self._stat_lock
 
             def fill(i: int, chunk: Chunk, part: Part, last: bool, buf_f: cf.Future) -> torch.Tensor:  # readers

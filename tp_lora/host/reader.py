@@ -278,14 +278,26 @@ class SliceReader:
         """Whether every part of ``units`` [(chunk, part)] can go through the C batch: the C loop is built
         and each part's reads are direct scatter reads (no gathers out of the scratch, no span reads,
         which need torch ops and so the GIL)."""
-        if self._native is None or not units:
-            return False
-        for _, u in units:
-            if u.spans:
-                return False
-            if u.reads and self._table(u).rest:
-                return False
-        return True
+        return self._native is not None and bool(units) and self._batch_layout(units) is not None
+
+    def _batch_layout(self, units: list) -> tuple | None:
+        """(tables, scratch bytes, most iovecs, most reads, [the batch kept for the next load]) of a load's
+        units, or None where a part is not all direct reads; memoised with the plan's tables (keyed by the
+        units' identity: the packing is memoised too)."""
+        key = ("batch", id(units[0][1]), len(units))
+        got = self._iov_tables.get(key)
+        if got is None:
+            tabs = []
+            for _, u in units:
+                if u.spans or (u.reads and self._table(u).rest):
+                    tabs = None
+                    break
+                tabs.append(self._table(u))
+            got = (None,) if tabs is None else (tabs, max((t.scratch_end for t in tabs), default=0),
+                                                max((len(t.rel) for t in tabs), default=0),
+                                                max((len(t.direct) for t in tabs), default=0), [])
+            self._iov_tables[key] = got
+        return None if got[0] is None else got
 
     def _table(self, u: Part) -> "_IovTable":
         key = id(u.reads) if u.reads else id(_EMPTY_READS)
@@ -299,13 +311,16 @@ class SliceReader:
         takes their buffers, the batch is posted to the reader pool (native.ReaderPool); the loader
         ``redo``es parts whose status is not 0 and calls ``finish_batch`` once the pool is done with it,
         whatever happened."""
-        tabs = [self._table(u) for _, u in units]
-        need = max((t.scratch_end for t in tabs), default=0)
+        tabs, need, pieces, k, kept = self._batch_layout(units)
         scratch = self._scratch_pool.take(need) if need else None
-        b = self._native.batch(len(units), 0 if scratch is None else scratch.data_ptr(), self.fd,
-                               _BATCH_SHORT_EVERY, None if _BATCH_ORDER is None else _BATCH_ORDER(units))
-        return PartBatch(units, tabs, b, scratch, max((len(t.rel) for t in tabs), default=0),
-                         max((len(t.direct) for t in tabs), default=0))
+        sptr = 0 if scratch is None else scratch.data_ptr()
+        order = None if _BATCH_ORDER is None else _BATCH_ORDER(units)
+        if kept:  # the plan's batch from its last load (loads of one engine run one at a time)
+            b = kept[0].reset(sptr, self.fd, _BATCH_SHORT_EVERY, order)
+        else:
+            b = self._native.batch(len(units), sptr, self.fd, _BATCH_SHORT_EVERY, order)
+            kept.append(b)
+        return PartBatch(units, tabs, b, scratch, pieces, k)
 
     def set_buffer(self, pb: PartBatch, i: int, buf: torch.Tensor) -> None:
         """Part ``i``'s chunk buffer (its iovecs' bounds checked here: they become raw pointers in C)."""
