@@ -389,8 +389,11 @@ def bench_mode(path: Path, c: dict, args: argparse.Namespace, repeats: int, cost
     """Later cold loads with other settings (a read mode, a placement, a read cost model: strategies side
     by side)."""
     batch = over.pop("batch_reads", True)
+    overlap = over.pop("overlap_place", True)
+    warm_out = over.pop("warm_out", None)
     mgr = _manager(c, args, **over)
     mgr.engine.batch_reads = batch  # False: one reader task per part (the C batch's predecessor)
+    mgr.engine.overlap_place = overlap  # False: placements on the copy stream, after each chunk's H2D
     if cost is not None:
         mgr.engine.cost = cost  # before any register: the plans are packed by this model
     mgr.register("a", path)
@@ -398,6 +401,14 @@ def bench_mode(path: Path, c: dict, args: argparse.Namespace, repeats: int, cost
     mgr.engine.wait_prepared()
     _cold(mgr, path, "a")
     ts = [_cold(mgr, path, "b" if i % 2 == 0 else "a")[0] for i in range(repeats)]
+    if warm_out is not None:  # warm loads too (both adapters cached): appended to the list given
+        mgr.activate("a")
+        mgr.activate("b")
+        for i in range(repeats + 1):
+            t = time.perf_counter()
+            mgr.activate("a" if i % 2 == 0 else "b")
+            if i:
+                warm_out.append(time.perf_counter() - t)
     mgr.close()
     return med(ts)
 
@@ -681,6 +692,9 @@ def case_run(name: str, c: dict, path: Path, args: argparse.Namespace) -> dict:
     variants += [(f"cold_part_{n}_s", dict(part_bytes=int(n))) for n in args.part_bytes_list.split(",") if n]
     if args.per_part:  # one reader task per part instead of the C batch (one call per reader thread)
         variants.append(("cold_per_part_s", dict(batch_reads=False)))
+    serial_warm: list[float] = []
+    if args.serial_place:  # placements on the copy stream (no overlap with the next chunk's H2D)
+        variants.append(("cold_serial_place_s", dict(overlap_place=False, warm_out=serial_warm)))
     if args.python_reads:  # the readers' Python loop instead of the C one (host/native.py)
         variants.append(("cold_python_reads_s", dict(native_reads=False)))
     if args.ring_exact_rows:  # the io_uring readers, one request per owned row range (no junk-gap joins)
@@ -693,6 +707,10 @@ def case_run(name: str, c: dict, path: Path, args: argparse.Namespace) -> dict:
             r[key] = bench_mode(path, c, args, args.repeats, **over)
         except Exception as e:  # noqa: BLE001 - one variant's failure must not lose the case
             r[key.removesuffix("_s") + "_error"] = f"{type(e).__name__}: {e}"[:300]
+    if serial_warm:
+        r["warm_serial_place_s"] = med(serial_warm)
+        if CUDA:
+            r["warm_serial_place_frac_of_peak"] = o["bytes"] / r["warm_serial_place_s"] / GB / peak
     if args.peers and args.peer_file:
         names = list(PEERS) if args.peers == "all" else args.peers.split(",")
         r.update(bench_peers(path, 2, names))
@@ -727,6 +745,8 @@ def main() -> int:
     ap.add_argument("--python-reads", action="store_true",
                     help="also time cold loads with the readers' Python loop (native_reads=False)")
     ap.add_argument("--read-backends", default="", help="also time later cold loads with these read backends")
+    ap.add_argument("--serial-place", action="store_true",
+                    help="also time cold and warm loads with placements on the copy stream (no overlap)")
     ap.add_argument("--per-part", action="store_true",
                     help="also time cold loads with one reader task per part instead of the C batch")
     ap.add_argument("--read-aheads", default="", help="also time later cold loads with these read_ahead")

@@ -35,11 +35,15 @@ def _gpu_manager(preset, tp, rank, ep, **cfg):
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("src", ["bf16", "fp16", "fp32"])
-def test_cuda_pool_equals_cpu_reference(adir, layout, src):
+@pytest.mark.parametrize("overlap", [True, False], ids=["place-stream", "serial-place"])
+def test_cuda_pool_equals_cpu_reference(adir, layout, src, overlap):
+    """Cold and warm loads of many 4 KiB chunks: with placements on their own stream (each overlapping
+    the next chunk's H2D into the other staging buffer) and on the copy stream."""
     preset, tp, rank, ep, kw = LAYOUTS[layout]
     a = make_adapter(adir, f"{layout}-{src}-a", preset, rank=8, dtype=src, seed=1, std=0.3, **kw)
     b = make_adapter(adir, f"{layout}-{src}-b", preset, rank=4, dtype=src, seed=2, std=0.3, **kw)
     with _gpu_manager(preset, tp, rank, ep, max_loras=1, host_cache_bytes=1 << 20) as mgr:
+        mgr.engine.overlap_place = overlap
         assert mgr.pool.A["q"].is_cuda and mgr.pool.dtype == torch.bfloat16
         mgr.register("a", a)
         mgr.register("b", b)

@@ -10,6 +10,11 @@ One load moves this rank's slices of one adapter into one pool slot:
                      once a chunk is complete, its placement into the slot, cast to the pool dtype and
                      value-checked (device/place.py: one Triton launch per chunk on CUDA)
 
+A cached cold load whose parts are all direct reads takes the C batch instead (``_copy_batch``): the
+engine's reader pool (host/native.py ``ReaderPool``: threads that stay in C between loads) reads every
+part without the GIL, the loader thread takes the chunks' buffers from the arena, and copies parts in the
+order they complete, into one of two device staging buffers.
+
 A warm load (chunks complete in the pinned cache) is one H2D per chunk plus its placement. Host
 memory in flight beyond the cache is bounded: a streamed (uncached) adapter goes through a ring of
 ``ring_slots`` buffers. Without CUDA the same code runs with plain host memory and a CPU "device": no
@@ -217,8 +222,13 @@ class TransferEngine:
         self.part_bytes = part_bytes if part_bytes is not None else max(4096, chunk_bytes // 8)
         self._part_fixed = part_bytes is not None
         self.arena = arena
-        self._staging: torch.Tensor | None = None
-        self._stagings: list[torch.Tensor] = []  # the batch path's: one per chunk being copied
+        # device staging buffers (chunk-sized), ``STAGINGS`` of them: chunk n of a load goes through
+        # buffer n % STAGINGS (the C batch: whichever is free), so chunk n+1's H2D overlaps chunk n's
+        # placement, which runs on its own stream (``overlap_place``; False: both on the copy stream)
+        self._stagings: list[torch.Tensor] = []
+        self._placed: dict[int, Any] = {}  # staging buffer address -> event after its last placement
+        self.overlap_place = True
+        self.place_stream = torch.cuda.Stream(device=device.device) if device.is_cuda else None
         self._ring: list[torch.Tensor] = []
         self._memo = PerPlan()  # per plan: pool coverage, scaling tables, placement tables
         self.placer = Placer(pool, placement, self._memo)
@@ -356,11 +366,20 @@ class TransferEngine:
         self._ring = []
 
     def _staging_for(self, nbytes: int) -> torch.Tensor:
-        if self._staging is None or self._staging.numel() < nbytes:
+        return self._staging_buffers(nbytes)[0][:nbytes]
+
+    def _staging_buffers(self, nbytes: int) -> list[torch.Tensor]:
+        """``STAGINGS`` device buffers of at least ``nbytes`` (made at construction, regrown for a chunk
+        larger than ``chunk_bytes``: one slice bigger than a chunk)."""
+        if len(self._stagings) < self.STAGINGS or any(b.numel() < nbytes for b in self._stagings):
+            if self._stagings:  # rare (a slice larger than a chunk): no placement may still read the old
+                self.place_stream.synchronize()
+                self.device.copy_stream.synchronize()
+                self._placed.clear()
             with torch.cuda.stream(self.device.copy_stream):
-                self._staging = torch.empty(max(nbytes, self.chunk_bytes), dtype=torch.uint8,
-                                            device=self.device.device)
-        return self._staging[:nbytes]
+                self._stagings = [torch.empty(max(nbytes, self.chunk_bytes), dtype=torch.uint8,
+                                              device=self.device.device) for _ in range(self.STAGINGS)]
+        return list(self._stagings)
 
     # -- the load --------------------------------------------------------------------------------
     def run(self, job: LoadJob) -> LoadResult:
@@ -404,11 +423,19 @@ class TransferEngine:
                         self._h2d_and_place(job, chk, i, chunk, buf, stats)
                 else:
                     chk = self._run_cold(job, chunks, sizes, stats, t0, setup_slot)
-                bad: Any = self.placer.finish(chk)
+                if dev.is_cuda and self.overlap_place:
+                    # the check's verdict on the stream its device bools were made on (no cross-stream
+                    # use of their memory), then the copy stream waits for every placement
+                    with torch.cuda.stream(self.place_stream):
+                        bad: Any = self.placer.finish(chk)
+                    self._join_place()
+                else:
+                    bad = self.placer.finish(chk)
                 if dev.is_cuda:
                     end_ev.record(dev.copy_stream)
                 stats.enqueue_s = time.perf_counter() - t0
         except BaseException:
+            self._join_place()  # a placement still running must not outlive the load (the slot is reused)
             if entry is not None:
                 self.cache.finish(entry, False)
             raise
@@ -436,12 +463,19 @@ class TransferEngine:
                        stats: LoadStats, start: int = 0, end: int | None = None, place: bool = True,
                        staging: torch.Tensor | None = None) -> None:
         """H2D of bytes [start, end) of the chunk (all of it by default; ``pos``: its index in the load's
-        chunk list) into the staging buffer (``staging``, else the engine's one); once the chunk's last
-        bytes are there (``place``), its slices are placed into the slot (checked on a cold load)."""
+        chunk list) into a staging buffer (``staging``, else buffer ``pos % STAGINGS``); once the chunk's
+        last bytes are there (``place``), its slices are placed into the slot (checked on a cold load), on
+        the placement stream: the next chunk's H2D, into the other buffer, overlaps it."""
         end = chunk.nbytes if end is None else end
-        if self.device.is_cuda:
-            dev_buf = self._staging_for(chunk.nbytes) if staging is None else staging[:chunk.nbytes]
+        cuda = self.device.is_cuda
+        if cuda:
+            if staging is None:
+                staging = self._staging_buffers(chunk.nbytes)[pos % self.STAGINGS]
+            dev_buf = staging[:chunk.nbytes]
             if end > start:
+                ev = self._placed.pop(staging.data_ptr(), None)
+                if ev is not None:  # its previous chunk's placement reads it still
+                    self.device.copy_stream.wait_event(ev)
                 dev_buf[start:end].copy_(host[start:end], non_blocking=True)
             src = dev_buf
         else:
@@ -452,18 +486,26 @@ class TransferEngine:
         if job.fault is not None:
             job.fault("h2d", chunk.index)
         tp = time.perf_counter()
-        self.placer.place(chk, pos, chunk, src, job.slot, chk.check)
+        if cuda and self.overlap_place:
+            ps = self.place_stream
+            ps.wait_stream(self.device.copy_stream)  # the chunk's H2D (and the slot's zeroing) first
+            with torch.cuda.stream(ps):
+                self.placer.place(chk, pos, chunk, src, job.slot, chk.check)
+            ev = torch.cuda.Event()
+            ev.record(ps)
+            self._placed[staging.data_ptr()] = ev
+        else:
+            self.placer.place(chk, pos, chunk, src, job.slot, chk.check)
         stats.place_s += time.perf_counter() - tp
+
+    def _join_place(self) -> None:
+        """The copy stream waits for every placement issued (before the load's check and end event)."""
+        if self.device.is_cuda and self.overlap_place:
+            self.device.copy_stream.wait_stream(self.place_stream)
+            self._placed.clear()
 
     # -- the batch path: one C call per reader thread, parts copied in the order they complete --------
     STAGINGS = 2  # device staging buffers of the batch path: chunks whose parts may be copied at once
-
-    def _staging_buffers(self, nbytes: int) -> list[torch.Tensor]:
-        if len(self._stagings) < self.STAGINGS or any(b.numel() < nbytes for b in self._stagings):
-            with torch.cuda.stream(self.device.copy_stream):
-                self._stagings = [torch.empty(max(nbytes, self.chunk_bytes), dtype=torch.uint8,
-                                              device=self.device.device) for _ in range(self.STAGINGS)]
-        return list(self._stagings)
 
     def _copy_batch(self, job: LoadJob, rd: SliceReader, sink: "_CacheSink", units: list, chk: LoadCheck,
                     pos: dict, stats: LoadStats, t0: float, trace: LoadTrace | None,
