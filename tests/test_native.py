@@ -125,6 +125,115 @@ def test_read_part_equals_the_file(tmp_path, use_ring):
         os.close(fd)
 
 
+def _batch_of_parts(rng, data_len: int, parts: int):
+    """``parts`` parts of random direct reads: (tables, buffers, expected (part, buf offset, file offset,
+    bytes))."""
+    tabs, bufs, want = [], [], []
+    for i in range(parts):
+        reads, w, nbytes = _random_reads(rng, data_len, rng.randint(1, 40))
+        tabs.append(reader._IovTable.build(reads))
+        bufs.append(torch.zeros(nbytes, dtype=torch.uint8))
+        want += [(i, p, o, m) for p, o, m in w]
+    return tabs, bufs, want
+
+
+@needs_native
+@pytest.mark.parametrize("use_ring", [True, False], ids=["io_uring", "preadv"])
+def test_batch_read_by_threads_and_by_the_pool_equals_the_file(tmp_path, use_ring):
+    """The C batch protocol: parts published in two steps, read by Python threads each calling ``run``
+    (every part exactly once, each status 0 or, with ``short_every``, reported short), then the same
+    through a ``ReaderPool`` (threads kept in C): the buffers hold the file's bytes; a batch cancelled
+    before its parts are published ends with every pool thread out of it; closing the pool stops them."""
+    import threading
+
+    if use_ring and not uring.available():
+        pytest.skip("this kernel refuses io_uring")
+    data = np.random.default_rng(8).integers(0, 256, 1 << 20, dtype=np.uint8)
+    f = tmp_path / "blob"
+    f.write_bytes(data.tobytes())
+    fd = os.open(f, os.O_RDONLY)
+    rings = uring.RingPool(16) if use_ring else None
+    rng = random.Random(4)
+    try:
+        def check(tabs, bufs, want):
+            for i, p, o, m in want:
+                assert (bufs[i].numpy()[p:p + m] == data[o:o + m]).all(), (i, p, o, m)
+
+        # Python threads calling run(): 3 threads, 50 parts, every 7th reported short
+        tabs, bufs, want = _batch_of_parts(rng, len(data), 50)
+        scratch = torch.zeros(max(max(t.scratch_end for t in tabs), 1), dtype=torch.uint8)
+        b = NAT.batch(len(tabs), scratch.data_ptr(), fd, short_every=7)
+        for i in range(25):
+            b.set(i, tabs[i].native[1], bufs[i].data_ptr())
+        b.publish(25)
+
+        def worker(w):
+            ring = rings.ring() if rings is not None else None
+            _, iov_ptr, res = NAT.buffers(max(len(t.rel) for t in tabs), max(len(t.direct) for t in tabs))
+            assert b.run(None if ring is None else NAT.ring_addr(ring), fd, iov_ptr, res.ctypes.data, w) == 0
+
+        ts = [threading.Thread(target=worker, args=(w,)) for w in range(3)]
+        for t in ts:
+            t.start()
+        for i in range(25, 50):  # published while the threads read (they wait for them)
+            b.set(i, tabs[i].native[1], bufs[i].data_ptr())
+        b.publish(50)
+        for t in ts:
+            t.join(timeout=30)
+        assert b.wait(0, 1.0) == 50
+        assert sorted(set(b.worker.tolist())) <= [0, 1, 2] and (b.worker >= 0).all()
+        assert (b.status == np.where(np.arange(50) % 7 == 0, 1, 0)).all()
+        assert (b.t_end >= b.t_start).all() and (b.t_start > 0).all()
+        check(tabs, bufs, want)
+
+        # the pool: 4 threads in C, two batches in a row, a taking order given
+        pool = NAT.pool(4, rings)
+        for order in (None, list(range(40))[::-1]):
+            tabs, bufs, want = _batch_of_parts(rng, len(data), 40)
+            scratch = torch.zeros(max(max(t.scratch_end for t in tabs), 1), dtype=torch.uint8)
+            b = NAT.batch(len(tabs), scratch.data_ptr(), fd, order=order)
+            for i in range(40):
+                b.set(i, tabs[i].native[1], bufs[i].data_ptr())
+            b.publish(40)
+            pool.post(b, max(len(t.rel) for t in tabs), max(len(t.direct) for t in tabs))
+            seen = 0
+            while seen < 40:
+                seen = b.wait(seen, 5.0)
+            assert pool.wait_idle(10.0) == 0 and b.active == 0 and (b.status == 0).all()
+            check(tabs, bufs, want)
+        # cancelled with nothing published: every thread leaves the batch
+        b = NAT.batch(10, 0, fd)
+        pool.post(b, 1, 1)
+        b.cancel()
+        assert pool.wait_idle(10.0) == 0 and (b.status == native.PENDING).all()
+        assert pool.usable()
+        pool.close()
+        assert not pool.usable() and not any(t.is_alive() for t in pool._threads)
+    finally:
+        if rings is not None:
+            rings.close()
+        os.close(fd)
+
+
+def test_engine_pool_lifecycle_and_fallback(adir, monkeypatch):
+    """The engine makes its reader pool with its readers and stops it at close; a pool that is not usable
+    (a forked child, say) sends loads to the per-part path, with the same slot."""
+    if NAT is None:
+        pytest.skip("no C compiler")
+    path = make_adapter(adir, "pool-life", "tiny-dense", rank=8, dtype="bf16", seed=3, targets=ALL_DENSE)
+    with new_manager("tiny-dense", tp=2, rank=0, max_loras=1, read_mode="exact") as mgr:
+        pool = mgr.engine.batch_pool
+        assert pool is not None and pool.usable() and pool.threads == mgr.engine.read_workers
+        monkeypatch.setattr(type(pool), "usable", lambda self: False)
+        mgr.register("a", path)
+        mgr.activate("a")
+        ls = mgr.stats().load_stats[-1]
+        assert not ls["batched"] and ls["native_parts"] > 0
+        assert slot_diff(mgr.pool, 0, expected_slot(path, mgr.model, 2, 0, 1, mgr.pool)) == []
+        monkeypatch.undo()
+    assert not any(t.is_alive() for t in pool._threads)
+
+
 @needs_native
 @pytest.mark.parametrize("preset,tp,ep,kw", [
     ("tiny-dense", 4, 1, dict(targets=ALL_DENSE)),

@@ -575,7 +575,7 @@ class TransferEngine:
                 if trace is not None:
                     trace.loader.append(("wait", tw - t0, te - t0, -1))
                 if now == seen and not waiting:
-                    if pb.batch.active == 0 and pb.batch.wait(seen, 0) == seen:
+                    if (pb.batch.active == 0 or not pool.usable()) and pb.batch.wait(seen, 0) == seen:
                         raise AdapterDataError(f"the reader threads stopped with {n - seen} of {n} parts "
                                                f"unread", adapter=header.name, path=header.weights_path)
                     continue
@@ -695,7 +695,7 @@ class TransferEngine:
                                     lambda: read_counts(sink.chunks))
             stats.syscalls, stats.span_ops = counts.syscalls, counts.span_ops
             if (self.batch_reads and self.batch_pool is not None and isinstance(sink, _CacheSink)
-                    and rd.batchable([(c, p) for c, p, _, _ in units])):
+                    and self.batch_pool.usable() and rd.batchable([(c, p) for c, p, _, _ in units])):
                 self._copy_batch(job, rd, sink, units, chk, pos, stats, t0, trace, cancelled, setup_slot)
                 header_ok.result()
                 rd.verify_unchanged()

@@ -182,6 +182,7 @@ class ReaderPool:
         self._c = _Pool(0, ctypes.addressof(self._iov_ptrs), ctypes.addressof(self._res_ptrs), 0, 0, 0, 0)
         self.addr = ctypes.addressof(self._c)
         self.ring_failures = 0  # threads whose ring failed (they read with preadv since)
+        self._pid = os.getpid()  # a forked child has none of these threads
         self._grow(1024, 1024)
         self._busy: Batch | None = None
         ready = threading.Barrier(threads + 1)
@@ -214,6 +215,10 @@ class ReaderPool:
             if res is None or len(res) < k:
                 self._res[w] = res = np.empty(max(k, 1024), dtype=np.int64)
                 self._res_ptrs[w] = res.ctypes.data
+
+    def usable(self) -> bool:
+        """Every thread is alive in this process (not a forked child, not closed)."""
+        return os.getpid() == self._pid and not self._c.stop and all(t.is_alive() for t in self._threads)
 
     def post(self, batch: Batch, pieces: int, k: int) -> None:
         """Start ``batch`` on every thread; ``pieces`` / ``k``: its largest part's iovecs and reads. One
