@@ -236,7 +236,6 @@ def test_ring_cost_joins_row_slices_through_junk_gaps(adir):
 
     from support.runtime_ref import make_adapter as mk
     from tp_lora.plan.model import ModelSpec
-    from tp_lora.plan.packing import ReadCost
     from tp_lora.plan.parallel import ParallelSpec
     from tp_lora.plan.planner import plan_rank
     from tp_lora.plan.validate import AdapterSource

@@ -664,6 +664,94 @@ class TransferEngine:
                 trace.reads.append((int(st.worker[j]), j, a, a, b, units[j][1].syscalls))
         rd.finish_batch(pb)
 
+    def _copy_parts(self, job: LoadJob, rd: SliceReader, sink: "_CacheSink | _RingSink", units: list,
+                    chk: LoadCheck, pos: dict, stats: LoadStats, t0: float, trace: LoadTrace | None,
+                    cancelled: threading.Event, setup_slot, pending: deque, header: AdapterHeader) -> None:
+        """A cold load part by part (streamed loads, loads with span reads, the Python loop): a pinner
+        thread takes each chunk's buffer, one reader task per part, the loader copies parts in file order
+        (``pending``: the caller waits for the tasks left in it whatever happens)."""
+        setup_slot()
+        lock = self._stat_lock
+
+        def fill(i: int, chunk: Chunk, part: Part, last: bool, buf_f: cf.Future) -> torch.Tensor:  # readers
+            tp = time.perf_counter()
+            buf = buf_f.result()
+            if cancelled.is_set():
+                raise _Cancelled()
+            t = time.perf_counter()
+            rd.read_part(chunk, part, buf)
+            if job.fault is not None and last:
+                job.fault("read", chunk.index)
+            te = time.perf_counter()
+            with lock:
+                stats.read_s += te - t
+            if trace is not None:
+                trace.reads.append((threading.get_ident(), i, tp - t0, t - t0, te - t0, part.syscalls))
+            return buf
+
+        buf_futs: dict[Any, cf.Future] = {}
+
+        def submit(i: int) -> None:
+            chunk, part, last, key = units[i]
+            bf = buf_futs.get(key)
+            if bf is None:
+                bf = buf_futs[key] = self._pinner.submit(sink.buffer, chunk, cancelled)
+            pending.append((chunk, part, last, bf, self._readers.submit(fill, i, chunk, part, last, bf)))
+
+        nxt = min(sink.window, len(units))
+        for i in range(nxt):
+            submit(i)
+        def result(rf: cf.Future) -> torch.Tensor:
+            tw = time.perf_counter()
+            try:
+                return rf.result()
+            except AdapterError:
+                raise
+            except (OSError, ValueError, RuntimeError) as e:
+                raise AdapterDataError(f"reading slices failed: {type(e).__name__}: {e}",
+                                       adapter=header.name, path=header.weights_path) from e
+            finally:
+                te = time.perf_counter()
+                stats.wait_s += te - tw
+                if trace is not None:
+                    trace.loader.append(("wait", tw - t0, te - t0, -1))
+
+        while pending:
+            chunk, part, last, _, rf = pending.popleft()
+            buf = result(rf)
+            ti = time.perf_counter()
+            start, end, taken = part.start, part.end, 1
+            # the chunk's next parts, already read: one H2D for all of them (each H2D costs the loader
+            # thread a few GIL round trips, and readers ahead of it mean it is the bottleneck)
+            while not last and pending and pending[0][0] is chunk and pending[0][4].done():
+                _, nxt_part, last, _, nrf = pending.popleft()
+                result(nrf)
+                taken += 1
+                if nxt_part.end <= nxt_part.start:
+                    continue
+                if start < end and nxt_part.start != end:  # not adjacent: copy what we have first
+                    self._h2d_and_place(job, chk, pos[id(chunk)], chunk, buf, stats, start, end, place=False)
+                    start = nxt_part.start
+                elif start >= end:
+                    start = nxt_part.start
+                end = nxt_part.end
+            whole = start == 0 and end == chunk.nbytes
+            if whole and last:
+                self._h2d_and_place(job, chk, pos[id(chunk)], chunk, buf, stats)
+            else:
+                self._h2d_and_place(job, chk, pos[id(chunk)], chunk, buf, stats, start, end, place=last)
+            te = time.perf_counter()
+            stats.issue_s += te - ti
+            if trace is not None:
+                trace.loader.append(("issue", ti - t0, te - t0, nxt - len(pending) - 1))
+            stats.h2d_calls += 1
+            if last:
+                sink.copied(buf)
+            for _ in range(taken):
+                if nxt < len(units):
+                    submit(nxt)
+                    nxt += 1
+
     def _run_cold(self, job: LoadJob, chunks: list[Chunk], sizes: tuple[int, ...],
                   stats: LoadStats, t0: float, setup_slot) -> LoadCheck:
         header = job.header
@@ -697,93 +785,9 @@ class TransferEngine:
             if (self.batch_reads and self.batch_pool is not None and isinstance(sink, _CacheSink)
                     and self.batch_pool.usable() and rd.batchable([(c, p) for c, p, _, _ in units])):
                 self._copy_batch(job, rd, sink, units, chk, pos, stats, t0, trace, cancelled, setup_slot)
-                header_ok.result()
-                rd.verify_unchanged()
-                ok = True
-                if trace is not None:
-                    trace.end = time.perf_counter() - t0
-                return chk
-            setup_slot()
-            lock = self._stat_lock
-
-            def fill(i: int, chunk: Chunk, part: Part, last: bool, buf_f: cf.Future) -> torch.Tensor:  # readers
-                tp = time.perf_counter()
-                buf = buf_f.result()
-                if cancelled.is_set():
-                    raise _Cancelled()
-                t = time.perf_counter()
-                rd.read_part(chunk, part, buf)
-                if job.fault is not None and last:
-                    job.fault("read", chunk.index)
-                te = time.perf_counter()
-                with lock:
-                    stats.read_s += te - t
-                if trace is not None:
-                    trace.reads.append((threading.get_ident(), i, tp - t0, t - t0, te - t0, part.syscalls))
-                return buf
-
-            buf_futs: dict[Any, cf.Future] = {}
-
-            def submit(i: int) -> None:
-                chunk, part, last, key = units[i]
-                bf = buf_futs.get(key)
-                if bf is None:
-                    bf = buf_futs[key] = self._pinner.submit(sink.buffer, chunk, cancelled)
-                pending.append((chunk, part, last, bf, self._readers.submit(fill, i, chunk, part, last, bf)))
-
-            nxt = min(sink.window, len(units))
-            for i in range(nxt):
-                submit(i)
-            def result(rf: cf.Future) -> torch.Tensor:
-                tw = time.perf_counter()
-                try:
-                    return rf.result()
-                except AdapterError:
-                    raise
-                except (OSError, ValueError, RuntimeError) as e:
-                    raise AdapterDataError(f"reading slices failed: {type(e).__name__}: {e}",
-                                           adapter=header.name, path=header.weights_path) from e
-                finally:
-                    te = time.perf_counter()
-                    stats.wait_s += te - tw
-                    if trace is not None:
-                        trace.loader.append(("wait", tw - t0, te - t0, -1))
-
-            while pending:
-                chunk, part, last, _, rf = pending.popleft()
-                buf = result(rf)
-                ti = time.perf_counter()
-                start, end, taken = part.start, part.end, 1
-                # the chunk's next parts, already read: one H2D for all of them (each H2D costs the loader
-                # thread a few GIL round trips, and readers ahead of it mean it is the bottleneck)
-                while not last and pending and pending[0][0] is chunk and pending[0][4].done():
-                    _, nxt_part, last, _, nrf = pending.popleft()
-                    result(nrf)
-                    taken += 1
-                    if nxt_part.end <= nxt_part.start:
-                        continue
-                    if start < end and nxt_part.start != end:  # not adjacent: copy what we have first
-                        self._h2d_and_place(job, chk, pos[id(chunk)], chunk, buf, stats, start, end, place=False)
-                        start = nxt_part.start
-                    elif start >= end:
-                        start = nxt_part.start
-                    end = nxt_part.end
-                whole = start == 0 and end == chunk.nbytes
-                if whole and last:
-                    self._h2d_and_place(job, chk, pos[id(chunk)], chunk, buf, stats)
-                else:
-                    self._h2d_and_place(job, chk, pos[id(chunk)], chunk, buf, stats, start, end, place=last)
-                te = time.perf_counter()
-                stats.issue_s += te - ti
-                if trace is not None:
-                    trace.loader.append(("issue", ti - t0, te - t0, nxt - len(pending) - 1))
-                stats.h2d_calls += 1
-                if last:
-                    sink.copied(buf)
-                for _ in range(taken):
-                    if nxt < len(units):
-                        submit(nxt)
-                        nxt += 1
+            else:
+                self._copy_parts(job, rd, sink, units, chk, pos, stats, t0, trace, cancelled, setup_slot,
+                                 pending, header)
             header_ok.result()
             rd.verify_unchanged()
             ok = True

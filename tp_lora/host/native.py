@@ -250,50 +250,30 @@ class ReaderPool:
             t.join(timeout=10)
 
 
+_P, _I32, _I64, _U64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_uint64
+_SIGNATURES = (  # native.c's entry points: (name without "tpl_", argument types, result type)
+    ("read_part", [_P, _I32, _P, _U64, _U64, _P, _P], _I64),
+    ("read_batch", [_P, _P, _I32, _P, _P, _I32], _I64),
+    ("wait", [_P, _I32, _I64], _I32),
+    ("publish", [_P, _I32], None),
+    ("cancel", [_P], None),
+    ("serve", [_P, _P, _I32], _I64),
+    ("post", [_P, _P], None),
+    ("wait_idle", [_P, _I64], _I32),
+    ("stop", [_P], None),
+)
+
+
 class NativeReads:
     """The bound C library (one per process, see ``load``)."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.path = path
-        f = lib.tpl_read_part
         # plain ints for every pointer: ctypes converts them without building objects per call
-        f.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
-                      ctypes.c_void_p, ctypes.c_void_p]
-        f.restype = ctypes.c_int64
-        self._read_part = f
-        b = lib.tpl_read_batch
-        b.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
-                      ctypes.c_int32]
-        b.restype = ctypes.c_int64
-        self._read_batch = b
-        w = lib.tpl_wait
-        w.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64]
-        w.restype = ctypes.c_int32
-        self._wait = w
-        pub = lib.tpl_publish
-        pub.argtypes = [ctypes.c_void_p, ctypes.c_int32]
-        pub.restype = None
-        self._publish = pub
-        c = lib.tpl_cancel
-        c.argtypes = [ctypes.c_void_p]
-        c.restype = None
-        self._cancel = c
-        sv = lib.tpl_serve
-        sv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
-        sv.restype = ctypes.c_int64
-        self._serve = sv
-        po = lib.tpl_post
-        po.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        po.restype = None
-        self._post = po
-        wi = lib.tpl_wait_idle
-        wi.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-        wi.restype = ctypes.c_int32
-        self._wait_idle = wi
-        st = lib.tpl_stop
-        st.argtypes = [ctypes.c_void_p]
-        st.restype = None
-        self._stop = st
+        for name, args, res in _SIGNATURES:
+            f = getattr(lib, "tpl_" + name)
+            f.argtypes, f.restype = args, res
+            setattr(self, "_" + name, f)
         self._local = threading.local()
 
     def batch(self, n: int, scratch: int, fd: int, short_every: int = 0, order: list[int] | None = None) -> Batch:
