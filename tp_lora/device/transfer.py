@@ -509,7 +509,7 @@ class TransferEngine:
 
     def _copy_batch(self, job: LoadJob, rd: SliceReader, sink: "_CacheSink", units: list, chk: LoadCheck,
                     pos: dict, stats: LoadStats, t0: float, trace: LoadTrace | None,
-                    cancelled: threading.Event, setup_slot) -> None:
+                    cancelled: threading.Event, after_post) -> None:
         """A cached cold load through the C batch (host/native.c): the reader pool's threads, which stay
         in C between loads, take parts in order and read them without the GIL; this thread takes each
         chunk's buffer from the arena and publishes its parts (the pool starts on the first chunk's), then
@@ -551,7 +551,7 @@ class TransferEngine:
                 if not posted:
                     pool.post(pb.batch, pb.max_pieces, pb.max_k)
                     posted = True
-                    setup_slot()  # the slot's zeroing and scalings, while the first parts are read
+                    after_post()  # the slot's zeroing and scalings, the header check: while parts are read
             # per chunk: parts still to copy; whether its parts tile it (packed order: each part's bytes
             # are its own, copied as soon as read) or not (file order: the whole chunk once complete)
             left = {k: len(v) for k, v in members.items()}
@@ -759,7 +759,13 @@ class TransferEngine:
         # finally below whatever fails after (a ring allocation, a reader)
         rd = SliceReader(header, self.scratch, self._memo.table(job.plan, "iov"), check_header=False,
                          rings=self.rings, native=self.native)
-        header_ok = self._pinner.submit(rd.check_header)  # beside the reads; awaited before success
+        # the header's digest, checked beside the reads (submitted by the copy path once its reads are
+        # going: it reads and hashes up to megabytes) and awaited before the load can succeed
+        header_ok: list[cf.Future] = []
+
+        def check_header() -> None:
+            if not header_ok:
+                header_ok.append(self._pinner.submit(rd.check_header))
         sink: _CacheSink | _RingSink | None = None
         pending: deque = deque()
         cancelled = threading.Event()
@@ -784,11 +790,14 @@ class TransferEngine:
             stats.syscalls, stats.span_ops = counts.syscalls, counts.span_ops
             if (self.batch_reads and self.batch_pool is not None and isinstance(sink, _CacheSink)
                     and self.batch_pool.usable() and rd.batchable([(c, p) for c, p, _, _ in units])):
-                self._copy_batch(job, rd, sink, units, chk, pos, stats, t0, trace, cancelled, setup_slot)
+                self._copy_batch(job, rd, sink, units, chk, pos, stats, t0, trace, cancelled,
+                                 lambda: (setup_slot(), check_header()))
             else:
+                check_header()
                 self._copy_parts(job, rd, sink, units, chk, pos, stats, t0, trace, cancelled, setup_slot,
                                  pending, header)
-            header_ok.result()
+            check_header()
+            header_ok[0].result()
             rd.verify_unchanged()
             ok = True
             if trace is not None:
@@ -797,7 +806,8 @@ class TransferEngine:
         finally:
             cancelled.set()
             try:
-                header_ok.result()  # the reader's fd stays open until the check is done
+                for f in header_ok:
+                    f.result()  # the reader's fd stays open until the check is done
             except BaseException:  # noqa: BLE001 - raised above when it matters
                 pass
             for _, _, _, bf, rf in pending:  # let the stages of units not copied finish or stop
