@@ -515,7 +515,8 @@ class TransferEngine:
         chunk's buffer from the arena and publishes its parts (the pool starts on the first chunk's), then
         copies parts H2D in the order they complete (adjacent ones in one copy) into one of ``STAGINGS``
         device buffers, and places a chunk once all its parts are there. Parts whose reads came back short
-        are read again here, piece by piece (raising at EOF)."""
+        are read again here, piece by piece (raising at EOF). ``after_post``: the work that must precede
+        the first placement but not the reads (the slot's zeroing and scalings, the header check)."""
         header = job.header
         stats.batched = True
         pool = self.batch_pool
