@@ -161,8 +161,8 @@ _EMPTY_READS: tuple = ()
 
 @dataclass
 class PartBatch:
-    """A cold load's parts, read by every reader thread in one C call each (native.c, ``tpl_read_batch``):
-    ``units`` [(chunk, part)] in load order, ``tables`` their iovec tables, ``scratch`` the junk bytes of
+    """A cold load's parts, read in C by the reader pool's threads (native.c ``tpl_read_batch``, run by
+    ``tpl_serve``): ``units`` [(chunk, part)] in load order, ``tables`` their iovec tables, ``scratch`` the junk bytes of
     every gap piece (one buffer for all: nothing is gathered out of it)."""
 
     units: list
@@ -306,7 +306,7 @@ class SliceReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- the batch: every part of a load in one C call per reader thread ----------------------------
+    # -- the batch: every part of a load, read in C by the reader pool (native.ReaderPool) -----------
     def batchable(self, units: list) -> bool:
         """Whether every part of ``units`` [(chunk, part)] can go through the C batch: the C loop is built
         and each part's reads are direct scatter reads (no gathers out of the scratch, no span reads,
