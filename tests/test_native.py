@@ -78,15 +78,20 @@ def _random_reads(rng: random.Random, size: int, n: int):
     return tuple(reads), want, pos
 
 
+def _random_file(tmp_path, seed: int) -> tuple[np.ndarray, int]:
+    """1 MiB of random bytes written to a file: (the bytes, a read-only fd the test closes)."""
+    data = np.random.default_rng(seed).integers(0, 256, 1 << 20, dtype=np.uint8)
+    f = tmp_path / "blob"
+    f.write_bytes(data.tobytes())
+    return data, os.open(f, os.O_RDONLY)
+
+
 @needs_native
 @pytest.mark.parametrize("use_ring", [True, False], ids=["io_uring", "preadv"])
 def test_read_part_equals_the_file(tmp_path, use_ring):
     if use_ring and not uring.available():
         pytest.skip("this kernel refuses io_uring")
-    data = np.random.default_rng(5).integers(0, 256, 1 << 20, dtype=np.uint8)
-    f = tmp_path / "blob"
-    f.write_bytes(data.tobytes())
-    fd = os.open(f, os.O_RDONLY)
+    data, fd = _random_file(tmp_path, 5)
     ring = uring.Ring(8) if use_ring else None  # 8 slots: 300 reads wrap it many times
     try:
         rng = random.Random(2)
@@ -148,10 +153,7 @@ def test_batch_read_by_threads_and_by_the_pool_equals_the_file(tmp_path, use_rin
 
     if use_ring and not uring.available():
         pytest.skip("this kernel refuses io_uring")
-    data = np.random.default_rng(8).integers(0, 256, 1 << 20, dtype=np.uint8)
-    f = tmp_path / "blob"
-    f.write_bytes(data.tobytes())
-    fd = os.open(f, os.O_RDONLY)
+    data, fd = _random_file(tmp_path, 8)
     rings = uring.RingPool(16) if use_ring else None
     rng = random.Random(4)
     try:
