@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch
 from support.runtime_ref import ALL_DENSE, make_adapter, new_manager
 from tp_lora.device.transfer import LoadJob
 from tp_lora.errors import AdapterActivationError, AdapterDataError
+from tp_lora.format import safetensors_header as sh
 from tp_lora.host.reader import SliceReader
 
 W = "adapter_model.safetensors"
@@ -81,6 +84,56 @@ def test_rewritten_in_place_same_header_is_read_other_header_refused(adapter):
         p.write_bytes(bytes(raw))
         with pytest.raises(AdapterDataError, match="header differs"):
             _run(mgr)
+
+
+def _other_header(raw: bytearray) -> bytes:
+    hl = int.from_bytes(raw[:8], "little")
+    i = raw.index(b'"shape"', 8, 8 + hl)
+    out = bytearray(raw)
+    out[i + 1] = ord("S")  # same size, another header
+    return bytes(out)
+
+
+def test_fresh_file_has_its_header_checked_at_every_cold_load(adapter):
+    # just copied (ctime now): not settled, so each cold load reads and compares the header
+    with new_manager("tiny-dense", tp=2, rank=0, max_loras=1) as mgr:
+        mgr.register("x", adapter)
+        assert mgr._adapters["x"].header.settled_identity is None
+        for _ in range(2):
+            assert _run(mgr).stats.header_checked
+            mgr.cache.evict("x")
+
+
+def test_settled_file_skips_the_header_check_until_it_is_written(adapter, monkeypatch):
+    monkeypatch.setattr(sh, "SETTLE_NS", 50_000_000)  # 50 ms, so that the test need not wait 2 s
+    time.sleep(0.12)
+    p = adapter / W
+    with new_manager("tiny-dense", tp=2, rank=0, max_loras=1) as mgr:
+        mgr.register("x", adapter)
+        st = os.stat(p)
+        assert mgr._adapters["x"].header.settled_identity == sh.stat_identity(st)
+        res = _run(mgr)
+        assert not res.stats.warm and not res.stats.header_checked
+        mgr.cache.evict("x")
+        # another header written in place, then mtime put back: the 4-field identity matches again, the
+        # ctime does not, so the header is compared and the load refused
+        raw = bytearray(p.read_bytes())
+        with open(p, "r+b") as f:
+            f.write(_other_header(raw))
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        now = os.stat(p)
+        assert (now.st_ino, now.st_size, now.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+        with pytest.raises(AdapterDataError, match="header differs"):
+            _run(mgr)
+        assert mgr.cache.names() == []
+
+
+def test_settled_identity_needs_mtime_and_ctime_older_than_the_window():
+    st = SimpleNamespace(st_dev=3, st_ino=7, st_size=100, st_mtime_ns=10_000, st_ctime_ns=20_000)
+    assert sh.settled_identity(st, 20_000 + sh.SETTLE_NS) == (3, 7, 100, 10_000, 20_000)
+    assert sh.settled_identity(st, 20_000 + sh.SETTLE_NS - 1) is None  # ctime too recent
+    st.st_mtime_ns = 30_000  # mtime set ahead (utime): counts too
+    assert sh.settled_identity(st, 20_000 + sh.SETTLE_NS) is None
 
 
 def test_change_during_the_read_is_detected(adapter):

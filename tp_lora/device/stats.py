@@ -19,6 +19,7 @@ class LoadStats:
     ring_reads: int = 0  # of syscalls: reads submitted through io_uring (a part's direct reads at once)
     native_parts: int = 0  # units whose direct reads ran in the C loop (host/native.py), without the GIL
     batched: bool = False  # read by the C batch: one call per reader thread, parts copied as they complete
+    header_checked: bool = False  # a cold load read and hashed the header (the file is not settled)
     span_ops: int = 0  # slices read as spans (strided columns, or short rows by the cost model)
     readers: int = 0  # reader threads of the pipeline
     read_s: float = 0.0  # reader thread time (read + slice + pack, incl. allocation)

@@ -766,7 +766,13 @@ class TransferEngine:
 
         def check_header() -> None:
             if not header_ok:
-                header_ok.append(self._pinner.submit(rd.check_header))
+                if rd.needs_header_check:
+                    stats.header_checked = True
+                    header_ok.append(self._pinner.submit(rd.check_header))
+                else:  # the file is as registered (settled identity): nothing to read
+                    done: cf.Future = cf.Future()
+                    done.set_result(None)
+                    header_ok.append(done)
         sink: _CacheSink | _RingSink | None = None
         pending: deque = deque()
         cancelled = threading.Event()

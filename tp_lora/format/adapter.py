@@ -70,6 +70,7 @@ class AdapterFiles:
     header_digest: str  # sha256 of the 8-byte length + header JSON, read from the one descriptor
     fingerprint: str  # sha256 of config + header bytes + size: detects a different adapter under a name
     file_identity: tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns) of that descriptor
+    settled_identity: tuple[int, int, int, int, int] | None = None  # safetensors_header.settled_identity
     keepalive: Any = field(default=None, compare=False, repr=False)
     """Owns a temporary folder (a converted pickle): removed when the last reference goes."""
 
@@ -88,6 +89,9 @@ class AdapterHeader:
     header_bytes: int
     header_digest: str = ""  # sha256 of the 8-byte length + header JSON, as registered
     file_identity: tuple[int, int, int, int] | None = None  # fstat of the validated fd (st_dev, st_ino, size, mtime_ns)
+    settled_identity: tuple[int, int, int, int, int] | None = None
+    """(st_dev, st_ino, size, mtime_ns, ctime_ns) of that fd if the file was written long enough before it
+    was read (``safetensors_header.settled_identity``): a load whose fstat matches skips the header check."""
     keepalive: Any = field(default=None, compare=False, repr=False)
 
     @property
@@ -164,7 +168,8 @@ def read_adapter_files(path: str | os.PathLike[str], *, name: str | None = None,
     return AdapterFiles(name=name, path=str(folder), weights_path=str(weights), config=cfg, config_raw=cfg_raw,
                         tensors=h.tensors, file_size=h.file_size, header_bytes=h.header_bytes,
                         header_digest=hashlib.sha256(h.raw).hexdigest(), fingerprint=fp.hexdigest(),
-                        file_identity=h.identity, keepalive=keepalive)
+                        file_identity=h.identity, settled_identity=h.settled,
+                        keepalive=keepalive)
 
 
 def _convert_pickle(pickle: Path, name: str, cache_dir: str | None) -> tuple[Path, Any]:

@@ -13,6 +13,7 @@ import math
 import os
 import stat
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,32 @@ def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+SETTLE_NS = 2_000_000_000
+"""How much older than the read of its header a file's mtime and ctime must be for the file to count as
+settled (``settled_identity``). Any write after the read then stamps a later mtime and ctime: file
+timestamps tick in at most 2 s (FAT; NFSv3 and HFS+ 1 s, ext4 and xfs a clock tick), and user space can
+reset mtime (``utime``) but not ctime."""
+
+
+def stat_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """(device, inode, size, mtime in ns, ctime in ns)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def settled_identity(st: os.stat_result, read_at_ns: int) -> tuple[int, int, int, int, int] | None:
+    """``stat_identity(st)`` if the file was last written at least ``SETTLE_NS`` before ``read_at_ns``
+    (wall clock, taken after its header was read from the descriptor ``st`` describes), else None.
+
+    Why: a later open whose ``fstat`` gives this same tuple reads the bytes read then, so a cold load need
+    not read and hash the header again (the 5.4 MB header of a 37k-tensor MoE adapter costs a few ms of
+    sha256, on the critical path of a 10 ms load). The tensor data is trusted by the same comparison
+    already (``SliceReader.verify_unchanged``). A file written within the window (just generated,
+    or rewritten while it was registered) gets None: its loads compare the header bytes every time."""
+    if max(st.st_mtime_ns, st.st_ctime_ns) <= read_at_ns - SETTLE_NS:
+        return stat_identity(st)
+    return None
+
+
 @dataclass(frozen=True)
 class SafetensorsHeader:
     """A validated header and where it came from (one open of the file)."""
@@ -91,6 +118,7 @@ class SafetensorsHeader:
     file_size: int
     raw: bytes  # the 8-byte length + the JSON, as read
     identity: tuple[int, int, int, int]  # file_identity() of the descriptor that was read
+    settled: tuple[int, int, int, int, int] | None = None  # settled_identity() of that descriptor
 
 
 def read_safetensors_header(path: str, *, adapter: str | None = None) -> tuple[dict[str, TensorInfo], int, int]:
@@ -122,6 +150,7 @@ def read_header(path: str, *, adapter: str | None = None, nofollow: bool = False
             if 8 + hlen > size:
                 raise fail(f"header length {hlen} is larger than the file ({size} bytes): truncated header")
             raw = f.read(hlen)
+            read_at = time.time_ns()
     except OSError as e:
         raise fail(f"cannot read safetensors file: {e}") from None
     if len(raw) != hlen:
@@ -184,4 +213,4 @@ def read_header(path: str, *, adapter: str | None = None, nofollow: bool = False
     if pos != size:
         raise fail(f"data section is {data_size} bytes but tensors cover {pos - data_start}: "
                    f"trailing bytes or truncated file")
-    return SafetensorsHeader(tensors, hlen, size, head8 + raw, file_identity(st))
+    return SafetensorsHeader(tensors, hlen, size, head8 + raw, file_identity(st), settled_identity(st, read_at))

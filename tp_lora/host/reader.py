@@ -9,6 +9,10 @@ One open per load: every check and every read of the load goes through that one 
   header bytes, read from the same fd, are exactly those registered (the planned offsets then hold, and
   the finite check covers the data), with a warning naming the file. Refusing it outright would also
   refuse a file restored from a copy (the suite's repair-by-copy case loads with the same registration).
+  The header is compared on every cold load unless the fd's (device, inode, size, mtime, ctime) equal
+  the identity registration recorded for a file last written well before it was registered
+  (``AdapterHeader.settled_identity``): then no write can have happened since, as for the data bytes,
+  which only that comparison guards (the check is a few ms of sha256 for a 37k-tensor header).
 - Short reads (a file truncated during the load) and changes during the load (size, mtime or ctime
   differ at the end: truncated and regrown to the same size) raise AdapterDataError naming the file and
   the tensor.
@@ -37,6 +41,7 @@ import torch
 
 from ..errors import AdapterDataError
 from ..format.adapter import AdapterHeader
+from ..format.safetensors_header import file_identity, stat_identity
 from ..plan.packing import Chunk, Part, SpanCopy
 from . import native as native_mod
 from . import uring
@@ -206,11 +211,6 @@ def _batch_layout(units: list, tables: dict) -> tuple | None:
     return None if got[0] is None else got
 
 
-def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    """(st_dev, st_ino, st_size, st_mtime_ns): what registration validated."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 class SliceReader:
     """Reads this rank's slices from a safetensors file (see the module docstring). Thread-safe: the
     reader threads of one load share it (pread has no file offset)."""
@@ -229,6 +229,7 @@ class SliceReader:
         self.path = header.weights_path
         self.fd = -1
         self.replaced = False  # the file's identity differs from the registered one (header identical)
+        self.settled = False  # fstat equals the registered settled identity: the header check is not needed
         self.bytes_read = 0
         self.syscalls = 0
         self._lock = threading.Lock()
@@ -262,6 +263,7 @@ class SliceReader:
             raise self._err(f"file size changed since registration: {h.file_size} -> {st.st_size} bytes")
         ident = h.file_identity
         self.replaced = ident is not None and file_identity(st) != tuple(ident)
+        self.settled = h.settled_identity is not None and stat_identity(st) == tuple(h.settled_identity)
         if self.replaced:
             log.warning("adapter %r: %s was replaced or rewritten since registration (dev, ino, size, "
                         "mtime_ns %s -> %s); loading it only if its header is the registered one",
@@ -272,9 +274,10 @@ class SliceReader:
         """The planned offsets hold only if the header is byte-for-byte the one registered (a same-size
         rewrite with another layout would load other tensors' bytes). Read from this fd. The engine runs
         it beside the reads (``check_header=False`` at construction: the digest of a 37k-tensor header
-        takes ~10 ms) and waits for it before the load can succeed."""
+        takes ~10 ms) and waits for it before the load can succeed. Nothing to do when the file is
+        ``settled`` (``needs_header_check``)."""
         h = self.header
-        if not h.header_digest:
+        if not self.needs_header_check:
             return
         # into an uninitialised buffer, hashed in place: the read and the hash release the GIL, a bytes
         # copy and a zero-filled bytearray would not (a 37k-tensor header is 5.4 MB: ~3-6 ms of the GIL,
@@ -285,6 +288,13 @@ class SliceReader:
             what = "it was replaced and its" if self.replaced else "its"
             raise self._err(f"the file changed since registration: {what} safetensors header differs (tensor "
                             f"layout or names); register the adapter again")
+
+    @property
+    def needs_header_check(self) -> bool:
+        """The header must be read and compared: a digest was registered and this open's fstat is not the
+        registered settled identity (``safetensors_header.settled_identity``: same device, inode, size,
+        mtime and ctime of a file last written well before its registration)."""
+        return bool(self.header.header_digest) and not self.settled
 
     def verify_unchanged(self) -> None:
         """After the last read: the file did not change while it was read (truncated and regrown to the

@@ -39,6 +39,7 @@ class AdapterSource:
                              config=files.config, targets=targets, file_size=files.file_size,
                              fingerprint=files.fingerprint, header_bytes=files.header_bytes,
                              header_digest=files.header_digest, file_identity=files.file_identity,
+                             settled_identity=files.settled_identity,
                              keepalive=files.keepalive)
 
 
