@@ -221,6 +221,9 @@ def make_adapter(root: Path, name: str, c: dict) -> Path:
     targets = ["q", "k", "v", "o", "experts"] if spec.is_moe else ["q", "k", "v", "o", "gate", "up", "down"]
     torch.manual_seed(0)
     write_synthetic_adapter(p, spec, rank=c["rank"], targets=targets, dtype="bf16", seed=1)
+    # written back now: the kernel's flusher would otherwise write the file's dirty pages out ~30 s later,
+    # in the middle of whichever case runs then
+    os.sync()
     return p
 
 

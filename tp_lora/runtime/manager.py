@@ -150,6 +150,10 @@ class LoRAManager:
         self.rank = self.collective.rank
         self._adapters: dict[str, _Adapter] = {}
         self._loader = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tp_lora-load-r{self.rank}")
+        # the loader thread started now (the executor starts it lazily, at the first prefetch) and warmed;
+        # and the compute stream's first event: neither then lands in the first activation
+        self._loader.submit(self.engine.warm_thread).result()
+        self.device.compute_event()
         self._stats = StatsRecorder(self.rank)
         self._closed = False
         self._reconcile_needed: str | None = None
