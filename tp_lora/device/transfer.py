@@ -175,6 +175,27 @@ class _RingSink:
         pass
 
 
+def _start_threads(ex: cf.ThreadPoolExecutor, n: int, first) -> None:
+    """Make ``ex`` start all ``n`` of its threads now (each runs ``first`` if given, then waits for the
+    others, so that no thread takes two of the start-up tasks)."""
+    gate = threading.Barrier(n + 1)
+
+    def wait() -> None:
+        if first is not None:
+            first()
+        try:
+            gate.wait(timeout=5)
+        except threading.BrokenBarrierError:
+            pass
+
+    futs = [ex.submit(wait) for _ in range(n)]
+    try:
+        gate.wait(timeout=5)
+    except threading.BrokenBarrierError:
+        pass
+    cf.wait(futs)
+
+
 class TransferEngine:
     """Runs loads one at a time (the manager's loader thread calls ``run``).
 
@@ -246,23 +267,11 @@ class TransferEngine:
             self._warm_up()
 
     def _spawn_readers(self) -> None:
-        """Start every reader thread now (the executor spawns them lazily, inside the first load)."""
-        gate = threading.Barrier(self.read_workers + 1)
-
-        def wait() -> None:
-            if self.rings is not None:
-                self.rings.ring()  # each reader's io_uring, made now rather than in the first load
-            try:
-                gate.wait(timeout=5)
-            except threading.BrokenBarrierError:
-                pass
-
-        futs = [self._readers.submit(wait) for _ in range(self.read_workers)]
-        try:
-            gate.wait(timeout=5)
-        except threading.BrokenBarrierError:
-            pass
-        cf.wait(futs)
+        """Start every reader and pinner thread now: executors start them lazily, inside the first load
+        (a pinner thread's start was in the first activation's header check)."""
+        _start_threads(self._readers, self.read_workers,
+                       self.rings.ring if self.rings is not None else None)  # each reader's io_uring, now
+        _start_threads(self._pinner, self.pin_workers, None)
         if self.native is not None:
             self.batch_pool = self.native.pool(self.read_workers, self.rings)
 
