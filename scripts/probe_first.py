@@ -9,8 +9,8 @@ thread that needs no GIL) during the first activation and one later cold one, in
 ``<out>/<case>-{first,cold}.dump``; prints, per dump, the threads that are not idle (a loader waiting
 in a read of the header, a pinner thread hashing it...). A dump of ~40 threads takes ~1 ms: the
 stacks are an order of events, not a timeline. Diagnosis only: the watchdog reads the other threads'
-frames without the GIL, and now and then that crashes the process (on the H200 host, in one of three
-cold phases after a dumped first activation).
+frames without the GIL, and that can crash the process (on the H200 host it killed all three probe
+runs, each after its dumped first activation; on the CPU machine about one run in six).
 
 ``--idle S``: cold loads back to back against cold loads after ``S`` seconds of idle (the host's cores
 asleep and clocked down, as before a first activation), alternating, medians of ``--repeats`` each.
