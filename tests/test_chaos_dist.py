@@ -88,8 +88,10 @@ def _worker(rank: int, world: int, root: str, seed: int, n_ops: int, kill: bool)
     mgr = LoRAManager(cfg, spec, par, group=group)
     for n in NAMES:
         mgr.register(n, mine / n)
-    # the manager's long-lived workers: loader, readers, pinners, the plan preparer and the arena's reservers
-    fds0, max_threads = _fds(), 1 + mgr.engine.read_workers + 2 * cfg.pin_workers + 1
+    # the manager's long-lived workers: loader, readers (and the C batch's reader pool), pinners, the plan
+    # preparer and the arena's reservers
+    pool = mgr.engine.read_workers if mgr.engine.batch_pool is not None else 0
+    fds0, max_threads = _fds(), 1 + mgr.engine.read_workers + pool + 2 * cfg.pin_workers + 1
     rng = random.Random(seed)
     batches: list[Any] = []
     counts: dict[str, int] = {}
@@ -124,7 +126,8 @@ def _worker(rank: int, world: int, root: str, seed: int, n_ops: int, kill: bool)
         if not busy and _fds() > fds0:
             out.append(f"regular-file fds {_fds()} > {fds0}")
         if _threads() > max_threads:
-            out.append(f"tp_lora threads {_threads()} > {max_threads} (loader + readers + pinners + preparer + arena)")
+            out.append(f"tp_lora threads {_threads()} > {max_threads} (loader + readers + reader pool + pinners + "
+                       f"preparer + arena)")
         for n in mgr.registered():
             if mgr.is_active(n) and mgr.pool.checksum(mgr.slot_of(n)) != ref_sum[n]:
                 out.append(f"{n} active but not bit-identical to its reference load")
