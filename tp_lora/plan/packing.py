@@ -245,9 +245,10 @@ class Chunk:
     pipelines finely; empty = the chunk is one part."""
     row0: int = 0
 
-    @property
+    @functools.cached_property
     def whole(self) -> Part:
-        """The chunk as one part."""
+        """The chunk as one part (one object per chunk: loads key their memoised tables by a part's
+        identity, and a new one per call made a one-part chunk's load rebuild its batch every time)."""
         return Part(0, self.nbytes, self.reads, self.spans)
 
     def units(self) -> tuple[Part, ...]:
