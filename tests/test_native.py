@@ -236,6 +236,28 @@ def test_engine_pool_lifecycle_and_fallback(adir, monkeypatch):
     assert not any(t.is_alive() for t in pool._threads)
 
 
+def test_batch_made_at_register_is_the_one_loads_reset(adir, monkeypatch):
+    """The plan's batch object is made by the preparer at register; its loads reset it, none makes one."""
+    if NAT is None:
+        pytest.skip("no C compiler")
+    path = make_adapter(adir, "pool-prep", "tiny-dense", rank=8, dtype="bf16", seed=4, targets=ALL_DENSE)
+    with new_manager("tiny-dense", tp=2, rank=0, max_loras=1, read_mode="exact") as mgr:
+        mgr.register("a", path)
+        mgr.register("b", path)  # one slot: each activation evicts the other, so each one loads cold
+        mgr.engine.wait_prepared()
+        made = []
+        orig = type(NAT).batch
+        monkeypatch.setattr(type(NAT), "batch", lambda self, *a, **k: made.append(a) or orig(self, *a, **k))
+        for n in ("a", "b", "a"):
+            mgr.cache.evict("a")
+            mgr.cache.evict("b")
+            mgr.activate(n)
+            ls = mgr.stats().load_stats[-1]
+            assert ls["batched"] and not ls["warm"]
+        assert made == []
+        assert slot_diff(mgr.pool, 0, expected_slot(path, mgr.model, 2, 0, 1, mgr.pool)) == []
+
+
 @needs_native
 @pytest.mark.parametrize("preset,tp,ep,kw", [
     ("tiny-dense", 4, 1, dict(targets=ALL_DENSE)),

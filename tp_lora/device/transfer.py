@@ -324,7 +324,7 @@ class TransferEngine:
         self._memo.get(plan, ("counts", False, self.chunk_bytes), lambda: read_counts(chunks))
         plan.cache_keys()
         self._memo.get(plan, ("coverage", id(self.pool)), lambda: self.pool.coverage(plan.ops))
-        SliceReader.prepare(chunks, self._memo.table(plan, "iov"))
+        SliceReader.prepare(chunks, self._memo.table(plan, "iov"), self.native)
         self.placer.prepare(plan, chunks)
         self.placer.warm_up({g.dtype for c in chunks for g in c.groups})
         self.pool.scaling_tables(plan.scalings, self.device.is_cuda, self._memo.table(plan, "scalings"))
