@@ -529,6 +529,7 @@ def profile_host(path: Path) -> None:
 # per module in a decode-step graph), MoE cases with the expert op's tuning and regimes, dense prefill cases
 # with the two-launch tiles. Config keys starting with "_" set module constants of tp_lora.ops.triton_kernels,
 # "two." keys TWO_LAUNCH_CONFIG, the others FUSED_CONFIG.
+_RED = {"two.reduce": True, "two.p_low": True}   # the shrink sums its K splits; P in the compute dtype
 SWEEP_GROUPS = [
     ([("q", "16", 1, 32), ("q", "16", 8, 32), ("q", "16", 32, 32), ("q", "mixed", 8, 32), ("q", "64", 32, 32),
       ("down", "16", 1, 32), ("down", "16", 8, 32), ("down", "mixed", 32, 32), ("down", "64", 32, 32)],
@@ -537,10 +538,13 @@ SWEEP_GROUPS = [
       ("moe", "64", 1, 2048), ("moe", "64", 8, 2048)],
      [dict(), dict(_EXPERT_WIDE_BLOCK_M=32), dict(_EXPERT_FUSED_ROWS=1 << 30), dict(expert_stages=4),
       dict(expert_warps=8), dict(expert_block_n=128)]),
-    ([("q", "16", 8, 2048), ("q", "mixed", 8, 2048), ("q", "64", 8, 2048), ("down", "16", 8, 2048),
-      ("down", "mixed", 32, 2048)],
-     [dict(), {"two.prefill_split": 4096}, {"two.prefill_split": 8192},
-      {"two.prefill_split": 4096, "two.expand_block_n_wide": 256}]),
+    ([("q", "16", 1, 2048), ("q", "16", 8, 2048), ("q", "16", 32, 2048), ("q", "mixed", 8, 2048),
+      ("q", "64", 8, 2048), ("down", "16", 8, 2048), ("down", "64", 8, 2048), ("down", "mixed", 32, 2048)],
+     [dict(), {**_RED, "two.reduce_unroll": True}, _RED, {**_RED, "two.prefill_splits": 4},
+      {**_RED, "two.prefill_splits": 4, "two.shrink_stages": 4},
+      {**_RED, "two.prefill_splits": 4, "two.shrink_stages": 4, "two.shrink_rows": 32},
+      {**_RED, "two.prefill_splits": 8, "two.shrink_stages": 4},
+      {**_RED, "two.prefill_splits": 4, "two.shrink_block_k": (256, 256)}]),
 ]
 
 
@@ -595,11 +599,32 @@ def _meta_host(pool: GpuPool, batch: Any) -> list[str]:
     return lines
 
 
-def sweep(path: Path, groups: list[int] | None = None, layers: int = 0) -> None:
+def kernel_times(fn: Callable[[], Any], calls: int = 5) -> str:
+    """Device time per call of each kernel ``fn`` launches (eager, torch.profiler), "name us, ...": where
+    an op's time goes (the shrink or the expand)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    parts = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            parts.append((t / calls, e.key))
+    return ", ".join(f"{k.strip('_')[:22]} {t:.1f}" for t, k in sorted(parts, reverse=True)[:4])
+
+
+def sweep(path: Path, groups: list[int] | None = None, layers: int = 0, kernels: bool = False) -> None:
     """Graphed time of the ops for each configuration of ``SWEEP_GROUPS`` on its cases; exactness vs the
     torch path per case and configuration; the graphed-replay floor and the metadata host time. With
     ``layers`` > 0 also the per-module time of the dense cases in a decode step of that many layers (one
-    graph, distinct weights, factors, x and out per layer; lines ``... step``). Writes a table to ``path``."""
+    graph, distinct weights, factors, x and out per layer; lines ``... step``). ``kernels``: also each
+    kernel's device time per call (lines ``... kernels``, eager, torch.profiler). Writes a table to ``path``."""
     from tp_lora.ops import triton_kernels as K
     dev = torch.device("cuda")
     L = max(1, layers)
@@ -682,6 +707,7 @@ def sweep(path: Path, groups: list[int] | None = None, layers: int = 0) -> None:
             op(LoRAOps(pool, batch, TorchBackend()), ref)
             cases.append((f"{module} r{kind} a{adapters} T{T}", pool, batch, op, outs, ref, step_case, base_g))
         res = {c[0]: [] for c in cases}
+        ktimes = {c[0]: [] for c in cases}
         steps = {c[0]: [] for c in cases if c[6] is not None}
         rels = {c[0]: [] for c in cases}
         for cfg in configs:
@@ -689,11 +715,24 @@ def sweep(path: Path, groups: list[int] | None = None, layers: int = 0) -> None:
             for name, pool, batch, op, outs, ref, step_case, _ in cases:
                 ops = LoRAOps(pool, batch, TritonBackend(max_tokens=batch.num_tokens))
                 got = [o.clone() for o in outs]
-                op(ops, got)
+                try:
+                    op(ops, got)
+                except Exception as e:   # a tuning that does not compile here (e.g. shared memory): nan
+                    if "OutOfResources" not in type(e).__name__:
+                        raise
+                    print(f"{name} {cfg}: {e}", flush=True)
+                    rels[name].append(float("nan"))
+                    res[name].append(float("nan"))
+                    ktimes[name].append("out of resources")
+                    if step_case is not None:
+                        steps[name].append(float("nan"))
+                    continue
                 rels[name].append(max(float(((g - o).float() - (r - o).float()).norm() / (r - o).float().norm())
                                       for g, o, r in zip(got, outs, ref)))
                 work = [o.clone() for o in outs]
                 res[name].append(bench(graphed(lambda: op(ops, work)), rep_ms=40))
+                if kernels:
+                    ktimes[name].append(kernel_times(lambda: op(ops, work)))
                 if step_case is not None:
                     steps[name].append(bench(step_case[0](ops), rep_ms=60) / L)
         _apply(K, {}, default, default_two, saved)
@@ -703,11 +742,14 @@ def sweep(path: Path, groups: list[int] | None = None, layers: int = 0) -> None:
             if step_case is not None:
                 lines.append(f"{name + ' step':24} {step_case[1] * 1e6:7.1f} " +
                              " ".join(f"{t * 1e6:7.1f}" for t in steps[name]))
+            for i, kt in enumerate(ktimes[name]):
+                lines.append(f"  {name} c{i} kernels (us): {kt}")
         lines.append(f"{'max rel diff vs torch':32} " +
                      " ".join(f"{max(rels[n][i] for n in rels):7.1e}" for i in range(len(configs))))
         lines += [f"c{i}: {c}" for i, c in enumerate(configs)]
         path.write_text("\n".join(lines))
-        print("\n".join(lines[-len(cases) - len(steps) - len(configs) - 2:]), flush=True)
+        print("\n".join(lines[-len(cases) - len(steps) - sum(map(len, ktimes.values())) - len(configs) - 2:]),
+              flush=True)
     del pools
     torch.cuda.empty_cache()
 
@@ -725,11 +767,13 @@ def main() -> None:
                     "then stop")
     ap.add_argument("--sweep-group", type=int, action="append", default=None,
                     help="only this group of SWEEP_GROUPS (0: dense decode, 1: MoE, 2: dense prefill); repeatable")
+    ap.add_argument("--kernel-times", action="store_true",
+                    help="with --sweep: also each kernel's device time per call (torch.profiler)")
     args = ap.parse_args()
     if args.profile:
         profile_host(Path(args.profile))
     if args.sweep:
-        sweep(Path(args.sweep), args.sweep_group, args.step_layers)
+        sweep(Path(args.sweep), args.sweep_group, args.step_layers, args.kernel_times)
         return
     sg = load_sglang(args.sglang_wheel)
     torch.manual_seed(0)

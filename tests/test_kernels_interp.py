@@ -264,3 +264,58 @@ def test_fused_stages_deepen_only_where_they_were_timed():
     tuned = triton_kernels.FUSED_CONFIG["num_stages"]
     assert f(torch.bfloat16, 16) == f(torch.float16, 64) == tuned
     assert f(torch.float32, 16) == f(torch.bfloat16, 128) == f(torch.float32, 128) == min(tuned, 3)
+
+
+PREFILL_CONFIGS = [dict(), dict(shrink_rows=16), dict(shrink_rows=32, prefill_split=1 << 20, p_low=True),
+                   dict(prefill_split=16, reduce=True, p_low=True, shrink_rows=16)]
+
+
+@pytest.mark.parametrize("cfg", PREFILL_CONFIGS, ids=["block", "sub16", "sub32-one-split-low", "reduce-sub16"])
+def test_prefill_two_launch_tunings_match_torch_path(monkeypatch, cfg: dict) -> None:
+    """The dense prefill regime (``PREFILL_TOKENS`` lowered to 8, so random batches of up to 40-token
+    requests take 64-row blocks and the two launches) with each shrink tuning the benchmark sweeps: shrink
+    programs over sub-blocks of a block, one K split with P in the compute dtype. fp32 and bf16 against the
+    torch path; base-only rows unchanged."""
+    from tp_lora.ops import meta
+    monkeypatch.setattr(meta, "PREFILL_TOKENS", 8)
+    for k, v in cfg.items():
+        monkeypatch.setitem(triton_kernels.TWO_LAUNCH_CONFIG, k, v)
+    par = ParallelSpec(tp_size=2, tp_rank=1)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert kc.compare_dense(DENSE, par, dtype, DEV, seed=11, trials=2, max_len=40) >= 8
+
+
+@pytest.mark.parametrize("split", [1 << 20, 16], ids=["one-split", "four-splits"])
+def test_prefill_shrink_sub_blocks_and_low_p_keep_the_bits(monkeypatch, split: int) -> None:
+    """Sub-blocks only change which program computes a row; P in the compute dtype is the rounding the
+    expand makes anyway; the shrink's split reduction adds the splits in the order the expand would: bf16,
+    every tuning gives the same bits as the whole-block, float32-P shrink whose splits the expand sums (and
+    the sub-blocks really are several programs a block, the splits several programs a sub-block)."""
+    from tp_lora.ops import meta
+    monkeypatch.setattr(meta, "PREFILL_TOKENS", 8)
+    monkeypatch.setitem(triton_kernels.TWO_LAUNCH_CONFIG, "prefill_split", split)
+    pool = make_pool(DENSE, ParallelSpec(tp_size=2, tp_rank=0), dtype=torch.bfloat16, seed=4)
+    K = pool.shapes["q"].a_shape[1]
+    assert -(-K // triton_kernels.split_size(K, True)) == (1 if split > K else 4)
+    batch = make_batch(slots=[0, -1, 1, 2], tokens=[37, 5, 20, 50])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(batch.num_tokens, pool.shapes["q"].a_shape[1], generator=g).to(torch.bfloat16)
+    out = torch.randn(batch.num_tokens, pool.shapes["q"].b_shape[0], generator=g).to(torch.bfloat16)
+    got = []
+    for rows, low, red in ((0, False, False), (16, False, False), (16, True, False), (32, True, True),
+                           (0, False, True)):
+        monkeypatch.setitem(triton_kernels.TWO_LAUNCH_CONFIG, "shrink_rows", rows)
+        monkeypatch.setitem(triton_kernels.TWO_LAUNCH_CONFIG, "p_low", low)
+        monkeypatch.setitem(triton_kernels.TWO_LAUNCH_CONFIG, "reduce", red)
+        assert triton_kernels.shrink_rows(64) == (rows or 64)
+        ops = LoRAOps(pool, batch, TritonBackend())
+        assert ops.backend.meta.prefill and ops.backend.meta.block_m == 64
+        o = out.clone()
+        ops.column(0, "q", x, o)
+        got.append(o)
+        if red and split < K:       # the counters the reduction used are back to zero
+            cnt = ops.backend._scratch.red
+            assert cnt is not None and int(cnt.abs().sum()) == 0
+    assert not torch.equal(got[0], out)
+    for o in got[1:]:
+        assert torch.equal(o, got[0])

@@ -348,3 +348,122 @@ def test_fused_split_bits_do_not_depend_on_the_batch(monkeypatch) -> None:
                 LoRAOps(pool, alone, TritonBackend()).column(0, m, x[:5], o1)
             assert torch.equal(o1, oa), f"{m} {dtype}: one program per block != split"
         del pool
+
+
+PREFILL_TUNINGS = [dict(), dict(shrink_rows=16), dict(prefill_split=1 << 20, shrink_rows=16, p_low=True),
+                   dict(prefill_split=16, reduce=True, p_low=True), dict(prefill_split=16, reduce=True,
+                                                                          shrink_rows=32)]
+
+
+@pytest.mark.parametrize("cfg", PREFILL_TUNINGS, ids=["block", "sub16", "one-split-low", "reduce-low",
+                                                      "reduce-sub32"])
+def test_prefill_two_launch_tunings_cuda(monkeypatch, cfg: dict) -> None:
+    """The dense prefill regime (``PREFILL_TOKENS`` lowered to 8: 64-row blocks, shrink + expand) with each
+    shrink tuning the benchmark sweeps: fp32 and bf16 against the torch path on random batches of up to
+    40-token requests; base-only rows unchanged."""
+    from tp_lora.ops import meta
+    from tp_lora.ops import triton_kernels as K
+    monkeypatch.setattr(meta, "PREFILL_TOKENS", 8)
+    for k, v in cfg.items():
+        monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, k, v)
+    par = ParallelSpec(tp_size=2, tp_rank=1)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert kc.compare_dense(DENSE, par, dtype, "cuda", seed=13, trials=3, max_len=40) >= 12
+
+
+def test_prefill_split_reduction_in_a_cuda_graph(monkeypatch) -> None:
+    """The shrink's split reduction (its counters reset by the kernel) in a captured prefill-regime op:
+    replays with other batches equal eager runs bit for bit, and equal the expand-summed splits."""
+    from tp_lora.ops import meta
+    from tp_lora.ops import triton_kernels as K
+    monkeypatch.setattr(meta, "PREFILL_TOKENS", 8)
+    monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "prefill_split", 16)
+    monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "reduce", True)
+    pool = make_pool(DENSE, ParallelSpec(tp_size=2, tp_rank=0), dtype=torch.bfloat16, device="cuda", seed=5)
+    T = 96
+    ranks = {0: 8, 1: 3, 2: 5}
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(T, pool.shapes["q"].a_shape[1], device="cuda", dtype=torch.bfloat16, generator=g)
+    base = torch.randn(T, pool.shapes["q"].b_shape[0], device="cuda", dtype=torch.bfloat16, generator=g)
+    out = torch.empty_like(base)
+    mixes = [([0, 1, -1, 2], [40, 20, 16, 20]), ([2, 2, 0], [70, 6, 20]), ([-1, 1], [90, 6]),
+             ([1, 0, 2, -1, 0], [10, 30, 26, 20, 10])]
+
+    def batch_of(mix):
+        slots, lens = mix
+        return build_batch(slots, [None] * len(slots), lens, {s: ranks[s] for s in slots if s >= 0},
+                           torch.device("cuda"), None)
+
+    def op(ops: LoRAOps) -> None:
+        out.copy_(base)
+        ops.column(0, "q", x, out)
+
+    backend = TritonBackend(max_tokens=T)
+    ops = LoRAOps(pool, batch_of(mixes[0]), backend)
+    assert ops.backend.meta.prefill
+    op(ops)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        op(ops)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        op(ops)
+    for mix in mixes[1:] + mixes[:1]:
+        batch = batch_of(mix)
+        LoRAOps(pool, batch, backend)
+        for _ in range(2):
+            graph.replay()
+            got = out.clone()
+            op(LoRAOps(pool, batch, TritonBackend()))
+            assert torch.equal(got, out), mix
+        monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "reduce", False)
+        op(LoRAOps(pool, batch, TritonBackend()))          # the expand sums the splits instead
+        assert torch.equal(got, out), mix
+        monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "reduce", True)
+    torch.cuda.synchronize()
+    assert int(backend._scratch.red.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("dtype,max_rank", [(torch.float32, 128), (torch.float32, 64), (torch.bfloat16, 128)],
+                         ids=["fp32-r128", "fp32-r64", "bf16-r128"])
+def test_prefill_full_size_shapes_fit_and_match(dtype, max_rank: int) -> None:
+    """Llama-3-8B q / down at 600 tokens (the real prefill regime) with the default tuning: the shrink's
+    pipeline stages fit the shared memory for every dtype and rank tile (float32 at rank tile 128 takes
+    96 KiB a stage), and the result is the torch path's (fp32 1e-5 relative, bf16 2e-2)."""
+    import dataclasses
+    from tp_lora.device.pool import GpuPool
+    from tp_lora.plan.model import ModelSpec
+    from tp_lora.ops import triton_kernels as K
+    spec = dataclasses.replace(ModelSpec.from_preset("llama-3-8b"), num_hidden_layers=1)
+    dev = torch.device("cuda")
+    pool = GpuPool(spec, ParallelSpec(), max_loras=3, max_rank=max_rank, modules=("q", "down"), dtype=dtype,
+                   device=dev)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    ranks = [max_rank, 16, max_rank // 2 + 3]
+    for m in pool.modules:
+        for s, r in enumerate(ranks):
+            A, B = pool.A[m][s], pool.B[m][s]
+            A[..., :r, :] = torch.randn(A[..., :r, :].shape, generator=g, device=dev).to(dtype) * 0.02
+            B[..., :r] = torch.randn(B[..., :r].shape, generator=g, device=dev).to(dtype) * 0.02
+        pool.scaling[m].uniform_(0.5, 2.0, generator=g)
+    slots = [0, 1, -1, 2, 0, 1]
+    lens = [130, 70, 50, 200, 90, 60]
+    batch = build_batch(slots, [None] * 6, lens, {s: ranks[s] for s in slots if s >= 0}, dev, None)
+    ops_k, ops_t = LoRAOps(pool, batch, TritonBackend()), LoRAOps(pool, batch, TorchBackend())
+    assert ops_k.backend.meta.prefill
+    for m in ("q", "down"):
+        Kd, N = pool.shapes[m].a_shape[1], pool.shapes[m].b_shape[0]
+        assert K.shrink_stages(dtype, 64, 128, K.rank_tile(max_rank)) >= 2
+        x = torch.randn(batch.num_tokens, Kd, device=dev, generator=g).to(dtype)
+        out = torch.randn(batch.num_tokens, N, device=dev, generator=g).to(dtype)
+        ok, ot = out.clone(), out.clone()
+        ops_k.column(0, m, x, ok)
+        ops_t.column(0, m, x, ot)
+        d = (ok.double() - out.double()), (ot.double() - out.double())
+        rel = float((d[0] - d[1]).norm() / d[1].norm())
+        assert rel <= (1e-5 if dtype == torch.float32 else 2e-2), (m, rel)
+        base = batch.token_slots < 0
+        assert torch.equal(ok[base], out[base])

@@ -54,9 +54,10 @@ def _mag(pool: GpuPool, batch: BatchInfo, layer: int, module: str, x: torch.Tens
 
 
 def compare_dense(spec: ModelSpec, par: ParallelSpec, dtype: torch.dtype, device: str, seed: int,
-                  trials: int = 3) -> int:
-    """Triton vs torch path on random mixed batches for every dense module of layer 0..1 and lm_head; rows
-    without adapter exactly unchanged. Returns the number of comparisons made."""
+                  trials: int = 3, max_len: int = 6) -> int:
+    """Triton vs torch path on random mixed batches (requests of up to ``max_len`` tokens) for every dense
+    module of layer 0..1 and lm_head; rows without adapter exactly unchanged. Returns the number of
+    comparisons made."""
     from tp_lora.ops.triton_backend import TritonBackend   # lazily: the importer sets TRITON_INTERPRET
     rng = random.Random(seed)
     pool = make_pool(spec, par, dtype=dtype, device=device, seed=seed)
@@ -64,7 +65,7 @@ def compare_dense(spec: ModelSpec, par: ParallelSpec, dtype: torch.dtype, device
     tol = tol_for(dtype)
     done = 0
     for _ in range(trials):
-        batch = random_batch(rng, pool.max_loras, ranks, device)
+        batch = random_batch(rng, pool.max_loras, ranks, device, max_len=max_len)
         T = batch.num_tokens
         ops_t, ops_k = LoRAOps(pool, batch, TorchBackend()), LoRAOps(pool, batch, TritonBackend())
         g = torch.Generator().manual_seed(rng.randrange(1 << 30))

@@ -57,6 +57,12 @@ class TritonBackend:
                          for name, s in pool.shapes.items() if name != "embed"]
                 self._scratch.reserve(max([e for e, _ in needs] + [0]), max([b for _, b in needs] + [0]),
                                       pool.device)
+            if m.capacity is not None:
+                # static mode: the two-launch shrink's split-reduction counters, before any capture
+                n = max([K.reduce_counters_needed(s.a_shape[1], m.grid_blocks, m.block_m, pool.max_rank)
+                         for name, s in pool.shapes.items() if name != "embed"] + [0])
+                if n:
+                    self._scratch.reduce_counters(n, pool.device)
         self.meta.update(batch)
 
     def _views(self, pool: GpuPool, module: str, layer: int) -> tuple:
@@ -100,7 +106,7 @@ class TritonBackend:
                     expert=False, scratch=None if m.prefill else self._scratch,
                     records=m.blk_rec if m.block_m == K.REC_ROWS else None)
             return
-        P = K.shrink(x, A, None, blocks, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank)
+        P = K.shrink(x, A, None, blocks, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank, self._scratch)
         K.expand(P, B, None, sc, None, out, blocks, m.grid_blocks, m.block_m, m.slot_rank, x.dtype,
                  pool.max_rank)
 

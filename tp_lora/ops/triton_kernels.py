@@ -79,8 +79,18 @@ FUSED_PREFILL = False   # dense ops of the prefill regime through the fused kern
 # The two-launch path's tiles (decode / prefill regime where they differ).
 # prefill_split: K columns per shrink program in the prefill regime (0: split_size's rule); expand_block_n:
 # the expand's N tile for pools of rank tile 16, expand_block_n_wide for wider rank tiles.
-TWO_LAUNCH_CONFIG = dict(shrink_block_k=(256, 128), shrink_warps=4, shrink_stages=3, expand_block_n=128,
-                         expand_block_n_wide=128, expand_warps=4, prefill_split=0)
+# shrink_rows: rows per shrink program in the prefill regime (0: the whole block; a smaller power of two cuts a
+# block into sub-blocks, more programs for the same bytes of x); p_low: with one K split, P is stored in the
+# compute dtype (the expand rounds it to that dtype anyway: the same bits, half the bytes).
+# reduce: with several K splits the shrink sums them (the last split program of a block to finish), so the
+# expand reads one P (dense ops; counters in the backend's scratch); reduce_unroll: its split loads unrolled
+# (in flight together, SPLITS tiles of registers). prefill_splits: K splits of the prefill shrink (the split
+# the next power of two above K / this; 0: split_size's fixed columns).
+# Defaults from the H200 sweep of 2026-12-02q (docs/KERNELS.md): reduce + p_low + 4 prefill splits + 4 shrink
+# stages, 2048 tokens: q 2-3% faster, down r16 / r64 / mixed 12 / 17 / 13%.
+TWO_LAUNCH_CONFIG = dict(shrink_block_k=(256, 128), shrink_warps=4, shrink_stages=4, expand_block_n=128,
+                         expand_block_n_wide=128, expand_warps=4, prefill_split=0, shrink_rows=0, p_low=True,
+                         reduce=True, reduce_unroll=False, prefill_splits=4)
 
 
 
@@ -98,12 +108,12 @@ def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, b, BLOCK_M: tl.constexpr):
-    """Block ``b``'s rows (int64, through the permutation) and their mask (the block prologue every kernel
-    shares)."""
+def _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, b, r0, BLOCK_M: tl.constexpr):
+    """Rows ``r0 .. r0 + BLOCK_M`` of block ``b`` (int64, through the permutation) and their mask (the block
+    prologue every kernel shares; ``r0`` > 0 only for a shrink program of a sub-block)."""
     start = tl.load(blk_start_ptr + b)
     n = tl.load(blk_len_ptr + b)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = r0 + tl.arange(0, BLOCK_M)
     mrow = offs_m < n
     rows = tl.load(perm_ptr + start + offs_m, mask=mrow, other=0).to(tl.int64)
     return rows, mrow
@@ -266,14 +276,14 @@ def _fused_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, b_ptr, sbs, sbe, s
         else:
             slot, rank = _block_slot_rank(blk_slot_ptr, rank_ptr, b)
             if HOIST:
-                rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, b, BLOCK_M)
+                rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, b, 0, BLOCK_M)
         if HAS_EXPERT:
             if HOIST:
                 e = tl.load(blk_exp_ptr + b).to(tl.int64)
         if rank > 0:
             if REC == 0:
                 if not HOIST:
-                    rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, b, BLOCK_M)
+                    rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, b, 0, BLOCK_M)
             a_base = a_ptr + slot.to(tl.int64) * sas
             b_base = b_ptr + slot.to(tl.int64) * sbs
             sc_off = slot.to(tl.int64) * scs
@@ -300,46 +310,72 @@ def _fused_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, b_ptr, sbs, sbe, s
 
 
 @triton.jit
-def _shrink_tile(x_ptr, sxm, sxk, a_base, sar, sak, p_ptr, sps, spm, spr, rows, mrow, rank, r0, k_lo, k_hi,
-                 pid_s, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BR: tl.constexpr):
+def _shrink_tile(x_ptr, sxm, sxk, a_base, sar, sak, p_ptr, sps, spm, spr, q_ptr, sqm, sqr, cnt_ptr, rows, mrow,
+                 rank, r0, k_lo, k_hi, pid_s, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BR: tl.constexpr, SPLITS: tl.constexpr, REDUCE: tl.constexpr,
+                 UNROLL: tl.constexpr):
+    """Split ``pid_s``'s partial of ``x[rows] @ A^T`` to ``P[pid_s]``. ``REDUCE``: the last of the
+    ``SPLITS`` programs of this (rank tile, block) to arrive at its counter (``cnt_ptr``) sums all partials
+    in split order (the order the expand would sum them in: the same bits) into ``Q`` (the compute dtype)
+    and resets the counter. Nobody waits (no residency needed): the others just leave."""
     offs_r = r0 + tl.arange(0, BR)
     mr = offs_r < rank
     pmask = mrow[:, None] & mr[None, :]
     acc = _xa(x_ptr, sxm, sxk, a_base, sar, sak, rows, mrow, offs_r, mr, k_lo, k_hi, k_hi, p_ptr, pmask, 0, IEEE,
               UPCAST, BLOCK_M, BLOCK_K, BR, 1)
-    tl.store(p_ptr + pid_s * sps + rows[:, None] * spm + offs_r[None, :] * spr, acc, mask=pmask)
+    pptr = p_ptr + rows[:, None] * spm + offs_r[None, :] * spr
+    if REDUCE:
+        tl.store(pptr + pid_s * sps, acc, mask=pmask)
+        tl.debug_barrier()                               # every thread's partial is written before the count
+        n = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+        if n == SPLITS - 1:                              # the last to arrive: all partials are visible
+            tl.debug_barrier()
+            p = tl.zeros((BLOCK_M, BR), dtype=tl.float32)
+            if UNROLL:           # split order; unrolled: the loads in flight together (registers: SPLITS tiles)
+                for j in tl.static_range(SPLITS):
+                    p += tl.load(pptr + j * sps, mask=pmask, other=0.0, cache_modifier=".cg")
+            else:
+                for j in range(SPLITS):
+                    p += tl.load(pptr + j * sps, mask=pmask, other=0.0, cache_modifier=".cg")
+            tl.store(q_ptr + rows[:, None] * sqm + offs_r[None, :] * sqr, p, mask=pmask)
+            tl.atomic_xchg(cnt_ptr, 0)                   # zero for the next launch (or graph replay)
+    else:
+        tl.store(pptr + pid_s * sps, acc, mask=pmask)
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, p_ptr, sps, spm, spr,
+def _shrink_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, p_ptr, sps, spm, spr, q_ptr, sqm, sqr, cnt_ptr,
                    perm_ptr, blk_start_ptr, blk_len_ptr, blk_slot_ptr, blk_exp_ptr, rank_ptr,
                    K, K_PER_SPLIT,
                    HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                   RT: tl.constexpr, BLOCK_K: tl.constexpr):
+                   SUB: tl.constexpr, RT: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
+                   REDUCE: tl.constexpr, UNROLL: tl.constexpr):
+    # SUB programs share a block along its rows (BLOCK_M rows each): more programs for the same bytes of x
     pid_r = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    pid_b = tl.program_id(1) // SUB
     pid_s = tl.program_id(2)
     slot, rank = _block_slot_rank(blk_slot_ptr, rank_ptr, pid_b)
     r0 = pid_r * RT
     if r0 >= rank:
-        return
-    rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, pid_b, BLOCK_M)
+        return                 # every split of this (rank tile, block) returns: its counter is never touched
+    rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, pid_b, (tl.program_id(1) % SUB) * BLOCK_M,
+                             BLOCK_M)
     a_base = a_ptr + slot.to(tl.int64) * sas
     if HAS_EXPERT:
         a_base += tl.load(blk_exp_ptr + pid_b).to(tl.int64) * sae
     k_lo = pid_s * K_PER_SPLIT
     k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
+    cnt = cnt_ptr + pid_r * tl.num_programs(1) + tl.program_id(1)
     if RT <= R16:
-        _shrink_tile(x_ptr, sxm, sxk, a_base, sar, sak, p_ptr, sps, spm, spr, rows, mrow, rank, r0, k_lo, k_hi,
-                     pid_s, IEEE, UPCAST, BLOCK_M, BLOCK_K, R16)
+        _shrink_tile(x_ptr, sxm, sxk, a_base, sar, sak, p_ptr, sps, spm, spr, q_ptr, sqm, sqr, cnt, rows, mrow,
+                     rank, r0, k_lo, k_hi, pid_s, IEEE, UPCAST, BLOCK_M, BLOCK_K, R16, SPLITS, REDUCE, UNROLL)
     else:
         if rank - r0 <= R16:   # the rest of the slot's rank fits the narrow tile
-            _shrink_tile(x_ptr, sxm, sxk, a_base, sar, sak, p_ptr, sps, spm, spr, rows, mrow, rank, r0, k_lo,
-                         k_hi, pid_s, IEEE, UPCAST, BLOCK_M, BLOCK_K, R16)
+            _shrink_tile(x_ptr, sxm, sxk, a_base, sar, sak, p_ptr, sps, spm, spr, q_ptr, sqm, sqr, cnt, rows,
+                         mrow, rank, r0, k_lo, k_hi, pid_s, IEEE, UPCAST, BLOCK_M, BLOCK_K, R16, SPLITS, REDUCE, UNROLL)
         else:
-            _shrink_tile(x_ptr, sxm, sxk, a_base, sar, sak, p_ptr, sps, spm, spr, rows, mrow, rank, r0, k_lo,
-                         k_hi, pid_s, IEEE, UPCAST, BLOCK_M, BLOCK_K, RT)
+            _shrink_tile(x_ptr, sxm, sxk, a_base, sar, sak, p_ptr, sps, spm, spr, q_ptr, sqm, sqr, cnt, rows,
+                         mrow, rank, r0, k_lo, k_hi, pid_s, IEEE, UPCAST, BLOCK_M, BLOCK_K, RT, SPLITS, REDUCE, UNROLL)
 
 
 @triton.jit
@@ -352,7 +388,7 @@ def _embed_shrink_kernel(ids_ptr, a_ptr, sas, sar, sav, p_ptr, spm, spr,
     r0 = pid_r * BLOCK_R
     if r0 >= rank:
         return
-    rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, pid_b, BLOCK_M)
+    rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, pid_b, 0, BLOCK_M)
     local = tl.load(ids_ptr + rows, mask=mrow, other=0).to(tl.int64) - vocab_start
     inside = mrow & (local >= 0) & (local < per)
     offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -392,7 +428,7 @@ def _expand_kernel(p_ptr, sps, spm, spr, b_ptr, sbs, sbe, sbn, sbr, sc_ptr, scs,
     slot, rank = _block_slot_rank(blk_slot_ptr, rank_ptr, pid_b)
     if rank <= 0:
         return
-    rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, pid_b, BLOCK_M)
+    rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, pid_b, 0, BLOCK_M)
     b_base = b_ptr + slot.to(tl.int64) * sbs
     sc_off = slot.to(tl.int64) * scs
     if HAS_EXPERT:
@@ -481,13 +517,24 @@ def _sms(device: torch.device) -> int:
 
 def split_size(K: int, prefill: bool) -> int:
     """Columns of K per shrink program (two-launch path): a function of K and the regime only (never of
-    the batch's content). Decode: short chunks keep a few blocks parallel over many splits; prefill has many
-    blocks, so longer chunks (fewer partials for the expand to sum)."""
+    the batch's content). Decode: short chunks keep a few blocks parallel over many splits. Prefill: K in
+    ``prefill_splits`` splits (each the next power of two above K / that, >= 256 columns: q of Llama-3-8B 4 x
+    1024, down 4 x 4096, the last one shorter), which the shrink sums itself (``reduce``); else fixed
+    columns (2048 / 4096, fewer partials for the expand to sum when it sums them)."""
     if prefill:
         if TWO_LAUNCH_CONFIG["prefill_split"]:
             return TWO_LAUNCH_CONFIG["prefill_split"]
+        if TWO_LAUNCH_CONFIG["prefill_splits"]:
+            return max(256, triton.next_power_of_2(-(-K // TWO_LAUNCH_CONFIG["prefill_splits"])))
         return 2048 if K <= 8192 else 4096   # H200 sweeps 2026-12-02g/h: q 1024 -> 2048 5-13% faster
     return 512 if K <= 4096 else 1024
+
+
+def shrink_rows(block_m: int) -> int:
+    """Rows per shrink program for blocks of ``block_m`` rows (prefill regime): ``shrink_rows`` of
+    ``TWO_LAUNCH_CONFIG`` when it is a power of two (>= 16) below the block, else the whole block."""
+    r = int(TWO_LAUNCH_CONFIG["shrink_rows"])
+    return r if 16 <= r < block_m and block_m % r == 0 and r & (r - 1) == 0 else block_m
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -509,6 +556,17 @@ def fused_stages(dtype: torch.dtype, rt: int) -> int:
     so four stages would not fit in an H100's 227 KiB)."""
     n = FUSED_CONFIG["num_stages"]
     return n if dtype.itemsize <= 2 and rt <= FUSED_STAGES_MAX_RT else min(n, 3)
+
+
+SHRINK_SMEM = 224 * 1024   # shared memory the shrink's pipeline stages may take (H100/H200: 227 KiB a block)
+
+
+def shrink_stages(dtype: torch.dtype, block_m: int, block_k: int, rt: int) -> int:
+    """Pipeline stages of the shrink: the tuned ``shrink_stages``, fewer where that many x and A tiles
+    (``block_m x block_k`` and ``block_k x rt`` of ``dtype``, a stage each) would not fit ``SHRINK_SMEM``
+    (float32 at rank tile 128 in the prefill regime: 96 KiB a stage), at least one."""
+    per = (block_m + rt) * block_k * dtype.itemsize
+    return max(1, min(int(TWO_LAUNCH_CONFIG["shrink_stages"]), SHRINK_SMEM // per))
 
 
 def rank_tile(max_rank: int) -> int:
@@ -540,11 +598,13 @@ class FusedScratch:
     departure counters (zero between launches: the kernel resets what it used). A block is split only
     while at most half the SMs' worth of blocks are used, so ``SMs // 2`` blocks bound it. Allocated once
     and grown when a larger K or rank needs it (outside any CUDA-graph capture: ``reserve`` it first).
+    Also the counters of the two-launch shrink's split reduction (``reduce_counters``).
     One scratch per stream of use: two ops running concurrently must not share one."""
 
     def __init__(self) -> None:
         self.p: torch.Tensor | None = None
         self.cnt: torch.Tensor | None = None
+        self.red: torch.Tensor | None = None
         self._views: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def reserve(self, p_elems: int, blocks: int, device: torch.device) -> None:
@@ -554,6 +614,13 @@ class FusedScratch:
             self.cnt = torch.zeros(2 * max(blocks, 1), dtype=torch.int32, device=device)
             n = self.cnt.numel() // 2
             self._views = (self.cnt[:n], self.cnt[n:])
+
+    def reduce_counters(self, n: int, device: torch.device) -> torch.Tensor:
+        """At least ``n`` int32 counters of the shrink's split reduction, zero between launches (the kernel
+        resets what it used); grown here when needed (outside any capture: reserve them first)."""
+        if self.red is None or self.red.numel() < n or self.red.device != device:
+            self.red = torch.zeros(max(n, 1), dtype=torch.int32, device=device)
+        return self.red
 
     def counters(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(arrivals, departures): views made once (slicing costs host time)."""
@@ -623,13 +690,19 @@ def fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tens
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, grid_blocks: int,
-           block_m: int, slot_rank: torch.Tensor, max_rank: int) -> torch.Tensor:
-    """P ``[splits, rows, R_pad]`` float32 with ``P.sum(0)[row, :rank] = x[row] @ A[slot(, e), :rank]^T``.
+           block_m: int, slot_rank: torch.Tensor, max_rank: int,
+           scratch: "FusedScratch | None" = None) -> torch.Tensor:
+    """P ``[splits, rows, R_pad]`` float32 with ``P.sum(0)[row, :rank] = x[row] @ A[slot(, e), :rank]^T``
+    (in x's dtype when the expand reads one split and ``p_low`` is set: the expand rounds P to it anyway).
+    With ``scratch`` (its counters) and several K splits, the shrink sums the splits itself (``reduce``:
+    the last split program of a block to finish adds them in split order) and returns ``[1, rows, R_pad]``:
+    the expand then reads P once instead of once per split, for each of its N tiles.
 
     x ``[rows, K]``; A ``[S, R, K]`` or ``[S, E, R, K]`` (any strides; ``expert_stride`` is A.stride(1) for
-    the expert form, None for dense). One program per (rank tile, block, K split); the rank tile is the
-    pool's (``rank_tile``), 16 wide where the slot's rest of rank fits. Entries of P outside the blocks'
-    rows or above a slot's rank are never written (and never read by ``expand``).
+    the expert form, None for dense). One program per (rank tile, block or sub-block of ``shrink_rows``
+    rows, K split); the rank tile is the pool's (``rank_tile``), 16 wide where the slot's rest of rank fits.
+    Entries of P outside the blocks' rows or above a slot's rank are never written (and never read by
+    ``expand``).
     """
     rows, K = x.shape
     prefill = block_m > 16
@@ -637,17 +710,35 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, 
     splits = max(1, -(-K // ks))
     rt = rank_tile(max_rank)
     r_pad = -(-max(max_rank, 1) // rt) * rt
-    P = torch.empty((splits, rows, r_pad), dtype=torch.float32, device=x.device)
+    reduce = splits > 1 and scratch is not None and bool(TWO_LAUNCH_CONFIG["reduce"])
+    low_dt = x.dtype if bool(TWO_LAUNCH_CONFIG["p_low"]) else torch.float32
+    P = torch.empty((splits, rows, r_pad), dtype=low_dt if splits == 1 else torch.float32, device=x.device)
+    Q = torch.empty((1, rows, r_pad), dtype=low_dt, device=x.device) if reduce else P
     if grid_blocks == 0 or rows == 0:
-        return P
+        return Q
+    sub_m = shrink_rows(block_m) if prefill else block_m
+    grid = (r_pad // rt, grid_blocks * (block_m // sub_m), splits)
+    cnt = scratch.reduce_counters(grid[0] * grid[1], x.device) if reduce else slot_rank
     perm, bs, bl, bslot, bexp = blocks
-    _shrink((r_pad // rt, grid_blocks, splits),
+    bk = _pow2(K, 16, TWO_LAUNCH_CONFIG["shrink_block_k"][prefill])
+    _shrink(grid,
             (x, x.stride(0), x.stride(1), A, A.stride(0), expert_stride or 0, A.stride(-2), A.stride(-1),
-             P, P.stride(0), P.stride(1), P.stride(2), perm, bs, bl, bslot, bexp, slot_rank, K, ks),
+             P, P.stride(0), P.stride(1), P.stride(2), Q, Q.stride(1), Q.stride(2), cnt,
+             perm, bs, bl, bslot, bexp, slot_rank, K, ks),
             dict(HAS_EXPERT=expert_stride is not None, IEEE=x.dtype == torch.float32, UPCAST=INTERPRET,
-                 BLOCK_M=block_m, RT=rt, BLOCK_K=_pow2(K, 16, TWO_LAUNCH_CONFIG["shrink_block_k"][prefill])),
-            num_warps=TWO_LAUNCH_CONFIG["shrink_warps"], num_stages=TWO_LAUNCH_CONFIG["shrink_stages"])
-    return P
+                 BLOCK_M=sub_m, SUB=block_m // sub_m, RT=rt,
+                 BLOCK_K=bk, SPLITS=splits, REDUCE=reduce, UNROLL=bool(TWO_LAUNCH_CONFIG["reduce_unroll"])),
+            num_warps=TWO_LAUNCH_CONFIG["shrink_warps"], num_stages=shrink_stages(x.dtype, sub_m, bk, rt))
+    return Q
+
+
+def reduce_counters_needed(K: int, grid_blocks: int, block_m: int, max_rank: int) -> int:
+    """Counters the shrink's split reduction needs for an op of K columns over ``grid_blocks`` blocks of
+    ``block_m`` rows (prefill regime): one per (rank tile, block or sub-block); 0 with one split."""
+    if not TWO_LAUNCH_CONFIG["reduce"] or -(-K // split_size(K, block_m > 16)) <= 1:
+        return 0
+    rt = rank_tile(max_rank)
+    return (-(-max(max_rank, 1) // rt)) * grid_blocks * (block_m // shrink_rows(block_m))
 
 
 def embed_shrink(token_ids: torch.Tensor, A: torch.Tensor, vocab_start: int, blocks, grid_blocks: int,
