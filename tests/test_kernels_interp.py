@@ -266,11 +266,28 @@ def test_fused_stages_deepen_only_where_they_were_timed():
     assert f(torch.float32, 16) == f(torch.bfloat16, 128) == f(torch.float32, 128) == min(tuned, 3)
 
 
-PREFILL_CONFIGS = [dict(), dict(shrink_rows=16), dict(shrink_rows=32, prefill_split=1 << 20, p_low=True),
+def test_shrink_stages_fit_the_shared_memory():
+    """The shrink keeps its tuned depth where the stages fit (bf16 prefill tiles up to rank tile 128) and
+    takes fewer where they would not: float32 prefill at rank tile 64 / 128 (64 / 96 KiB a stage), bf16
+    decode at rank tile 128 (256-column K tiles: 72 KiB a stage); never zero."""
+    f = triton_kernels.shrink_stages
+    tuned = triton_kernels.TWO_LAUNCH_CONFIG["shrink_stages"]
+    assert f(torch.bfloat16, 64, 128, 16) == f(torch.bfloat16, 64, 128, 128) == tuned == 4
+    assert f(torch.float32, 64, 128, 64) == 3 and f(torch.float32, 64, 128, 128) == 2
+    assert f(torch.bfloat16, 16, 256, 128) == 3
+    for dt in (torch.float32, torch.bfloat16):
+        for rt in (16, 64, 128):
+            n = f(dt, 64, 128, rt)
+            assert 1 <= n and n * (64 + rt) * 128 * dt.itemsize <= triton_kernels.SHRINK_SMEM
+
+
+PREFILL_CONFIGS = [dict(), dict(reduce=False, p_low=False, prefill_splits=0), dict(shrink_rows=16),
+                   dict(shrink_rows=32, prefill_split=1 << 20, p_low=True),
                    dict(prefill_split=16, reduce=True, p_low=True, shrink_rows=16)]
 
 
-@pytest.mark.parametrize("cfg", PREFILL_CONFIGS, ids=["block", "sub16", "sub32-one-split-low", "reduce-sub16"])
+@pytest.mark.parametrize("cfg", PREFILL_CONFIGS, ids=["defaults", "expand-sums-splits", "sub16",
+                                                      "sub32-one-split-low", "reduce-sub16"])
 def test_prefill_two_launch_tunings_match_torch_path(monkeypatch, cfg: dict) -> None:
     """The dense prefill regime (``PREFILL_TOKENS`` lowered to 8, so random batches of up to 40-token
     requests take 64-row blocks and the two launches) with each shrink tuning the benchmark sweeps: shrink
