@@ -283,11 +283,11 @@ def test_shrink_stages_fit_the_shared_memory():
 
 PREFILL_CONFIGS = [dict(), dict(reduce=False, p_low=False, prefill_splits=0), dict(shrink_rows=16),
                    dict(shrink_rows=32, prefill_split=1 << 20, p_low=True),
-                   dict(prefill_split=16, reduce=True, p_low=True, shrink_rows=16)]
+                   dict(prefill_split=16, reduce=True, p_low=True)]
 
 
 @pytest.mark.parametrize("cfg", PREFILL_CONFIGS, ids=["defaults", "expand-sums-splits", "sub16",
-                                                      "sub32-one-split-low", "reduce-sub16"])
+                                                      "sub32-one-split-low", "reduce-4-splits"])
 def test_prefill_two_launch_tunings_match_torch_path(monkeypatch, cfg: dict) -> None:
     """The dense prefill regime (``PREFILL_TOKENS`` lowered to 8, so random batches of up to 40-token
     requests take 64-row blocks and the two launches) with each shrink tuning the benchmark sweeps: shrink
