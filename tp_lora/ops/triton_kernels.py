@@ -706,18 +706,14 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, 
     """
     rows, K = x.shape
     prefill = block_m > 16
-    ks = split_size(K, prefill)
-    splits = max(1, -(-K // ks))
-    rt = rank_tile(max_rank)
-    r_pad = -(-max(max_rank, 1) // rt) * rt
+    grid, ks, sub_m, rt = shrink_grid(K, grid_blocks, block_m, max_rank)
+    splits, r_pad = grid[2], grid[0] * rt
     reduce = splits > 1 and scratch is not None and bool(TWO_LAUNCH_CONFIG["reduce"])
     low_dt = x.dtype if bool(TWO_LAUNCH_CONFIG["p_low"]) else torch.float32
     P = torch.empty((splits, rows, r_pad), dtype=low_dt if splits == 1 else torch.float32, device=x.device)
     Q = torch.empty((1, rows, r_pad), dtype=low_dt, device=x.device) if reduce else P
     if grid_blocks == 0 or rows == 0:
         return Q
-    sub_m = shrink_rows(block_m) if prefill else block_m
-    grid = (r_pad // rt, grid_blocks * (block_m // sub_m), splits)
     cnt = scratch.reduce_counters(grid[0] * grid[1], x.device) if reduce else slot_rank
     perm, bs, bl, bslot, bexp = blocks
     bk = _pow2(K, 16, TWO_LAUNCH_CONFIG["shrink_block_k"][prefill])
@@ -732,13 +728,21 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, 
     return Q
 
 
+def shrink_grid(K: int, grid_blocks: int, block_m: int, max_rank: int) -> tuple[tuple, int, int, int]:
+    """The shrink's grid ``(rank tiles, blocks x sub-blocks, K splits)``, its K columns per split, rows per
+    program and rank tile, for an op of K columns over ``grid_blocks`` blocks of ``block_m`` rows."""
+    prefill = block_m > 16
+    ks = split_size(K, prefill)
+    rt = rank_tile(max_rank)
+    sub_m = shrink_rows(block_m) if prefill else block_m
+    return (-(-max(max_rank, 1) // rt), grid_blocks * (block_m // sub_m), max(1, -(-K // ks))), ks, sub_m, rt
+
+
 def reduce_counters_needed(K: int, grid_blocks: int, block_m: int, max_rank: int) -> int:
     """Counters the shrink's split reduction needs for an op of K columns over ``grid_blocks`` blocks of
-    ``block_m`` rows (prefill regime): one per (rank tile, block or sub-block); 0 with one split."""
-    if not TWO_LAUNCH_CONFIG["reduce"] or -(-K // split_size(K, block_m > 16)) <= 1:
-        return 0
-    rt = rank_tile(max_rank)
-    return (-(-max(max_rank, 1) // rt)) * grid_blocks * (block_m // shrink_rows(block_m))
+    ``block_m`` rows: one per (rank tile, block or sub-block); 0 with one split."""
+    grid = shrink_grid(K, grid_blocks, block_m, max_rank)[0]
+    return grid[0] * grid[1] if TWO_LAUNCH_CONFIG["reduce"] and grid[2] > 1 else 0
 
 
 def embed_shrink(token_ids: torch.Tensor, A: torch.Tensor, vocab_start: int, blocks, grid_blocks: int,
