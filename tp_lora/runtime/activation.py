@@ -25,8 +25,10 @@ communicators are aborted to free the device).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -53,6 +55,11 @@ SLOT_EMPTY, SLOT_ACTIVE, SLOT_IN_DOUBT = 0, 1, 2
 FLAG_CALL, FLAG_OVERFLOW = 1, 2
 
 
+@functools.lru_cache(maxsize=4096)
+def _digest_str(s: str) -> int:
+    return digest62(s)
+
+
 def digest62(*parts: Any) -> int:
     """A 62-bit digest (exact in int64 sums); ``parts`` are repr'd, so any value is accepted."""
     h = hashlib.blake2b(digest_size=8)
@@ -63,12 +70,19 @@ def digest62(*parts: Any) -> int:
     return int.from_bytes(h.digest(), "little") & _MASK
 
 
-def _pack(text: str, words: int) -> list[int]:
-    raw = text.encode("utf-8", "replace")[:words * 7]
-    return [int.from_bytes(raw[i * 7:(i + 1) * 7], "little") for i in range(words)]
+@functools.lru_cache(maxsize=4096)
+def _pack(text: str, words: int) -> tuple[int, ...]:
+    """``text`` (utf-8, cut to ``words`` x 7 bytes) as 7-byte little-endian words: non-negative int64
+    values that travel unchanged through a SUM with zeros. Cached: names and reasons repeat."""
+    if not text:
+        return (0,) * words
+    raw = text.encode("utf-8", "replace")[:words * 7].ljust(words * 7, b"\0")
+    return tuple(int.from_bytes(raw[i * 7:(i + 1) * 7], "little") for i in range(words))
 
 
 def _unpack(ws: Sequence[int]) -> str:
+    if not any(ws):
+        return ""
     raw = b"".join(int(w).to_bytes(7, "little") for w in ws).rstrip(b"\0")
     return raw.decode("utf-8", "replace")
 
@@ -103,24 +117,36 @@ class RankMessage:
 
 
 def encode(msg: RankMessage, rank: int, world: int, max_loras: int) -> torch.Tensor:
+    """This rank's message in its segment of a ``world x block_size(max_loras)`` int64 vector, zeros
+    elsewhere (so that a SUM all-reduce is an all-gather). Built as bytes and wrapped without a copy: the
+    exchange of a small world costs microseconds, not the tens that per-element tensor ops would."""
     B = block_size(max_loras)
-    vec = torch.zeros(world * B, dtype=torch.int64)
     seg: list[int] = [MAGIC + msg.kind, msg.epoch, msg.n_names, msg.list_digest, msg.state_digest, msg.flags,
                       msg.evicted]
     seg += _pack(msg.call_reason, TEXT_WORDS)
     for e in msg.entries[:max_loras]:
-        seg += [digest62(e.name)] + _pack(e.name, NAME_WORDS)
-        seg += [ST_OK if e.ok else ST_FAIL, e.slot + 1, e.fingerprint & _MASK] + _pack(e.reason, TEXT_WORDS)
-    vec[rank * B:rank * B + len(seg)] = torch.tensor(seg, dtype=torch.int64)
-    return vec
+        seg.append(_digest_str(e.name))
+        seg += _pack(e.name, NAME_WORDS)
+        seg += (ST_OK if e.ok else ST_FAIL, e.slot + 1, e.fingerprint & _MASK)
+        seg += _pack(e.reason, TEXT_WORDS)
+    buf = bytearray(world * B * 8)
+    struct.pack_into(f"<{len(seg)}q", buf, rank * B * 8, *seg)
+    return torch.frombuffer(buf, dtype=torch.int64)
 
 
 def decode(vec: torch.Tensor, world: int, max_loras: int) -> list[RankMessage]:
+    """Every rank's message from the summed vector. Ranks whose segments are equal share one (read-only)
+    RankMessage object: in the usual all-agree case a world of any size decodes one segment."""
     B = block_size(max_loras)
-    vals = vec.tolist()
-    out = []
+    rows = vec.reshape(world, B)
+    same = (rows == rows[0]).all(dim=1).tolist() if world > 1 else [True]
+    out: list[RankMessage] = []
+    names: dict[tuple[int, ...], str] = {}  # the same names arrive from every rank: unpack each once
     for r in range(world):
-        s = vals[r * B:(r + 1) * B]
+        if r and same[r]:  # ranks that agree send the same segment: rank 0's decoded message serves them
+            out.append(out[0])
+            continue
+        s = rows[r].tolist()
         kind = s[0] - MAGIC
         n = max(0, min(s[2], max_loras))
         m = RankMessage(kind=kind, epoch=s[1], n_names=s[2], list_digest=s[3], state_digest=s[4], flags=s[5],
@@ -128,7 +154,11 @@ def decode(vec: torch.Tensor, world: int, max_loras: int) -> list[RankMessage]:
         for i in range(n):
             e = s[_HDR + i * _ENT:_HDR + (i + 1) * _ENT]
             m.name_digests.append(e[0])
-            m.entries.append(Entry(name=_unpack(e[1:1 + NAME_WORDS]), ok=e[1 + NAME_WORDS] == ST_OK,
+            key = tuple(e[1:1 + NAME_WORDS])
+            name = names.get(key)
+            if name is None:
+                name = names[key] = _unpack(key)
+            m.entries.append(Entry(name=name, ok=e[1 + NAME_WORDS] == ST_OK,
                                    slot=e[2 + NAME_WORDS] - 1, fingerprint=e[3 + NAME_WORDS],
                                    reason=_unpack(e[4 + NAME_WORDS:4 + NAME_WORDS + TEXT_WORDS])))
         out.append(m)
