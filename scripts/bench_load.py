@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import dataclasses
 import gc
 import json
 import os
@@ -242,6 +243,16 @@ def _manager(c: dict, args: argparse.Namespace, **over) -> LoRAManager:
     return LoRAManager(LoRAConfig(**kw), spec, par)
 
 
+def _last_phases(mgr: LoRAManager) -> dict:
+    ph = mgr.stats().activation_phases
+    return dataclasses.asdict(ph[-1]) if ph else {}
+
+
+def _median_phases(rows: list[dict]) -> dict:
+    keys = [k for k in (rows[0] if rows else {}) if k.endswith("_s")]
+    return {k: med([r[k] for r in rows]) for k in keys}
+
+
 def _cold(mgr: LoRAManager, path: Path, name: str) -> tuple[float, dict]:
     for n in mgr.registered():
         mgr.cache.evict(n)  # the entry's blocks go back to the arena; the arena stays reserved
@@ -276,6 +287,7 @@ def trace_summary(tr, total_s: float, readers: int) -> dict:
         "max_issue_s": max(issues, default=0.0),
         "slowest_unit_s": slow[4] - slow[3], "slowest_unit_syscalls": slow[5],
         "unit_read_s_median": med([d - r for _, _, _, r, d, _ in tr.reads]),
+        "marks_ms": {k: ms(v) for k, v in getattr(tr, "marks", [])},  # the loader's steps before the first read
         "raw": {"reads": [(tids.index(t), i, ms(p), ms(r), ms(d), n) for t, i, p, r, d, n in tr.reads],
                 "loader": [(k, ms(a), ms(b), u) for k, a, b, u in tr.loader], "end_ms": ms(tr.end)},
     }
@@ -330,15 +342,17 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
     mgr.activate("a")  # the first activation of this process
     first = time.perf_counter() - t
     first_ls = mgr.stats().load_stats[-1]
+    first_ph = _last_phases(mgr)
     first_trace = (trace_summary(mgr.engine.trace[0], first_ls["total_s"], mgr.engine.read_workers)
                    if args.trace and mgr.engine.trace else {})
-    cold, cold_ls = [], []
+    cold, cold_ls, cold_ph = [], [], []
     if args.trace:
         mgr.engine.trace = []
     for i in range(args.repeats):
         dt, ls = _cold(mgr, path, "b" if i % 2 == 0 else "a")
         cold.append(dt)
         cold_ls.append(ls)
+        cold_ph.append(_last_phases(mgr))
     traces = mgr.engine.trace or []
     mgr.engine.trace = None
     # the median cold load's timeline
@@ -348,12 +362,13 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
     reads_s = reads_only(mgr, path, "a", args.repeats) if args.trace else None
     mgr.activate("a")
     mgr.activate("b")
-    warm = []
+    warm, warm_ph = [], []
     for i in range(args.repeats + 1):
         t = time.perf_counter()
         mgr.activate("a" if i % 2 == 0 else "b")
         if i:
             warm.append(time.perf_counter() - t)
+            warm_ph.append(_last_phases(mgr))
     st = mgr.stats()
     warm_ls = [x for x in st.load_stats if x["warm"]][-args.repeats:]
     ar = mgr.arena.snapshot()
@@ -379,6 +394,8 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
         "pinned_reserved": st.pinned_reserved_bytes, "pinned_free": st.pinned_free_bytes,
         "arena_grow_in_load": ar.grow_in_load, "part_bytes": mgr.engine.part_for(plan),
         "units": sum(len(ch.units()) for ch in mgr.engine.chunks(plan)),
+        # where each activation's time went (ActivationPhases; medians over the cold / warm repeats)
+        "first_phases": first_ph, "cold_phases": _median_phases(cold_ph), "warm_phases": _median_phases(warm_ph),
     }
     if args.trace:
         out["trace"] = trace
@@ -847,6 +864,14 @@ def print_table(res: dict) -> None:
                                                               "cold_backend", "cold_readers", "cold_part"))}
         if extra:
             print("   ", json.dumps(extra))
+        for kind in ("cold", "warm"):
+            ph = o.get(f"{kind}_phases")
+            if ph:
+                print(f"    {kind} activation: total {ph['total_s'] * 1e3:.2f} ms = load {ph['load_s'] * 1e3:.2f} + "
+                      f"outside it {(ph['total_s'] - ph['load_s']) * 1e3:.2f} (start {ph['start_s'] * 1e3:.2f}, await "
+                      f"{ph['await_s'] * 1e3:.2f} of which queued {ph['queued_s'] * 1e3:.2f} and wake "
+                      f"{ph['wake_s'] * 1e3:.2f}, agree "
+                      f"{ph['agree_s'] * 1e3:.2f}, commit {ph['commit_s'] * 1e3:.2f})")
         t = o.get("trace")
         if t:
             print(f"    trace: parts {o['part_bytes'] >> 10} KiB x {t['units']}, readers used {t['reader_threads_used']}, "
@@ -857,6 +882,9 @@ def print_table(res: dict) -> None:
                   f"{t['loader_issue_s'] * 1e3:.1f} ms in {t['loader_issues']} (max {t['max_issue_s'] * 1e3:.2f}); slowest "
                   f"unit {t['slowest_unit_s'] * 1e3:.2f} ms ({t['slowest_unit_syscalls']} reads), median "
                   f"{t['unit_read_s_median'] * 1e3:.2f} ms; buffer wait {t['buffer_wait_s'] * 1e3:.1f} ms")
+            if t.get("marks_ms"):
+                print("    before the first read (ms from the load's start):",
+                      ", ".join(f"{k} {v:.3f}" for k, v in t["marks_ms"].items()))
     if "overlap" in res:
         print("overlap:", res["overlap"])
 

@@ -740,3 +740,31 @@ def test_activate_call_errors_are_agreed(adir):
                 mgr.activate(bad)
         assert mgr.pool.slot_name == [None, None]
         assert mgr.activate("a") == {"a": 0}
+
+
+def test_activation_phases_account_for_the_call(adir):
+    """stats().activation_phases: one record per committed activation, naming what it loaded; the phases
+    add up to the call's time, the loads sit inside the wait for them, and a rank without peers
+    issues no collective (its verdict is the commit)."""
+    import time as _time
+
+    a = make_adapter(adir, "ph_a", "tiny-dense", rank=4, dtype="bf16", targets=ALL_DENSE, seed=96)
+    b = make_adapter(adir, "ph_b", "tiny-dense", rank=2, dtype="fp32", targets=("q",), seed=97)
+    with new_manager("tiny-dense", max_loras=2) as mgr:
+        mgr.register("a", a)
+        mgr.register("b", b)
+        t = _time.perf_counter()
+        mgr.activate(["a", "b"])
+        wall = _time.perf_counter() - t
+        mgr.activate("a")  # already active: a record with nothing loaded
+        st = mgr.stats()
+        assert [p.adapters for p in st.activation_phases] == [["a", "b"], []]
+        p = st.activation_phases[0]
+        parts = (p.start_s, p.await_s, p.agree_s, p.commit_s)
+        assert all(x >= 0 for x in parts + (p.load_s, p.queued_s)), p
+        assert abs(sum(parts) - p.total_s) < 1e-6 and p.total_s <= wall, p
+        assert p.queued_s + p.load_s <= p.start_s + p.await_s + 1e-6, p  # the loads ran inside the call
+        assert 0 <= p.wake_s <= p.await_s, p
+        assert p.load_s == pytest.approx(sum(x["total_s"] for x in st.load_stats[-2:]))
+        assert st.collectives == 0 and mgr.collective.calls == 0
+        assert st.activation_phases[1].load_s == 0 and st.activation_phases[1].queued_s == 0

@@ -473,3 +473,55 @@ def test_agreement_decoding_lists_that_differ():
         assert list(res[0].failed_ranks) == [r], (what, res[0].failed_ranks)
         if what == "order":
             assert "another order" in msg, msg
+
+
+def test_agreement_codec_round_trip():
+    """Random messages (unicode names and reasons past their fields' length, failures, slots) in every
+    rank's segment, summed as the all-reduce does: each rank's message decodes to what it sent (names cut
+    to their 35 bytes, reasons to 161) and ranks that sent the same segment share one decoded message."""
+    import random
+
+    import torch
+
+    from tp_lora.runtime import activation as act
+    from tp_lora.runtime.activation import Entry
+
+    rng = random.Random(7)
+    alphabet = "abcxyz-_.0123456789ñ☃😀"
+
+    def text(n: int) -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, n)))
+
+    def cut(s: str, words: int) -> str:
+        return s.encode()[:words * 7].decode("utf-8", "replace")
+
+    for trial in range(30):
+        W, S = rng.choice([1, 2, 3, 8, 16]), rng.choice([1, 2, 4, 9])
+        base = [Entry(text(50) or "n", rng.random() < 0.8, rng.randint(-1, S - 1), rng.getrandbits(64), text(200))
+                for _ in range(rng.randint(0, S))]
+        msgs = []
+        for r in range(W):
+            ents = list(base)
+            if rng.random() < 0.3 and ents:  # this rank differs in one entry
+                i = rng.randrange(len(ents))
+                ents[i] = Entry(ents[i].name, False, ents[i].slot, ents[i].fingerprint, text(300))
+            msgs.append(act.RankMessage(act.KIND_VERDICT, trial, len(ents), rng.getrandbits(62),
+                                        rng.getrandbits(62), rng.choice([0, act.FLAG_CALL]), text(250), ents,
+                                        evicted=rng.getrandbits(62)))
+            if rng.random() < 0.5 and r:  # the same message as the previous rank
+                msgs[-1] = msgs[-2]
+        vec = sum((act.encode(m, r, W, S) for r, m in enumerate(msgs)), torch.zeros(W * act.block_size(S),
+                                                                                      dtype=torch.int64))
+        got = act.decode(vec, W, S)
+        assert len(got) == W
+        for r, (m, g) in enumerate(zip(msgs, got)):
+            assert (g.kind, g.epoch, g.n_names, g.list_digest, g.state_digest, g.flags, g.evicted) == (
+                m.kind, m.epoch, m.n_names, m.list_digest, m.state_digest, m.flags, m.evicted), (trial, r)
+            assert g.call_reason == cut(m.call_reason, act.TEXT_WORDS), (trial, r)
+            assert [e.name for e in g.entries] == [cut(e.name, act.NAME_WORDS) for e in m.entries]
+            assert [(e.ok, e.slot, e.reason) for e in g.entries] == [
+                (e.ok, e.slot, cut(e.reason, act.TEXT_WORDS)) for e in m.entries], (trial, r)
+            assert [e.fingerprint for e in g.entries] == [e.fingerprint & ((1 << 62) - 1) for e in m.entries]
+            assert g.name_digests == [act.digest62(e.name) for e in m.entries]
+            if r and msgs[r] is msgs[0]:
+                assert g is got[0]

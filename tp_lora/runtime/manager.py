@@ -31,7 +31,7 @@ from . import activation as act
 from .activation import LOCAL, Collective, Decision, Entry, ExchangeFailed, RankMessage
 from .batch import BatchInfo, build_batch
 from .config import LoRAConfig
-from .stats import ManagerStats, StatsRecorder
+from .stats import ActivationPhases, ManagerStats, StatsRecorder
 from ..device.pool import GpuPool
 from ..device.transfer import Device, LoadJob, LoadResult, TransferEngine
 from ..errors import (AdapterDataError, AdapterError, AdapterInDoubtError, AdapterStateError,
@@ -113,6 +113,7 @@ class _Call:
     call_reason: str = ""
     overflow: bool = False
     t0: float = 0.0
+    stamps: list[float] = field(default_factory=list)  # perf_counter after start, await, agree
     evicted: list[str] = field(default_factory=list)  # active adapters its loads evicted on this rank
     exchanged: bool = False  # its verdict exchange completed (or failed with the group marked broken)
     lru_held: dict[int, int] = field(default_factory=dict)  # slot -> last use before this call held it
@@ -266,6 +267,17 @@ class LoRAManager:
         if a.state is AdapterState.LOADING:
             assert a.future is not None
             return a.future
+        job = self._reserve(a)
+        self._publish()
+        self._submit(a, job)
+        assert a.future is not None
+        return a.future
+
+    def _reserve(self, a: _Adapter) -> LoadJob:
+        """The first half of a load: a slot for ``a`` (evicting its least recently used holder), state
+        LOADING, the job; ``_submit`` hands it to the loader thread. ``activate`` submits its loads last,
+        right before it waits, so that the loader thread does not queue for the GIL behind the call."""
+        name = a.name
         if a.state in (AdapterState.IN_DOUBT, AdapterState.CANCELLING):
             raise AdapterStateError(f"adapter {name!r} is {a.state.value} on rank {self.rank}; "
                                     + ("attach_group() resolves it" if a.state is AdapterState.IN_DOUBT
@@ -280,7 +292,7 @@ class LoRAManager:
             log.debug("[rank %d] slot %d: evicting %s for %s", self.rank, slot, victim, name)
         after = self.device.compute_event()  # batches that read the slot before must finish first
         self.pool.reserve(slot, name)
-        a.state, a.cancel, a.event = AdapterState.LOADING, threading.Event(), None
+        a.state, a.cancel, a.event, a.future = AdapterState.LOADING, threading.Event(), None, None
         hook, cancel = self.fault_hook, a.cancel
 
         def check(stage: str, i: int, _n: str = name) -> None:  # loader/reader threads, per chunk
@@ -290,12 +302,12 @@ class LoRAManager:
             if hook is not None:
                 hook(_n, stage, i)
 
-        job = LoadJob(header=a.header, plan=a.plan, slot=slot, after=after,
-                      check_finite=self.config.check_finite, fault=check)
+        return LoadJob(header=a.header, plan=a.plan, slot=slot, after=after,
+                       check_finite=self.config.check_finite, fault=check)
+
+    def _submit(self, a: _Adapter, job: LoadJob) -> None:
         job.submitted = time.perf_counter()
         a.future = self._loader.submit(self._run_load, a, job)
-        self._publish()
-        return a.future
 
     def _run_load(self, a: _Adapter, job: LoadJob) -> LoadResult:
         """Loader thread. The file must be the registered one before and after the transfer (a rewrite
@@ -308,6 +320,7 @@ class LoRAManager:
             self._stats.failed_load()
             raise
         self._stats.load(res.stats)
+        res.returned_at = time.perf_counter()
         return res
 
     def _check_identity(self, a: _Adapter, when: str) -> None:
@@ -379,8 +392,11 @@ class LoRAManager:
         call = _Call(names=[], entries=[], t0=time.perf_counter())
         try:
             self._start(call, names)
+            call.stamps.append(time.perf_counter())
             self._await(call)
+            call.stamps.append(time.perf_counter())
             decision = self._agree(call)
+            call.stamps.append(time.perf_counter())
         except BaseException as e:
             # an interrupt, or anything raised before this rank's verdict was exchanged: the peers wait
             # for it in vain (they time out), so this group is not usable any more either
@@ -437,6 +453,7 @@ class LoRAManager:
         for s in held:
             self.pool.acquire(s)
         self._evictions = call.evicted
+        jobs: list[tuple[_Adapter, LoadJob]] = []
         try:
             for n in raw:
                 a = self._adapters.get(n)
@@ -448,7 +465,7 @@ class LoRAManager:
                     continue
                 try:
                     if a.state is not AdapterState.LOADING:
-                        self.prefetch(n)
+                        jobs.append((a, self._reserve(a)))
                     call.started.append(a)
                 except TPLoRAError as e:
                     call.entries.append(Entry(n, False, -1, a.fingerprint, _short(e)))
@@ -458,6 +475,10 @@ class LoRAManager:
             self._evictions = None
             for s in held:
                 self.pool.release(s)
+        if jobs:
+            self._publish()
+            for a, job in jobs:  # the last thing before the wait (see _reserve)
+                self._submit(a, job)
 
     def _await(self, call: _Call) -> None:
         """Wait for this rank's loads (the loader thread; the compute stream is not blocked), within
@@ -496,6 +517,15 @@ class LoRAManager:
         exchange. Raises CollectiveTimeoutError (rolled back) or AdapterInDoubtError (in doubt)."""
         coll, S = self.collective, self.config.max_loras
         flags = (act.FLAG_CALL if call.call_reason else 0) | (act.FLAG_OVERFLOW if call.overflow else 0)
+        if not coll.distributed:
+            # no peer: the verdict is this rank's own message, decided as it is (nothing to encode, send or
+            # compare across ranks; names and reasons are not cut to the wire's fields), and it commits
+            if coll.hook is not None:
+                coll.hook(act.KIND_VERDICT)
+            call.exchanged = True
+            coll.epoch += 2
+            return act.decide([RankMessage(act.KIND_VERDICT, coll.epoch, len(call.names), 0, 0, flags,
+                                           call.call_reason, call.entries)])
         msg = RankMessage(act.KIND_VERDICT, coll.epoch, len(call.names), act.digest62(*call.names),
                           self._state_digest(), flags, call.call_reason, call.entries,
                           evicted=act.digest62(*sorted(call.evicted)))
@@ -545,9 +575,20 @@ class LoRAManager:
             self.pool.commit(_slot(a))
             a.state, a.future, a.event = AdapterState.ACTIVE, None, None
             done.append((a.name, res.stats.warm, dt))
-        self._stats.activation(True, self.collective.calls, done)
         self._publish()
-        return {e.name: _slot(self._adapters[e.name]) for e in call.entries}
+        out = {e.name: _slot(self._adapters[e.name]) for e in call.entries}
+        t_start, t_await, t_agree = call.stamps
+        end = time.perf_counter()
+        phases = ActivationPhases(adapters=[a.name for a in call.started], start_s=t_start - call.t0,
+                                  await_s=t_await - t_start, agree_s=t_agree - t_await, commit_s=end - t_agree,
+                                  total_s=end - call.t0,
+                                  load_s=sum(call.results[a.name].stats.total_s for a in call.started),
+                                  queued_s=call.results[call.started[0].name].stats.queued_s
+                                  if call.started else 0.0,
+                                  wake_s=max(0.0, t_await - max(r.returned_at for r in call.results.values()))
+                                  if call.results else 0.0)
+        self._stats.activation(True, self.collective.calls, done, phases)
+        return out
 
     def _hold_in_doubt(self, call: _Call) -> None:
         for a in call.started:
@@ -737,7 +778,8 @@ class LoRAManager:
         dist.all_gather_object(out, dataclasses.asdict(mine), group=self.collective.group)
         if self.rank != 0:
             return None
-        return [ManagerStats(**d) for d in out]
+        return [ManagerStats(**{**d, "activation_phases": [ActivationPhases(**p) for p in d["activation_phases"]]})
+                for d in out]
 
     # ---------------------------------------------------------------------------------------------
     def close(self) -> None:
