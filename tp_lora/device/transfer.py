@@ -85,6 +85,7 @@ class LoadResult:
     stats: LoadStats
     bad_values: Any = None  # device bool tensor: some value was NaN/Inf
     bad_detail: str | None = None  # which tensor, and its value, when a value does not fit the pool dtype
+    returned_at: float = 0.0  # perf_counter when the loader thread handed it back (the wake-up's start)
 
 
 @dataclass
@@ -93,12 +94,14 @@ class LoadTrace:
 
     ``reads``: per unit read, (reader thread ident, unit index, picked up, buffer ready, read done,
     syscalls); ``loader``: ("wait" | "issue", start, end, unit index) of the loader thread;
+    ``marks``: (label, time) of the loader's steps before the first read can start (what delays it);
     ``end``: the load's enqueue end; ``units``: units in the load."""
 
     adapter: str
     units: int = 0
     reads: list = field(default_factory=list)
     loader: list = field(default_factory=list)
+    marks: list = field(default_factory=list)
     end: float = 0.0
 
 
@@ -543,6 +546,9 @@ class TransferEngine:
         pool = self.batch_pool
         pb = rd.start_batch([(c, p) for c, p, _, _ in units])
         n = pb.n
+        mark = (lambda what: trace.marks.append((what, time.perf_counter() - t0))) if trace is not None else None
+        if mark:
+            mark("batch")
         t0_ns = time.monotonic_ns() - int((time.perf_counter() - t0) * 1e9)
         posted = False
 
@@ -566,14 +572,21 @@ class TransferEngine:
                 c = units[i][0]
                 idx = members[id(c)]
                 bufs[id(c)] = buf = sink.buffer(c, cancelled)
-                for k in idx:
-                    rd.set_buffer(pb, k, buf)
+                rd.set_buffers(pb, idx, buf)
                 i = idx[-1] + 1
                 pb.batch.publish(i)
                 if not posted:
+                    if mark:
+                        mark("published")
+                    # posted once the first chunk's parts are out: woken earlier, the readers would spin
+                    # for parts on the cores this thread needs to publish them (measured slower)
                     pool.post(pb.batch, pb.max_pieces, pb.max_k)
                     posted = True
+                    if mark:
+                        mark("posted")
                     after_post()  # the slot's zeroing and scalings, the header check: while parts are read
+                    if mark:
+                        mark("setup")
             # per chunk: parts still to copy; whether its parts tile it (packed order: each part's bytes
             # are its own, copied as soon as read) or not (file order: the whole chunk once complete)
             left = {k: len(v) for k, v in members.items()}
@@ -777,10 +790,13 @@ class TransferEngine:
     def _run_cold(self, job: LoadJob, chunks: list[Chunk], sizes: tuple[int, ...],
                   stats: LoadStats, t0: float, setup_slot) -> LoadCheck:
         header = job.header
+        marks = [("cold", time.perf_counter() - t0)] if self.trace is not None else None
         # opened before reserving cache budget: it raises if the file vanished or changed; closed in the
         # finally below whatever fails after (a ring allocation, a reader)
         rd = SliceReader(header, self.scratch, self._memo.table(job.plan, "iov"), check_header=False,
                          rings=self.rings, native=self.native)
+        if marks is not None:
+            marks.append(("opened", time.perf_counter() - t0))
         # the header's digest, checked beside the reads (submitted by the copy path once its reads are
         # going: it reads and hashes up to megabytes) and awaited before the load can succeed
         header_ok: list[cf.Future] = []
@@ -809,9 +825,12 @@ class TransferEngine:
             units = sink.units()
             trace = None
             if self.trace is not None:
-                trace = LoadTrace(header.name, len(units))
+                trace = LoadTrace(header.name, len(units), marks=marks or [])
+                trace.marks.append(("sink", time.perf_counter() - t0))
                 self.trace.append(trace)
             chk = self.placer.begin(job.plan, sink.chunks, job.check_finite)
+            if trace is not None:
+                trace.marks.append(("check", time.perf_counter() - t0))
             pos = {id(c): i for i, c in enumerate(sink.chunks)}
             counts = self._memo.get(job.plan, ("counts", stats.streamed, self.chunk_bytes),
                                     lambda: read_counts(sink.chunks))

@@ -176,6 +176,9 @@ class PartBatch:
     scratch: torch.Tensor | None
     max_pieces: int
     max_k: int
+    ends: np.ndarray | None = None  # [n] int64: where each part's iovecs end in its chunk buffer
+    addrs: np.ndarray | None = None  # [n] uint64: each part's native table address
+    scratch_need: int = 0  # bytes of scratch its gap pieces reach
 
     @property
     def n(self) -> int:
@@ -192,7 +195,8 @@ def _table(u: Part, tables: dict) -> _IovTable:
 
 
 def _batch_layout(units: list, tables: dict) -> tuple | None:
-    """(tables, scratch bytes, most iovecs, most reads, [the batch kept for the next load]) of a cached
+    """(tables, scratch bytes, most iovecs, most reads, [the batch kept for the next load], each part's
+    end in its chunk buffer, each table's native address) of a cached
     load's units [(chunk, part)], or None where a part is not all direct reads; memoised in the plan's
     ``tables`` (keyed by the units' identity: the packing is memoised too)."""
     key = ("batch", id(units[0][1]), len(units))
@@ -206,7 +210,9 @@ def _batch_layout(units: list, tables: dict) -> tuple | None:
             tabs.append(_table(u, tables))
         got = (None,) if tabs is None else (tabs, max((t.scratch_end for t in tabs), default=0),
                                             max((len(t.rel) for t in tabs), default=0),
-                                            max((len(t.direct) for t in tabs), default=0), [])
+                                            max((len(t.direct) for t in tabs), default=0), [],
+                                            np.array([t.buf_end for t in tabs], dtype=np.int64),
+                                            np.array([t.native[1] for t in tabs], dtype=np.uint64))
         tables[key] = got
     return None if got[0] is None else got
 
@@ -334,7 +340,7 @@ class SliceReader:
         takes their buffers, the batch is posted to the reader pool (native.ReaderPool); the loader
         ``redo``es parts whose status is not 0 and calls ``finish_batch`` once the pool is done with it,
         whatever happened."""
-        tabs, need, pieces, k, kept = self._batch_layout(units)
+        tabs, need, pieces, k, kept, ends, addrs = self._batch_layout(units)
         scratch = self._scratch_pool.take(need) if need else None
         sptr = 0 if scratch is None else scratch.data_ptr()
         order = None if _BATCH_ORDER is None else _BATCH_ORDER(units)
@@ -343,13 +349,26 @@ class SliceReader:
         else:
             b = self._native.batch(len(units), sptr, self.fd, _BATCH_SHORT_EVERY, order)
             kept.append(b)
-        return PartBatch(units, tabs, b, scratch, pieces, k)
+        return PartBatch(units, tabs, b, scratch, pieces, k, ends, addrs, need)
 
     def set_buffer(self, pb: PartBatch, i: int, buf: torch.Tensor) -> None:
         """Part ``i``'s chunk buffer (its iovecs' bounds checked here: they become raw pointers in C)."""
         tab = pb.tables[i]
         tab.check(buf, pb.scratch)
         pb.batch.set(i, tab.native[1], buf.data_ptr())
+
+    def set_buffers(self, pb: PartBatch, idx: list[int], buf: torch.Tensor) -> None:
+        """``set_buffer`` for parts ``idx`` sharing one chunk buffer: the same bounds checks (every part's
+        iovecs end inside ``buf``, the scratch holds every gap piece), made once for all of them."""
+        ix = np.asarray(idx, dtype=np.int64)
+        if not len(ix):
+            return
+        end = int(pb.ends[ix].max())
+        if buf.numel() < end or (pb.scratch_need and (pb.scratch is None or pb.scratch.numel() < pb.scratch_need)):
+            raise AssertionError(f"read plan reaches byte {end} / {pb.scratch_need} of buffers of {buf.numel()} / "
+                                 f"{0 if pb.scratch is None else pb.scratch.numel()} bytes")
+        assert buf.is_contiguous() and buf.dtype == torch.uint8 and buf.device.type == "cpu"
+        pb.batch.set_many(ix, pb.addrs[ix], buf.data_ptr())
 
     def redo(self, pb: PartBatch, i: int, buf: torch.Tensor) -> None:
         """Part ``i`` again, piece by piece (some of its reads came back short: a signal, a truncated
