@@ -43,7 +43,7 @@ from tp_lora.device.pool import module_shapes
 from tp_lora.job.synthetic import write_synthetic_adapter
 from tp_lora.device.transfer import SliceReader
 
-FUZZ_SECONDS = float(os.environ.get("TP_LORA_FUZZ_SECONDS", "60"))
+FUZZ_SECONDS = float(os.environ.get("TP_LORA_FUZZ_SECONDS", "40"))
 MAX_RANK = 16
 RUN_EXAMPLES = 25  # examples per hypothesis run; runs repeat until the target's share of the budget is spent
 COUNTS: dict[str, dict[str, int]] = {}
