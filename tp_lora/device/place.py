@@ -229,14 +229,21 @@ class Placer:
                 and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
     # -- a load ------------------------------------------------------------------------------------
-    def begin(self, plan: object, chunks: list[Chunk], check: bool) -> LoadCheck:
-        """Start a load of ``chunks`` (on the copy stream, where every launch of the load goes)."""
+    def begin(self, plan: object, chunks: list[Chunk], check: bool, arm: bool = True) -> LoadCheck:
+        """Start a load of ``chunks`` (on the copy stream, where every launch of the load goes).
+        ``arm=False``: its device work (zeroing the value check's peaks) is left to ``arm``, called before
+        the first placement (a cold load posts its reads first)."""
         st = LoadCheck(check)
         if self.kernel:
             st.tables = self._tables(plan, chunks)
-            if check and st.tables.peaks.numel():
-                st.tables.peaks.zero_()
+        if arm:
+            self.arm(st)
         return st
+
+    def arm(self, st: LoadCheck) -> None:
+        """The load's device-side start: the value check's peaks zeroed (on the current stream)."""
+        if st.check and st.tables is not None and st.tables.peaks.numel():
+            st.tables.peaks.zero_()
 
     def place(self, st: LoadCheck, chunk_pos: int, chunk: Chunk, src: torch.Tensor, slot: int,
               check: bool) -> None:
