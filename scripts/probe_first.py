@@ -14,6 +14,10 @@ runs, each after its dumped first activation; on the CPU machine about one run i
 
 ``--idle S``: cold loads back to back against cold loads after ``S`` seconds of idle (the host's cores
 asleep and clocked down, as before a first activation), alternating, medians of ``--repeats`` each.
+
+``--before dma|clock``: right before the first activation, every arena slab copied to the device once
+(``dma``: does the first DMA from fresh pinned pages cost the first load?) or 50 ms of bf16 matmuls
+(``clock``: the GPU busy and clocked up); ``--no-gc``: Python's garbage collector off.
 """
 
 from __future__ import annotations
@@ -58,6 +62,29 @@ def _cold(mgr, path: Path, name: str) -> tuple[float, float]:
     return time.perf_counter() - t, mgr.stats().load_stats[-1]["total_s"]
 
 
+def before(mgr, what: str) -> None:
+    """``--before``: the arena's slabs read once by the copy engine, or the GPU kept busy for 50 ms."""
+    import torch
+
+    if what == "none" or not torch.cuda.is_available():
+        return
+    t = time.perf_counter()
+    if what == "dma":  # every page of every slab read once by the copy engine, into one 8 MiB buffer
+        dev = mgr.device.device
+        scratch = torch.empty(8 << 20, dtype=torch.uint8, device=dev)
+        for slab in mgr.arena._slabs:  # noqa: SLF001 - a probe of the arena's pages
+            for off in range(0, slab.size, scratch.numel()):
+                n = min(scratch.numel(), slab.size - off)
+                scratch[:n].copy_(slab.buf[off:off + n], non_blocking=True)
+        torch.cuda.synchronize()
+    else:
+        a = torch.randn(4096, 4096, device=mgr.device.device, dtype=torch.bfloat16)
+        while time.perf_counter() - t < 0.05:
+            a @ a
+        torch.cuda.synchronize()
+    print(f"before the first activation: {what} took {(time.perf_counter() - t) * 1e3:.1f} ms", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", default="llama8b-r16-tp1")
@@ -67,7 +94,14 @@ def main() -> int:
     ap.add_argument("--stacks", type=float, default=0.0, help="dump interval, seconds (0: no stacks)")
     ap.add_argument("--idle", type=float, default=0.0, help="idle pause before every other cold load, s")
     ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--before", choices=["none", "dma", "clock"], default="none",
+                    help="what runs right before the first activation (CUDA only)")
+    ap.add_argument("--no-gc", action="store_true", help="Python's garbage collector off")
     args = ap.parse_args()
+    if args.no_gc:
+        import gc
+
+        gc.disable()
     c = (TINY_CASES if args.tiny else CASES)[args.case]
     path = make_adapter(Path(args.adapters), args.case, c)
     out = Path(args.out)
@@ -87,6 +121,7 @@ def main() -> int:
             faulthandler.dump_traceback_later(args.stacks, repeat=True, file=f)
         if phase == "first":
             page_cache(path)
+            before(mgr, args.before)
             t = time.perf_counter()
             mgr.activate(name)
             wall, total = time.perf_counter() - t, mgr.stats().load_stats[-1]["total_s"]
