@@ -768,3 +768,31 @@ def test_activation_phases_account_for_the_call(adir):
         assert p.load_s == pytest.approx(sum(x["total_s"] for x in st.load_stats[-2:]))
         assert st.collectives == 0 and mgr.collective.calls == 0
         assert st.activation_phases[1].load_s == 0 and st.activation_phases[1].queued_s == 0
+
+
+def test_interrupt_between_reserving_and_submitting_the_loads_rolls_back(adir):
+    """activate reserves every slot first and hands the loads to the loader thread last: an interrupt
+    after the first hand-off leaves no slot reserved, no adapter loading, and the next call works."""
+    a = make_adapter(adir, "ir_a", "tiny-dense", rank=4, dtype="bf16", targets=ALL_DENSE, seed=98)
+    b = make_adapter(adir, "ir_b", "tiny-dense", rank=2, dtype="fp32", targets=("q",), seed=99)
+    with new_manager("tiny-dense", max_loras=2) as mgr:
+        mgr.register("a", a)
+        mgr.register("b", b)
+        real = mgr._submit
+        calls = []
+
+        def submit(ad, job):
+            calls.append(ad.name)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            real(ad, job)
+
+        mgr._submit = submit
+        with pytest.raises(KeyboardInterrupt):
+            mgr.activate(["a", "b"])
+        mgr._submit = real
+        assert calls == ["a", "b"]
+        assert mgr.adapter_state("a") == "registered" and mgr.adapter_state("b") == "registered"
+        assert not any(mgr.pool.reserved) and all(n is None for n in mgr.pool.slot_name)
+        assert mgr.activate(["b", "a"]) == {"b": 0, "a": 1}
+        assert slot_diff(mgr.pool, 1, expected_slot(a, mgr.model, 1, 0, 1, mgr.pool)) == []
