@@ -84,10 +84,35 @@ class Device:
         if event is not None:
             event.synchronize()
 
+    def touch(self, buf: torch.Tensor) -> None:
+        """Copy pinned ``buf`` to the device once, in 8 MiB pieces into one scratch buffer, on a stream
+        of its own (priority 0, CUDA's lowest), and wait: the arena's background reservation calls it
+        for each new slab. On the H200 host the first load of a fresh process spent 0.1-1.2 ms longer
+        on the device than later loads of the same bytes from the same (reused) arena pages (an 8B
+        rank: ~4 ms); with the pages read once ahead that gap was 0.04-0.40 ms against 0.25-0.30
+        without, the first activation 5.47-5.56 ms against 5.51-5.75 (three processes each, run z of
+        docs/BENCHMARKS.md): a small gain, paid in the background (~5 ms of PCIe per 256 MiB slab).
+        Nothing on CPU."""
+        if not self.is_cuda or buf.numel() == 0:
+            return
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream(device=self.device, priority=0)
+            with torch.cuda.stream(stream):
+                scratch = torch.empty(min(_TOUCH_PIECE, buf.numel()), dtype=torch.uint8, device=self.device)
+                for off in range(0, buf.numel(), scratch.numel()):
+                    n = min(scratch.numel(), buf.numel() - off)
+                    scratch[:n].copy_(buf[off:off + n], non_blocking=True)
+            stream.synchronize()
+            del scratch
+
 
 #: fault pages in with a parallel fill before registering (measured on an H100 host: pinning 3-4x
 #: faster); TP_LORA_PREFAULT=0 turns it off
 PREFAULT = os.environ.get("TP_LORA_PREFAULT", "1") == "1"
+#: read every slab reserved in the background once with the copy engine (``Device.touch``), so that the
+#: first load from its pages does not pay their first DMA; TP_LORA_DMA_TOUCH=0 turns it off
+DMA_TOUCH = os.environ.get("TP_LORA_DMA_TOUCH", "1") == "1"
+_TOUCH_PIECE = 8 << 20
 
 
 def register_host(nbytes: int) -> torch.Tensor:
@@ -230,6 +255,8 @@ class HostArena:
         t0 = time.perf_counter()
         try:
             slab = self._new_slab(n)
+            if DMA_TOUCH:
+                self.device.touch(slab.buf)  # before the slab can serve a load (see Device.touch)
         except BaseException:
             with self._lock:
                 self._pending -= n
