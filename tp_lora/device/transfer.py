@@ -534,6 +534,10 @@ class TransferEngine:
             self.placer.place(chk, pos, chunk, src, job.slot, chk.check)
         stats.place_s += time.perf_counter() - tp
 
+    def _pairs(self, plan: SlicePlan, chunks: list[Chunk], units: list) -> list:
+        """A cached load's [(chunk, part)] (what the reader's batch takes), once per plan."""
+        return self._memo.get(plan, ("cache_pairs", id(chunks)), lambda: [(c, p) for c, p, _, _ in units])
+
     def _join_place(self) -> None:
         """The copy stream waits for every placement issued (before the load's check and end event)."""
         if self.device.is_cuda and self.overlap_place:
@@ -556,8 +560,7 @@ class TransferEngine:
         header = job.header
         stats.batched = True
         pool = self.batch_pool
-        pb = rd.start_batch(self._memo.get(job.plan, ("cache_pairs", id(sink.chunks)),
-                                           lambda: [(c, p) for c, p, _, _ in units]))
+        pb = rd.start_batch(self._pairs(job.plan, sink.chunks, units))
         n = pb.n
         mark = (lambda what: trace.marks.append((what, time.perf_counter() - t0))) if trace is not None else None
         if mark:
@@ -857,8 +860,7 @@ class TransferEngine:
                                     lambda: read_counts(sink.chunks))
             stats.syscalls, stats.span_ops = counts.syscalls, counts.span_ops
             if (self.batch_reads and self.batch_pool is not None and isinstance(sink, _CacheSink)
-                    and self.batch_pool.usable() and rd.batchable(self._memo.get(
-                        job.plan, ("cache_pairs", id(chunks)), lambda: [(c, p) for c, p, _, _ in units]))):
+                    and self.batch_pool.usable() and rd.batchable(self._pairs(job.plan, chunks, units))):
                 self._copy_batch(job, rd, sink, units, chk, pos, stats, t0, trace, cancelled,
                                  lambda: (setup(), check_header()))
             else:

@@ -336,8 +336,8 @@ class SliceReader:
         return _table(u, self._iov_tables)
 
     def start_batch(self, units: list) -> PartBatch:
-        """The C batch of ``units`` (``batchable``): parts are published (``set_buffer``) as the loader
-        takes their buffers, the batch is posted to the reader pool (native.ReaderPool); the loader
+        """The C batch of ``units`` (``batchable``): parts are published (``set_buffers``) as the loader
+        takes their buffers (``set_buffers``), the batch is posted to the reader pool (native.ReaderPool); the loader
         ``redo``es parts whose status is not 0 and calls ``finish_batch`` once the pool is done with it,
         whatever happened."""
         tabs, need, pieces, k, kept, ends, addrs = self._batch_layout(units)
@@ -351,15 +351,9 @@ class SliceReader:
             kept.append(b)
         return PartBatch(units, tabs, b, scratch, pieces, k, ends, addrs, need)
 
-    def set_buffer(self, pb: PartBatch, i: int, buf: torch.Tensor) -> None:
-        """Part ``i``'s chunk buffer (its iovecs' bounds checked here: they become raw pointers in C)."""
-        tab = pb.tables[i]
-        tab.check(buf, pb.scratch)
-        pb.batch.set(i, tab.native[1], buf.data_ptr())
-
     def set_buffers(self, pb: PartBatch, idx: list[int], buf: torch.Tensor) -> None:
-        """``set_buffer`` for parts ``idx`` sharing one chunk buffer: the same bounds checks (every part's
-        iovecs end inside ``buf``, the scratch holds every gap piece), made once for all of them."""
+        """The chunk buffer of parts ``idx`` (their iovecs become raw pointers in C: checked here, once
+        for all of them: every part's iovecs end inside ``buf``, the scratch holds every gap piece)."""
         ix = np.asarray(idx, dtype=np.int64)
         if not len(ix):
             return
