@@ -530,6 +530,7 @@ def profile_host(path: Path) -> None:
 # with the two-launch tiles. Config keys starting with "_" set module constants of tp_lora.ops.triton_kernels,
 # "two." keys TWO_LAUNCH_CONFIG, the others FUSED_CONFIG.
 _RED = {"two.reduce": True, "two.p_low": True}   # the shrink sums its K splits; P in the compute dtype
+_SPLIT = {"_FUSED_PREFILL_SPLIT": True}   # the prefill regime's split fused kernel, its default tiles
 SWEEP_GROUPS = [
     ([("q", "16", 1, 32), ("q", "16", 8, 32), ("q", "16", 32, 32), ("q", "mixed", 8, 32), ("q", "64", 32, 32),
       ("down", "16", 1, 32), ("down", "16", 8, 32), ("down", "mixed", 32, 32), ("down", "64", 32, 32)],
@@ -545,6 +546,12 @@ SWEEP_GROUPS = [
       {**_RED, "two.prefill_splits": 4, "two.shrink_stages": 4, "two.shrink_rows": 32},
       {**_RED, "two.prefill_splits": 8, "two.shrink_stages": 4},
       {**_RED, "two.prefill_splits": 4, "two.shrink_block_k": (256, 256)}]),
+    # 3: the prefill regime through the split fused kernel (one launch) against the two launches (c0)
+    ([("q", "16", 1, 2048), ("q", "16", 8, 2048), ("q", "mixed", 8, 2048), ("q", "64", 8, 2048),
+      ("down", "16", 8, 2048), ("down", "mixed", 32, 2048)],
+     [dict(), _SPLIT, {**_SPLIT, "prefill_warps": 16}, {**_SPLIT, "prefill_pipe": False},
+      {**_SPLIT, "prefill_warps": 16, "prefill_pipe": False}, {**_SPLIT, "prefill_stages": 4},
+      {**_SPLIT, "prefill_block_k": 128}, {**_SPLIT, "chunk_k": 512}]),
 ]
 
 
@@ -619,6 +626,22 @@ def kernel_times(fn: Callable[[], Any], calls: int = 5) -> str:
     return ", ".join(f"{k.strip('_')[:22]} {t:.1f}" for t, k in sorted(parts, reverse=True)[:4])
 
 
+def _sweep_table(cases: list, res: dict, steps: dict, ktimes: dict, rels: dict, configs: list) -> list[str]:
+    """The printed table of one sweep group: a line per case (graphed us per configuration), the step
+    lines, the kernels' times, the worst relative difference from the torch path, the configurations."""
+    lines = [f"{'case':24} {'base_g':>7} " + " ".join(f"{'c%d' % i:>7}" for i in range(len(configs)))]
+    for name, *_, step_case, base_g in cases:
+        lines.append(f"{name:24} {base_g * 1e6:7.1f} " + " ".join(f"{t * 1e6:7.1f}" for t in res[name]))
+        if step_case is not None:
+            lines.append(f"{name + ' step':24} {step_case[1] * 1e6:7.1f} " +
+                         " ".join(f"{t * 1e6:7.1f}" for t in steps[name]))
+        for i, kt in enumerate(ktimes[name]):
+            lines.append(f"  {name} c{i} kernels (us): {kt}")
+    lines.append(f"{'max rel diff vs torch':32} " +
+                 " ".join(f"{max(rels[n][i] for n in rels):7.1e}" for i in range(len(configs))))
+    return lines + [f"c{i}: {c}" for i, c in enumerate(configs)]
+
+
 def sweep(path: Path, groups: list[int] | None = None, layers: int = 0, kernels: bool = False) -> None:
     """Graphed time of the ops for each configuration of ``SWEEP_GROUPS`` on its cases; exactness vs the
     torch path per case and configuration; the graphed-replay floor and the metadata host time. With
@@ -632,7 +655,7 @@ def sweep(path: Path, groups: list[int] | None = None, layers: int = 0, kernels:
     mspec = dataclasses.replace(ModelSpec.from_preset("qwen3-30b-a3b"), num_hidden_layers=1)
     E, k, h, im = mspec.num_experts, mspec.num_experts_per_tok, mspec.hidden_size, mspec.moe_intermediate_size
     default, default_two = dict(K.FUSED_CONFIG), dict(K.TWO_LAUNCH_CONFIG)
-    saved = {n: getattr(K, n) for n in ("FUSED_DENSE", "FUSED_PREFILL", "EXPERT_FUSED_ROWS", "FUSED_MAX_RANK",
+    saved = {n: getattr(K, n) for n in ("FUSED_DENSE", "FUSED_PREFILL_SPLIT", "EXPERT_FUSED_ROWS", "FUSED_MAX_RANK",
                                         "EXPERT_WIDE_BLOCK_M", "EXPERT_WIDE_FUSED")}
     pools = {}
     mods = ("experts.w1", "experts.w3", "experts.w2")
@@ -710,7 +733,7 @@ def sweep(path: Path, groups: list[int] | None = None, layers: int = 0, kernels:
         ktimes = {c[0]: [] for c in cases}
         steps = {c[0]: [] for c in cases if c[6] is not None}
         rels = {c[0]: [] for c in cases}
-        for cfg in configs:
+        for ci, cfg in enumerate(configs):
             _apply(K, cfg, default, default_two, saved)
             for name, pool, batch, op, outs, ref, step_case, _ in cases:
                 ops = LoRAOps(pool, batch, TritonBackend(max_tokens=batch.num_tokens))
@@ -735,21 +758,13 @@ def sweep(path: Path, groups: list[int] | None = None, layers: int = 0, kernels:
                     ktimes[name].append(kernel_times(lambda: op(ops, work)))
                 if step_case is not None:
                     steps[name].append(bench(step_case[0](ops), rep_ms=60) / L)
+            # the table so far, after every configuration (a run cut short keeps what it measured)
+            table = _sweep_table(cases, res, steps, ktimes, rels, configs[:ci + 1])
+            path.write_text("\n".join(lines + table))
         _apply(K, {}, default, default_two, saved)
-        lines.append(f"{'case':24} {'base_g':>7} " + " ".join(f"{'c%d' % i:>7}" for i in range(len(configs))))
-        for name, *_, step_case, base_g in cases:
-            lines.append(f"{name:24} {base_g * 1e6:7.1f} " + " ".join(f"{t * 1e6:7.1f}" for t in res[name]))
-            if step_case is not None:
-                lines.append(f"{name + ' step':24} {step_case[1] * 1e6:7.1f} " +
-                             " ".join(f"{t * 1e6:7.1f}" for t in steps[name]))
-            for i, kt in enumerate(ktimes[name]):
-                lines.append(f"  {name} c{i} kernels (us): {kt}")
-        lines.append(f"{'max rel diff vs torch':32} " +
-                     " ".join(f"{max(rels[n][i] for n in rels):7.1e}" for i in range(len(configs))))
-        lines += [f"c{i}: {c}" for i, c in enumerate(configs)]
+        lines += table
         path.write_text("\n".join(lines))
-        print("\n".join(lines[-len(cases) - len(steps) - sum(map(len, ktimes.values())) - len(configs) - 2:]),
-              flush=True)
+        print("\n".join(table), flush=True)
     del pools
     torch.cuda.empty_cache()
 
@@ -766,7 +781,8 @@ def main() -> None:
     ap.add_argument("--sweep", default=None, help="write a sweep of the fused kernel's tuning to this file, "
                     "then stop")
     ap.add_argument("--sweep-group", type=int, action="append", default=None,
-                    help="only this group of SWEEP_GROUPS (0: dense decode, 1: MoE, 2: dense prefill); repeatable")
+                    help="only this group of SWEEP_GROUPS (0: dense decode, 1: MoE, 2: dense prefill, "
+                         "3: prefill through the split fused kernel); repeatable")
     ap.add_argument("--kernel-times", action="store_true",
                     help="with --sweep: also each kernel's device time per call (torch.profiler)")
     args = ap.parse_args()

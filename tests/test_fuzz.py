@@ -7,7 +7,7 @@ IndexError, a RecursionError, an AssertionError in the transfer, a hang) is a bu
 accepted must also be self-consistent: every planned slice lies inside its source tensor and fits its pool
 block, every slice can be read, and unregistering it leaves zero pinned bytes.
 
-Four targets share a time budget: ``TP_LORA_FUZZ_SECONDS`` (default 60 s in total, CI); set it higher to
+Four targets share a time budget: ``TP_LORA_FUZZ_SECONDS`` (default 40 s in total, CI); set it higher to
 fuzz longer, e.g. ``TP_LORA_FUZZ_SECONDS=3600 pytest tests/test_fuzz.py -s``. Inputs that found bugs are
 kept as ``@example`` regression cases (REGRESSIONS below) and run on every call.
 """

@@ -171,7 +171,9 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
     subprocess.run([sys.executable, "-m", "venv", str(base / "venv")], check=True, timeout=300)
     v = Venv(base / "venv", home)
     torch_version = importlib.metadata.version("torch").split("+")[0]
-    res = v.sh(f"python -m pip install -q torch=={torch_version}", base, timeout=600)
+    # --no-compile: byte-compiling all of torch's files takes most of the install's time; the modules a
+    # test imports are compiled when first imported, as in any fresh install
+    res = v.sh(f"python -m pip install -q --no-compile torch=={torch_version}", base, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     return v
 

@@ -40,12 +40,11 @@ class MetaCapacityError(TPLoRAError):
     """A batch does not fit the static metadata buffers (CUDA-graph mode)."""
 
 
-def block_m_for(num_tokens: int, prefill_block_m: int = BLOCK_M_PREFILL) -> int:
-    """Rows per block: 16 up to ``PREFILL_TOKENS`` tokens (decode regime), ``prefill_block_m`` above
-    (prefill regime: 64 for the two-launch kernels, 16 for the fused one).
+def block_m_for(num_tokens: int) -> int:
+    """Rows per block: 16 up to ``PREFILL_TOKENS`` tokens (decode regime), 64 above (prefill regime).
     Within a regime a row's arithmetic never depends on the rest of the batch (bit for bit); across the
     two regimes the kernels differ, so a row may round differently (within the stated tolerance)."""
-    return BLOCK_M_DECODE if num_tokens <= PREFILL_TOKENS else prefill_block_m
+    return BLOCK_M_DECODE if num_tokens <= PREFILL_TOKENS else BLOCK_M_PREFILL
 
 
 def max_dense_blocks(num_tokens: int, num_slots: int, block_m: int) -> int:
@@ -148,14 +147,12 @@ class DenseMeta:
     regime (over ``PREFILL_TOKENS`` tokens, or capacity), which picks the block size and the kernels.
     """
 
-    def __init__(self, num_slots: int, max_rank: int, device: torch.device, capacity: int | None = None,
-                 prefill_block_m: int = BLOCK_M_PREFILL):
+    def __init__(self, num_slots: int, max_rank: int, device: torch.device, capacity: int | None = None):
         self.num_slots, self.max_rank, self.device = num_slots, max_rank, torch.device(device)
         self.capacity = capacity
-        self.prefill_block_m = prefill_block_m
         self.num_tokens = 0
         self.prefill = capacity is not None and capacity > PREFILL_TOKENS
-        self.block_m = block_m_for(capacity, prefill_block_m) if capacity is not None else BLOCK_M_DECODE
+        self.block_m = block_m_for(capacity) if capacity is not None else BLOCK_M_DECODE
         self.grid_blocks = 0
         self.buffer: torch.Tensor | None = None
         if capacity is not None:
@@ -174,7 +171,7 @@ class DenseMeta:
         T = batch.num_tokens
         if self.capacity is None:
             self.prefill = T > PREFILL_TOKENS
-            self.block_m = block_m_for(T, self.prefill_block_m)
+            self.block_m = block_m_for(T)
         elif T > self.capacity:
             raise MetaCapacityError(f"batch of {T} tokens exceeds the static LoRA metadata capacity of "
                                     f"{self.capacity} tokens (CUDA-graph mode); build the backend with a "
