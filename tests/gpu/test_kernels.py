@@ -308,6 +308,23 @@ def test_split_fused_kernel_large_k(dtype, records, monkeypatch) -> None:
             assert int(backend._scratch.cnt.abs().sum()) == 0
 
 
+def _same_bits_alone_and_unsplit(monkeypatch, pool, alone, m: str, x, out, batched, what: str) -> None:
+    """The first request's rows of ``batched`` (``out`` plus the delta of a batch of many blocks) are bit for
+    bit those of that request alone (few blocks: many programs a block) and alone with one program a block
+    (``fused_meet`` 1: no meeting); the delta is not zero."""
+    from tp_lora.ops import triton_kernels as K
+    n = alone.num_tokens
+    oa = out[:n].clone()
+    LoRAOps(pool, alone, TritonBackend()).column(0, m, x[:n], oa)
+    assert not torch.equal(oa, out[:n]), what
+    assert torch.equal(batched[:n], oa), f"{what}: batched != alone"
+    with monkeypatch.context() as mp:
+        mp.setattr(K, "fused_meet", lambda device, split: 1)
+        o1 = out[:n].clone()
+        LoRAOps(pool, alone, TritonBackend()).column(0, m, x[:n], o1)
+    assert torch.equal(o1, oa), f"{what}: one program a block != split"
+
+
 def test_fused_split_bits_do_not_depend_on_the_batch(monkeypatch) -> None:
     """The number of programs sharing a block (``G``, from the used blocks on the device) never changes a
     row's bits: a request's rows of q / down (Llama-3-8B, K split into chunks) are bit for bit the same
@@ -337,16 +354,9 @@ def test_fused_split_bits_do_not_depend_on_the_batch(monkeypatch) -> None:
             assert K.fused_chunks(Kdim)[0] > 1
             x = torch.randn(big.num_tokens, Kdim, device="cuda", generator=g).to(dtype)
             out = torch.randn(big.num_tokens, N, device="cuda", generator=g).to(dtype)
-            ob, oa = out.clone(), out[:5].clone()
+            ob = out.clone()
             LoRAOps(pool, big, TritonBackend()).column(0, m, x, ob)
-            LoRAOps(pool, alone, TritonBackend()).column(0, m, x[:5], oa)
-            assert not torch.equal(oa, out[:5]), m
-            assert torch.equal(ob[:5], oa), f"{m} {dtype}: batched != alone"
-            with monkeypatch.context() as mp:
-                mp.setattr(K, "fused_meet", lambda device, split: 1)     # G = 1: one program per block
-                o1 = out[:5].clone()
-                LoRAOps(pool, alone, TritonBackend()).column(0, m, x[:5], o1)
-            assert torch.equal(o1, oa), f"{m} {dtype}: one program per block != split"
+            _same_bits_alone_and_unsplit(monkeypatch, pool, alone, m, x, out, ob, f"{m} {dtype}")
         del pool
 
 
@@ -519,14 +529,7 @@ def test_prefill_split_fused_cuda(monkeypatch, dtype, max_rank: int) -> None:
         assert rel <= (1e-5 if dtype == torch.float32 else 2e-2), (m, rel)
         base = big.token_slots < 0
         assert bool(base.any()) and torch.equal(ok[base], out[base])
-        oa = out[:600].clone()
-        LoRAOps(pool, alone, TritonBackend()).column(0, m, x[:600], oa)
-        assert torch.equal(ok[:600], oa), f"{m}: batched != alone"
-        with monkeypatch.context() as mp:
-            mp.setattr(K, "fused_meet", lambda device, split: 1)      # G = 1: one program a block
-            o1 = out[:600].clone()
-            LoRAOps(pool, alone, TritonBackend()).column(0, m, x[:600], o1)
-        assert torch.equal(o1, oa), f"{m}: one program a block != split"
+        _same_bits_alone_and_unsplit(monkeypatch, pool, alone, m, x, out, ok, m)
         # a CUDA graph on static metadata (the table's length: 1024 / 64 + S blocks), other mixes replayed
         backend = TritonBackend(max_tokens=1024)
         xg, og = x[:1024].clone(), out[:1024].clone()
