@@ -5,7 +5,8 @@ a TCPStore that the parent opens on port 0 (the OS picks a free port and the par
 two tests can never race for one), calls ``fn(rank, world_size, *args)`` on each, and returns the list of
 return values in rank order. If a rank raises, the others are killed and a ``DistributedTestError``
 carries the failing rank's traceback. It never hangs: past ``timeout`` seconds every child is killed and
-``TimeoutError`` says which ranks had not answered.
+``TimeoutError`` says which ranks had not answered. Before it kills the ranks that had not answered, each
+prints every thread's stack to its stderr (faulthandler on SIGUSR1), which the test's report shows.
 
 ``fn`` and its arguments and results must be picklable (``fn`` defined at module level); results travel
 as plain pickles (not shared memory), so a child may exit right after answering.
@@ -14,7 +15,11 @@ as plain pickles (not shared memory), so a child may exit right after answering.
 from __future__ import annotations
 
 import datetime
+import faulthandler
+import os
 import pickle
+import signal
+import sys
 import queue
 import time
 import traceback
@@ -46,6 +51,8 @@ class DistributedTestError(RuntimeError):
 
 def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, timeout: float,
            backend: str, results: Any, args: tuple[Any, ...]) -> None:
+    # the parent asks for every thread's stack (SIGUSR1) before it kills a rank that did not answer
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     try:
         import torch
         torch.set_num_threads(1)   # N ranks share few cores; oversubscription makes gloo tests crawl
@@ -76,6 +83,17 @@ def _later_failures(results: Any, first: int, grace: float = 1.0) -> str:
         if not ok and rank != first:
             extra.append(f"\n(rank {rank} also failed:)\n{payload}")
     return "".join(extra)
+
+
+def _dump_stacks(procs: list[Any], wait_s: float = 1.0) -> None:
+    """Every thread's stack of each process in ``procs`` (faulthandler, on SIGUSR1), to its stderr."""
+    for p in procs:
+        try:
+            os.kill(p.pid, signal.SIGUSR1)
+        except (OSError, TypeError):
+            pass
+    if procs:
+        time.sleep(wait_s)
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 60.0,
@@ -124,7 +142,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             values[rank] = pickle.loads(payload)
         ok_all = True
     finally:
-        # after a failure the survivors may sit in a collective forever: kill them at once
+        # after a failure the survivors may sit in a collective forever: kill them at once, after each
+        # has printed its threads' stacks (to stderr, which the test's report shows): where it hung
+        if not ok_all:
+            _dump_stacks([p for r, p in enumerate(procs) if r not in values and p.is_alive()])
         for p in procs:
             if ok_all:
                 p.join(timeout=5.0)
