@@ -183,7 +183,7 @@ def test_batch_read_by_threads_and_by_the_pool_equals_the_file(tmp_path, use_rin
         for t in ts:
             t.join(timeout=30)
         assert b.wait(0, 1.0) == 50
-        assert sorted(set(b.worker.tolist())) <= [0, 1, 2] and (b.worker >= 0).all()
+        assert set(b.worker.tolist()) <= {0, 1, 2} and (b.worker >= 0).all()  # a subset: a thread may get none
         assert (b.status == np.where(np.arange(50) % 7 == 0, 1, 0)).all()
         assert (b.t_end >= b.t_start).all() and (b.t_start > 0).all()
         check(tabs, bufs, want)
