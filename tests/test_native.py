@@ -311,3 +311,44 @@ def test_batch_parts_completing_out_of_order_land_in_place(adir, monkeypatch, pr
     last to first, or every chunk's first part, then every chunk's second...): the slot is the
     reference's."""
     check_out_of_order_batch(adir, monkeypatch, preset, kw, order, device="cpu")
+
+
+@needs_native
+def test_native_view_and_batch_layout_keep_the_first_built(monkeypatch):
+    """The registration's preparer and a load may build a table's C view, or a plan's batch layout, at
+    once (Python >= 3.12's ``cached_property`` has no lock): whoever stores first wins and both use that
+    one, so no batch holds the address of a view that is freed. Simulated: the other thread stores its
+    view / layout while this one is still building."""
+    import types
+
+    reads, _, _ = _random_reads(random.Random(5), 1 << 16, 3)
+    tab = reader._IovTable.build(reads)
+    real = native.NativeReads.table
+    first: list = []
+
+    def racing(*a):
+        view = real(*a)
+        if not first:   # the other thread finishes first and stores its own view
+            other = real(*a)
+            first.append(tab.__dict__.setdefault("_native_view", ((other, a[1]), native.ctypes.addressof(other))))
+        return view
+    monkeypatch.setattr(native.NativeReads, "table", staticmethod(racing))
+    got = tab.native
+    assert got is first[0] and tab.native is got
+    monkeypatch.setattr(native.NativeReads, "table", staticmethod(real))
+
+    part = types.SimpleNamespace(spans=(), reads=reads)
+    units = [(None, part)]
+    tables: dict = {}
+    key = ("batch", id(part), 1)
+    real_table = reader._table
+    theirs: list = []
+
+    def racing_table(u, t):
+        if not theirs:   # the other thread's layout lands while this one builds its own
+            theirs.append((["theirs"], 0, 0, 0, [], None, None))
+            t[key] = theirs[0]
+        return real_table(u, t)
+    monkeypatch.setattr(reader, "_table", racing_table)
+    assert reader._batch_layout(units, tables) is theirs[0]
+    assert tables[key] is theirs[0]

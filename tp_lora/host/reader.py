@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import functools
 import errno
 import hashlib
 import logging
@@ -145,12 +144,19 @@ class _IovTable:
                                  f"{buf.numel()} / {0 if scratch is None else scratch.numel()} bytes")
         assert buf.is_contiguous() and buf.dtype == torch.uint8 and buf.device.type == "cpu"
 
-    @functools.cached_property
+    @property
     def native(self) -> tuple:
-        """The table as native.c's ``struct tpl_table`` (and the arrays it points into), and its address."""
-        scr = self.scratch.view(np.uint8)
-        t = NativeReads.table(self.rel, scr, self.direct_first, self.direct_n, self.direct_off, self.direct_want)
-        return (t, scr), ctypes.addressof(t)
+        """The table as native.c's ``struct tpl_table`` (and the arrays it points into), and its address:
+        built once. The registration's preparer and a load may build it at once; the first one stored is
+        the one both use (``functools.cached_property`` has no lock since Python 3.12: the loser's view,
+        whose address a batch may already hold, would be freed)."""
+        v = self.__dict__.get("_native_view")
+        if v is None:
+            scr = self.scratch.view(np.uint8)
+            t = NativeReads.table(self.rel, scr, self.direct_first, self.direct_n, self.direct_off,
+                                  self.direct_want)
+            v = self.__dict__.setdefault("_native_view", ((t, scr), ctypes.addressof(t)))
+        return v
 
     def rebased(self, buf: torch.Tensor, scratch: torch.Tensor | None) -> np.ndarray:
         """The iovecs for this load's buffers (raw pointers: the bounds are checked here, once)."""
@@ -213,7 +219,9 @@ def _batch_layout(units: list, tables: dict) -> tuple | None:
                                             max((len(t.direct) for t in tabs), default=0), [],
                                             np.array([t.buf_end for t in tabs], dtype=np.int64),
                                             np.array([t.native[1] for t in tabs], dtype=np.uint64))
-        tables[key] = got
+        # the registration's preparer and a load may build it at once: both use the first one stored (one
+        # list of kept batches, one array of table addresses)
+        got = tables.setdefault(key, got)
     return None if got[0] is None else got
 
 
