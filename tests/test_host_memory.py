@@ -110,3 +110,34 @@ def test_cache_draws_from_the_arena_and_reuses_it(adir):
         mgr.register("a0", paths[0])
         mgr.activate("a0")  # ... and are reused: the reservation did not grow
         assert mgr.stats().pinned_reserved_bytes == reserved0
+
+
+def test_a_stuck_background_reservation_does_not_stall_alloc(monkeypatch):
+    """A slab reserved in the background that never comes (its pinning or its device touch hangs): alloc
+    waits for it at most ``PENDING_WAIT_S``, then pins a slab itself; the late slab joins the arena
+    when it comes."""
+    import threading
+    import time
+
+    from tp_lora.host import memory
+
+    monkeypatch.setattr(memory, "PENDING_WAIT_S", 0.2)
+    a = _arena(limit=1 << 15, slab=1 << 14)
+    gate = threading.Event()
+    real = a._new_slab
+
+    def stuck(n):
+        if threading.current_thread().name.startswith("tp_lora-arena"):
+            gate.wait(30)
+        return real(n)
+    monkeypatch.setattr(a, "_new_slab", stuck)
+    a.reserve(1 << 14)
+    t = time.monotonic()
+    x = a.alloc(1000)
+    waited = time.monotonic() - t
+    assert 0.15 <= waited < 5 and x.numel() == 1000 and a.snapshot().grow_in_load == 1
+    gate.set()
+    a.wait_reserved()
+    assert a.snapshot().slabs == 2
+    a.free(x)
+    a.close()

@@ -113,6 +113,9 @@ PREFAULT = os.environ.get("TP_LORA_PREFAULT", "1") == "1"
 #: first load from its pages does not pay their first DMA; TP_LORA_DMA_TOUCH=0 turns it off
 DMA_TOUCH = os.environ.get("TP_LORA_DMA_TOUCH", "1") == "1"
 _TOUCH_PIECE = 8 << 20
+#: how long ``HostArena.alloc`` waits for a slab reserved in the background before it pins one itself (a
+#: reservation that is late, or stuck, never stalls a load longer than this)
+PENDING_WAIT_S = 2.0
 
 
 def register_host(nbytes: int) -> torch.Tensor:
@@ -276,18 +279,22 @@ class HostArena:
 
     # -- blocks ----------------------------------------------------------------------------------
     def alloc(self, nbytes: int) -> torch.Tensor:
-        """A block of exactly ``nbytes`` (a view of a slab); give it back with ``free``."""
+        """A block of exactly ``nbytes`` (a view of a slab); give it back with ``free``. Where no free range
+        fits and a slab is being reserved in the background, waits for it (at most ``PENDING_WAIT_S``),
+        else pins a slab now."""
         if nbytes <= 0:
             return torch.empty(0, dtype=torch.uint8)
         span = _round_up(nbytes, _ALIGN)
+        deadline = time.monotonic() + PENDING_WAIT_S
         with self._lock:
             while True:
                 got = self._take(span, nbytes)
                 if got is not None:
                     return got
-                if self._pending == 0:
-                    break
-                self._grown.wait()  # a background slab is on its way: use it rather than pin another
+                left = deadline - time.monotonic()
+                if self._pending == 0 or left <= 0:
+                    break  # nothing on its way, or it is late (a stuck reservation): pin one here
+                self._grown.wait(left)  # a background slab is on its way: use it rather than pin another
         slab = self._new_slab(self.slab_bytes if span <= self.slab_bytes else _round_up(span, 2 << 20))
         with self._lock:
             self.stats.grow_in_load += 1
