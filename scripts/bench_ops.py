@@ -552,6 +552,15 @@ SWEEP_GROUPS = [
      [dict(), _SPLIT, {**_SPLIT, "prefill_warps": 16}, {**_SPLIT, "prefill_pipe": False},
       {**_SPLIT, "prefill_warps": 16, "prefill_pipe": False}, {**_SPLIT, "prefill_stages": 4},
       {**_SPLIT, "prefill_block_k": 128}, {**_SPLIT, "chunk_k": 512}]),
+    # 4: the expert op at rank 64: its N tile and prefetch (sm_90 spills)
+    ([("moe", "64", 8, 32), ("moe", "64", 8, 512), ("moe", "64", 1, 2048), ("moe", "64", 8, 2048)],
+     [dict(), dict(expert_block_n=128), dict(expert_prefetch=False),
+      dict(expert_block_n=128, expert_prefetch=False)]),
+    # 5: the prefill regime's two launches, the expand a programmatic dependent of the shrink (Hopper PDL)
+    ([("q", "16", 1, 2048), ("q", "16", 8, 2048), ("q", "16", 32, 2048), ("q", "mixed", 8, 2048),
+      ("q", "64", 8, 2048), ("down", "16", 8, 2048), ("down", "64", 8, 2048), ("down", "mixed", 32, 2048)],
+     [dict(), {"two.pdl": True}, {"two.pdl": True, "two.expand_block_n": 64, "two.expand_block_n_wide": 64},
+      {"two.pdl": True, "two.expand_warps": 8}, {"two.pdl": True, "two.prefill_splits": 8}]),
 ]
 
 
@@ -711,7 +720,7 @@ def sweep(path: Path, groups: list[int] | None = None, layers: int = 0, kernels:
                 bo = torch.empty(T, N, device=dev, dtype=DT)
                 base_g = bench(graphed(lambda: torch.matmul(x, W.t(), out=bo)))
                 step_case = None
-                if layers > 0 and T <= 512:
+                if layers > 0:
                     sx = [torch.randn(T, K_, device=dev, dtype=DT) for _ in range(L)]
                     so = [torch.randn(T, N, device=dev, dtype=DT) for _ in range(L)]
                     Ws = [torch.randn(N, K_, device=dev, dtype=DT) * 0.02 for _ in range(L)]
@@ -782,7 +791,8 @@ def main() -> None:
                     "then stop")
     ap.add_argument("--sweep-group", type=int, action="append", default=None,
                     help="only this group of SWEEP_GROUPS (0: dense decode, 1: MoE, 2: dense prefill, "
-                         "3: prefill through the split fused kernel); repeatable")
+                         "3: prefill through the split fused kernel, 4: the expert op at rank 64, "
+                         "5: prefill with PDL); repeatable")
     ap.add_argument("--kernel-times", action="store_true",
                     help="with --sweep: also each kernel's device time per call (torch.profiler)")
     args = ap.parse_args()

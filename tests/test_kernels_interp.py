@@ -403,3 +403,66 @@ def test_fused_stages_of_64_row_blocks_fit_the_shared_memory(monkeypatch) -> Non
     assert f(torch.float32, 128, 64, 128) == 2
     monkeypatch.setitem(triton_kernels.FUSED_CONFIG, "prefill_stages", 1)
     assert f(torch.bfloat16, 16) == decode
+
+
+def test_pdl_only_on_compiled_hopper_launches(monkeypatch) -> None:
+    """The expand runs as a programmatic dependent of its shrink only where ``pdl`` is set, the kernels are
+    compiled (never under the interpreter) and the GPU has grid dependency control (capability >= 9.0)."""
+    K = triton_kernels
+    assert K.TWO_LAUNCH_CONFIG["pdl"] is False
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setitem(K._PDL, 0, True)
+    assert not K.pdl_ok(cuda)                          # off by default
+    monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "pdl", True)
+    assert K.pdl_ok(cuda) and not K.pdl_ok(torch.device("cpu"))
+    monkeypatch.setitem(K._PDL, 0, False)               # an Ampere GPU
+    assert not K.pdl_ok(cuda)
+    monkeypatch.setitem(K._PDL, 0, True)
+    monkeypatch.setattr(K, "INTERPRET", True)
+    assert not K.pdl_ok(cuda)
+
+
+_SM90_COMPILE = r"""
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tp_lora.ops import triton_kernels as K
+
+def build(fn, consts, ptrs, **opts):
+    names = list(fn.arg_names)
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "*i32" if n.endswith("_ptr") else "i32") for n in names}
+    cx = {(names.index(n),): v for n, v in consts.items()}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
+                       options=opts)
+    ptx = k.asm["ptx"]
+    return ptx.count("griddepcontrol.wait"), ptx.count("griddepcontrol.launch_dependents"), bool(k.metadata.launch_pdl)
+
+for gdc in (False, True):
+    e = build(K._expand_kernel, dict(SPLITS=1, HAS_EXPERT=False, IEEE=False, UPCAST=False, CDT=tl.bfloat16,
+              BLOCK_M=64, BLOCK_N=128, RT=16, GDC=gdc), {"p_ptr": "*bf16", "b_ptr": "*bf16", "sc_ptr": "*fp32",
+              "out_ptr": "*bf16"}, num_warps=4, num_stages=1, launch_pdl=gdc)
+    s = build(K._shrink_kernel, dict(HAS_EXPERT=False, IEEE=False, UPCAST=False, BLOCK_M=64, SUB=1, RT=16,
+              BLOCK_K=256, SPLITS=4, REDUCE=True, UNROLL=False, GDC=gdc), {"x_ptr": "*bf16", "a_ptr": "*bf16",
+              "p_ptr": "*fp32", "q_ptr": "*bf16"}, num_warps=4, num_stages=4)
+    print("expand", gdc, *e)
+    print("shrink", gdc, *s)
+"""
+
+
+def test_pdl_launches_compile_for_sm90_with_grid_dependency_control() -> None:
+    """Compiled ahead of time for sm_90 (no GPU needed; a clean process, without the interpreter): with
+    ``GDC`` the expand waits (``griddepcontrol.wait``) and is marked for a programmatic dependent launch,
+    the shrink lets its dependent start (``launch_dependents``); without it neither instruction is there."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+                                         env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True,
+                       timeout=300)
+    if r.returncode != 0 and ("ptxas" in r.stderr.lower() or "GPUTarget" in r.stderr):
+        pytest.skip("this Triton cannot compile for sm_90 here: " + r.stderr.strip().splitlines()[-1])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split("\n")
+    assert "expand False 0 0 False" in lines and "shrink False 0 0 False" in lines, r.stdout
+    assert "expand True 1 0 True" in lines and "shrink True 0 1 False" in lines, r.stdout

@@ -362,11 +362,11 @@ def test_fused_split_bits_do_not_depend_on_the_batch(monkeypatch) -> None:
 
 PREFILL_TUNINGS = [dict(), dict(shrink_rows=16), dict(prefill_split=1 << 20, shrink_rows=16, p_low=True),
                    dict(prefill_split=16, reduce=True, p_low=True), dict(prefill_split=16, reduce=True,
-                                                                          shrink_rows=32)]
+                                                                          shrink_rows=32), dict(pdl=True)]
 
 
 @pytest.mark.parametrize("cfg", PREFILL_TUNINGS, ids=["block", "sub16", "one-split-low", "reduce-low",
-                                                      "reduce-sub32"])
+                                                      "reduce-sub32", "pdl"])
 def test_prefill_two_launch_tunings_cuda(monkeypatch, cfg: dict) -> None:
     """The dense prefill regime (``PREFILL_TOKENS`` lowered to 8: 64-row blocks, shrink + expand) with each
     shrink tuning the benchmark sweeps: fp32 and bf16 against the torch path on random batches of up to
@@ -376,17 +376,22 @@ def test_prefill_two_launch_tunings_cuda(monkeypatch, cfg: dict) -> None:
     monkeypatch.setattr(meta, "PREFILL_TOKENS", 8)
     for k, v in cfg.items():
         monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, k, v)
+    assert K.pdl_ok(torch.device("cuda")) == bool(cfg.get("pdl")) or torch.cuda.get_device_capability()[0] < 9
     par = ParallelSpec(tp_size=2, tp_rank=1)
     for dtype in (torch.float32, torch.bfloat16):
         assert kc.compare_dense(DENSE, par, dtype, "cuda", seed=13, trials=3, max_len=40) >= 12
 
 
-def test_prefill_split_reduction_in_a_cuda_graph(monkeypatch) -> None:
+@pytest.mark.parametrize("pdl", [False, True], ids=["stream", "pdl"])
+def test_prefill_split_reduction_in_a_cuda_graph(monkeypatch, pdl: bool) -> None:
     """The shrink's split reduction (its counters reset by the kernel) in a captured prefill-regime op:
-    replays with other batches equal eager runs bit for bit, and equal the expand-summed splits."""
+    replays with other batches equal eager runs bit for bit, and equal the expand-summed splits. With
+    ``pdl`` the expand is a programmatic dependent of the shrink (captured as such): the same bits as the
+    plain launches, replay after replay (an expand reading P before the shrink finished would differ)."""
     from tp_lora.ops import meta
     from tp_lora.ops import triton_kernels as K
     monkeypatch.setattr(meta, "PREFILL_TOKENS", 8)
+    monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "pdl", pdl)
     monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "prefill_split", 16)
     monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "reduce", True)
     pool = make_pool(DENSE, ParallelSpec(tp_size=2, tp_rank=0), dtype=torch.bfloat16, device="cuda", seed=5)
@@ -433,6 +438,11 @@ def test_prefill_split_reduction_in_a_cuda_graph(monkeypatch) -> None:
         op(LoRAOps(pool, batch, TritonBackend()))          # the expand sums the splits instead
         assert torch.equal(got, out), mix
         monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "reduce", True)
+        if pdl:
+            monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "pdl", False)
+            op(LoRAOps(pool, batch, TritonBackend()))      # plain stream order
+            assert torch.equal(got, out), mix
+            monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "pdl", True)
     torch.cuda.synchronize()
     assert int(backend._scratch.red.abs().sum()) == 0
 

@@ -95,12 +95,14 @@ FUSED_PREFILL_SPLIT = False
 # reduce: with several K splits the shrink sums them (the last split program of a block to finish), so the
 # expand reads one P (dense ops; counters in the backend's scratch); reduce_unroll: its split loads unrolled
 # (in flight together, SPLITS tiles of registers). prefill_splits: K splits of the prefill shrink (the split
-# the next power of two above K / this; 0: split_size's fixed columns).
+# the next power of two above K / this; 0: split_size's fixed columns). pdl: the expand is launched as a
+# programmatic dependent of its shrink (Hopper and later: ``pdl_ok``): its programs start while the shrink's
+# last ones run and load their out tile before they wait for P (``griddepcontrol``).
 # Defaults from the H200 sweep of 2026-12-02q (docs/KERNELS.md): reduce + p_low + 4 prefill splits + 4 shrink
 # stages, 2048 tokens: q 2-3% faster, down r16 / r64 / mixed 12 / 17 / 13%.
 TWO_LAUNCH_CONFIG = dict(shrink_block_k=(256, 128), shrink_warps=4, shrink_stages=4, expand_block_n=128,
                          expand_block_n_wide=128, expand_warps=4, prefill_split=0, shrink_rows=0, p_low=True,
-                         reduce=True, reduce_unroll=False, prefill_splits=4)
+                         reduce=True, reduce_unroll=False, prefill_splits=4, pdl=False)
 
 
 
@@ -376,8 +378,10 @@ def _shrink_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, p_ptr, sps, spm, 
                    K, K_PER_SPLIT,
                    HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                    SUB: tl.constexpr, RT: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-                   REDUCE: tl.constexpr, UNROLL: tl.constexpr):
+                   REDUCE: tl.constexpr, UNROLL: tl.constexpr, GDC: tl.constexpr):
     # SUB programs share a block along its rows (BLOCK_M rows each): more programs for the same bytes of x
+    if GDC:   # the expand (a programmatic dependent) may start once every program of this grid got here
+        tl.extra.cuda.gdc_launch_dependents()
     pid_r = tl.program_id(0)
     pid_b = tl.program_id(1) // SUB
     pid_s = tl.program_id(2)
@@ -449,7 +453,8 @@ def _expand_acc(p_ptr, sps, spm, spr, b_base, sbn, sbr, rows, mrow, rank, offs_n
 def _expand_kernel(p_ptr, sps, spm, spr, b_ptr, sbs, sbe, sbn, sbr, sc_ptr, scs, sce, out_ptr, som, son,
                    perm_ptr, blk_start_ptr, blk_len_ptr, blk_slot_ptr, blk_exp_ptr, rank_ptr, N,
                    SPLITS: tl.constexpr, HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                   CDT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RT: tl.constexpr):
+                   CDT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RT: tl.constexpr,
+                   GDC: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
     slot, rank = _block_slot_rank(blk_slot_ptr, rank_ptr, pid_b)
@@ -464,6 +469,13 @@ def _expand_kernel(p_ptr, sps, spm, spr, b_ptr, sbs, sbe, sbn, sbr, sc_ptr, scs,
         sc_off += e * sce
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < N
+    omask = mrow[:, None] & mn[None, :]
+    optr = out_ptr + rows[:, None] * som + offs_n[None, :] * son
+    if GDC:
+        # launched while the shrink still runs: out (written before the shrink started) is read now, P only
+        # once the shrink is complete and its stores are visible
+        o = tl.load(optr, mask=omask, other=0.0)
+        tl.extra.cuda.gdc_wait()
     if RT <= R16:
         acc = _expand_acc(p_ptr, sps, spm, spr, b_base, sbn, sbr, rows, mrow, rank, offs_n, mn, SPLITS, IEEE,
                           UPCAST, CDT, BLOCK_M, BLOCK_N, R16)
@@ -475,9 +487,8 @@ def _expand_kernel(p_ptr, sps, spm, spr, b_ptr, sbs, sbe, sbn, sbr, sc_ptr, scs,
             acc = _expand_acc(p_ptr, sps, spm, spr, b_base, sbn, sbr, rows, mrow, rank, offs_n, mn, SPLITS, IEEE,
                               UPCAST, CDT, BLOCK_M, BLOCK_N, RT)
     acc = acc * tl.load(sc_ptr + sc_off)
-    omask = mrow[:, None] & mn[None, :]
-    optr = out_ptr + rows[:, None] * som + offs_n[None, :] * son
-    o = tl.load(optr, mask=omask, other=0.0)
+    if not GDC:
+        o = tl.load(optr, mask=omask, other=0.0)
     tl.store(optr, (o.to(tl.float32) + acc).to(o.dtype), mask=omask)
 
 
@@ -509,19 +520,23 @@ class _Launcher:
         self.cache: dict[tuple, object] = {}
         self.checked = False
 
-    def __call__(self, grid: tuple, args: tuple, consts: dict, num_warps: int = 4, num_stages: int = 3) -> None:
+    def __call__(self, grid: tuple, args: tuple, consts: dict, num_warps: int = 4, num_stages: int = 3,
+                 pdl: bool = False) -> None:
+        opts = dict(num_warps=num_warps, num_stages=num_stages)
+        if pdl:   # a programmatic dependent launch (a compile option: the handle's launcher sets the attribute)
+            opts["launch_pdl"] = True
         if not DIRECT:
-            self.fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+            self.fn[grid](*args, **consts, **opts)
             return
         grid = tuple(grid) + (1,) * (3 - len(grid))
-        key = (_key(args), tuple(consts.values()), num_warps, num_stages, args[0].device.index)
+        key = (_key(args), tuple(consts.values()), num_warps, num_stages, pdl, args[0].device.index)
         k = self.cache.get(key)
         if k is None:
             if not self.checked:   # constexprs must follow the runtime args in the signature, in this order
                 names = list(self.fn.arg_names)
                 assert names == names[:len(args)] + list(consts), (names, list(consts))
                 self.checked = True
-            k = self.fn[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+            k = self.fn[grid](*args, **consts, **opts)
             if k is not None and hasattr(k, "__getitem__"):
                 self.cache[key] = k
             return
@@ -540,6 +555,22 @@ def _sms(device: torch.device) -> int:
     if idx not in _SMS:
         _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SMS[idx]
+
+
+_PDL: dict[int, bool] = {}
+
+
+def pdl_ok(device: torch.device) -> bool:
+    """Whether the expand runs as a programmatic dependent of its shrink on ``device``: ``pdl`` is set, the
+    kernels are compiled (not the interpreter) and the GPU has grid dependency control (compute capability
+    9.0 and later). A function of the configuration and the device only, so a CUDA graph captures the same
+    launches it replays."""
+    if not TWO_LAUNCH_CONFIG["pdl"] or INTERPRET or device.type != "cuda":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL:
+        _PDL[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _PDL[idx]
 
 
 def split_size(K: int, prefill: bool) -> int:
@@ -776,7 +807,8 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, 
              perm, bs, bl, bslot, bexp, slot_rank, K, ks),
             dict(HAS_EXPERT=expert_stride is not None, IEEE=x.dtype == torch.float32, UPCAST=INTERPRET,
                  BLOCK_M=sub_m, SUB=block_m // sub_m, RT=rt,
-                 BLOCK_K=bk, SPLITS=splits, REDUCE=reduce, UNROLL=bool(TWO_LAUNCH_CONFIG["reduce_unroll"])),
+                 BLOCK_K=bk, SPLITS=splits, REDUCE=reduce, UNROLL=bool(TWO_LAUNCH_CONFIG["reduce_unroll"]),
+                 GDC=pdl_ok(x.device)),
             num_warps=TWO_LAUNCH_CONFIG["shrink_warps"], num_stages=shrink_stages(x.dtype, sub_m, bk, rt))
     return Q
 
@@ -827,15 +859,16 @@ def expand(P: torch.Tensor, B: torch.Tensor, expert_stride: int | None, scaling:
     perm, bs, bl, bslot, bexp = blocks
     rt = rank_tile(max_rank)
     bn = _pow2(N, 16, TWO_LAUNCH_CONFIG["expand_block_n" if rt <= BLOCK_R else "expand_block_n_wide"])
+    gdc = pdl_ok(out.device)
     _expand((triton.cdiv(N, bn), grid_blocks),
             (P, P.stride(0), P.stride(1), P.stride(2), B, B.stride(0), expert_stride or 0, B.stride(-2),
              B.stride(-1), scaling, scaling.stride(0), scaling_expert_stride or 0, out, out.stride(0),
              out.stride(1), perm, bs, bl, bslot, bexp, slot_rank, N),
             dict(SPLITS=P.shape[0], HAS_EXPERT=expert_stride is not None, IEEE=compute_dtype == torch.float32,
-                 UPCAST=INTERPRET, CDT=_CDT[compute_dtype], BLOCK_M=block_m, BLOCK_N=bn, RT=rt),
+                 UPCAST=INTERPRET, CDT=_CDT[compute_dtype], BLOCK_M=block_m, BLOCK_N=bn, RT=rt, GDC=gdc),
             # one stage: one rank tile per slot, nothing to pipeline (and the split partials' stages of a
             # 64-row, 64-rank tile would exceed the shared memory)
-            num_warps=TWO_LAUNCH_CONFIG["expand_warps"], num_stages=1)
+            num_warps=TWO_LAUNCH_CONFIG["expand_warps"], num_stages=1, pdl=gdc)
 
 
 # -- expert routing metadata on the device (a counting sort by (expert, slot)) ----------------------------------
