@@ -530,7 +530,6 @@ def profile_host(path: Path) -> None:
 # with the two-launch tiles. Config keys starting with "_" set module constants of tp_lora.ops.triton_kernels,
 # "two." keys TWO_LAUNCH_CONFIG, the others FUSED_CONFIG.
 _RED = {"two.reduce": True, "two.p_low": True}   # the shrink sums its K splits; P in the compute dtype
-_SPLIT = {"_FUSED_PREFILL_SPLIT": True}   # the prefill regime's split fused kernel, its default tiles
 SWEEP_GROUPS = [
     ([("q", "16", 1, 32), ("q", "16", 8, 32), ("q", "16", 32, 32), ("q", "mixed", 8, 32), ("q", "64", 32, 32),
       ("down", "16", 1, 32), ("down", "16", 8, 32), ("down", "mixed", 32, 32), ("down", "64", 32, 32)],
@@ -546,17 +545,11 @@ SWEEP_GROUPS = [
       {**_RED, "two.prefill_splits": 4, "two.shrink_stages": 4, "two.shrink_rows": 32},
       {**_RED, "two.prefill_splits": 8, "two.shrink_stages": 4},
       {**_RED, "two.prefill_splits": 4, "two.shrink_block_k": (256, 256)}]),
-    # 3: the prefill regime through the split fused kernel (one launch) against the two launches (c0)
-    ([("q", "16", 1, 2048), ("q", "16", 8, 2048), ("q", "mixed", 8, 2048), ("q", "64", 8, 2048),
-      ("down", "16", 8, 2048), ("down", "mixed", 32, 2048)],
-     [dict(), _SPLIT, {**_SPLIT, "prefill_warps": 16}, {**_SPLIT, "prefill_pipe": False},
-      {**_SPLIT, "prefill_warps": 16, "prefill_pipe": False}, {**_SPLIT, "prefill_stages": 4},
-      {**_SPLIT, "prefill_block_k": 128}, {**_SPLIT, "chunk_k": 512}]),
-    # 4: the expert op at rank 64: its N tile and prefetch (sm_90 spills)
+    # 3: the expert op at rank 64: its N tile and prefetch (sm_90 spills)
     ([("moe", "64", 8, 32), ("moe", "64", 8, 512), ("moe", "64", 1, 2048), ("moe", "64", 8, 2048)],
      [dict(), dict(expert_block_n=128), dict(expert_prefetch=False),
       dict(expert_block_n=128, expert_prefetch=False)]),
-    # 5: the prefill regime's two launches, the expand a programmatic dependent of the shrink (Hopper PDL)
+    # 4: the prefill regime's two launches, the expand a programmatic dependent of the shrink (Hopper PDL)
     ([("q", "16", 1, 2048), ("q", "16", 8, 2048), ("q", "16", 32, 2048), ("q", "mixed", 8, 2048),
       ("q", "64", 8, 2048), ("down", "16", 8, 2048), ("down", "64", 8, 2048), ("down", "mixed", 32, 2048)],
      [dict(), {"two.pdl": True}, {"two.pdl": True, "two.expand_block_n": 64, "two.expand_block_n_wide": 64},
@@ -664,7 +657,7 @@ def sweep(path: Path, groups: list[int] | None = None, layers: int = 0, kernels:
     mspec = dataclasses.replace(ModelSpec.from_preset("qwen3-30b-a3b"), num_hidden_layers=1)
     E, k, h, im = mspec.num_experts, mspec.num_experts_per_tok, mspec.hidden_size, mspec.moe_intermediate_size
     default, default_two = dict(K.FUSED_CONFIG), dict(K.TWO_LAUNCH_CONFIG)
-    saved = {n: getattr(K, n) for n in ("FUSED_DENSE", "FUSED_PREFILL_SPLIT", "EXPERT_FUSED_ROWS", "FUSED_MAX_RANK",
+    saved = {n: getattr(K, n) for n in ("FUSED_DENSE", "EXPERT_FUSED_ROWS", "FUSED_MAX_RANK",
                                         "EXPERT_WIDE_BLOCK_M", "EXPERT_WIDE_FUSED")}
     pools = {}
     mods = ("experts.w1", "experts.w3", "experts.w2")
@@ -791,8 +784,8 @@ def main() -> None:
                     "then stop")
     ap.add_argument("--sweep-group", type=int, action="append", default=None,
                     help="only this group of SWEEP_GROUPS (0: dense decode, 1: MoE, 2: dense prefill, "
-                         "3: prefill through the split fused kernel, 4: the expert op at rank 64, "
-                         "5: prefill with PDL); repeatable")
+                         "3: the expert op at rank 64, 4: prefill with the expand a programmatic "
+                         "dependent (PDL)); repeatable")
     ap.add_argument("--kernel-times", action="store_true",
                     help="with --sweep: also each kernel's device time per call (torch.profiler)")
     args = ap.parse_args()

@@ -1,11 +1,11 @@
 """Registers, stack (spills) and shared memory of the fused kernel's specialisations, compiled ahead of time
 for sm_90 on any machine (no GPU needed: Triton compiles for a named target and ships ``cuobjdump``). Used to
-screen the prefill regime's tiles before spending GPU time on them: a tile whose compile spills registers
-to the stack is slower than one that does not.
+screen tiles before spending GPU time on them (a compile that spills registers to the stack is a lead, not
+a verdict: the rank-64 decode tiles spill 600 bytes, and the spill-free ones timed no faster, docs/KERNELS.md).
 
 Usage: ``PYTHONPATH=. python3 scripts/kernel_regs.py SPEC [SPEC ...]``, SPEC =
-``dtype,chunks,rank_tile,block_n,block_k,warps,stages,pipe,prefetch[,block_m]`` (dtype bf16 / fp32; pipe
-and prefetch 0 / 1; block_m 64 unless given), e.g. ``bf16,16,16,64,64,8,3,1,0``. Prints per SPEC
+``dtype,chunks,rank_tile,block_n,block_k,warps,stages,prefetch[,block_m]`` (dtype bf16 / fp32; prefetch 0 /
+1; block_m 16 unless given), e.g. ``bf16,16,64,256,128,8,4,1``. Prints per SPEC
 ``(registers a thread, stack bytes a thread, shared bytes)``.
 """
 
@@ -25,14 +25,14 @@ from triton.compiler import ASTSource
 from tp_lora.ops import triton_kernels as K
 
 
-def resources(dt: str, ch: int, rt: int, bn: int, bk: int, warps: int, stages: int, pipe: bool, prefetch: bool,
-              bm: int = 64) -> tuple[int, int, int]:
+def resources(dt: str, ch: int, rt: int, bn: int, bk: int, warps: int, stages: int, prefetch: bool,
+              bm: int = 16) -> tuple[int, int, int]:
     """(registers, stack bytes, shared bytes) of the dense fused kernel (tables, no records) for sm_90."""
     fn = K._fused_kernel
     names = list(fn.arg_names)
     ptrs = {"x_ptr": "*" + dt, "a_ptr": "*" + dt, "b_ptr": "*" + dt, "sc_ptr": "*fp32", "out_ptr": "*" + dt,
             "p_ptr": "*fp32"}
-    consts = dict(CH=ch, REC=0, HOIST=False, PREFETCH=prefetch, PIPE=pipe, HAS_EXPERT=False, IEEE=dt == "fp32",
+    consts = dict(CH=ch, REC=0, HOIST=False, PREFETCH=prefetch, HAS_EXPERT=False, IEEE=dt == "fp32",
                   UPCAST=False, CDT=tl.bfloat16 if dt == "bf16" else tl.float32, BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_K=bk, RT=rt)
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "*i32" if n.endswith("_ptr") else "i32") for n in names}
@@ -55,9 +55,9 @@ def main() -> None:
     if len(sys.argv) < 2:
         sys.exit(__doc__)
     for spec in sys.argv[1:]:
-        dt, ch, rt, bn, bk, w, st, pipe, pre, *bm = spec.split(",")
-        r = resources(dt, int(ch), int(rt), int(bn), int(bk), int(w), int(st), pipe == "1", pre == "1",
-                      int(bm[0]) if bm else 64)
+        dt, ch, rt, bn, bk, w, st, pre, *bm = spec.split(",")
+        r = resources(dt, int(ch), int(rt), int(bn), int(bk), int(w), int(st), pre == "1",
+                      int(bm[0]) if bm else 16)
         print(spec, r, flush=True)
 
 

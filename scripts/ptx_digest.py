@@ -42,7 +42,7 @@ def digests() -> list[str]:
         ptrs = {"x_ptr": "*" + dt, "a_ptr": "*" + dt, "b_ptr": "*" + dt, "sc_ptr": "*fp32", "out_ptr": "*" + dt,
                 "p_ptr": "*fp32"}
         for ch, pre, exp, rt, bn, warps, rec, hoist, bm in SPECS:
-            consts = dict(CH=ch, REC=K.REC_INTS if rec else 0, HOIST=hoist, PREFETCH=pre, PIPE=False, HAS_EXPERT=exp,
+            consts = dict(CH=ch, REC=K.REC_INTS if rec else 0, HOIST=hoist, PREFETCH=pre, HAS_EXPERT=exp,
                           IEEE=dt == "fp32", UPCAST=False, CDT=tl.bfloat16 if dt == "bf16" else tl.float32,
                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, RT=rt)
             sig = {n: "constexpr" if n in consts else ptrs.get(n, "*i32" if n.endswith("_ptr") else "i32")

@@ -204,19 +204,14 @@ def test_static_metadata_equals_eager(monkeypatch) -> None:
         assert not torch.equal(o1, out), m
 
 
-@pytest.mark.parametrize("records,hoist,pipe", [(True, True, False), (False, False, False), (True, False, True)],
-                         ids=["records", "tables", "pipe"])
-def test_fused_k_chunks_match_reference(monkeypatch, records: bool, hoist: bool, pipe: bool) -> None:
+@pytest.mark.parametrize("records,hoist", [(True, True), (False, False)], ids=["records", "tables"])
+def test_fused_k_chunks_match_reference(monkeypatch, records: bool, hoist: bool) -> None:
     """The fused kernel's K chunks (16 columns here, so the tiny presets' K spans several; summed in chunk
     order by one program per block under the interpreter): still the per-token reference (fp32), with the
-    blocks read from their records or from the tables (rows loaded after the rank test), and with the N
-    tiles' loads one tile ahead (``pipe``, 16-wide tiles: several per block)."""
+    blocks read from their records or from the tables (rows loaded after the rank test)."""
     monkeypatch.setitem(triton_kernels.FUSED_CONFIG, "chunk_k", 16)
     monkeypatch.setitem(triton_kernels.FUSED_CONFIG, "records", records)
     monkeypatch.setitem(triton_kernels.FUSED_CONFIG, "hoist", hoist)
-    monkeypatch.setitem(triton_kernels.FUSED_CONFIG, "pipe", pipe)
-    if pipe:
-        monkeypatch.setitem(triton_kernels.FUSED_CONFIG, "block_n", 16)
     assert triton_kernels.fused_chunks(DENSE.hidden_size)[0] > 2
     par = ParallelSpec(tp_size=2, tp_rank=0)
     check_dense_ops(DENSE, par, device=DEV, pool_dtype=torch.float32, act_dtype=torch.float32, tol=FP32_TOL,
@@ -341,68 +336,6 @@ def test_prefill_shrink_sub_blocks_and_low_p_keep_the_bits(monkeypatch, split: i
     assert not torch.equal(got[0], out)
     for o in got[1:]:
         assert torch.equal(o, got[0])
-
-
-SPLIT_PREFILL_CONFIGS = [dict(prefill_block_n=16), dict(prefill_pipe=False, prefill_block_n=16),
-                         dict(prefill_pipe=False, prefill_prefetch=True, prefill_block_n=16),
-                         dict(prefill_pipe=True, prefill_prefetch=True, prefill_block_n=16, prefill_block_k=16)]
-
-
-@pytest.mark.parametrize("cfg", SPLIT_PREFILL_CONFIGS, ids=["pipe", "no-pipe", "prefetch", "pipe-prefetch"])
-def test_prefill_split_fused_matches_torch_path(monkeypatch, cfg: dict) -> None:
-    """The dense prefill regime through the fused kernel (``FUSED_PREFILL_SPLIT``; ``PREFILL_TOKENS``
-    lowered to 8: 64-row blocks) with K cut into 16-column chunks (summed in chunk order by one program a
-    block under the interpreter), each of its tunings (the N tiles' loads one tile ahead, the first tile's
-    before the K work; 16-wide N tiles, several a block): fp32 and bf16 against the torch path on random batches of up
-    to 40-token requests, base-only rows unchanged; and really one launch (no shrink, no expand)."""
-    from tp_lora.ops import meta
-    monkeypatch.setattr(meta, "PREFILL_TOKENS", 8)
-    monkeypatch.setattr(triton_kernels, "FUSED_PREFILL_SPLIT", True)
-    monkeypatch.setitem(triton_kernels.FUSED_CONFIG, "chunk_k", 16)
-    for k, v in cfg.items():
-        monkeypatch.setitem(triton_kernels.FUSED_CONFIG, k, v)
-
-    def no_launch(*a, **kw):
-        raise AssertionError("the two-launch path ran")
-    monkeypatch.setattr(triton_kernels, "shrink", no_launch)
-    assert triton_kernels.fused_chunks(DENSE.hidden_size)[0] > 2
-    par = ParallelSpec(tp_size=2, tp_rank=1)
-    for dtype in (torch.float32, torch.bfloat16):
-        assert kc.compare_dense(DENSE, par, dtype, DEV, seed=17, trials=2, max_len=40) >= 8
-
-
-def test_prefill_split_fits_only_where_each_block_gets_two_sms(monkeypatch) -> None:
-    """The host's choice of the prefill regime's kernels: off by default (two launches); on, on CUDA only
-    while the block table leaves two SMs a block (a 132-SM H200: up to 66 blocks); the static table's
-    length decides, never the batch's content."""
-    K = triton_kernels
-    assert K.FUSED_PREFILL_SPLIT is False
-    assert not K.prefill_split_fits(10, torch.device("cpu"))
-    monkeypatch.setattr(K, "FUSED_PREFILL_SPLIT", True)
-    assert K.prefill_split_fits(10, torch.device("cpu"))     # the interpreter: one program a block anyway
-    monkeypatch.setattr(K, "INTERPRET", False)
-    monkeypatch.setitem(K._SMS, 0, 132)
-    cuda = torch.device("cuda", 0)
-    assert K.prefill_split_fits(66, cuda) and K.prefill_split_fits(1, cuda)
-    assert not K.prefill_split_fits(67, cuda) and not K.prefill_split_fits(0, cuda)
-
-
-def test_fused_stages_of_64_row_blocks_fit_the_shared_memory(monkeypatch) -> None:
-    """The prefill regime's split kernel: ``prefill_stages`` where that many 64-row x tiles and A tiles
-    fit ``SHRINK_SMEM``, fewer where not (float32 at rank tile 128), at least one; the decode regime's
-    stages (16-row blocks) do not depend on it."""
-    f = triton_kernels.fused_stages
-    monkeypatch.setitem(triton_kernels.FUSED_CONFIG, "prefill_stages", 4)
-    decode = f(torch.bfloat16, 16)
-    assert f(torch.bfloat16, 16, 64, 128) == 4
-    for dt in (torch.float32, torch.bfloat16):
-        for rt in (16, 32, 64, 128):
-            for bk in (64, 128, 256):
-                n = f(dt, rt, 64, bk)
-                assert 1 <= n <= 4 and n * (64 + rt) * bk * dt.itemsize <= triton_kernels.SHRINK_SMEM
-    assert f(torch.float32, 128, 64, 128) == 2
-    monkeypatch.setitem(triton_kernels.FUSED_CONFIG, "prefill_stages", 1)
-    assert f(torch.bfloat16, 16) == decode
 
 
 def test_pdl_only_on_compiled_hopper_launches(monkeypatch) -> None:

@@ -2,8 +2,7 @@
 
 Dense op, decode regime (<= 512 tokens): one launch of the fused kernel (K chunks spread over as many
 programs per block as the used blocks leave SMs for; they meet on the device); prefill: two launches
-(shrink, expand), or with ``FUSED_PREFILL_SPLIT`` the same split fused kernel over 64-row blocks where the
-block table leaves at least two SMs a block (``prefill_split_fits``). Expert op:
+(shrink, expand; the expand optionally a programmatic dependent of the shrink, ``pdl``). Expert op:
 one fused launch over the blocks of all routed rows of all local experts up to ``EXPERT_FUSED_ROWS`` routed
 rows, above it the wide regime (``expert_regime``: ``EXPERT_WIDE_BLOCK_M`` rows per block, two launches or
 the fused one) (blocks built on the device once per layer and cached in the ``ExpertRouting``).
@@ -50,8 +49,7 @@ class TritonBackend:
             self._view_cache = {}
             self._scratch = K.FusedScratch()
             m = self.meta
-            if m.capacity is not None and self._fused(pool) and (
-                    not m.prefill or K.prefill_split_fits(m.grid_blocks, pool.device)):
+            if m.capacity is not None and self._fused(pool) and not m.prefill:
                 # static mode: the fused kernel's scratch for the pool's largest K, before any graph capture
                 needs = [K.FusedScratch.need(s.a_shape[1], m.block_m, pool.max_rank, pool.device)
                          for name, s in pool.shapes.items() if name != "embed"]
@@ -101,10 +99,10 @@ class TritonBackend:
         m = self._meta(pool)
         blocks = self._dense_blocks(m)
         A, B, sc = self._views(pool, module, layer)
-        if self._fused(pool) and (K.prefill_split_fits(m.grid_blocks, x.device) if m.prefill else K.FUSED_DENSE):
+        if self._fused(pool) and not m.prefill and K.FUSED_DENSE:
             K.fused(x, A, B, sc, out, blocks, m.nblk, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank,
-                    expert=False, scratch=self._scratch, records=m.blk_rec if m.block_m == K.REC_ROWS else None,
-                    prefill=m.prefill)
+                    expert=False, scratch=self._scratch,
+                    records=m.blk_rec if m.block_m == K.REC_ROWS else None)
             return
         P = K.shrink(x, A, None, blocks, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank, self._scratch)
         K.expand(P, B, None, sc, None, out, blocks, m.grid_blocks, m.block_m, m.slot_rank, x.dtype,

@@ -71,21 +71,10 @@ FUSED_DENSE = True      # dense ops of the decode regime through the fused kerne
 # hoist: the table path's rows and expert id loaded before the rank test (off: not timed for the expert op,
 # which keeps its previous load order). num_stages 4 (same sweep: 0.4-2.7 us faster on down_proj, within
 # 0.4 us on q_proj). These only move loads, never change what is computed.
-# pipe: each N tile's loads issued before the previous tile is stored (decode: not timed, off).
-# prefill_*: the same keys for the dense prefill regime's split fused kernel (FUSED_PREFILL_SPLIT); its
-# stages are capped by the shared memory a stage of 64-row x and A tiles takes (fused_stages). Its tiles:
-# the sm_90 compile's register use (scripts/kernel_regs.py, Triton 3.9): 64 x 64 N and K tiles with 8
-# warps spill nothing at rank tile 16; 128-wide N tiles spill 72-456 bytes a thread, 4 warps more.
 FUSED_CONFIG = dict(block_n=256, block_k=128, chunk_k=256, max_chunks=32, num_warps=8, num_stages=4,
-                    programs_per_sm=2, prefetch=True, pipe=False, records=True, hoist=False, expert_warps=4,
-                    expert_stages=3, expert_block_n=256, expert_prefetch=True, expert_programs_per_sm=2,
-                    expert_wide_block_n=128, prefill_block_n=64, prefill_block_k=64, prefill_warps=8,
-                    prefill_stages=3, prefill_prefetch=False, prefill_pipe=True)
+                    programs_per_sm=2, prefetch=True, records=True, hoist=False, expert_warps=4, expert_stages=3,
+                    expert_block_n=256, expert_prefetch=True, expert_programs_per_sm=2, expert_wide_block_n=128)
 FUSED_STAGES_MAX_RT = 64   # num_stages above 3 only up to this rank tile, 2-byte activations (fused_stages)
-# Dense ops of the prefill regime through the fused kernel (one launch): 64-row blocks whose K chunks are
-# spread over the programs that meet on the block, as at decode, wherever the batch's block table leaves
-# at least two SMs a block (``prefill_split_fits``); else, and off, the two launches (shrink, expand).
-FUSED_PREFILL_SPLIT = False
 # The two-launch path's tiles (decode / prefill regime where they differ).
 # prefill_split: K columns per shrink program in the prefill regime (0: split_size's rule); expand_block_n:
 # the expand's N tile for pools of rank tile 16, expand_block_n_wide for wider rank tiles.
@@ -194,9 +183,9 @@ def _out_tile(pc, bt, o, scale, optr, omask, IEEE: tl.constexpr, UPCAST: tl.cons
 @triton.jit
 def _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out_ptr, som, son, rows, mrow,
                  rank, K, N, KC, s, G, b, p_ptr, arrive_ptr, depart_ptr, CH: tl.constexpr,
-                 PREFETCH: tl.constexpr, PIPE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                 CDT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 RT: tl.constexpr, BR: tl.constexpr):
+                 PREFETCH: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, CDT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RT: tl.constexpr,
+                 BR: tl.constexpr):
     """Program ``s`` of the ``G`` programs of block ``b`` (rank tile ``BR`` >= rank). K is cut into ``CH``
     chunks of ``KC`` columns; each chunk's partial ``x[rows, chunk] @ A^T`` is accumulated from zero, and the
     block's p is the chunks' sum in chunk order, rounded once to the compute dtype: the same bits whatever
@@ -204,10 +193,8 @@ def _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out
     writes their partials to ``p_ptr`` and the block's programs meet at its arrival counter (all are
     resident: at most one program per SM), then each sums all chunks; ``G = 1``: one program sums them as
     it goes. Then p times B for the N tiles s, s + G, ...; with ``PREFETCH`` the first tile's B and out
-    loads are issued before the K work (they do not depend on p); with ``PIPE`` each N tile's B and out
-    loads are issued before the previous tile is computed and stored (one tile of registers more, twice
-    the bytes in flight: the prefill regime's 64-row tiles). The last program to leave resets the block's
-    counters for the next launch."""
+    loads are issued before the K work (they do not depend on p). The last program to leave resets the
+    block's counters for the next launch."""
     offs_r = tl.arange(0, BR)
     mr = offs_r < rank
     if PREFETCH:
@@ -230,12 +217,8 @@ def _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out
             n = tl.atomic_add(arrive_ptr + b, 0, sem="acquire")
         tl.debug_barrier()
         p = tl.zeros((BLOCK_M, BR), dtype=tl.float32)
-        if BLOCK_M <= 16:
-            for c in tl.static_range(CH):  # chunk order (the same bits for every G); unrolled: loads in flight
-                p += tl.load(pbase + c * (BLOCK_M * RT), mask=pmask, other=0.0, cache_modifier=".cg")
-        else:                              # 64-row partials: CH of them unrolled would not fit the registers
-            for c in range(CH):
-                p += tl.load(pbase + c * (BLOCK_M * RT), mask=pmask, other=0.0, cache_modifier=".cg")
+        for c in tl.static_range(CH):      # chunk order (the same bits for every G); unrolled: loads in flight
+            p += tl.load(pbase + c * (BLOCK_M * RT), mask=pmask, other=0.0, cache_modifier=".cg")
     else:
         p = _xa(x_ptr, sxm, sxk, a_base, sar, sak, rows, mrow, offs_r, mr, 0, K, KC, p_ptr, pmask, 1, IEEE,
                 UPCAST, BLOCK_M, BLOCK_K, BR, BLOCK_M * RT)
@@ -244,20 +227,9 @@ def _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out
     if PREFETCH:
         _out_tile(pc, bt0, o0, scale, optr0, omask0, IEEE, UPCAST, CDT)
         t_first = s + G
-    if PIPE:
-        # tile t + G's loads before tile t's product and store (past the last tile: all masked, no bytes)
-        bt, o, optr, omask = _tile_in(b_base, sbn, sbr, offs_r, mr, out_ptr, som, son, rows, mrow, t_first, N,
-                                      BLOCK_N)
-        for t in range(t_first, tl.cdiv(N, BLOCK_N), G):
-            bt2, o2, optr2, omask2 = _tile_in(b_base, sbn, sbr, offs_r, mr, out_ptr, som, son, rows, mrow, t + G,
-                                              N, BLOCK_N)
-            _out_tile(pc, bt, o, scale, optr, omask, IEEE, UPCAST, CDT)
-            bt, o, optr, omask = bt2, o2, optr2, omask2
-    else:
-        for t in range(t_first, tl.cdiv(N, BLOCK_N), G):
-            bt, o, optr, omask = _tile_in(b_base, sbn, sbr, offs_r, mr, out_ptr, som, son, rows, mrow, t, N,
-                                          BLOCK_N)
-            _out_tile(pc, bt, o, scale, optr, omask, IEEE, UPCAST, CDT)
+    for t in range(t_first, tl.cdiv(N, BLOCK_N), G):
+        bt, o, optr, omask = _tile_in(b_base, sbn, sbr, offs_r, mr, out_ptr, som, son, rows, mrow, t, N, BLOCK_N)
+        _out_tile(pc, bt, o, scale, optr, omask, IEEE, UPCAST, CDT)
     if G > 1:
         tl.debug_barrier()
         d = tl.atomic_add(depart_ptr + b, 1, sem="acq_rel")
@@ -271,7 +243,7 @@ def _fused_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, b_ptr, sbs, sbe, s
                   out_ptr, som, son, perm_ptr, blk_start_ptr, blk_len_ptr, blk_slot_ptr, blk_exp_ptr, rank_ptr,
                   nblk_ptr, rec_ptr, p_ptr, arrive_ptr, depart_ptr, K, N, KC, R,
                   CH: tl.constexpr, REC: tl.constexpr, HOIST: tl.constexpr, PREFETCH: tl.constexpr,
-                  PIPE: tl.constexpr, HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr,
+                  HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr,
                   UPCAST: tl.constexpr, CDT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, RT: tl.constexpr):
     # R: programs that may meet (resident together: the grid is at most one per SM then; 1 = never meet).
@@ -325,17 +297,17 @@ def _fused_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, b_ptr, sbs, sbe, s
             scale = tl.load(sc_ptr + sc_off)
             if RT <= R16:
                 _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out_ptr, som, son, rows,
-                             mrow, rank, K, N, KC, s, G, b, p_ptr, arrive_ptr, depart_ptr, CH, PREFETCH, PIPE, IEEE,
+                             mrow, rank, K, N, KC, s, G, b, p_ptr, arrive_ptr, depart_ptr, CH, PREFETCH, IEEE,
                              UPCAST, CDT, BLOCK_M, BLOCK_N, BLOCK_K, RT, R16)
             else:
                 if rank <= R16:     # a slot's rank picks its tile: 16, or the pool's whole max rank
                     _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out_ptr, som, son,
                                  rows, mrow, rank, K, N, KC, s, G, b, p_ptr, arrive_ptr, depart_ptr, CH, PREFETCH,
-                                 PIPE, IEEE, UPCAST, CDT, BLOCK_M, BLOCK_N, BLOCK_K, RT, R16)
+                                 IEEE, UPCAST, CDT, BLOCK_M, BLOCK_N, BLOCK_K, RT, R16)
                 else:
                     _fused_block(x_ptr, sxm, sxk, a_base, sar, sak, b_base, sbn, sbr, scale, out_ptr, som, son,
                                  rows, mrow, rank, K, N, KC, s, G, b, p_ptr, arrive_ptr, depart_ptr, CH, PREFETCH,
-                                 PIPE, IEEE, UPCAST, CDT, BLOCK_M, BLOCK_N, BLOCK_K, RT, RT)
+                                 IEEE, UPCAST, CDT, BLOCK_M, BLOCK_N, BLOCK_K, RT, RT)
 
 
 @triton.jit
@@ -607,17 +579,11 @@ def expert_regime(routed_rows: int) -> tuple[int, bool]:
     return EXPERT_WIDE_BLOCK_M, EXPERT_WIDE_FUSED
 
 
-def fused_stages(dtype: torch.dtype, rt: int, block_m: int = BLOCK_R, block_k: int = 0) -> int:
+def fused_stages(dtype: torch.dtype, rt: int) -> int:
     """Pipeline stages of the dense fused kernel: the tuned ``num_stages`` where it was timed (2-byte
     activations, rank tiles up to ``FUSED_STAGES_MAX_RT``), else at most 3, the depth every tile had
     before: each stage holds an x and an A tile in shared memory (fp32 at rank tile 128: 72 KiB a stage,
-    so four stages would not fit in an H100's 227 KiB). Blocks of more than 16 rows (the prefill regime's
-    split kernel, K tiles of ``block_k``): ``prefill_stages``, fewer where that many ``block_m x block_k``
-    x tiles and ``block_k x rt`` A tiles would not fit ``SHRINK_SMEM`` (float32 at rank tile 128 with 64-row
-    blocks and 128-column K tiles: 96 KiB a stage), at least one."""
-    if block_m > BLOCK_R:
-        per = (block_m + rt) * max(block_k, 16) * dtype.itemsize
-        return max(1, min(int(FUSED_CONFIG["prefill_stages"]), SHRINK_SMEM // per))
+    so four stages would not fit in an H100's 227 KiB)."""
     n = FUSED_CONFIG["num_stages"]
     return n if dtype.itemsize <= 2 and rt <= FUSED_STAGES_MAX_RT else min(n, 3)
 
@@ -650,20 +616,6 @@ def fused_chunks(K: int) -> tuple[int, int]:
     return -(-K // kc), kc
 
 
-def prefill_split_fits(grid_blocks: int, device: torch.device) -> bool:
-    """Whether the dense prefill regime takes the split fused kernel for a block table of ``grid_blocks``
-    entries (the used blocks are a prefix of it): ``FUSED_PREFILL_SPLIT`` is on and the table leaves at
-    least two SMs a block, so that every block's K work is shared by several programs (one program walking
-    a 64-row block's whole K and all its N tiles is slower than the two launches). Decided on the host from
-    the table's static length, never from the batch's content on the device (CUDA-graph safe). Under the
-    interpreter or on CPU tensors: whenever it is on (one program a block there)."""
-    if not FUSED_PREFILL_SPLIT:
-        return False
-    if INTERPRET or device.type != "cuda":
-        return True
-    return 0 < grid_blocks <= _sms(device) // 2
-
-
 def fused_meet(device: torch.device, split: bool) -> int:
     """Programs that may meet on a block (resident together, at most one per SM): the device's SM count
     with ``split`` (the decode regime), else 1 (one program per block); always 1 under the interpreter
@@ -672,8 +624,8 @@ def fused_meet(device: torch.device, split: bool) -> int:
 
 
 class FusedScratch:
-    """The split fused kernel's float32 chunk partials (``[blocks, chunks, block_m, RT]``) and per-block
-    arrival / departure counters (zero between launches: the kernel resets what it used). A block is split only
+    """The split fused kernel's float32 chunk partials (``[blocks, chunks, 16, RT]``) and per-block arrival /
+    departure counters (zero between launches: the kernel resets what it used). A block is split only
     while at most half the SMs' worth of blocks are used, so ``SMs // 2`` blocks bound it. Allocated once
     and grown when a larger K or rank needs it (outside any CUDA-graph capture: ``reserve`` it first).
     Also the counters of the two-launch shrink's split reduction (``reduce_counters``).
@@ -717,8 +669,7 @@ class FusedScratch:
 
 def fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, out: torch.Tensor,
           blocks: tuple, nblk: torch.Tensor, grid_blocks: int, block_m: int, slot_rank: torch.Tensor,
-          max_rank: int, expert: bool, scratch: FusedScratch | None, records: torch.Tensor | None = None,
-          prefill: bool = False) -> None:
+          max_rank: int, expert: bool, scratch: FusedScratch | None, records: torch.Tensor | None = None) -> None:
     """``out[row] += s[slot(, e)] * (x[row] @ A[slot(, e), :rank]^T) @ B[slot(, e), :, :rank]^T`` for the
     blocks' rows, in one launch. x ``[rows, K]``, out ``[rows, N]`` (any strides); A ``[S, R, K]`` / ``[S,
     E, R, K]``, B ``[S, N, R]`` / ``[S, E, N, R]``, scaling ``[S]`` / ``[S, E]`` float32 (``expert``
@@ -726,17 +677,15 @@ def fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tens
     table); ``grid_blocks``: the table's static length. ``scratch`` given (decode regime, dense): K chunks
     spread over several programs per block that meet through it, as many as the used blocks leave SMs for;
     None: one program per block. ``records``: the dense blocks' records (``meta.DenseMeta.blk_rec``, 16-row
-    blocks; read instead of the tables when the ``records`` tuning is on). ``prefill``: a dense op of the
-    prefill regime (64-row blocks, split with ``scratch``: ``prefill_split_fits``), tuned by the
-    ``prefill_*`` keys. Requires ``max_rank <= FUSED_MAX_RANK``."""
+    blocks; read instead of the tables when the ``records`` tuning is on). Requires ``max_rank <=
+    FUSED_MAX_RANK``."""
     rows, K = x.shape
     N = out.shape[1]
     if grid_blocks == 0 or rows == 0 or N == 0:
         return
     cfg = FUSED_CONFIG
-    # one chunk (the whole K) where the kernel never splits: the expert op, the unsplit prefill regime
+    # one chunk (the whole K) where the kernel never splits: the expert op, the prefill regime
     ch, kc = fused_chunks(K) if scratch is not None else (1, max(K, 1))
-    pre = "prefill_" if prefill and not expert else ""
     rt = rank_tile(max_rank)
     meet = fused_meet(x.device, scratch is not None) if ch > 1 else 1
     if meet > 1:
@@ -755,22 +704,19 @@ def fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tens
     use_rec = records is not None and bool(cfg["records"]) and not expert
     if use_rec:
         assert block_m == REC_ROWS, block_m
-    block_k = _pow2(min(K, kc), 16, cfg[pre + "block_k"])
     _fused((grid,), (x, x.stride(0), x.stride(1), A, A.stride(0), e_a, A.stride(-2), A.stride(-1),
                      B, B.stride(0), e_b, B.stride(-2), B.stride(-1), scaling, scaling.stride(0), e_s,
                      out, out.stride(0), out.stride(1), perm, bs, bl, bslot, bexp, slot_rank, nblk,
                      records if use_rec else nblk, P, arrive, depart, K, N, kc, meet),
            dict(CH=ch, REC=REC_INTS if use_rec else 0, HOIST=bool(cfg["hoist"]),
-                PREFETCH=bool(cfg["expert_prefetch" if expert else pre + "prefetch"]),
-                PIPE=bool(cfg[pre + "pipe"]) and not expert,
+                PREFETCH=bool(cfg["expert_prefetch" if expert else "prefetch"]),
                 HAS_EXPERT=expert, IEEE=x.dtype == torch.float32,
                 UPCAST=INTERPRET, CDT=_CDT[x.dtype], BLOCK_M=block_m,
-                BLOCK_N=_pow2(N, 16, cfg[pre + "block_n"] if not expert else
+                BLOCK_N=_pow2(N, 16, cfg["block_n"] if not expert else
                               cfg["expert_block_n"] if block_m <= 16 else cfg["expert_wide_block_n"]),
-                BLOCK_K=block_k, RT=rt),
-           num_warps=cfg["expert_warps" if expert else "prefill_warps" if pre else "num_warps"],
-           num_stages=cfg["expert_stages"] if expert else
-           fused_stages(x.dtype, rt, block_m if pre else BLOCK_R, block_k))
+                BLOCK_K=_pow2(min(K, kc), 16, cfg["block_k"]), RT=rt),
+           num_warps=cfg["expert_warps" if expert else "num_warps"],
+           num_stages=cfg["expert_stages"] if expert else fused_stages(x.dtype, rt))
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, grid_blocks: int,
