@@ -549,11 +549,12 @@ SWEEP_GROUPS = [
     ([("moe", "64", 8, 32), ("moe", "64", 8, 512), ("moe", "64", 1, 2048), ("moe", "64", 8, 2048)],
      [dict(), dict(expert_block_n=128), dict(expert_prefetch=False),
       dict(expert_block_n=128, expert_prefetch=False)]),
-    # 4: the prefill regime's two launches, the expand a programmatic dependent of the shrink (Hopper PDL)
+    # 4: the prefill regime's two launches: the expand a programmatic dependent of the shrink (Hopper PDL, the
+    # default) against plain stream order
     ([("q", "16", 1, 2048), ("q", "16", 8, 2048), ("q", "16", 32, 2048), ("q", "mixed", 8, 2048),
       ("q", "64", 8, 2048), ("down", "16", 8, 2048), ("down", "64", 8, 2048), ("down", "mixed", 32, 2048)],
-     [dict(), {"two.pdl": True}, {"two.pdl": True, "two.expand_block_n": 64, "two.expand_block_n_wide": 64},
-      {"two.pdl": True, "two.expand_warps": 8}, {"two.pdl": True, "two.prefill_splits": 8}]),
+     [dict(), {"two.pdl": False}, {"two.pdl": False, "two.expand_block_n": 64, "two.expand_block_n_wide": 64},
+      {"two.expand_block_n": 64, "two.expand_block_n_wide": 64}]),
 ]
 
 

@@ -342,17 +342,16 @@ def test_pdl_only_on_compiled_hopper_launches(monkeypatch) -> None:
     """The expand runs as a programmatic dependent of its shrink only where ``pdl`` is set, the kernels are
     compiled (never under the interpreter) and the GPU has grid dependency control (capability >= 9.0)."""
     K = triton_kernels
-    assert K.TWO_LAUNCH_CONFIG["pdl"] is False
+    assert K.TWO_LAUNCH_CONFIG["pdl"] is True           # the default (H200 sweep 2026-12-03b)
     cuda = torch.device("cuda", 0)
+    assert not K.pdl_ok(cuda)                          # this process: the interpreter
     monkeypatch.setattr(K, "INTERPRET", False)
     monkeypatch.setitem(K._PDL, 0, True)
-    assert not K.pdl_ok(cuda)                          # off by default
-    monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "pdl", True)
     assert K.pdl_ok(cuda) and not K.pdl_ok(torch.device("cpu"))
-    monkeypatch.setitem(K._PDL, 0, False)               # an Ampere GPU
+    monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "pdl", False)
     assert not K.pdl_ok(cuda)
-    monkeypatch.setitem(K._PDL, 0, True)
-    monkeypatch.setattr(K, "INTERPRET", True)
+    monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "pdl", True)
+    monkeypatch.setitem(K._PDL, 0, False)               # an Ampere GPU
     assert not K.pdl_ok(cuda)
 
 
@@ -375,10 +374,10 @@ for gdc in (False, True):
     e = build(K._expand_kernel, dict(SPLITS=1, HAS_EXPERT=False, IEEE=False, UPCAST=False, CDT=tl.bfloat16,
               BLOCK_M=64, BLOCK_N=128, RT=16, GDC=gdc), {"p_ptr": "*bf16", "b_ptr": "*bf16", "sc_ptr": "*fp32",
               "out_ptr": "*bf16"}, num_warps=4, num_stages=1, launch_pdl=gdc)
+    print("expand", gdc, *e)
     s = build(K._shrink_kernel, dict(HAS_EXPERT=False, IEEE=False, UPCAST=False, BLOCK_M=64, SUB=1, RT=16,
               BLOCK_K=256, SPLITS=4, REDUCE=True, UNROLL=False, GDC=gdc), {"x_ptr": "*bf16", "a_ptr": "*bf16",
               "p_ptr": "*fp32", "q_ptr": "*bf16"}, num_warps=4, num_stages=4)
-    print("expand", gdc, *e)
     print("shrink", gdc, *s)
 """
 
