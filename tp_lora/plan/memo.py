@@ -42,8 +42,12 @@ class PerPlan:
         return self.get(plan, key, dict)
 
     def _forget(self, pid: int) -> None:
-        with self._lock:
-            self._d.pop(pid, None)
+        # The plan's finalizer. It runs wherever the garbage collector frees a dead plan (a plan in a
+        # reference cycle dies at any allocation of any thread), also inside ``get``'s locked section on
+        # this very thread: taking ``_lock`` here deadlocked that thread forever (seen as a rank hanging
+        # in its activation, 2026-12-03). A dict's pop is atomic on its own, and only a dead plan's
+        # entry is popped, which no lookup can want any more.
+        self._d.pop(pid, None)
 
     def __len__(self) -> int:
         with self._lock:
