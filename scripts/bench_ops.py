@@ -553,8 +553,12 @@ SWEEP_GROUPS = [
     # default) against plain stream order
     ([("q", "16", 1, 2048), ("q", "16", 8, 2048), ("q", "16", 32, 2048), ("q", "mixed", 8, 2048),
       ("q", "64", 8, 2048), ("down", "16", 8, 2048), ("down", "64", 8, 2048), ("down", "mixed", 32, 2048)],
-     [dict(), {"two.pdl": False}, {"two.pdl": False, "two.expand_block_n": 64, "two.expand_block_n_wide": 64},
-      {"two.expand_block_n": 64, "two.expand_block_n_wide": 64}]),
+     [dict(), {"two.pdl": False}, {"two.pdl_first": True}]),
+    # 5: decode: the fused kernel a programmatic dependent of the kernel before it (waiting before any read)
+    ([("q", "16", 1, 32), ("q", "16", 8, 32), ("q", "16", 32, 32), ("q", "mixed", 8, 32), ("q", "64", 32, 32),
+      ("down", "16", 1, 32), ("down", "16", 8, 32), ("down", "mixed", 32, 32), ("down", "64", 32, 32),
+      ("moe", "16", 8, 32)],
+     [dict(), {"pdl": True}]),
 ]
 
 
@@ -786,7 +790,7 @@ def main() -> None:
     ap.add_argument("--sweep-group", type=int, action="append", default=None,
                     help="only this group of SWEEP_GROUPS (0: dense decode, 1: MoE, 2: dense prefill, "
                          "3: the expert op at rank 64, 4: prefill with the expand a programmatic "
-                         "dependent (PDL)); repeatable")
+                         "dependent (PDL), 5: decode with PDL); repeatable")
     ap.add_argument("--kernel-times", action="store_true",
                     help="with --sweep: also each kernel's device time per call (torch.profiler)")
     args = ap.parse_args()

@@ -34,7 +34,7 @@ def resources(dt: str, ch: int, rt: int, bn: int, bk: int, warps: int, stages: i
             "p_ptr": "*fp32"}
     consts = dict(CH=ch, REC=0, HOIST=False, PREFETCH=prefetch, HAS_EXPERT=False, IEEE=dt == "fp32",
                   UPCAST=False, CDT=tl.bfloat16 if dt == "bf16" else tl.float32, BLOCK_M=bm, BLOCK_N=bn,
-                  BLOCK_K=bk, RT=rt)
+                  BLOCK_K=bk, RT=rt, WAIT=False)
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "*i32" if n.endswith("_ptr") else "i32") for n in names}
     cx = {(names.index(n),): v for n, v in consts.items()}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),

@@ -44,7 +44,7 @@ def digests() -> list[str]:
         for ch, pre, exp, rt, bn, warps, rec, hoist, bm in SPECS:
             consts = dict(CH=ch, REC=K.REC_INTS if rec else 0, HOIST=hoist, PREFETCH=pre, HAS_EXPERT=exp,
                           IEEE=dt == "fp32", UPCAST=False, CDT=tl.bfloat16 if dt == "bf16" else tl.float32,
-                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, RT=rt)
+                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, RT=rt, WAIT=False)
             sig = {n: "constexpr" if n in consts else ptrs.get(n, "*i32" if n.endswith("_ptr") else "i32")
                    for n in names}
             cx = {(names.index(n),): v for n, v in consts.items()}

@@ -376,7 +376,7 @@ for gdc in (False, True):
               "out_ptr": "*bf16"}, num_warps=4, num_stages=1, launch_pdl=gdc)
     print("expand", gdc, *e)
     s = build(K._shrink_kernel, dict(HAS_EXPERT=False, IEEE=False, UPCAST=False, BLOCK_M=64, SUB=1, RT=16,
-              BLOCK_K=256, SPLITS=4, REDUCE=True, UNROLL=False, GDC=gdc), {"x_ptr": "*bf16", "a_ptr": "*bf16",
+              BLOCK_K=256, SPLITS=4, REDUCE=True, UNROLL=False, GDC=gdc, WAIT=False), {"x_ptr": "*bf16", "a_ptr": "*bf16",
               "p_ptr": "*fp32", "q_ptr": "*bf16"}, num_warps=4, num_stages=4)
     print("shrink", gdc, *s)
 """

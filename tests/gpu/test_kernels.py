@@ -487,3 +487,58 @@ def test_prefill_full_size_shapes_fit_and_match(dtype, max_rank: int) -> None:
         assert rel <= (1e-5 if dtype == torch.float32 else 2e-2), (m, rel)
         base = batch.token_slots < 0
         assert torch.equal(ok[base], out[base])
+
+
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
+def test_first_kernel_as_programmatic_dependent_cuda(monkeypatch, prefill: bool) -> None:
+    """The op's first kernel launched as a programmatic dependent of the kernel before it (``pdl`` of the
+    fused kernel at decode, ``pdl_first`` of the shrink at prefill; they wait before any read): the torch
+    path's result, and bit for bit the plain launches', eager and replayed in a CUDA graph right after
+    the kernel that writes ``out``."""
+    from tp_lora.ops import meta
+    from tp_lora.ops import triton_kernels as K
+    if prefill:
+        monkeypatch.setattr(meta, "PREFILL_TOKENS", 8)
+    par = ParallelSpec(tp_size=2, tp_rank=1)
+    monkeypatch.setitem(K.FUSED_CONFIG, "pdl", True)
+    monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "pdl_first", True)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert kc.compare_dense(DENSE, par, dtype, "cuda", seed=21, trials=2, max_len=40 if prefill else 6) >= 8
+    pool = make_pool(DENSE, ParallelSpec(tp_size=2, tp_rank=0), dtype=torch.bfloat16, device="cuda", seed=5)
+    ranks = {0: 8, 1: 3, 2: 5}
+    lens = [40, 20, 16, 20] if prefill else [3, 2, 1, 4]
+    batch = build_batch([0, 1, -1, 2], [None] * 4, lens, {s: ranks[s] for s in (0, 1, 2)}, torch.device("cuda"),
+                        None)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    T = batch.num_tokens
+    x = torch.randn(T, pool.shapes["q"].a_shape[1], device="cuda", dtype=torch.bfloat16, generator=g)
+    base = torch.randn(T, pool.shapes["q"].b_shape[0], device="cuda", dtype=torch.bfloat16, generator=g)
+    out = torch.empty_like(base)
+
+    def op(ops: LoRAOps) -> None:
+        out.copy_(base)              # the kernel right before the op writes out
+        ops.column(0, "q", x, out)
+
+    backend = TritonBackend(max_tokens=T)
+    ops = LoRAOps(pool, batch, backend)
+    assert K.pdl_ok(torch.device("cuda"), True) or torch.cuda.get_device_capability()[0] < 9
+    op(ops)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        op(ops)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        op(ops)
+    monkeypatch.setitem(K.FUSED_CONFIG, "pdl", False)
+    monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "pdl_first", False)
+    monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "pdl", False)
+    op(LoRAOps(pool, batch, TritonBackend()))
+    plain = out.clone()
+    assert not torch.equal(plain, base)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, plain)

@@ -71,9 +71,12 @@ FUSED_DENSE = True      # dense ops of the decode regime through the fused kerne
 # hoist: the table path's rows and expert id loaded before the rank test (off: not timed for the expert op,
 # which keeps its previous load order). num_stages 4 (same sweep: 0.4-2.7 us faster on down_proj, within
 # 0.4 us on q_proj). These only move loads, never change what is computed.
+# pdl: the kernel is launched as a programmatic dependent of the kernel before it (the base GEMM) and waits
+# for it before it reads anything: only the launch's latency overlaps that kernel's tail (off until timed).
 FUSED_CONFIG = dict(block_n=256, block_k=128, chunk_k=256, max_chunks=32, num_warps=8, num_stages=4,
                     programs_per_sm=2, prefetch=True, records=True, hoist=False, expert_warps=4, expert_stages=3,
-                    expert_block_n=256, expert_prefetch=True, expert_programs_per_sm=2, expert_wide_block_n=128)
+                    expert_block_n=256, expert_prefetch=True, expert_programs_per_sm=2, expert_wide_block_n=128,
+                    pdl=False)
 FUSED_STAGES_MAX_RT = 64   # num_stages above 3 only up to this rank tile, 2-byte activations (fused_stages)
 # The two-launch path's tiles (decode / prefill regime where they differ).
 # prefill_split: K columns per shrink program in the prefill regime (0: split_size's rule); expand_block_n:
@@ -87,12 +90,13 @@ FUSED_STAGES_MAX_RT = 64   # num_stages above 3 only up to this rank tile, 2-byt
 # the next power of two above K / this; 0: split_size's fixed columns). pdl: the expand is launched as a
 # programmatic dependent of its shrink (Hopper and later: ``pdl_ok``): its programs start while the shrink's
 # last ones run and read their block's metadata before they wait for it (``griddepcontrol``). H200 sweep
-# 2026-12-03b, 2048 tokens, per module in a 32-layer graph: 1.5-4% faster on all eight cases.
+# 2026-12-03b, 2048 tokens, per module in a 32-layer graph: 1.5-4% faster on all eight cases. pdl_first: the
+# shrink too is launched as a dependent of the kernel before it, like the fused kernel's ``pdl``.
 # Defaults from the H200 sweep of 2026-12-02q (docs/KERNELS.md): reduce + p_low + 4 prefill splits + 4 shrink
 # stages, 2048 tokens: q 2-3% faster, down r16 / r64 / mixed 12 / 17 / 13%.
 TWO_LAUNCH_CONFIG = dict(shrink_block_k=(256, 128), shrink_warps=4, shrink_stages=4, expand_block_n=128,
                          expand_block_n_wide=128, expand_warps=4, prefill_split=0, shrink_rows=0, p_low=True,
-                         reduce=True, reduce_unroll=False, prefill_splits=4, pdl=True)
+                         reduce=True, reduce_unroll=False, prefill_splits=4, pdl=True, pdl_first=False)
 
 
 
@@ -246,7 +250,9 @@ def _fused_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, b_ptr, sbs, sbe, s
                   CH: tl.constexpr, REC: tl.constexpr, HOIST: tl.constexpr, PREFETCH: tl.constexpr,
                   HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr,
                   UPCAST: tl.constexpr, CDT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, RT: tl.constexpr):
+                  BLOCK_K: tl.constexpr, RT: tl.constexpr, WAIT: tl.constexpr):
+    if WAIT:   # launched as a programmatic dependent of whatever kernel came before: nothing read before it
+        tl.extra.cuda.gdc_wait()
     # R: programs that may meet (resident together: the grid is at most one per SM then; 1 = never meet).
     # The used blocks (read on the device) decide how many programs share one: G = min(CH, R // blocks);
     # G = 1: program j takes blocks j, j + grid, ...
@@ -351,10 +357,12 @@ def _shrink_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, p_ptr, sps, spm, 
                    K, K_PER_SPLIT,
                    HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                    SUB: tl.constexpr, RT: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-                   REDUCE: tl.constexpr, UNROLL: tl.constexpr, GDC: tl.constexpr):
+                   REDUCE: tl.constexpr, UNROLL: tl.constexpr, GDC: tl.constexpr, WAIT: tl.constexpr):
     # SUB programs share a block along its rows (BLOCK_M rows each): more programs for the same bytes of x
     if GDC:   # the expand (a programmatic dependent) may start once every program of this grid got here
         tl.extra.cuda.gdc_launch_dependents()
+    if WAIT:   # itself a programmatic dependent of the kernel before it: nothing read before this
+        tl.extra.cuda.gdc_wait()
     pid_r = tl.program_id(0)
     pid_b = tl.program_id(1) // SUB
     pid_s = tl.program_id(2)
@@ -532,12 +540,12 @@ def _sms(device: torch.device) -> int:
 _PDL: dict[int, bool] = {}
 
 
-def pdl_ok(device: torch.device) -> bool:
-    """Whether the expand runs as a programmatic dependent of its shrink on ``device``: ``pdl`` is set, the
-    kernels are compiled (not the interpreter) and the GPU has grid dependency control (compute capability
-    9.0 and later). A function of the configuration and the device only, so a CUDA graph captures the same
-    launches it replays."""
-    if not TWO_LAUNCH_CONFIG["pdl"] or INTERPRET or device.type != "cuda":
+def pdl_ok(device: torch.device, on: bool | None = None) -> bool:
+    """Whether a launch on ``device`` is a programmatic dependent launch: ``on`` (default: ``pdl``, the
+    expand as a dependent of its shrink) is set, the kernels are compiled (not the interpreter) and the GPU
+    has grid dependency control (compute capability 9.0 and later). A function of the configuration and the
+    device only, so a CUDA graph captures the same launches it replays."""
+    if not (TWO_LAUNCH_CONFIG["pdl"] if on is None else on) or INTERPRET or device.type != "cuda":
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _PDL:
@@ -704,6 +712,7 @@ def fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tens
     use_rec = records is not None and bool(cfg["records"]) and not expert
     if use_rec:
         assert block_m == REC_ROWS, block_m
+    pdl = pdl_ok(x.device, bool(cfg["pdl"]))
     _fused((grid,), (x, x.stride(0), x.stride(1), A, A.stride(0), e_a, A.stride(-2), A.stride(-1),
                      B, B.stride(0), e_b, B.stride(-2), B.stride(-1), scaling, scaling.stride(0), e_s,
                      out, out.stride(0), out.stride(1), perm, bs, bl, bslot, bexp, slot_rank, nblk,
@@ -714,8 +723,8 @@ def fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tens
                 UPCAST=INTERPRET, CDT=_CDT[x.dtype], BLOCK_M=block_m,
                 BLOCK_N=_pow2(N, 16, cfg["block_n"] if not expert else
                               cfg["expert_block_n"] if block_m <= 16 else cfg["expert_wide_block_n"]),
-                BLOCK_K=_pow2(min(K, kc), 16, cfg["block_k"]), RT=rt),
-           num_warps=cfg["expert_warps" if expert else "num_warps"],
+                BLOCK_K=_pow2(min(K, kc), 16, cfg["block_k"]), RT=rt, WAIT=pdl),
+           num_warps=cfg["expert_warps" if expert else "num_warps"], pdl=pdl,
            num_stages=cfg["expert_stages"] if expert else fused_stages(x.dtype, rt))
 
 
@@ -747,6 +756,7 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, 
     cnt = scratch.reduce_counters(grid[0] * grid[1], x.device) if reduce else slot_rank
     perm, bs, bl, bslot, bexp = blocks
     bk = _pow2(K, 16, TWO_LAUNCH_CONFIG["shrink_block_k"][prefill])
+    first_pdl = pdl_ok(x.device, bool(TWO_LAUNCH_CONFIG["pdl_first"]))
     _shrink(grid,
             (x, x.stride(0), x.stride(1), A, A.stride(0), expert_stride or 0, A.stride(-2), A.stride(-1),
              P, P.stride(0), P.stride(1), P.stride(2), Q, Q.stride(1), Q.stride(2), cnt,
@@ -754,7 +764,7 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, 
             dict(HAS_EXPERT=expert_stride is not None, IEEE=x.dtype == torch.float32, UPCAST=INTERPRET,
                  BLOCK_M=sub_m, SUB=block_m // sub_m, RT=rt,
                  BLOCK_K=bk, SPLITS=splits, REDUCE=reduce, UNROLL=bool(TWO_LAUNCH_CONFIG["reduce_unroll"]),
-                 GDC=pdl_ok(x.device)),
+                 GDC=pdl_ok(x.device), WAIT=first_pdl),
             num_warps=TWO_LAUNCH_CONFIG["shrink_warps"], num_stages=shrink_stages(x.dtype, sub_m, bk, rt))
     return Q
 
