@@ -553,12 +553,13 @@ SWEEP_GROUPS = [
     # default) against plain stream order
     ([("q", "16", 1, 2048), ("q", "16", 8, 2048), ("q", "16", 32, 2048), ("q", "mixed", 8, 2048),
       ("q", "64", 8, 2048), ("down", "16", 8, 2048), ("down", "64", 8, 2048), ("down", "mixed", 32, 2048)],
-     [dict(), {"two.pdl": False}, {"two.pdl_first": True}]),
-    # 5: decode: the fused kernel a programmatic dependent of the kernel before it (waiting before any read)
+     [dict(), {"two.pdl": False}]),
+    # 5: decode: the fused kernel a programmatic dependent of the kernel before it (waiting before any read;
+    # the default) against plain stream order
     ([("q", "16", 1, 32), ("q", "16", 8, 32), ("q", "16", 32, 32), ("q", "mixed", 8, 32), ("q", "64", 32, 32),
       ("down", "16", 1, 32), ("down", "16", 8, 32), ("down", "mixed", 32, 32), ("down", "64", 32, 32),
       ("moe", "16", 8, 32)],
-     [dict(), {"pdl": True}]),
+     [dict(), {"pdl": False}]),
 ]
 
 

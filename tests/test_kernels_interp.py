@@ -339,8 +339,10 @@ def test_prefill_shrink_sub_blocks_and_low_p_keep_the_bits(monkeypatch, split: i
 
 
 def test_pdl_only_on_compiled_hopper_launches(monkeypatch) -> None:
-    """The expand runs as a programmatic dependent of its shrink only where ``pdl`` is set, the kernels are
-    compiled (never under the interpreter) and the GPU has grid dependency control (capability >= 9.0)."""
+    """A launch is a programmatic dependent launch (the prefill expand of its shrink: ``pdl``; the decode
+    fused kernel of the kernel before it: ``FUSED_CONFIG["pdl"]``) only where its switch is set, the
+    kernels are compiled (never under the interpreter) and the GPU has grid dependency control
+    (capability >= 9.0)."""
     K = triton_kernels
     assert K.TWO_LAUNCH_CONFIG["pdl"] is True           # the default (H200 sweep 2026-12-03b)
     cuda = torch.device("cuda", 0)
@@ -351,6 +353,9 @@ def test_pdl_only_on_compiled_hopper_launches(monkeypatch) -> None:
     monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "pdl", False)
     assert not K.pdl_ok(cuda)
     monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "pdl", True)
+    # the fused kernel's own switch (a dependent of the kernel before it, waiting first), on by default
+    assert K.FUSED_CONFIG["pdl"] is True
+    assert K.pdl_ok(cuda, K.FUSED_CONFIG["pdl"]) and not K.pdl_ok(cuda, False)
     monkeypatch.setitem(K._PDL, 0, False)               # an Ampere GPU
     assert not K.pdl_ok(cuda)
 
@@ -376,7 +381,7 @@ for gdc in (False, True):
               "out_ptr": "*bf16"}, num_warps=4, num_stages=1, launch_pdl=gdc)
     print("expand", gdc, *e)
     s = build(K._shrink_kernel, dict(HAS_EXPERT=False, IEEE=False, UPCAST=False, BLOCK_M=64, SUB=1, RT=16,
-              BLOCK_K=256, SPLITS=4, REDUCE=True, UNROLL=False, GDC=gdc, WAIT=False), {"x_ptr": "*bf16", "a_ptr": "*bf16",
+              BLOCK_K=256, SPLITS=4, REDUCE=True, UNROLL=False, GDC=gdc), {"x_ptr": "*bf16", "a_ptr": "*bf16",
               "p_ptr": "*fp32", "q_ptr": "*bf16"}, num_warps=4, num_stages=4)
     print("shrink", gdc, *s)
 """

@@ -490,18 +490,16 @@ def test_prefill_full_size_shapes_fit_and_match(dtype, max_rank: int) -> None:
 
 
 @pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
-def test_first_kernel_as_programmatic_dependent_cuda(monkeypatch, prefill: bool) -> None:
-    """The op's first kernel launched as a programmatic dependent of the kernel before it (``pdl`` of the
-    fused kernel at decode, ``pdl_first`` of the shrink at prefill; they wait before any read): the torch
-    path's result, and bit for bit the plain launches', eager and replayed in a CUDA graph right after
-    the kernel that writes ``out``."""
+def test_programmatic_dependent_launches_cuda(monkeypatch, prefill: bool) -> None:
+    """The default launches (decode: the fused kernel a programmatic dependent of the kernel before it,
+    waiting before any read; prefill: the expand a dependent of its shrink): the torch path's result, and
+    bit for bit the plain launches' (``pdl`` off), eager and replayed in a CUDA graph right after the
+    kernel that writes ``out``."""
     from tp_lora.ops import meta
     from tp_lora.ops import triton_kernels as K
     if prefill:
         monkeypatch.setattr(meta, "PREFILL_TOKENS", 8)
     par = ParallelSpec(tp_size=2, tp_rank=1)
-    monkeypatch.setitem(K.FUSED_CONFIG, "pdl", True)
-    monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "pdl_first", True)
     for dtype in (torch.float32, torch.bfloat16):
         assert kc.compare_dense(DENSE, par, dtype, "cuda", seed=21, trials=2, max_len=40 if prefill else 6) >= 8
     pool = make_pool(DENSE, ParallelSpec(tp_size=2, tp_rank=0), dtype=torch.bfloat16, device="cuda", seed=5)
@@ -521,7 +519,7 @@ def test_first_kernel_as_programmatic_dependent_cuda(monkeypatch, prefill: bool)
 
     backend = TritonBackend(max_tokens=T)
     ops = LoRAOps(pool, batch, backend)
-    assert K.pdl_ok(torch.device("cuda"), True) or torch.cuda.get_device_capability()[0] < 9
+    assert K.pdl_ok(torch.device("cuda"), K.FUSED_CONFIG["pdl"]) or torch.cuda.get_device_capability()[0] < 9
     op(ops)
     torch.cuda.synchronize()
     s = torch.cuda.Stream()
@@ -533,7 +531,6 @@ def test_first_kernel_as_programmatic_dependent_cuda(monkeypatch, prefill: bool)
     with torch.cuda.graph(graph):
         op(ops)
     monkeypatch.setitem(K.FUSED_CONFIG, "pdl", False)
-    monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "pdl_first", False)
     monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "pdl", False)
     op(LoRAOps(pool, batch, TritonBackend()))
     plain = out.clone()

@@ -72,11 +72,12 @@ FUSED_DENSE = True      # dense ops of the decode regime through the fused kerne
 # which keeps its previous load order). num_stages 4 (same sweep: 0.4-2.7 us faster on down_proj, within
 # 0.4 us on q_proj). These only move loads, never change what is computed.
 # pdl: the kernel is launched as a programmatic dependent of the kernel before it (the base GEMM) and waits
-# for it before it reads anything: only the launch's latency overlaps that kernel's tail (off until timed).
+# for it before it reads anything (``pdl_ok``): only its launch overlaps that kernel's tail. H200 sweep
+# 2026-12-03d, decode (32 tokens) per module in a 32-layer graph: 0.1-0.5 us faster on all ten cases.
 FUSED_CONFIG = dict(block_n=256, block_k=128, chunk_k=256, max_chunks=32, num_warps=8, num_stages=4,
                     programs_per_sm=2, prefetch=True, records=True, hoist=False, expert_warps=4, expert_stages=3,
                     expert_block_n=256, expert_prefetch=True, expert_programs_per_sm=2, expert_wide_block_n=128,
-                    pdl=False)
+                    pdl=True)
 FUSED_STAGES_MAX_RT = 64   # num_stages above 3 only up to this rank tile, 2-byte activations (fused_stages)
 # The two-launch path's tiles (decode / prefill regime where they differ).
 # prefill_split: K columns per shrink program in the prefill regime (0: split_size's rule); expand_block_n:
@@ -90,13 +91,13 @@ FUSED_STAGES_MAX_RT = 64   # num_stages above 3 only up to this rank tile, 2-byt
 # the next power of two above K / this; 0: split_size's fixed columns). pdl: the expand is launched as a
 # programmatic dependent of its shrink (Hopper and later: ``pdl_ok``): its programs start while the shrink's
 # last ones run and read their block's metadata before they wait for it (``griddepcontrol``). H200 sweep
-# 2026-12-03b, 2048 tokens, per module in a 32-layer graph: 1.5-4% faster on all eight cases. pdl_first: the
-# shrink too is launched as a dependent of the kernel before it, like the fused kernel's ``pdl``.
+# 2026-12-03b, 2048 tokens, per module in a 32-layer graph: 1.5-4% faster on all eight cases (the shrink
+# too as a dependent of the kernel before it, waiting first: no faster, sweep 2026-12-03d).
 # Defaults from the H200 sweep of 2026-12-02q (docs/KERNELS.md): reduce + p_low + 4 prefill splits + 4 shrink
 # stages, 2048 tokens: q 2-3% faster, down r16 / r64 / mixed 12 / 17 / 13%.
 TWO_LAUNCH_CONFIG = dict(shrink_block_k=(256, 128), shrink_warps=4, shrink_stages=4, expand_block_n=128,
                          expand_block_n_wide=128, expand_warps=4, prefill_split=0, shrink_rows=0, p_low=True,
-                         reduce=True, reduce_unroll=False, prefill_splits=4, pdl=True, pdl_first=False)
+                         reduce=True, reduce_unroll=False, prefill_splits=4, pdl=True)
 
 
 
@@ -357,12 +358,10 @@ def _shrink_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, p_ptr, sps, spm, 
                    K, K_PER_SPLIT,
                    HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                    SUB: tl.constexpr, RT: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-                   REDUCE: tl.constexpr, UNROLL: tl.constexpr, GDC: tl.constexpr, WAIT: tl.constexpr):
+                   REDUCE: tl.constexpr, UNROLL: tl.constexpr, GDC: tl.constexpr):
     # SUB programs share a block along its rows (BLOCK_M rows each): more programs for the same bytes of x
     if GDC:   # the expand (a programmatic dependent) may start once every program of this grid got here
         tl.extra.cuda.gdc_launch_dependents()
-    if WAIT:   # itself a programmatic dependent of the kernel before it: nothing read before this
-        tl.extra.cuda.gdc_wait()
     pid_r = tl.program_id(0)
     pid_b = tl.program_id(1) // SUB
     pid_s = tl.program_id(2)
@@ -756,7 +755,6 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, 
     cnt = scratch.reduce_counters(grid[0] * grid[1], x.device) if reduce else slot_rank
     perm, bs, bl, bslot, bexp = blocks
     bk = _pow2(K, 16, TWO_LAUNCH_CONFIG["shrink_block_k"][prefill])
-    first_pdl = pdl_ok(x.device, bool(TWO_LAUNCH_CONFIG["pdl_first"]))
     _shrink(grid,
             (x, x.stride(0), x.stride(1), A, A.stride(0), expert_stride or 0, A.stride(-2), A.stride(-1),
              P, P.stride(0), P.stride(1), P.stride(2), Q, Q.stride(1), Q.stride(2), cnt,
@@ -764,7 +762,7 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, 
             dict(HAS_EXPERT=expert_stride is not None, IEEE=x.dtype == torch.float32, UPCAST=INTERPRET,
                  BLOCK_M=sub_m, SUB=block_m // sub_m, RT=rt,
                  BLOCK_K=bk, SPLITS=splits, REDUCE=reduce, UNROLL=bool(TWO_LAUNCH_CONFIG["reduce_unroll"]),
-                 GDC=pdl_ok(x.device), WAIT=first_pdl),
+                 GDC=pdl_ok(x.device)),
             num_warps=TWO_LAUNCH_CONFIG["shrink_warps"], num_stages=shrink_stages(x.dtype, sub_m, bk, rt))
     return Q
 
