@@ -41,7 +41,6 @@ import dataclasses
 import datetime
 import importlib.util
 import json
-import math
 import random
 import sys
 import types
@@ -50,7 +49,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

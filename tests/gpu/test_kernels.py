@@ -8,8 +8,6 @@ Tolerances: ``tests/support/kernel_checks.py`` (float32 1e-5 * (mag + 1); bf16 1
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +27,21 @@ if torch.cuda.is_available():
 
 FP32_TOL = lambda ref, mag: 1e-5 * (mag + 1.0)   # noqa: E731
 LAYOUTS = [(DENSE, 2, 1, 1), (MOE, 4, 3, 2), (QWEN2_MOE, 2, 0, 1)] if torch.cuda.is_available() else []
+
+
+def _captured(fn) -> "torch.cuda.CUDAGraph":
+    """``fn`` run once eagerly (compiles, warms up), once on a side stream, then captured in a CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 def test_default_backend_on_cuda_is_triton() -> None:
@@ -122,16 +135,7 @@ def test_cuda_graph_decode_step_replays_other_adapter_mixes() -> None:
 
     backend = TritonBackend(max_tokens=16)
     ops = LoRAOps(pool, batch_of(mixes[0]), backend)
-    step(ops)   # compile + warm up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step(ops)
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(graph):
-        step(ops)
+    graph = _captured(lambda: step(ops))
     for mix in mixes[1:] + mixes[:1]:
         batch = batch_of(mix)
         LoRAOps(pool, batch, backend)          # rewrites the static metadata in place
@@ -416,16 +420,7 @@ def test_prefill_split_reduction_in_a_cuda_graph(monkeypatch, pdl: bool) -> None
     backend = TritonBackend(max_tokens=T)
     ops = LoRAOps(pool, batch_of(mixes[0]), backend)
     assert ops.backend.meta.prefill
-    op(ops)
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        op(ops)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        op(ops)
+    graph = _captured(lambda: op(ops))
     for mix in mixes[1:] + mixes[:1]:
         batch = batch_of(mix)
         LoRAOps(pool, batch, backend)
@@ -520,16 +515,7 @@ def test_programmatic_dependent_launches_cuda(monkeypatch, prefill: bool) -> Non
     backend = TritonBackend(max_tokens=T)
     ops = LoRAOps(pool, batch, backend)
     assert K.pdl_ok(torch.device("cuda"), K.FUSED_CONFIG["pdl"]) or torch.cuda.get_device_capability()[0] < 9
-    op(ops)
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        op(ops)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        op(ops)
+    graph = _captured(lambda: op(ops))
     monkeypatch.setitem(K.FUSED_CONFIG, "pdl", False)
     monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "pdl", False)
     op(LoRAOps(pool, batch, TritonBackend()))
