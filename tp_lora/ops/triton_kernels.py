@@ -501,16 +501,15 @@ class _Launcher:
 
     def __call__(self, grid: tuple, args: tuple, consts: dict, num_warps: int = 4, num_stages: int = 3,
                  pdl: bool = False) -> None:
-        opts = dict(num_warps=num_warps, num_stages=num_stages)
-        if pdl:   # a programmatic dependent launch (a compile option: the handle's launcher sets the attribute)
-            opts["launch_pdl"] = True
+        # pdl: a programmatic dependent launch (a compile option: the handle's launcher sets the attribute)
         if not DIRECT:
-            self.fn[grid](*args, **consts, **opts)
+            self.fn[grid](*args, **consts, **_opts(num_warps, num_stages, pdl))
             return
         grid = tuple(grid) + (1,) * (3 - len(grid))
         key = (_key(args), tuple(consts.values()), num_warps, num_stages, pdl, args[0].device.index)
         k = self.cache.get(key)
         if k is None:
+            opts = _opts(num_warps, num_stages, pdl)
             if not self.checked:   # constexprs must follow the runtime args in the signature, in this order
                 names = list(self.fn.arg_names)
                 assert names == names[:len(args)] + list(consts), (names, list(consts))
@@ -520,6 +519,11 @@ class _Launcher:
                 self.cache[key] = k
             return
         k[grid](*args, *consts.values())
+
+
+def _opts(num_warps: int, num_stages: int, pdl: bool) -> dict:
+    """The compile options of a launch (``launch_pdl`` only when set: the same cache keys as before it)."""
+    return dict(num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}))
 
 
 _fused = _Launcher(_fused_kernel)
