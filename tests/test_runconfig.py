@@ -116,7 +116,9 @@ def test_layout_error_on_one_process_says_tp_is_the_world_size(tmp_path: Path,
 
 def test_layout_error_under_torchrun_is_one_line_per_rank(tmp_path: Path) -> None:
     """Every rank fails before any process group, with one line each: the layout error (it says tp is the
-    world size), or SIGTERM when torchrun stopped it after the other one failed first."""
+    world size), or SIGTERM when torchrun stopped it after the other one failed first. A rank that torchrun
+    stopped while it was still importing (before any handler of ours exists: seen on a loaded 2-core
+    machine) prints nothing; torchrun's summary then shows it killed by signal 15, and nothing else."""
     import re
     import subprocess
     import sys
@@ -126,7 +128,10 @@ def test_layout_error_under_torchrun_is_one_line_per_rank(tmp_path: Path) -> Non
                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
     assert res.returncode != 0
     lines = [ln for ln in res.stderr.splitlines() if "tp_lora.run: error:" in ln and ln.startswith("[rank")]
-    assert sorted(ln.split("]")[0] for ln in lines) == ["[rank 0", "[rank 1"], res.stderr
+    ranks = [ln.split("]")[0][len("[rank "):] for ln in lines]
+    assert len(ranks) == len(set(ranks)) and set(ranks) <= {"0", "1"}, res.stderr   # one line per rank at most
+    for r in {"0", "1"} - set(ranks):
+        assert re.search(rf"rank\s*: {r} \(local_rank: {r}\)\s*\n\s*exitcode\s*: -15 ", res.stderr), res.stderr
     layout = [ln for ln in lines if "the job's tp_size is its world size, the number of processes: 2" in ln]
     assert layout and all(ln in layout or "error: stopped by SIGTERM" in ln for ln in lines), lines
     assert "tp_lora/" not in res.stderr.replace("tp_lora.run", ""), res.stderr  # no library traceback
