@@ -2,7 +2,8 @@
 
 Dense op, decode regime (<= 512 tokens): one launch of the fused kernel (K chunks spread over as many
 programs per block as the used blocks leave SMs for; they meet on the device); prefill: two launches
-(shrink, expand; the expand optionally a programmatic dependent of the shrink, ``pdl``). Expert op:
+(shrink, expand). On Hopper the fused kernel is a programmatic dependent of the kernel before it and the
+expand of its shrink (``pdl``, ``triton_kernels.pdl_ok``). Expert op:
 one fused launch over the blocks of all routed rows of all local experts up to ``EXPERT_FUSED_ROWS`` routed
 rows, above it the wide regime (``expert_regime``: ``EXPERT_WIDE_BLOCK_M`` rows per block, two launches or
 the fused one) (blocks built on the device once per layer and cached in the ``ExpertRouting``).
