@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -116,9 +117,11 @@ def test_layout_error_on_one_process_says_tp_is_the_world_size(tmp_path: Path,
 
 def test_layout_error_under_torchrun_is_one_line_per_rank(tmp_path: Path) -> None:
     """Every rank fails before any process group, with one line each: the layout error (it says tp is the
-    world size), or SIGTERM when torchrun stopped it after the other one failed first. A rank that torchrun
-    stopped while it was still importing (before any handler of ours exists: seen on a loaded 2-core
-    machine) prints nothing; torchrun's summary then shows it killed by signal 15, and nothing else."""
+    world size), or SIGTERM when torchrun stopped it after the other one failed first. ``python -m
+    tp_lora.run`` sets its handler before it imports torch (next test), but a rank that torchrun stops
+    before even that (the interpreter's own start, tens of ms; once seen on a loaded 2-core machine, when
+    the handler still came after torch's import) prints nothing; torchrun's summary then shows it killed
+    by signal 15, and nothing else."""
     import re
     import subprocess
     import sys
@@ -187,6 +190,49 @@ def test_sigterm_removes_temp_files(tmp_path: Path) -> None:
     assert p.returncode == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1].startswith("tp_lora.run: error: stopped by SIGTERM"), err
     assert sorted(x.name for x in tmp_path.iterdir()) == [], err
+
+
+def test_sigterm_while_importing_torch_still_says_one_line(tmp_path: Path) -> None:
+    """torchrun stops a rank that is still importing (torch's import takes seconds on a loaded machine): the
+    rank ends with its one line and status 143, not silently. A stand-in ``torch`` that blocks in its import
+    holds the rank there deterministically."""
+    import signal
+    import subprocess
+    import sys
+
+    fake = tmp_path / "fake"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text("import time\nprint('IMPORTING', flush=True)\ntime.sleep(120)\n")
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(fake), env["PYTHONPATH"]])
+    p = subprocess.Popen([sys.executable, "-m", "tp_lora.run", "demo"], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "IMPORTING"
+        p.send_signal(signal.SIGTERM)
+        _out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert err == "tp_lora.run: error: stopped by SIGTERM (another rank failed, or the job was cancelled)\n", err
+
+
+def test_importing_the_package_imports_no_torch_and_every_public_name_resolves() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, tp_lora\n"
+            "assert 'torch' not in sys.modules, 'import tp_lora imported torch'\n"
+            "missing = [n for n in tp_lora.__all__ if getattr(tp_lora, n, None) is None]\n"
+            "assert not missing, missing\n"
+            "from tp_lora import LoRAManager, plan_rank, TPLoRAError\n"
+            "assert set(tp_lora.__all__) <= set(dir(tp_lora))\n"
+            "try:\n    tp_lora.NoSuchThing\nexcept AttributeError as e:\n    assert 'NoSuchThing' in str(e)\n"
+            "else:\n    raise SystemExit('no AttributeError')\n")
+    res = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
 
 
 def test_synthetic_targets_that_adapt_nothing_stop_the_job_before_it_starts(

@@ -105,7 +105,8 @@ class Terminated(BaseException):
         self.signum = signum
 
 
-def _raise_terminated(signum: int, _frame: object) -> None:
+def raise_terminated(signum: int, _frame: object) -> None:
+    """The SIGTERM handler of every command: the signal becomes :class:`Terminated` in the main thread."""
     raise Terminated(signum)
 
 
@@ -114,7 +115,7 @@ def run_command(prog: str, fn: Callable[[], int], *, debug: bool) -> int:
     # signal handlers can only be set from the main thread (an engine may call us from another one)
     catch_term = hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread()
     if catch_term:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return fn()
     except BrokenPipeError:
@@ -126,15 +127,22 @@ def run_command(prog: str, fn: Callable[[], int], *, debug: bool) -> int:
         except (OSError, ValueError):
             pass
         return EXIT_RUNTIME
-    except Terminated as e:
-        _report(prog, e, debug)
-        return 128 + e.signum
-    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the command's last word on any failure
-        _report(prog, e, debug)
-        return exit_code(e)
+    except (Exception, KeyboardInterrupt, Terminated) as e:  # noqa: BLE001 - the command's last word
+        return report_failure(prog, e, debug=debug)
     finally:
         if catch_term:
             signal.signal(signal.SIGTERM, previous)
+
+
+def debug_requested(argv: Sequence[str]) -> bool:
+    """``--debug`` among the arguments, or ``TP_LORA_DEBUG`` set: for a failure before argparse has run."""
+    return "--debug" in argv or _env_flag("TP_LORA_DEBUG")
+
+
+def report_failure(prog: str, e: BaseException, *, debug: bool) -> int:
+    """Print the failure's one line (and the traceback if ``debug``); return the command's exit status."""
+    _report(prog, e, debug)
+    return 128 + e.signum if isinstance(e, Terminated) else exit_code(e)
 
 
 def _report(prog: str, e: BaseException, debug: bool) -> None:
