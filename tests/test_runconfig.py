@@ -159,10 +159,28 @@ def test_failed_input_writing_leaves_no_temp_files(tmp_path: Path, capsys: pytes
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def _sigterm_when(argv: list[str], ready: str, check=None, **popen) -> tuple[int, str]:
+    """Run ``argv``; once it prints the line ``ready`` (and ``check()`` holds), send SIGTERM: (status, stderr)."""
+    import signal
+    import subprocess
+
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    try:
+        assert p.stdout.readline().strip() == ready
+        if check is not None:
+            check()
+        p.send_signal(signal.SIGTERM)
+        _out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return p.returncode, err
+
+
 def test_sigterm_removes_temp_files(tmp_path: Path) -> None:
     """torchrun stops the other ranks with SIGTERM when one fails: the half-written inputs go away."""
     import signal
-    import subprocess
     import sys
 
     script = (
@@ -176,18 +194,12 @@ def test_sigterm_removes_temp_files(tmp_path: Path) -> None:
         "checkpoint.write_random_checkpoint = slow\n"
         "from tp_lora.job.run import main\n"
         f"sys.exit(main(['demo', '--set', 'cache_dir={tmp_path}']))\n")
-    p = subprocess.Popen([sys.executable, "-c", script], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    try:
-        assert p.stdout.readline().strip() == "WRITTEN"
-        assert [x.name for x in tmp_path.iterdir() if x.name.startswith(".base-")]  # the temp folder exists
-        p.send_signal(signal.SIGTERM)
-        _out, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    assert p.returncode == 128 + signal.SIGTERM, err
+
+    def temp_folder_exists() -> None:
+        assert [x.name for x in tmp_path.iterdir() if x.name.startswith(".base-")]
+
+    rc, err = _sigterm_when([sys.executable, "-c", script], "WRITTEN", temp_folder_exists, env=_env())
+    assert rc == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1].startswith("tp_lora.run: error: stopped by SIGTERM"), err
     assert sorted(x.name for x in tmp_path.iterdir()) == [], err
 
@@ -197,7 +209,6 @@ def test_sigterm_while_importing_torch_still_says_one_line(tmp_path: Path) -> No
     rank ends with its one line and status 143, not silently. A stand-in ``torch`` that blocks in its import
     holds the rank there deterministically."""
     import signal
-    import subprocess
     import sys
 
     fake = tmp_path / "fake"
@@ -205,17 +216,8 @@ def test_sigterm_while_importing_torch_still_says_one_line(tmp_path: Path) -> No
     (fake / "torch" / "__init__.py").write_text("import time\nprint('IMPORTING', flush=True)\ntime.sleep(120)\n")
     env = _env()
     env["PYTHONPATH"] = os.pathsep.join([str(fake), env["PYTHONPATH"]])
-    p = subprocess.Popen([sys.executable, "-m", "tp_lora.run", "demo"], cwd=tmp_path, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout.readline().strip() == "IMPORTING"
-        p.send_signal(signal.SIGTERM)
-        _out, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    assert p.returncode == 128 + signal.SIGTERM, err
+    rc, err = _sigterm_when([sys.executable, "-m", "tp_lora.run", "demo"], "IMPORTING", cwd=tmp_path, env=env)
+    assert rc == 128 + signal.SIGTERM, err
     assert err == "tp_lora.run: error: stopped by SIGTERM (another rank failed, or the job was cancelled)\n", err
 
 
