@@ -135,6 +135,9 @@ def main() -> int:
     ap.add_argument("--chunks-mib", default="16,64")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("probe_pagecache_dma: needs a CUDA device (it measures H2D copies)", file=sys.stderr)
+        return 2
     path = Path(a.file)
     n = int(a.gb * GB) // 4096 * 4096
     make_file(path, n)
