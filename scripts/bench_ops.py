@@ -12,6 +12,8 @@ batch, a pool of 32 slots, bf16. Per case, medians (``triton.testing.do_bench``)
 * ``sglang_s``: SGLang's chunked SGMV shrink + expand Triton kernels (from the sglang wheel, loaded here with
   stand-ins for the two names they import; never a dependency), same pool buffers, their chunk-size rule;
 * ``lora_over_base`` = ours_s / base_s, ``graph_over_base`` = ours_graph_s / base_graph_s.
+* ``ours_host_s`` / ``base_host_s``: host time per eager call (launches only, ``host_time``): what an eager
+  engine's CPU spends per op; ``ours_s`` is bound by it wherever it exceeds the kernel's device time.
 * ``base_step_s`` / ``ours_step_s``: per module in a captured decode step: ONE CUDA graph holding
   ``layers_in_step`` layers' worth of the op (each layer its own base weight, its own pool layer of LoRA
   factors, its own x and out, so nothing is reused from L2 across layers), replayed and timed like the
@@ -26,12 +28,12 @@ else a per-expert loop: ``base_kind`` says which); ``torch_path_s`` is the torch
 the reference model calls it.
 
 Usage: ``python3 scripts/bench_ops.py --out docs/bench/ops_h200.json [--sglang-wheel PATH] [--quick]
-[--profile FILE] [--sweep FILE [--sweep-group N]]``. Writes the JSON (and ``OUT.partial`` after every
+[--profile FILE] [--sweep FILE [--sweep-group N]] [--host FILE]``. Writes the JSON (and ``OUT.partial`` after every
 case, so a run cut short keeps its numbers), a PNG beside it, and prints a table. ``--quick``: 8 adapters,
 32 and 2048 tokens, r16 and the mixed pool, MoE r16. ``--profile``: host time per eager call (handle
 launches vs ``JITFunction.run``) and torch.profiler tables. ``--sweep``: graphed times of the kernel
 configurations of ``SWEEP_GROUPS`` on their cases (plus the graphed-replay floor and the metadata host
-time), then stop.
+time), then stop. ``--host``: host time per eager call at decode, ours beside the base linear's, then stop.
 """
 
 from __future__ import annotations
@@ -241,7 +243,8 @@ def dense_cases(args: argparse.Namespace, sg: Any) -> list[dict]:
                     row = dict(kind="dense", module=module, shape=f"{K}->{N}", rank=rank_kind, adapters=adapters,
                                tokens=T, base_s=bench(base), base_graph_s=bench(graphed(base)),
                                ours_s=bench(ours), ours_graph_s=bench(ours_g),
-                               torch_path_s=bench(torch_path, rep_ms=40), rel_diff_vs_torch=rel)
+                               torch_path_s=bench(torch_path, rep_ms=40), rel_diff_vs_torch=rel,
+                               ours_host_s=host_time(ours, calls=100), base_host_s=host_time(base, calls=100))
                     if sg_run is not None:
                         row["sglang_s"] = bench(sg_run)
                         row["sglang_graph_s"] = bench(graphed(sg_run))
@@ -523,6 +526,88 @@ def profile_host(path: Path) -> None:
     print("\n".join(lines[:4] + [l for l in lines if l.startswith("moe")]))
 
 
+def host_time(fn: Callable[[], Any], calls: int = 300) -> float:
+    """Seconds of host time per call of ``fn`` (launches only: the GPU is synchronised before, never during;
+    what an eager engine's CPU spends per op, whatever the GPU's own time)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    import time
+    for _ in range(3):        # best of 3 rounds: the host's scheduling noise only ever adds
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+        torch.cuda.synchronize()
+    return best
+
+
+def host_cases(path: Path) -> None:
+    """``--host``: host time per eager call at decode (32 tokens) of the dense op (q, down; r16 with 1 / 8
+    / 32 adapters, the mixed pool with 8) and the expert op (MoE w1, r16, 8 adapters, routing built per
+    call as an engine does per layer), beside the base linear's (``torch.matmul(out=)``) and the same op
+    through ``JITFunction.run`` (``TP_LORA_TRITON_DIRECT=0``'s path). Table + JSON to ``path``."""
+    from tp_lora.ops import triton_kernels as K
+    dev = torch.device("cuda")
+    rng = random.Random(7)
+    rows = []
+    spec = dataclasses.replace(ModelSpec.from_preset("llama-3-8b"), num_hidden_layers=1)
+    for rank_kind in ("16", "mixed"):
+        ranks, mr = rank_list(rank_kind)
+        pool = GpuPool(spec, ParallelSpec(), max_loras=SLOTS, max_rank=mr, modules=("q", "down"), dtype=DT,
+                       device=dev)
+        fill_pool(pool, ranks, 3)
+        for module, (Kd, N) in (("q", (4096, 4096)), ("down", (14336, 4096))):
+            W = torch.randn(N, Kd, device=dev, dtype=DT) * 0.02
+            x = torch.randn(32, Kd, device=dev, dtype=DT)
+            out = torch.randn(32, N, device=dev, dtype=DT)
+            bo = torch.empty(32, N, device=dev, dtype=DT)
+            base_host = host_time(lambda: torch.matmul(x, W.t(), out=bo))
+            for adapters in ((1, 8, 32) if rank_kind == "16" else (8,)):
+                batch = make_batch(32, adapters, ranks, dev, rng)
+                ops = LoRAOps(pool, batch, TritonBackend())
+                ours = host_time(lambda: ops.column(0, module, x, out))
+                K.DIRECT = False
+                jit = host_time(lambda: ops.column(0, module, x, out), calls=100)
+                K.DIRECT = True
+                rows.append(dict(kind="dense", module=module, rank=rank_kind, adapters=adapters, tokens=32,
+                                 ours_host_s=ours, jit_run_host_s=jit, base_host_s=base_host,
+                                 host_over_base=ours / base_host))
+        del pool
+    spec = dataclasses.replace(ModelSpec.from_preset("qwen3-30b-a3b"), num_hidden_layers=1)
+    ranks, mr = rank_list("16")
+    pool = GpuPool(spec, ParallelSpec(), max_loras=SLOTS, max_rank=mr, modules=("experts.w1",), dtype=DT,
+                   device=dev)
+    fill_pool(pool, ranks, 3)
+    batch = make_batch(32, 8, ranks, dev, rng)
+    tok = torch.arange(32, device=dev).repeat_interleave(8)
+    exp = torch.randint(0, 128, (256,), device=dev)
+    xr = torch.randn(256, 2048, device=dev, dtype=DT)
+    g = torch.randn(256, 768, device=dev, dtype=DT)
+    ops = LoRAOps(pool, batch, TritonBackend())
+    routing = ops.expert_routing(tok, exp)
+    fresh = lambda: ops.experts_column(0, "experts.w1", xr, ops.expert_routing(tok, exp), g)  # noqa: E731
+    reuse = lambda: ops.experts_column(0, "experts.w1", xr, routing, g)  # noqa: E731
+    rows.append(dict(kind="moe", module="experts.w1", rank="16", adapters=8, tokens=32,
+                     ours_host_s=host_time(fresh, calls=100), ours_reused_routing_host_s=host_time(reuse)))
+    meta_host = host_time(lambda: LoRAOps(pool, batch, TritonBackend()), calls=100)
+    lines = [f"{'kind':5} {'module':10} {'rank':5} {'adapters':>8} | {'ours us':>8} {'jit.run us':>10} "
+             f"{'base us':>8} {'ours/base':>9}"]
+    for r in rows:
+        lines.append(f"{r['kind']:5} {r['module']:10} {r['rank']:5} {r['adapters']:>8} | "
+                     f"{r['ours_host_s'] * 1e6:8.1f} {r.get('jit_run_host_s', float('nan')) * 1e6:10.1f} "
+                     f"{r.get('base_host_s', float('nan')) * 1e6:8.1f} {r.get('host_over_base', float('nan')):9.2f}")
+    lines.append(f"moe, the routing's blocks already built (2nd and 3rd projection of a layer): "
+                 f"{rows[-1]['ours_reused_routing_host_s'] * 1e6:.1f} us")
+    lines.append(f"LoRAOps(pool, batch, TritonBackend()) per batch (eager metadata, MoE pool): {meta_host * 1e6:.1f} us")
+    print("\n".join(lines), flush=True)
+    path.write_text(json.dumps(dict(meta=dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), device=torch.cuda.get_device_name(), command=" ".join(sys.argv),
+        lora_ops_construction_s=meta_host), cases=rows), indent=1))
+    path.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+
+
 # (cases, configurations) groups: dense decode cases with the fused kernel's tuning (their lines "... step":
 # per module in a decode-step graph), MoE cases with the expert op's tuning and regimes, dense prefill cases
 # with the two-launch tiles. Config keys starting with "_" set module constants of tp_lora.ops.triton_kernels,
@@ -792,7 +877,12 @@ def main() -> None:
                          "dependent (PDL), 5: decode with PDL); repeatable")
     ap.add_argument("--kernel-times", action="store_true",
                     help="with --sweep: also each kernel's device time per call (torch.profiler)")
+    ap.add_argument("--host", default=None, help="write host time per eager call (ours, the base linear, "
+                    "JITFunction.run) at decode to this JSON (+ .txt), then stop")
     args = ap.parse_args()
+    if args.host:
+        host_cases(Path(args.host))
+        return
     if args.profile:
         profile_host(Path(args.profile))
     if args.sweep:

@@ -241,6 +241,77 @@ def test_launch_key_separates_what_triton_specialises_on() -> None:
     assert k((base, 2 ** 31)) == k((base, -(2 ** 31) - 16))           # both int64, both divisible by 16
 
 
+def test_next_pow2_is_tritons() -> None:
+    import triton
+    for n in list(range(1, 300)) + [4095, 4096, 4097, 14336, 2 ** 31 + 5]:
+        assert triton_kernels._next_pow2(n) == triton.next_power_of_2(n), n
+    assert triton_kernels._next_pow2(0) == 1
+
+
+def test_memoised_launch_geometry_follows_the_tuning(monkeypatch) -> None:
+    """The fused launch's geometry is memoised per op shape; changing a tuning key (as a sweep or a test
+    does, also through monkeypatch) or a module-level switch it reads is seen by the next launch."""
+    K = triton_kernels
+    geo = lambda: K._fused_geometry(4096, 4096, 8, 16, 16, False, torch.bfloat16,  # noqa: E731
+                                    torch.device("cpu"), True, True)
+    before = geo()
+    assert geo() is before                                        # memoised
+    monkeypatch.setitem(K.FUSED_CONFIG, "block_n", 32)
+    assert geo()[6]["BLOCK_N"] == 32 and before[6]["BLOCK_N"] == 256
+    monkeypatch.setitem(K.FUSED_CONFIG, "chunk_k", 1024)
+    assert geo()[:2] == (4, 1024)
+    monkeypatch.setattr(K, "FUSED_MAX_RANK", 8)
+    assert geo()[6]["RT"] == 16
+    monkeypatch.undo()
+    assert geo()[6] == before[6] and geo()[:2] == before[:2]
+
+
+def test_fast_path_key_is_the_key_of_the_arguments(monkeypatch) -> None:
+    """With the compiled-handle path on, the fused launch's key is composed from memoised segments (a
+    layer's factors, the batch's tables) and the per-call parts: it must equal ``_key`` of the arguments
+    as launched, in signature order, for dense and expert ops, across batches (new tables) and with other
+    x / out strides; and the tables launched are always the current batch's."""
+    K = triton_kernels
+    seen: list = []
+
+    def record(self, grid, args, consts, num_warps=4, num_stages=3, pdl=False, tail=None, key=None):
+        seen.append((args, key, tail, consts))
+
+    monkeypatch.setattr(K._Launcher, "__call__", record)
+    monkeypatch.setattr(K, "DIRECT", True)
+    par = ParallelSpec(tp_size=2, tp_rank=1, ep_size=2)
+    pool = make_pool(MOE, par, dtype=torch.float32, device=DEV, seed=3)
+    backend = TritonBackend()
+    local = par.local_experts(MOE)
+    for trial, slots in enumerate(([0, 1, -1, 2], [2, -1, 1, 1, 0])):
+        lens = [3, 5, 2, 4, 1][:len(slots)]
+        batch = build_batch(slots, [None] * len(slots), lens, {0: 8, 1: 3, 2: 5}, torch.device(DEV), None)
+        ops = LoRAOps(pool, batch, backend)
+        T = batch.num_tokens
+        x = torch.randn(T, MOE.hidden_size + 4 * trial)[:, :MOE.hidden_size]
+        out = torch.zeros(T, pool.shapes["q"].b_shape[0])
+        tok = torch.arange(T).repeat_interleave(2)
+        ex = (torch.arange(2 * T) * 3) % len(local) + local.start
+        for _ in range(2):
+            seen.clear()
+            ops.column(0, "q", x, out)
+            ops.column(1, "q", x, out)
+            ops.experts_column(0, "experts.w1", x.repeat_interleave(2, 0), ops.expert_routing(tok, ex),
+                               torch.zeros(2 * T, pool.shapes["experts.w1"].b_shape[0]))
+            fused = [s for s in seen if "CH" in s[3]]
+            assert len(fused) == 3
+            for args, key, tail, consts in fused:
+                assert key == K._key(args)
+                assert tail == (tuple(consts.values()),) + tail[1:]
+            m = backend.meta
+            dense_args = fused[0][0]
+            assert dense_args[0] is x and dense_args[16] is out
+            assert dense_args[19] is m.perm and dense_args[24] is m.slot_rank     # this batch's tables
+            A, B, sc = pool.A["q"][:, 1], pool.B["q"][:, 1], pool.scaling["q"][:, 1, 0]
+            assert torch.equal(fused[1][0][3], A) and torch.equal(fused[1][0][8], B) and \
+                torch.equal(fused[1][0][13], sc)
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-launch"])
 def test_expert_wide_regime_matches_reference(monkeypatch, fused: bool) -> None:
     """The expert op's wide regime (above ``EXPERT_FUSED_ROWS`` routed rows; lowered to 0 here so every

@@ -41,6 +41,7 @@ class TritonBackend:
         self._pool_id: int | None = None
         self._torch = TorchBackend()
         self._view_cache: dict[tuple[str, int], tuple] = {}
+        self._blocks_seg: dict = {}      # the fused launch's block-table arguments (``K.block_segment``)
         self._scratch = K.FusedScratch()
 
     def prepare(self, pool: GpuPool, batch: BatchInfo) -> None:
@@ -63,16 +64,19 @@ class TritonBackend:
                 if n:
                     self._scratch.reduce_counters(n, pool.device)
         self.meta.update(batch)
+        self._blocks_seg = {}            # new tables (eager metadata is reallocated per batch)
 
     def _views(self, pool: GpuPool, module: str, layer: int) -> tuple:
-        """A ``[S, (E,) R, in]``, B ``[S, (E,) out, R]``, scaling ``[S(, E)]`` of one layer: views of the
-        pool's buffers (which never move), made once per backend (slicing costs host time per call)."""
+        """A ``[S, (E,) R, in]``, B ``[S, (E,) out, R]``, scaling ``[S(, E)]`` of one layer, and the fused
+        launch's arguments of the three (``K.factor_segment``): views of the pool's buffers (which never
+        move), made once per backend (slicing and keying cost host time per call)."""
         key = (module, layer)
         v = self._view_cache.get(key)
         if v is None:
             sc = pool.scaling[module][:, layer]
-            v = (pool.A[module][:, layer], pool.B[module][:, layer],
-                 sc if module.startswith("experts.") else sc[:, 0])
+            expert = module.startswith("experts.")
+            A, B, sc = pool.A[module][:, layer], pool.B[module][:, layer], sc if expert else sc[:, 0]
+            v = (A, B, sc, K.factor_segment(A, B, sc, expert))
             self._view_cache[key] = v
         return v
 
@@ -99,11 +103,12 @@ class TritonBackend:
             return self._torch.linear(pool, batch, layer, module, x, out)
         m = self._meta(pool)
         blocks = self._dense_blocks(m)
-        A, B, sc = self._views(pool, module, layer)
+        A, B, sc, seg = self._views(pool, module, layer)
         if self._fused(pool) and not m.prefill and K.FUSED_DENSE:
             K.fused(x, A, B, sc, out, blocks, m.nblk, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank,
                     expert=False, scratch=self._scratch,
-                    records=m.blk_rec if m.block_m == K.REC_ROWS else None)
+                    records=m.blk_rec if m.block_m == K.REC_ROWS else None, factors=seg,
+                    block_cache=self._blocks_seg)
             return
         P = K.shrink(x, A, None, blocks, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank, self._scratch)
         K.expand(P, B, None, sc, None, out, blocks, m.grid_blocks, m.block_m, m.slot_rank, x.dtype,
@@ -139,9 +144,10 @@ class TritonBackend:
             return self._torch.experts(pool, batch, layer, module, x, routing, out)
         m = self._meta(pool)
         blocks, nb, nblk, bm = self.expert_blocks(pool, routing)
-        A, B, sc = self._views(pool, module, layer)   # [S, E, R, in], [S, E, out, R], [S, E]
+        A, B, sc, seg = self._views(pool, module, layer)   # [S, E, R, in], [S, E, out, R], [S, E]
         if K.expert_regime(routing.num_rows)[1] and self._fused(pool):
-            K.fused(x, A, B, sc, out, blocks, nblk, nb, bm, m.slot_rank, pool.max_rank, expert=True, scratch=None)
+            K.fused(x, A, B, sc, out, blocks, nblk, nb, bm, m.slot_rank, pool.max_rank, expert=True, scratch=None,
+                    factors=seg, block_cache=routing.cache.setdefault(("triton-seg", id(pool)), {}))
             return
         P = K.shrink(x, A, A.stride(1), blocks, nb, bm, m.slot_rank, pool.max_rank)
         K.expand(P, B, B.stride(1), sc, sc.stride(1), out, blocks, nb, bm, m.slot_rank, x.dtype, pool.max_rank)

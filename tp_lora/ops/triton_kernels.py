@@ -34,6 +34,7 @@ Launches go through ``_Launcher``: after the first launch of a specialisation (w
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -59,7 +60,46 @@ EXPERT_WIDE_BLOCK_M = 32   # H200 sweep 2026-12-02h: 2048 tokens r64 1 adapter 3
 EXPERT_WIDE_FUSED = True   # H200 sweep 2026-12-02g: 2048 tokens 1.4-2.5x faster than two launches
 FUSED_DENSE = True      # dense ops of the decode regime through the fused kernel (else two launches)
 
-# Tuning of the fused kernel (H200, docs/KERNELS.md); a plain dict so scripts/bench_ops.py --sweep can vary it.
+class Tuning(dict):
+    """A tuning table: a plain dict to read and to set (``scripts/bench_ops.py --sweep``, tests). Every change
+    bumps the shared ``version``, which keys the launch geometry memoised per op shape (``_fused_geometry``),
+    so a changed key takes effect at the next launch."""
+
+    version = 0
+
+    def _bump(self) -> None:
+        Tuning.version += 1
+
+    def __setitem__(self, key, value) -> None:
+        self._bump()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key) -> None:
+        self._bump()
+        super().__delitem__(key)
+
+    def update(self, *args, **kwargs) -> None:
+        self._bump()
+        super().update(*args, **kwargs)
+
+    def clear(self) -> None:
+        self._bump()
+        super().clear()
+
+    def pop(self, *args):
+        self._bump()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._bump()
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        self._bump()
+        return super().setdefault(key, default)
+
+
+# Tuning of the fused kernel (H200, docs/KERNELS.md); a dict (``Tuning``) so scripts/bench_ops.py --sweep can vary it.
 # chunk_k: K columns per chunk of the K split (summed in chunk order, so the split never changes a row's bits);
 # prefetch: the first N tile's B and out loads issued before the K work.
 # max_chunks: at most this many K chunks (q: 16 of 256 columns; down: 28 of 512; 32 from the H200 sweep of
@@ -74,7 +114,7 @@ FUSED_DENSE = True      # dense ops of the decode regime through the fused kerne
 # pdl: the kernel is launched as a programmatic dependent of the kernel before it (the base GEMM) and waits
 # for it before it reads anything (``pdl_ok``): only its launch overlaps that kernel's tail. H200 sweep
 # 2026-12-03d, decode (32 tokens) per module in a 32-layer graph: 0.1-0.5 us faster on all ten cases.
-FUSED_CONFIG = dict(block_n=256, block_k=128, chunk_k=256, max_chunks=32, num_warps=8, num_stages=4,
+FUSED_CONFIG = Tuning(block_n=256, block_k=128, chunk_k=256, max_chunks=32, num_warps=8, num_stages=4,
                     programs_per_sm=2, prefetch=True, records=True, hoist=False, expert_warps=4, expert_stages=3,
                     expert_block_n=256, expert_prefetch=True, expert_programs_per_sm=2, expert_wide_block_n=128,
                     pdl=True)
@@ -95,7 +135,7 @@ FUSED_STAGES_MAX_RT = 64   # num_stages above 3 only up to this rank tile, 2-byt
 # too as a dependent of the kernel before it, waiting first: no faster, sweep 2026-12-03d).
 # Defaults from the H200 sweep of 2026-12-02q (docs/KERNELS.md): reduce + p_low + 4 prefill splits + 4 shrink
 # stages, 2048 tokens: q 2-3% faster, down r16 / r64 / mixed 12 / 17 / 13%.
-TWO_LAUNCH_CONFIG = dict(shrink_block_k=(256, 128), shrink_warps=4, shrink_stages=4, expand_block_n=128,
+TWO_LAUNCH_CONFIG = Tuning(shrink_block_k=(256, 128), shrink_warps=4, shrink_stages=4, expand_block_n=128,
                          expand_block_n_wide=128, expand_warps=4, prefill_split=0, shrink_rows=0, p_low=True,
                          reduce=True, reduce_unroll=False, prefill_splits=4, pdl=True)
 
@@ -478,13 +518,59 @@ SUPPORTED_DTYPES = tuple(_CDT)
 _T = torch.Tensor
 
 
-def _key(args: tuple) -> tuple:
+def _int_key(a: int) -> int:
+    return ((a & 15) == 0) | (a == 1) << 1 | (not -0x80000000 <= a <= 0x7FFFFFFF) << 2 | (a >= 1 << 63) << 3
+
+
+class _IntKeys(dict):
+    """``_int_key`` memoised (strides and sizes repeat on every launch; a dict lookup is cheaper than the
+    four comparisons); bounded: cleared when it holds ``_INT_KEYS_MAX`` values."""
+
+    def __missing__(self, a: int) -> int:
+        if len(self) >= _INT_KEYS_MAX:
+            self.clear()
+        k = self[a] = _int_key(a)
+        return k
+
+
+_INT_KEYS_MAX = 1 << 16
+_INT_KEYS = _IntKeys()
+
+
+def _key(args: tuple, _ik=_INT_KEYS) -> tuple:
     """What Triton specialises launch arguments on (a superset of it): a tensor's dtype and 16-byte
     alignment; an int's divisibility by 16, value 1 and type (int32 / int64 / uint64 by range; ``args``:
-    tensors and ints only)."""
-    return tuple([((a.data_ptr() & 15) == 0, a.dtype) if isinstance(a, _T) else
-                  ((a & 15) == 0) | (a == 1) << 1 | (not -0x80000000 <= a <= 0x7FFFFFFF) << 2 | (a >= 1 << 63) << 3
+    tensors and ints only). Host time on every launch: ints first by exact type (the common case)."""
+    return tuple([_ik[a] if type(a) is int else
+                  ((a.data_ptr() & 15) == 0, a.dtype) if isinstance(a, _T) else _int_key(a)
                   for a in args])
+
+
+class Segment(NamedTuple):
+    """Launch arguments that stay the same over many launches, in signature order, with their
+    specialisation key (``_key``) computed once: a layer's factors and their strides (``factor_segment``),
+    a batch's block tables (``block_segment``). Its tensors must never move (the pool's buffers and the
+    metadata's never do); whoever caches a segment keeps its tensors alive with it."""
+
+    args: tuple
+    key: tuple
+
+
+def factor_segment(A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, expert: bool) -> Segment:
+    """A, B, scaling of one layer's module and their strides, as ``fused`` passes them (the expert form
+    with its expert strides)."""
+    e_a, e_b, e_s = (A.stride(1), B.stride(1), scaling.stride(1)) if expert else (0, 0, 0)
+    args = (A, A.stride(0), e_a, A.stride(-2), A.stride(-1), B, B.stride(0), e_b, B.stride(-2), B.stride(-1),
+            scaling, scaling.stride(0), e_s)
+    return Segment(args, _key(args))
+
+
+def block_segment(blocks: tuple, slot_rank: torch.Tensor, nblk: torch.Tensor,
+                  records: torch.Tensor | None) -> Segment:
+    """The block tables, the slots' ranks, the used-block count and the records (``nblk`` in their place
+    when they are not read), as ``fused`` passes them."""
+    args = (*blocks, slot_rank, nblk, records if records is not None else nblk)
+    return Segment(args, _key(args))
 
 
 class _Launcher:
@@ -500,13 +586,16 @@ class _Launcher:
         self.checked = False
 
     def __call__(self, grid: tuple, args: tuple, consts: dict, num_warps: int = 4, num_stages: int = 3,
-                 pdl: bool = False) -> None:
-        # pdl: a programmatic dependent launch (a compile option: the handle's launcher sets the attribute)
+                 pdl: bool = False, tail: tuple | None = None, key: tuple | None = None) -> None:
+        # pdl: a programmatic dependent launch (a compile option: the handle's launcher sets the attribute);
+        # tail: ``(tuple(consts.values()), num_warps, num_stages, pdl)`` and key: ``_key(args)``, when the
+        # caller has them (memoised: ``_fused_geometry``, ``Segment``)
         if not DIRECT:
             self.fn[grid](*args, **consts, **_opts(num_warps, num_stages, pdl))
             return
         grid = tuple(grid) + (1,) * (3 - len(grid))
-        key = (_key(args), tuple(consts.values()), num_warps, num_stages, pdl, args[0].device.index)
+        key = (_key(args) if key is None else key, tail if tail is not None else (tuple(consts.values()), num_warps, num_stages, pdl),
+               args[0].device.index)
         k = self.cache.get(key)
         if k is None:
             opts = _opts(num_warps, num_stages, pdl)
@@ -566,7 +655,7 @@ def split_size(K: int, prefill: bool) -> int:
         if TWO_LAUNCH_CONFIG["prefill_split"]:
             return TWO_LAUNCH_CONFIG["prefill_split"]
         if TWO_LAUNCH_CONFIG["prefill_splits"]:
-            return max(256, triton.next_power_of_2(-(-K // TWO_LAUNCH_CONFIG["prefill_splits"])))
+            return max(256, _next_pow2(-(-K // TWO_LAUNCH_CONFIG["prefill_splits"])))
         return 2048 if K <= 8192 else 4096   # H200 sweeps 2026-12-02g/h: q 1024 -> 2048 5-13% faster
     return 512 if K <= 4096 else 1024
 
@@ -578,8 +667,15 @@ def shrink_rows(block_m: int) -> int:
     return r if 16 <= r < block_m and block_m % r == 0 and r & (r - 1) == 0 else block_m
 
 
+def _next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``). Plain integer arithmetic: Triton's
+    ``next_power_of_2`` is a constexpr function whose call wrapper costs microseconds of host time, and
+    these run on every launch."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+    return max(lo, min(hi, _next_pow2(max(n, 1))))
 
 
 def expert_regime(routed_rows: int) -> tuple[int, bool]:
@@ -622,8 +718,8 @@ def fused_chunks(K: int) -> tuple[int, int]:
     on how many programs share its block. At most ``max_chunks`` (``FUSED_CONFIG``) chunks (every program of a block
     loads all partials at once), each ``chunk_k`` columns or the next power of two above K / that."""
     K = max(K, 1)
-    kc = max(FUSED_CONFIG["chunk_k"], triton.next_power_of_2(-(-K // FUSED_CONFIG["max_chunks"])))
-    kc = max(16, min(triton.next_power_of_2(K), kc))
+    kc = max(FUSED_CONFIG["chunk_k"], _next_pow2(-(-K // FUSED_CONFIG["max_chunks"])))
+    kc = max(16, min(_next_pow2(K), kc))
     return -(-K // kc), kc
 
 
@@ -680,7 +776,8 @@ class FusedScratch:
 
 def fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, out: torch.Tensor,
           blocks: tuple, nblk: torch.Tensor, grid_blocks: int, block_m: int, slot_rank: torch.Tensor,
-          max_rank: int, expert: bool, scratch: FusedScratch | None, records: torch.Tensor | None = None) -> None:
+          max_rank: int, expert: bool, scratch: FusedScratch | None, records: torch.Tensor | None = None,
+          factors: Segment | None = None, block_cache: dict | None = None) -> None:
     """``out[row] += s[slot(, e)] * (x[row] @ A[slot(, e), :rank]^T) @ B[slot(, e), :, :rank]^T`` for the
     blocks' rows, in one launch. x ``[rows, K]``, out ``[rows, N]`` (any strides); A ``[S, R, K]`` / ``[S,
     E, R, K]``, B ``[S, N, R]`` / ``[S, E, N, R]``, scaling ``[S]`` / ``[S, E]`` float32 (``expert``
@@ -689,46 +786,87 @@ def fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tens
     spread over several programs per block that meet through it, as many as the used blocks leave SMs for;
     None: one program per block. ``records``: the dense blocks' records (``meta.DenseMeta.blk_rec``, 16-row
     blocks; read instead of the tables when the ``records`` tuning is on). Requires ``max_rank <=
-    FUSED_MAX_RANK``."""
+    FUSED_MAX_RANK``. Host time per launch (an eager engine pays it for every module of every layer):
+    ``factors`` (``factor_segment`` of A, B, scaling, made once per layer by the caller) and
+    ``block_cache`` (a dict where the blocks' ``block_segment`` is kept, by the tables' identities; the
+    caller empties it when the tables are replaced) skip rebuilding and re-keying those arguments."""
     rows, K = x.shape
     N = out.shape[1]
     if grid_blocks == 0 or rows == 0 or N == 0:
         return
-    cfg = FUSED_CONFIG
-    # one chunk (the whole K) where the kernel never splits: the expert op, the prefill regime
-    ch, kc = fused_chunks(K) if scratch is not None else (1, max(K, 1))
-    rt = rank_tile(max_rank)
-    meet = fused_meet(x.device, scratch is not None) if ch > 1 else 1
+    dev = x.device
+    ch, kc, meet, grid, need, use_rec, consts, tail = _fused_geometry(
+        K, N, grid_blocks, block_m, max_rank, expert, x.dtype, dev, scratch is not None, records is not None)
     if meet > 1:
-        p_elems, nb = FusedScratch.need(K, block_m, max_rank, x.device)
-        scratch.reserve(p_elems, nb, x.device)
-        meet = min(meet, grid_blocks * ch)
-        grid = meet                                  # one program per SM at most: all resident, they can meet
+        scratch.reserve(need[0], need[1], dev)
         P, (arrive, depart) = scratch.p, scratch.counters()
     else:
-        pps = cfg["expert_programs_per_sm" if expert else "programs_per_sm"]
-        grid = grid_blocks if INTERPRET or x.device.type != "cuda" or pps <= 0 else \
-            max(1, min(grid_blocks, pps * _sms(x.device)))
         P, arrive, depart = scaling, nblk, nblk      # not read with one program per block
-    perm, bs, bl, bslot, bexp = blocks
-    e_a, e_b, e_s = (A.stride(1), B.stride(1), scaling.stride(1)) if expert else (0, 0, 0)
-    use_rec = records is not None and bool(cfg["records"]) and not expert
+    if factors is None:
+        factors = factor_segment(A, B, scaling, expert)
+    # keyed by the tensors' identities: the segment holds them, so no id is reused while it is cached
+    bkey = (use_rec, id(blocks[0]), id(blocks[3]), id(slot_rank), id(nblk), id(records))
+    bseg = block_cache.get(bkey) if block_cache is not None else None
+    if bseg is None:
+        bseg = block_segment(blocks, slot_rank, nblk, records if use_rec else None)
+        if block_cache is not None:
+            block_cache[bkey] = bseg
+    xs = (x, x.stride(0), x.stride(1))
+    outs = (out, out.stride(0), out.stride(1))
+    rest = (P, arrive, depart, K, N, kc, meet)
+    _fused((grid,), xs + factors.args + outs + bseg.args + rest, consts, num_warps=tail[1],
+           num_stages=tail[2], pdl=tail[3], tail=tail,
+           key=_key(xs) + factors.key + _key(outs) + bseg.key + _key(rest) if DIRECT else None)
+
+
+_GEOMETRY: dict[tuple, tuple] = {}
+_GEOMETRY_MAX = 4096   # distinct op shapes memoised (an engine has a handful; cleared when exceeded)
+
+
+def _fused_geometry(K: int, N: int, grid_blocks: int, block_m: int, max_rank: int, expert: bool,
+                    dtype: torch.dtype, device: torch.device, split: bool, has_rec: bool) -> tuple:
+    """Everything of a fused launch that the op's shape decides, not its tensors: (chunks, K columns per
+    chunk, programs meeting on a block, grid, the split's scratch need, records used?, the constexprs, the
+    launcher's key tail). Memoised per shape and tuning (``Tuning.version``, and the module-level switches
+    read here): computing it costs more host time than the launch itself, on every layer of every step."""
+    key = (K, N, grid_blocks, block_m, max_rank, expert, dtype, device, split, has_rec, Tuning.version,
+           FUSED_MAX_RANK, FUSED_STAGES_MAX_RT, INTERPRET)
+    g = _GEOMETRY.get(key)
+    if g is not None:
+        return g
+    cfg = FUSED_CONFIG
+    # one chunk (the whole K) where the kernel never splits: the expert op, the prefill regime
+    ch, kc = fused_chunks(K) if split else (1, max(K, 1))
+    rt = rank_tile(max_rank)
+    meet = fused_meet(device, split) if ch > 1 else 1
+    need = (0, 0)
+    if meet > 1:
+        need = FusedScratch.need(K, block_m, max_rank, device)
+        meet = min(meet, grid_blocks * ch)
+        grid = meet                                  # one program per SM at most: all resident, they can meet
+    else:
+        pps = cfg["expert_programs_per_sm" if expert else "programs_per_sm"]
+        grid = grid_blocks if INTERPRET or device.type != "cuda" or pps <= 0 else \
+            max(1, min(grid_blocks, pps * _sms(device)))
+    use_rec = has_rec and bool(cfg["records"]) and not expert
     if use_rec:
         assert block_m == REC_ROWS, block_m
-    pdl = pdl_ok(x.device, bool(cfg["pdl"]))
-    _fused((grid,), (x, x.stride(0), x.stride(1), A, A.stride(0), e_a, A.stride(-2), A.stride(-1),
-                     B, B.stride(0), e_b, B.stride(-2), B.stride(-1), scaling, scaling.stride(0), e_s,
-                     out, out.stride(0), out.stride(1), perm, bs, bl, bslot, bexp, slot_rank, nblk,
-                     records if use_rec else nblk, P, arrive, depart, K, N, kc, meet),
-           dict(CH=ch, REC=REC_INTS if use_rec else 0, HOIST=bool(cfg["hoist"]),
-                PREFETCH=bool(cfg["expert_prefetch" if expert else "prefetch"]),
-                HAS_EXPERT=expert, IEEE=x.dtype == torch.float32,
-                UPCAST=INTERPRET, CDT=_CDT[x.dtype], BLOCK_M=block_m,
-                BLOCK_N=_pow2(N, 16, cfg["block_n"] if not expert else
-                              cfg["expert_block_n"] if block_m <= 16 else cfg["expert_wide_block_n"]),
-                BLOCK_K=_pow2(min(K, kc), 16, cfg["block_k"]), RT=rt, WAIT=pdl),
-           num_warps=cfg["expert_warps" if expert else "num_warps"], pdl=pdl,
-           num_stages=cfg["expert_stages"] if expert else fused_stages(x.dtype, rt))
+    pdl = pdl_ok(device, bool(cfg["pdl"]))
+    consts = dict(CH=ch, REC=REC_INTS if use_rec else 0, HOIST=bool(cfg["hoist"]),
+                  PREFETCH=bool(cfg["expert_prefetch" if expert else "prefetch"]),
+                  HAS_EXPERT=expert, IEEE=dtype == torch.float32,
+                  UPCAST=INTERPRET, CDT=_CDT[dtype], BLOCK_M=block_m,
+                  BLOCK_N=_pow2(N, 16, cfg["block_n"] if not expert else
+                                cfg["expert_block_n"] if block_m <= 16 else cfg["expert_wide_block_n"]),
+                  BLOCK_K=_pow2(min(K, kc), 16, cfg["block_k"]), RT=rt, WAIT=pdl)
+    warps = cfg["expert_warps" if expert else "num_warps"]
+    stages = cfg["expert_stages"] if expert else fused_stages(dtype, rt)
+    tail = (tuple(consts.values()), warps, stages, pdl)
+    g = (ch, kc, meet, grid, need, use_rec, consts, tail)
+    if len(_GEOMETRY) >= _GEOMETRY_MAX:
+        _GEOMETRY.clear()
+    _GEOMETRY[key] = g
+    return g
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, grid_blocks: int,
@@ -818,7 +956,7 @@ def expand(P: torch.Tensor, B: torch.Tensor, expert_stride: int | None, scaling:
     rt = rank_tile(max_rank)
     bn = _pow2(N, 16, TWO_LAUNCH_CONFIG["expand_block_n" if rt <= BLOCK_R else "expand_block_n_wide"])
     gdc = pdl_ok(out.device)
-    _expand((triton.cdiv(N, bn), grid_blocks),
+    _expand((-(-N // bn), grid_blocks),
             (P, P.stride(0), P.stride(1), P.stride(2), B, B.stride(0), expert_stride or 0, B.stride(-2),
              B.stride(-1), scaling, scaling.stride(0), scaling_expert_stride or 0, out, out.stride(0),
              out.stride(1), perm, bs, bl, bslot, bexp, slot_rank, N),
@@ -907,11 +1045,11 @@ def route_blocks(token_index: torch.Tensor, local_expert: torch.Tensor, token_sl
         blk_slot.fill_(-1)
         return (perm, blk_start, blk_len, blk_slot, blk_exp), 0, nblk
     B = 256
-    _route_count((triton.cdiv(N, B),), (token_index, local_expert, token_slots, key, counts, N, num_slots),
+    _route_count((-(-N // B),), (token_index, local_expert, token_slots, key, counts, N, num_slots),
                  dict(BLOCK=B))
     _route_scan((1,), (counts, grp_start, blk_first, blk_slot, nblk, G, NB),
-                dict(BM=block_m, BLOCK_G=triton.next_power_of_2(G), BLOCK_NB=1024))
-    _route_place((triton.cdiv(N, B),), (key, grp_start, cursor, perm, N), dict(BLOCK=B))
+                dict(BM=block_m, BLOCK_G=_next_pow2(G), BLOCK_NB=1024))
+    _route_place((-(-N // B),), (key, grp_start, cursor, perm, N), dict(BLOCK=B))
     _route_fill((G,), (counts, grp_start, blk_first, blk_start, blk_len, blk_slot, blk_exp, num_slots),
                 dict(BM=block_m))
     return (perm, blk_start, blk_len, blk_slot, blk_exp), NB, nblk
