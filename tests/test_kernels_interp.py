@@ -267,15 +267,16 @@ def test_memoised_launch_geometry_follows_the_tuning(monkeypatch) -> None:
 
 
 def test_fast_path_key_is_the_key_of_the_arguments(monkeypatch) -> None:
-    """With the compiled-handle path on, the fused launch's key is composed from memoised segments (a
-    layer's factors, the batch's tables) and the per-call parts: it must equal ``_key`` of the arguments
-    as launched, in signature order, for dense and expert ops, across batches (new tables) and with other
+    """With the compiled-handle path on, every launch's key is composed from memoised segments (a layer's
+    factors, the batch's tables) and the per-call parts: it must equal ``_key`` of the arguments as
+    launched, in signature order, for the fused launch (dense decode, experts), the two launches (dense
+    prefill, the experts' wide regime without the fused kernel), across batches (new tables) and with other
     x / out strides; and the tables launched are always the current batch's."""
     K = triton_kernels
     seen: list = []
 
     def record(self, grid, args, consts, num_warps=4, num_stages=3, pdl=False, tail=None, key=None):
-        seen.append((args, key, tail, consts))
+        seen.append((self.fn, args, key, tail, consts))
 
     monkeypatch.setattr(K._Launcher, "__call__", record)
     monkeypatch.setattr(K, "DIRECT", True)
@@ -283,8 +284,12 @@ def test_fast_path_key_is_the_key_of_the_arguments(monkeypatch) -> None:
     pool = make_pool(MOE, par, dtype=torch.float32, device=DEV, seed=3)
     backend = TritonBackend()
     local = par.local_experts(MOE)
-    for trial, slots in enumerate(([0, 1, -1, 2], [2, -1, 1, 1, 0])):
-        lens = [3, 5, 2, 4, 1][:len(slots)]
+    kernels = set()
+    for trial, (slots, lens, wide) in enumerate((([0, 1, -1, 2], [3, 5, 2, 4], False),
+                                                 ([2, -1, 1, 1, 0], [3, 5, 2, 4, 1], True),
+                                                 ([1, 0, -1], [300, 250, 20], False))):   # 570 tokens: prefill
+        monkeypatch.setattr(K, "EXPERT_FUSED_ROWS", 0 if wide else 4096)
+        monkeypatch.setattr(K, "EXPERT_WIDE_FUSED", False)
         batch = build_batch(slots, [None] * len(slots), lens, {0: 8, 1: 3, 2: 5}, torch.device(DEV), None)
         ops = LoRAOps(pool, batch, backend)
         T = batch.num_tokens
@@ -298,18 +303,24 @@ def test_fast_path_key_is_the_key_of_the_arguments(monkeypatch) -> None:
             ops.column(1, "q", x, out)
             ops.experts_column(0, "experts.w1", x.repeat_interleave(2, 0), ops.expert_routing(tok, ex),
                                torch.zeros(2 * T, pool.shapes["experts.w1"].b_shape[0]))
-            fused = [s for s in seen if "CH" in s[3]]
-            assert len(fused) == 3
-            for args, key, tail, consts in fused:
-                assert key == K._key(args)
+            dense = [s for s in seen if s[0] in (K._fused.fn, K._shrink.fn, K._expand.fn)]
+            for fn, args, key, tail, consts in dense:
+                assert key == K._key(args), (fn, trial)
                 assert tail == (tuple(consts.values()),) + tail[1:]
+                kernels.add(fn)
             m = backend.meta
-            dense_args = fused[0][0]
-            assert dense_args[0] is x and dense_args[16] is out
-            assert dense_args[19] is m.perm and dense_args[24] is m.slot_rank     # this batch's tables
-            A, B, sc = pool.A["q"][:, 1], pool.B["q"][:, 1], pool.scaling["q"][:, 1, 0]
-            assert torch.equal(fused[1][0][3], A) and torch.equal(fused[1][0][8], B) and \
-                torch.equal(fused[1][0][13], sc)
+            first = dense[0][1]
+            assert first[0] is x                                       # fused and shrink: x first
+            if dense[0][0] is K._fused.fn:
+                assert first[16] is out and first[19] is m.perm and first[24] is m.slot_rank
+                A, B, sc = pool.A["q"][:, 1], pool.B["q"][:, 1], pool.scaling["q"][:, 1, 0]
+                assert torch.equal(dense[1][1][3], A) and torch.equal(dense[1][1][8], B) and \
+                    torch.equal(dense[1][1][13], sc)
+            else:                                                      # prefill: shrink, expand
+                assert m.prefill and first[16] is m.perm and first[21] is m.slot_rank
+                assert dense[1][1][12] is out and dense[1][1][15] is m.perm
+                assert torch.equal(dense[3][1][4], pool.B["q"][:, 1])
+    assert kernels == {K._fused.fn, K._shrink.fn, K._expand.fn}
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-launch"])

@@ -68,7 +68,8 @@ class TritonBackend:
 
     def _views(self, pool: GpuPool, module: str, layer: int) -> tuple:
         """A ``[S, (E,) R, in]``, B ``[S, (E,) out, R]``, scaling ``[S(, E)]`` of one layer, and the fused
-        launch's arguments of the three (``K.factor_segment``): views of the pool's buffers (which never
+        launch's arguments of the three (``K.factor_segment``; the two-launch path's: ``shrink_factor_segment``,
+        ``expand_factor_segment``): views of the pool's buffers (which never
         move), made once per backend (slicing and keying cost host time per call)."""
         key = (module, layer)
         v = self._view_cache.get(key)
@@ -76,7 +77,9 @@ class TritonBackend:
             sc = pool.scaling[module][:, layer]
             expert = module.startswith("experts.")
             A, B, sc = pool.A[module][:, layer], pool.B[module][:, layer], sc if expert else sc[:, 0]
-            v = (A, B, sc, K.factor_segment(A, B, sc, expert))
+            ea, eb, es = (A.stride(1), B.stride(1), sc.stride(1)) if expert else (None, None, None)
+            v = (A, B, sc, K.factor_segment(A, B, sc, expert),
+                 (K.shrink_factor_segment(A, ea), K.expand_factor_segment(B, eb, sc, es)))
             self._view_cache[key] = v
         return v
 
@@ -103,16 +106,17 @@ class TritonBackend:
             return self._torch.linear(pool, batch, layer, module, x, out)
         m = self._meta(pool)
         blocks = self._dense_blocks(m)
-        A, B, sc, seg = self._views(pool, module, layer)
+        A, B, sc, seg, (sseg, eseg) = self._views(pool, module, layer)
         if self._fused(pool) and not m.prefill and K.FUSED_DENSE:
             K.fused(x, A, B, sc, out, blocks, m.nblk, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank,
                     expert=False, scratch=self._scratch,
                     records=m.blk_rec if m.block_m == K.REC_ROWS else None, factors=seg,
                     block_cache=self._blocks_seg)
             return
-        P = K.shrink(x, A, None, blocks, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank, self._scratch)
+        P = K.shrink(x, A, None, blocks, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank, self._scratch,
+                     factors=sseg, block_cache=self._blocks_seg)
         K.expand(P, B, None, sc, None, out, blocks, m.grid_blocks, m.block_m, m.slot_rank, x.dtype,
-                 pool.max_rank)
+                 pool.max_rank, factors=eseg, block_cache=self._blocks_seg)
 
     def embedding(self, pool: GpuPool, batch: BatchInfo, token_ids: torch.Tensor, out: torch.Tensor) -> None:
         if not self._supported(out):
@@ -144,10 +148,12 @@ class TritonBackend:
             return self._torch.experts(pool, batch, layer, module, x, routing, out)
         m = self._meta(pool)
         blocks, nb, nblk, bm = self.expert_blocks(pool, routing)
-        A, B, sc, seg = self._views(pool, module, layer)   # [S, E, R, in], [S, E, out, R], [S, E]
+        A, B, sc, seg, (sseg, eseg) = self._views(pool, module, layer)   # [S, E, R, in], [S, E, out, R], [S, E]
+        segs = routing.cache.setdefault(("triton-seg", id(pool)), {})
         if K.expert_regime(routing.num_rows)[1] and self._fused(pool):
             K.fused(x, A, B, sc, out, blocks, nblk, nb, bm, m.slot_rank, pool.max_rank, expert=True, scratch=None,
-                    factors=seg, block_cache=routing.cache.setdefault(("triton-seg", id(pool)), {}))
+                    factors=seg, block_cache=segs)
             return
-        P = K.shrink(x, A, A.stride(1), blocks, nb, bm, m.slot_rank, pool.max_rank)
-        K.expand(P, B, B.stride(1), sc, sc.stride(1), out, blocks, nb, bm, m.slot_rank, x.dtype, pool.max_rank)
+        P = K.shrink(x, A, A.stride(1), blocks, nb, bm, m.slot_rank, pool.max_rank, factors=sseg, block_cache=segs)
+        K.expand(P, B, B.stride(1), sc, sc.stride(1), out, blocks, nb, bm, m.slot_rank, x.dtype, pool.max_rank,
+                 factors=eseg, block_cache=segs)

@@ -573,6 +573,20 @@ def block_segment(blocks: tuple, slot_rank: torch.Tensor, nblk: torch.Tensor,
     return Segment(args, _key(args))
 
 
+def shrink_factor_segment(A: torch.Tensor, expert_stride: int | None) -> Segment:
+    """A and its strides as ``shrink`` passes them."""
+    args = (A, A.stride(0), expert_stride or 0, A.stride(-2), A.stride(-1))
+    return Segment(args, _key(args))
+
+
+def expand_factor_segment(B: torch.Tensor, expert_stride: int | None, scaling: torch.Tensor,
+                          scaling_expert_stride: int | None) -> Segment:
+    """B, scaling and their strides as ``expand`` passes them."""
+    args = (B, B.stride(0), expert_stride or 0, B.stride(-2), B.stride(-1), scaling, scaling.stride(0),
+            scaling_expert_stride or 0)
+    return Segment(args, _key(args))
+
+
 class _Launcher:
     """``kernel[grid](*args, **constexprs)``, but after the first launch of a specialisation through the
     compiled kernel's handle: ``JITFunction.run`` binds and specialises every argument on each call (tens of
@@ -863,15 +877,14 @@ def _fused_geometry(K: int, N: int, grid_blocks: int, block_m: int, max_rank: in
     stages = cfg["expert_stages"] if expert else fused_stages(dtype, rt)
     tail = (tuple(consts.values()), warps, stages, pdl)
     g = (ch, kc, meet, grid, need, use_rec, consts, tail)
-    if len(_GEOMETRY) >= _GEOMETRY_MAX:
-        _GEOMETRY.clear()
-    _GEOMETRY[key] = g
+    _memo_geometry(key, g)
     return g
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, grid_blocks: int,
            block_m: int, slot_rank: torch.Tensor, max_rank: int,
-           scratch: "FusedScratch | None" = None) -> torch.Tensor:
+           scratch: "FusedScratch | None" = None, factors: Segment | None = None,
+           block_cache: dict | None = None) -> torch.Tensor:
     """P ``[splits, rows, R_pad]`` float32 with ``P.sum(0)[row, :rank] = x[row] @ A[slot(, e), :rank]^T``
     (in x's dtype when the expand reads one split and ``p_low`` is set: the expand rounds P to it anyway).
     With ``scratch`` (its counters) and several K splits, the shrink sums the splits itself (``reduce``:
@@ -882,31 +895,72 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, 
     the expert form, None for dense). One program per (rank tile, block or sub-block of ``shrink_rows``
     rows, K split); the rank tile is the pool's (``rank_tile``), 16 wide where the slot's rest of rank fits.
     Entries of P outside the blocks' rows or above a slot's rank are never written (and never read by
-    ``expand``).
+    ``expand``). ``factors`` (``shrink_factor_segment``) and ``block_cache``: as for ``fused``.
     """
     rows, K = x.shape
+    dev = x.device
+    grid, ks, splits, r_pad, reduce, p_dt, q_dt, consts, tail = _shrink_geometry(
+        K, grid_blocks, block_m, max_rank, expert_stride is not None, x.dtype, dev, scratch is not None)
+    P = torch.empty((splits, rows, r_pad), dtype=p_dt, device=dev)
+    Q = torch.empty((1, rows, r_pad), dtype=q_dt, device=dev) if reduce else P
+    if grid_blocks == 0 or rows == 0:
+        return Q
+    cnt = scratch.reduce_counters(grid[0] * grid[1], dev) if reduce else slot_rank
+    if factors is None:
+        factors = shrink_factor_segment(A, expert_stride)
+    tables = _tables(blocks, slot_rank, block_cache)
+    xs = (x, x.stride(0), x.stride(1))
+    pq = (P, rows * r_pad, r_pad, 1, Q, r_pad, 1, cnt)      # P, Q contiguous: their strides from the shape
+    rest = (K, ks)
+    _shrink(grid, xs + factors.args + pq + tables.args + rest, consts, num_warps=tail[1], num_stages=tail[2],
+            pdl=tail[3], tail=tail,
+            key=_key(xs) + factors.key + _key(pq) + tables.key + _key(rest) if DIRECT else None)
+    return Q
+
+
+def _shrink_geometry(K: int, grid_blocks: int, block_m: int, max_rank: int, expert: bool, dtype: torch.dtype,
+                     device: torch.device, has_scratch: bool) -> tuple:
+    """What the op's shape decides of a shrink launch (grid, split columns, splits, P's padded rank, the
+    reduction, P's and Q's dtypes, constexprs, the launcher's key tail), memoised like ``_fused_geometry``."""
+    key = ("shrink", K, grid_blocks, block_m, max_rank, expert, dtype, device, has_scratch, Tuning.version,
+           FUSED_MAX_RANK, INTERPRET)
+    g = _GEOMETRY.get(key)
+    if g is not None:
+        return g
     prefill = block_m > 16
     grid, ks, sub_m, rt = shrink_grid(K, grid_blocks, block_m, max_rank)
     splits, r_pad = grid[2], grid[0] * rt
-    reduce = splits > 1 and scratch is not None and bool(TWO_LAUNCH_CONFIG["reduce"])
-    low_dt = x.dtype if bool(TWO_LAUNCH_CONFIG["p_low"]) else torch.float32
-    P = torch.empty((splits, rows, r_pad), dtype=low_dt if splits == 1 else torch.float32, device=x.device)
-    Q = torch.empty((1, rows, r_pad), dtype=low_dt, device=x.device) if reduce else P
-    if grid_blocks == 0 or rows == 0:
-        return Q
-    cnt = scratch.reduce_counters(grid[0] * grid[1], x.device) if reduce else slot_rank
-    perm, bs, bl, bslot, bexp = blocks
+    reduce = splits > 1 and has_scratch and bool(TWO_LAUNCH_CONFIG["reduce"])
+    low_dt = dtype if bool(TWO_LAUNCH_CONFIG["p_low"]) else torch.float32
     bk = _pow2(K, 16, TWO_LAUNCH_CONFIG["shrink_block_k"][prefill])
-    _shrink(grid,
-            (x, x.stride(0), x.stride(1), A, A.stride(0), expert_stride or 0, A.stride(-2), A.stride(-1),
-             P, P.stride(0), P.stride(1), P.stride(2), Q, Q.stride(1), Q.stride(2), cnt,
-             perm, bs, bl, bslot, bexp, slot_rank, K, ks),
-            dict(HAS_EXPERT=expert_stride is not None, IEEE=x.dtype == torch.float32, UPCAST=INTERPRET,
-                 BLOCK_M=sub_m, SUB=block_m // sub_m, RT=rt,
-                 BLOCK_K=bk, SPLITS=splits, REDUCE=reduce, UNROLL=bool(TWO_LAUNCH_CONFIG["reduce_unroll"]),
-                 GDC=pdl_ok(x.device)),
-            num_warps=TWO_LAUNCH_CONFIG["shrink_warps"], num_stages=shrink_stages(x.dtype, sub_m, bk, rt))
-    return Q
+    consts = dict(HAS_EXPERT=expert, IEEE=dtype == torch.float32, UPCAST=INTERPRET,
+                  BLOCK_M=sub_m, SUB=block_m // sub_m, RT=rt,
+                  BLOCK_K=bk, SPLITS=splits, REDUCE=reduce, UNROLL=bool(TWO_LAUNCH_CONFIG["reduce_unroll"]),
+                  GDC=pdl_ok(device))
+    warps, stages = TWO_LAUNCH_CONFIG["shrink_warps"], shrink_stages(dtype, sub_m, bk, rt)
+    g = (grid, ks, splits, r_pad, reduce, low_dt if splits == 1 else torch.float32, low_dt, consts,
+         (tuple(consts.values()), warps, stages, False))
+    _memo_geometry(key, g)
+    return g
+
+
+def _memo_geometry(key: tuple, g: tuple) -> None:
+    if len(_GEOMETRY) >= _GEOMETRY_MAX:
+        _GEOMETRY.clear()
+    _GEOMETRY[key] = g
+
+
+def _tables(blocks: tuple, slot_rank: torch.Tensor, cache: dict | None) -> Segment:
+    """The block tables and the slots' ranks as the two-launch kernels take them (``table_segment``),
+    from ``cache`` by the tensors' identities when given (the segment holds them: no id is reused)."""
+    key = ("tables", id(blocks[0]), id(blocks[3]), id(blocks[4]), id(slot_rank))
+    seg = cache.get(key) if cache is not None else None
+    if seg is None:
+        args = (*blocks, slot_rank)
+        seg = Segment(args, _key(args))
+        if cache is not None:
+            cache[key] = seg
+    return seg
 
 
 def shrink_grid(K: int, grid_blocks: int, block_m: int, max_rank: int) -> tuple[tuple, int, int, int]:
@@ -946,25 +1000,46 @@ def embed_shrink(token_ids: torch.Tensor, A: torch.Tensor, vocab_start: int, blo
 
 def expand(P: torch.Tensor, B: torch.Tensor, expert_stride: int | None, scaling: torch.Tensor,
            scaling_expert_stride: int | None, out: torch.Tensor, blocks, grid_blocks: int, block_m: int,
-           slot_rank: torch.Tensor, compute_dtype: torch.dtype, max_rank: int) -> None:
+           slot_rank: torch.Tensor, compute_dtype: torch.dtype, max_rank: int, factors: Segment | None = None,
+           block_cache: dict | None = None) -> None:
     """``out[row] += scaling[slot(, e)] * P.sum(0)[row, :rank] @ B[slot(, e), :, :rank]^T`` for the blocks'
-    rows. B ``[S, N, R]`` or ``[S, E, N, R]``; scaling ``[S]`` or ``[S, E]`` (float32); out ``[rows, N]``."""
+    rows. B ``[S, N, R]`` or ``[S, E, N, R]``; scaling ``[S]`` or ``[S, E]`` (float32); out ``[rows, N]``.
+    ``factors`` (``expand_factor_segment``) and ``block_cache``: as for ``fused``."""
     rows, N = out.shape
     if grid_blocks == 0 or rows == 0 or N == 0:
         return
-    perm, bs, bl, bslot, bexp = blocks
+    grid, consts, tail = _expand_geometry(N, grid_blocks, block_m, max_rank, P.shape[0], expert_stride is not None,
+                                          compute_dtype, out.device)
+    if factors is None:
+        factors = expand_factor_segment(B, expert_stride, scaling, scaling_expert_stride)
+    tables = _tables(blocks, slot_rank, block_cache)
+    ps = (P, P.stride(0), P.stride(1), P.stride(2))
+    outs = (out, out.stride(0), out.stride(1))
+    rest = (N,)
+    _expand(grid, ps + factors.args + outs + tables.args + rest, consts, num_warps=tail[1], num_stages=tail[2],
+            pdl=tail[3], tail=tail,
+            key=_key(ps) + factors.key + _key(outs) + tables.key + _key(rest) if DIRECT else None)
+
+
+def _expand_geometry(N: int, grid_blocks: int, block_m: int, max_rank: int, splits: int, expert: bool,
+                     dtype: torch.dtype, device: torch.device) -> tuple:
+    """What the op's shape decides of an expand launch (grid, constexprs, key tail), memoised."""
+    key = ("expand", N, grid_blocks, block_m, max_rank, splits, expert, dtype, device, Tuning.version,
+           FUSED_MAX_RANK, INTERPRET)
+    g = _GEOMETRY.get(key)
+    if g is not None:
+        return g
     rt = rank_tile(max_rank)
     bn = _pow2(N, 16, TWO_LAUNCH_CONFIG["expand_block_n" if rt <= BLOCK_R else "expand_block_n_wide"])
-    gdc = pdl_ok(out.device)
-    _expand((-(-N // bn), grid_blocks),
-            (P, P.stride(0), P.stride(1), P.stride(2), B, B.stride(0), expert_stride or 0, B.stride(-2),
-             B.stride(-1), scaling, scaling.stride(0), scaling_expert_stride or 0, out, out.stride(0),
-             out.stride(1), perm, bs, bl, bslot, bexp, slot_rank, N),
-            dict(SPLITS=P.shape[0], HAS_EXPERT=expert_stride is not None, IEEE=compute_dtype == torch.float32,
-                 UPCAST=INTERPRET, CDT=_CDT[compute_dtype], BLOCK_M=block_m, BLOCK_N=bn, RT=rt, GDC=gdc),
-            # one stage: one rank tile per slot, nothing to pipeline (and the split partials' stages of a
-            # 64-row, 64-rank tile would exceed the shared memory)
-            num_warps=TWO_LAUNCH_CONFIG["expand_warps"], num_stages=1, pdl=gdc)
+    gdc = pdl_ok(device)
+    consts = dict(SPLITS=splits, HAS_EXPERT=expert, IEEE=dtype == torch.float32,
+                  UPCAST=INTERPRET, CDT=_CDT[dtype], BLOCK_M=block_m, BLOCK_N=bn, RT=rt, GDC=gdc)
+    # one stage: one rank tile per slot, nothing to pipeline (and the split partials' stages of a
+    # 64-row, 64-rank tile would exceed the shared memory)
+    warps = TWO_LAUNCH_CONFIG["expand_warps"]
+    g = ((-(-N // bn), grid_blocks), consts, (tuple(consts.values()), warps, 1, gdc))
+    _memo_geometry(key, g)
+    return g
 
 
 # -- expert routing metadata on the device (a counting sort by (expert, slot)) ----------------------------------
@@ -1032,14 +1107,22 @@ def route_blocks(token_index: torch.Tensor, local_expert: torch.Tensor, token_sl
     dev = token_index.device
     G = num_experts * num_slots
     NB = -(-N // block_m) + min(N, G)
-    i32 = torch.int32
-    work = torch.zeros(2 * G + 1, dtype=i32, device=dev)
+    # one allocation for all the tables (each part 16-byte aligned), one zeroing for the counters: the
+    # host time of allocations is most of an eager layer's routing
+    up = lambda n: -(-n // 4) * 4   # noqa: E731
+    n_key, nb = max(N, 1), max(NB, 1)
+    o_key = up(2 * G + 1)
+    o_grp = o_key + up(n_key)
+    o_perm = o_grp + up(2 * G)
+    o_blk = o_perm + up(n_key)
+    buf = torch.empty(o_blk + 4 * nb, dtype=torch.int32, device=dev)
+    work = buf[:2 * G + 1]
+    work.zero_()
     counts, cursor, nblk = work[:G], work[G:2 * G], work[2 * G:]
-    key = torch.empty(max(N, 1), dtype=i32, device=dev)
-    grp = torch.empty(2 * G, dtype=i32, device=dev)
-    grp_start, blk_first = grp[:G], grp[G:]
-    perm = torch.empty(max(N, 1), dtype=i32, device=dev)
-    blk = torch.empty((4, max(NB, 1)), dtype=i32, device=dev)
+    key = buf[o_key:o_key + n_key]
+    grp_start, blk_first = buf[o_grp:o_grp + G], buf[o_grp + G:o_grp + 2 * G]
+    perm = buf[o_perm:o_perm + n_key]
+    blk = buf[o_blk:].view(4, nb)
     blk_start, blk_len, blk_slot, blk_exp = blk[0], blk[1], blk[2], blk[3]
     if N == 0:
         blk_slot.fill_(-1)
