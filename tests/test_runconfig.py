@@ -260,3 +260,45 @@ def test_device_choice_one_gpu_per_rank() -> None:
         pick_device("cuda", 1, 1, 2)
     with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
         pick_device("cuda", 0, 0, 1)
+
+
+def test_sigterm_raises_only_inside_its_block_and_only_from_the_main_thread() -> None:
+    """``console.sigterm_raises``: SIGTERM becomes ``Terminated`` inside the block, the previous handler
+    is back after it (also when the block raised), and from another thread the block runs untouched
+    (Python allows signal handlers only in the main thread)."""
+    import signal
+    import threading
+    import time
+
+    from tp_lora.job import console
+
+    seen = []
+    mine = lambda signum, frame: seen.append(signum)  # noqa: E731
+    old = signal.signal(signal.SIGTERM, mine)
+    try:
+        with pytest.raises(console.Terminated) as e:
+            with console.sigterm_raises():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)           # the handler's exception ends the sleep at once
+        assert e.value.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is mine
+        with pytest.raises(ValueError):
+            with console.sigterm_raises():
+                raise ValueError("boom")
+        assert signal.getsignal(signal.SIGTERM) is mine
+        errors = []
+
+        def other() -> None:
+            try:
+                with console.sigterm_raises():
+                    assert signal.getsignal(signal.SIGTERM) is mine
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert not errors
+        assert not seen
+    finally:
+        signal.signal(signal.SIGTERM, old)

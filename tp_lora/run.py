@@ -7,23 +7,17 @@ line (``stopped by SIGTERM``) and status 143 instead of dying silently.
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 
 from .job import console
 
 
 def _main() -> int:
-    catch = hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, console.raise_terminated) if catch else None
     try:
-        from .job.run import main  # seconds under load: torch, the planner, the kernels' modules
+        with console.sigterm_raises():
+            from .job.run import main  # seconds under load: torch, the planner, the kernels' modules
     except console.Terminated as e:
         return console.report_failure("tp_lora.run", e, debug=console.debug_requested(sys.argv[1:]))
-    finally:
-        if catch:
-            signal.signal(signal.SIGTERM, previous)
     return main()
 
 

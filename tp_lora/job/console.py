@@ -19,6 +19,7 @@ torchrun's failure summary shows it instead of "To enable traceback see ...".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from ..errors import AdapterError, ConfigError, LayoutError
 
@@ -110,14 +111,25 @@ def raise_terminated(signum: int, _frame: object) -> None:
     raise Terminated(signum)
 
 
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` inside the block (then the previous handler is back). Signal
+    handlers can only be set from the main thread: elsewhere (an engine calling us from a thread of its
+    own) the block runs with the handler it had."""
+    catch = hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if catch else None
+    try:
+        yield
+    finally:
+        if catch:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def run_command(prog: str, fn: Callable[[], int], *, debug: bool) -> int:
     """Run ``fn`` and turn any failure into one line on stderr and an exit status (the module docstring)."""
-    # signal handlers can only be set from the main thread (an engine may call us from another one)
-    catch_term = hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread()
-    if catch_term:
-        previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        return fn()
+        with sigterm_raises():
+            return fn()
     except BrokenPipeError:
         # the reader went away (`tp-lora plan ... | head`): stop quietly; Python would complain at exit
         # when it flushes stdout again, so point stdout at /dev/null first.
@@ -129,9 +141,6 @@ def run_command(prog: str, fn: Callable[[], int], *, debug: bool) -> int:
         return EXIT_RUNTIME
     except (Exception, KeyboardInterrupt, Terminated) as e:  # noqa: BLE001 - the command's last word
         return report_failure(prog, e, debug=debug)
-    finally:
-        if catch_term:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def debug_requested(argv: Sequence[str]) -> bool:
