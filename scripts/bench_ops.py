@@ -450,6 +450,21 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def moe_decode_case(dev: torch.device, ranks: list[int], max_rank: int, rng: random.Random) -> tuple:
+    """One MoE layer's w1 at decode (Qwen3-30B-A3B: 32 tokens x top-8 over 128 experts, 8 adapters):
+    (pool, batch, eager ops, token index, experts, x of the routed rows, out)."""
+    spec = dataclasses.replace(ModelSpec.from_preset("qwen3-30b-a3b"), num_hidden_layers=1)
+    pool = GpuPool(spec, ParallelSpec(), max_loras=SLOTS, max_rank=max_rank, modules=("experts.w1",), dtype=DT,
+                   device=dev)
+    fill_pool(pool, ranks, 3)
+    batch = make_batch(32, 8, ranks, dev, rng)
+    tok = torch.arange(32, device=dev).repeat_interleave(8)
+    exp = torch.randint(0, 128, (256,), device=dev)
+    xr = torch.randn(256, 2048, device=dev, dtype=DT)
+    g = torch.randn(256, 768, device=dev, dtype=DT)
+    return pool, batch, LoRAOps(pool, batch, TritonBackend()), tok, exp, xr, g
+
+
 def profile_host(path: Path) -> None:
     """Where the eager time goes on the host: torch.profiler over a few eager calls of a dense and an MoE
     op, the top CPU entries written to ``path``."""
@@ -496,16 +511,7 @@ def profile_host(path: Path) -> None:
         torch.cuda.synchronize()
     lines.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
     del pool
-    spec = dataclasses.replace(ModelSpec.from_preset("qwen3-30b-a3b"), num_hidden_layers=1)
-    pool = GpuPool(spec, ParallelSpec(), max_loras=SLOTS, max_rank=mr, modules=("experts.w1",), dtype=DT,
-                   device=dev)
-    fill_pool(pool, ranks, 3)
-    batch = make_batch(32, 8, ranks, dev, rng)
-    tok = torch.arange(32, device=dev).repeat_interleave(8)
-    exp = torch.randint(0, 128, (256,), device=dev)
-    xr = torch.randn(256, 2048, device=dev, dtype=DT)
-    g = torch.randn(256, 768, device=dev, dtype=DT)
-    ops = LoRAOps(pool, batch, TritonBackend())
+    pool, batch, ops, tok, exp, xr, g = moe_decode_case(dev, ranks, mr, rng)
     run = lambda: ops.experts_column(0, "experts.w1", xr, ops.expert_routing(tok, exp), g)  # noqa: E731
     for _ in range(5):
         run()
@@ -575,17 +581,8 @@ def host_cases(path: Path) -> None:
                                  ours_host_s=ours, jit_run_host_s=jit, base_host_s=base_host,
                                  host_over_base=ours / base_host))
         del pool
-    spec = dataclasses.replace(ModelSpec.from_preset("qwen3-30b-a3b"), num_hidden_layers=1)
     ranks, mr = rank_list("16")
-    pool = GpuPool(spec, ParallelSpec(), max_loras=SLOTS, max_rank=mr, modules=("experts.w1",), dtype=DT,
-                   device=dev)
-    fill_pool(pool, ranks, 3)
-    batch = make_batch(32, 8, ranks, dev, rng)
-    tok = torch.arange(32, device=dev).repeat_interleave(8)
-    exp = torch.randint(0, 128, (256,), device=dev)
-    xr = torch.randn(256, 2048, device=dev, dtype=DT)
-    g = torch.randn(256, 768, device=dev, dtype=DT)
-    ops = LoRAOps(pool, batch, TritonBackend())
+    pool, batch, ops, tok, exp, xr, g = moe_decode_case(dev, ranks, mr, rng)
     routing = ops.expert_routing(tok, exp)
     fresh = lambda: ops.experts_column(0, "experts.w1", xr, ops.expert_routing(tok, exp), g)  # noqa: E731
     reuse = lambda: ops.experts_column(0, "experts.w1", xr, routing, g)  # noqa: E731
