@@ -41,7 +41,7 @@ class TritonBackend:
         self._pool_id: int | None = None
         self._torch = TorchBackend()
         self._view_cache: dict[tuple[str, int], tuple] = {}
-        self._blocks_seg: dict = {}      # the fused launch's block-table arguments (``K.block_segment``)
+        self._blocks_seg: dict = {}      # the launches' block-table arguments (``K.block_segment``, ...)
         self._scratch = K.FusedScratch()
 
     def prepare(self, pool: GpuPool, batch: BatchInfo) -> None:
@@ -67,10 +67,10 @@ class TritonBackend:
         self._blocks_seg = {}            # new tables (eager metadata is reallocated per batch)
 
     def _views(self, pool: GpuPool, module: str, layer: int) -> tuple:
-        """A ``[S, (E,) R, in]``, B ``[S, (E,) out, R]``, scaling ``[S(, E)]`` of one layer, and the fused
-        launch's arguments of the three (``K.factor_segment``; the two-launch path's: ``shrink_factor_segment``,
-        ``expand_factor_segment``): views of the pool's buffers (which never
-        move), made once per backend (slicing and keying cost host time per call)."""
+        """A ``[S, (E,) R, in]``, B ``[S, (E,) out, R]``, scaling ``[S(, E)]`` of one layer (views of the
+        pool's buffers, which never move) and their launch arguments: the fused launch's
+        (``K.factor_segment``) and the two-launch path's (``shrink_factor_segment``,
+        ``expand_factor_segment``). Made once per backend: slicing and keying cost host time per call."""
         key = (module, layer)
         v = self._view_cache.get(key)
         if v is None:
