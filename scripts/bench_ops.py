@@ -597,7 +597,8 @@ def host_cases(path: Path) -> None:
                      f"{r.get('base_host_s', float('nan')) * 1e6:8.1f} {r.get('host_over_base', float('nan')):9.2f}")
     lines.append(f"moe, the routing's blocks already built (2nd and 3rd projection of a layer): "
                  f"{rows[-1]['ours_reused_routing_host_s'] * 1e6:.1f} us")
-    lines.append(f"LoRAOps(pool, batch, TritonBackend()) per batch (eager metadata, MoE pool): {meta_host * 1e6:.1f} us")
+    lines.append(f"LoRAOps(pool, batch, TritonBackend()) per batch (eager metadata, MoE pool): "
+                 f"{meta_host * 1e6:.1f} us")
     print("\n".join(lines), flush=True)
     path.write_text(json.dumps(dict(meta=dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), device=torch.cuda.get_device_name(), command=" ".join(sys.argv),

@@ -264,6 +264,14 @@ def test_memoised_launch_geometry_follows_the_tuning(monkeypatch) -> None:
     assert geo()[6]["RT"] == 16
     monkeypatch.undo()
     assert geo()[6] == before[6] and geo()[:2] == before[:2]
+    saved = dict(K.FUSED_CONFIG)
+    try:
+        K.FUSED_CONFIG |= {"block_n": 64}                         # every way of changing the table counts
+        assert geo()[6]["BLOCK_N"] == 64
+    finally:
+        K.FUSED_CONFIG.clear()
+        K.FUSED_CONFIG.update(saved)
+    assert geo()[6] == before[6]
 
 
 def test_fast_path_key_is_the_key_of_the_arguments(monkeypatch) -> None:

@@ -82,6 +82,10 @@ class Tuning(dict):
         self._bump()
         super().update(*args, **kwargs)
 
+    def __ior__(self, other):
+        self._bump()
+        return super().__ior__(other)
+
     def clear(self) -> None:
         self._bump()
         super().clear()
@@ -608,8 +612,9 @@ class _Launcher:
             self.fn[grid](*args, **consts, **_opts(num_warps, num_stages, pdl))
             return
         grid = tuple(grid) + (1,) * (3 - len(grid))
-        key = (_key(args) if key is None else key, tail if tail is not None else (tuple(consts.values()), num_warps, num_stages, pdl),
-               args[0].device.index)
+        if tail is None:
+            tail = (tuple(consts.values()), num_warps, num_stages, pdl)
+        key = (_key(args) if key is None else key, tail, args[0].device.index)
         k = self.cache.get(key)
         if k is None:
             opts = _opts(num_warps, num_stages, pdl)
@@ -818,13 +823,8 @@ def fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tens
         P, arrive, depart = scaling, nblk, nblk      # not read with one program per block
     if factors is None:
         factors = factor_segment(A, B, scaling, expert)
-    # keyed by the tensors' identities: the segment holds them, so no id is reused while it is cached
-    bkey = (use_rec, id(blocks[0]), id(blocks[3]), id(slot_rank), id(nblk), id(records))
-    bseg = block_cache.get(bkey) if block_cache is not None else None
-    if bseg is None:
-        bseg = block_segment(blocks, slot_rank, nblk, records if use_rec else None)
-        if block_cache is not None:
-            block_cache[bkey] = bseg
+    bkey = ("blocks", use_rec, id(blocks[0]), id(blocks[3]), id(slot_rank), id(nblk), id(records))
+    bseg = _cached(block_cache, bkey, lambda: block_segment(blocks, slot_rank, nblk, records if use_rec else None))
     xs = (x, x.stride(0), x.stride(1))
     outs = (out, out.stride(0), out.stride(1))
     rest = (P, arrive, depart, K, N, kc, meet)
@@ -950,17 +950,24 @@ def _memo_geometry(key: tuple, g: tuple) -> None:
     _GEOMETRY[key] = g
 
 
-def _tables(blocks: tuple, slot_rank: torch.Tensor, cache: dict | None) -> Segment:
-    """The block tables and the slots' ranks as the two-launch kernels take them (``table_segment``),
-    from ``cache`` by the tensors' identities when given (the segment holds them: no id is reused)."""
-    key = ("tables", id(blocks[0]), id(blocks[3]), id(blocks[4]), id(slot_rank))
+def _cached(cache: dict | None, key: tuple, make) -> Segment:
+    """``make()``'s segment from ``cache`` (a backend's or a routing's dict) under ``key``, made and kept
+    there the first time. Keys name tensors by identity: the cached segment holds those tensors, so no id
+    is reused while it is there."""
     seg = cache.get(key) if cache is not None else None
     if seg is None:
-        args = (*blocks, slot_rank)
-        seg = Segment(args, _key(args))
+        seg = make()
         if cache is not None:
             cache[key] = seg
     return seg
+
+
+def _tables(blocks: tuple, slot_rank: torch.Tensor, cache: dict | None) -> Segment:
+    """The block tables and the slots' ranks as the two-launch kernels take them."""
+    def make() -> Segment:
+        args = (*blocks, slot_rank)
+        return Segment(args, _key(args))
+    return _cached(cache, ("tables", id(blocks[0]), id(blocks[3]), id(blocks[4]), id(slot_rank)), make)
 
 
 def shrink_grid(K: int, grid_blocks: int, block_m: int, max_rank: int) -> tuple[tuple, int, int, int]:
