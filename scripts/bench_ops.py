@@ -641,6 +641,22 @@ SWEEP_GROUPS = [
       ("down", "16", 1, 32), ("down", "16", 8, 32), ("down", "mixed", 32, 32), ("down", "64", 32, 32),
       ("moe", "16", 8, 32)],
      [dict(), {"pdl": False}]),
+    # 6: the prefill shrink's programs per SM (its work items are the grid's first programs since 2026-12-03f):
+    # more K splits, sub-blocks, warps, fewer stages (more programs resident)
+    ([("q", "16", 1, 2048), ("q", "16", 8, 2048), ("q", "16", 32, 2048), ("q", "mixed", 8, 2048),
+      ("q", "64", 8, 2048), ("down", "16", 8, 2048), ("down", "64", 8, 2048), ("down", "mixed", 32, 2048)],
+     [dict(), {"two.prefill_splits": 8}, {"two.shrink_rows": 32}, {"two.shrink_warps": 8},
+      {"two.prefill_splits": 8, "two.shrink_stages": 3}, {"two.prefill_splits": 16},
+      {"two.shrink_rows": 32, "two.prefill_splits": 8}, {"two.expand_block_n": 256},
+      {"two.expand_block_n": 256, "two.expand_warps": 8}]),
+    # 7: warps by rank tile (group 6: 8 shrink warps faster at rank tile 16, 8 expand warps at the wide ones)
+    ([("q", "16", 1, 2048), ("q", "16", 8, 2048), ("q", "16", 32, 2048), ("q", "mixed", 8, 2048),
+      ("q", "64", 8, 2048), ("down", "16", 8, 2048), ("down", "64", 8, 2048), ("down", "mixed", 32, 2048)],
+     [dict(), {"two.shrink_warps": 8, "two.expand_warps_wide": 8},
+      {"two.shrink_warps": 8, "two.expand_warps_wide": 8, "two.shrink_rows": 32},
+      {"two.shrink_warps": 16, "two.expand_warps_wide": 8},
+      {"two.shrink_warps": 8, "two.expand_warps_wide": 8, "two.expand_block_n_wide": 256},
+      {"two.shrink_warps": 8, "two.expand_warps_wide": 8, "two.shrink_warps_wide": 8}]),
 ]
 
 

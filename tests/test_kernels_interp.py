@@ -428,6 +428,54 @@ def test_prefill_shrink_sub_blocks_and_low_p_keep_the_bits(monkeypatch, split: i
         assert torch.equal(o, got[0])
 
 
+def test_prefill_shrink_items_of_the_used_blocks_only(monkeypatch) -> None:
+    """The shrink runs one program per work item (rank tile, used block, sub-block, K split), numbered from
+    program 0, in a grid sized for the static table: with a capacity far above the batch (most of the table
+    unused), three rank tiles (max rank 40, a 16-wide tile), two sub-blocks and four splits, it gives the
+    eager result (a table of the batch's blocks only) bit for bit, and the torch path within fp32's
+    tolerance; the reduction's counters are all back to zero after both."""
+    from tp_lora.device.pool import GpuPool
+    from tp_lora.ops import meta
+    monkeypatch.setattr(meta, "PREFILL_TOKENS", 8)
+    monkeypatch.setattr(triton_kernels, "FUSED_MAX_RANK", 16)
+    monkeypatch.setitem(triton_kernels.TWO_LAUNCH_CONFIG, "shrink_rows", 32)
+    monkeypatch.setitem(triton_kernels.TWO_LAUNCH_CONFIG, "prefill_split", 16)
+    ranks = {0: 40, 1: 10, 2: 33}
+    pool = GpuPool(DENSE, ParallelSpec(tp_size=2, tp_rank=1), max_loras=4, max_rank=40, modules=("q",),
+                   dtype=torch.float32, device=DEV)
+    g = torch.Generator().manual_seed(8)
+    for s, r in ranks.items():
+        A, B = pool.A["q"][s], pool.B["q"][s]
+        A[..., :r, :] = torch.randn(A[..., :r, :].shape, generator=g) * 0.3
+        B[..., :r] = torch.randn(B[..., :r].shape, generator=g) * 0.3
+    pool.scaling["q"].uniform_(0.5, 2.0, generator=g)
+    slots, tokens = [2, -1, 0, 1, 0], [70, 5, 20, 9, 41]
+    batch = build_batch(slots, [None if s < 0 else f"ad{s}" for s in slots], tokens,
+                        {s: ranks[s] for s in slots if s >= 0}, torch.device(DEV), None)
+    K = pool.shapes["q"].a_shape[1]
+    grid, _, sub_m, rt = triton_kernels.shrink_grid(K, 1, 64, pool.max_rank)
+    assert (grid[0], 64 // sub_m, rt) == (3, 2, 16) and grid[2] >= 4
+    T = batch.num_tokens
+    x = torch.randn(T, K, generator=g)
+    out = torch.randn(T, pool.shapes["q"].b_shape[0], generator=g)
+    static = LoRAOps(pool, batch, TritonBackend(max_tokens=4 * T))
+    eager = LoRAOps(pool, batch, TritonBackend())
+    assert static.backend.meta.prefill and eager.backend.meta.prefill
+    used = int(static.backend.meta.nblk[0])
+    assert used == eager.backend.meta.grid_blocks and static.backend.meta.grid_blocks > 3 * used
+    got = []
+    for ops in (static, eager):
+        o = out.clone()
+        ops.column(0, "q", x, o)
+        got.append(o)
+        assert int(ops.backend._scratch.red.abs().sum()) == 0
+    assert torch.equal(got[0], got[1])
+    ref = out.clone()
+    LoRAOps(pool, batch, TorchBackend()).column(0, "q", x, ref)
+    assert not torch.equal(ref, out)
+    torch.testing.assert_close(got[0], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_pdl_only_on_compiled_hopper_launches(monkeypatch) -> None:
     """A launch is a programmatic dependent launch (the prefill expand of its shrink: ``pdl``; the decode
     fused kernel of the kernel before it: ``FUSED_CONFIG["pdl"]``) only where its switch is set, the

@@ -113,8 +113,8 @@ class TritonBackend:
                     records=m.blk_rec if m.block_m == K.REC_ROWS else None, factors=seg,
                     block_cache=self._blocks_seg)
             return
-        P = K.shrink(x, A, None, blocks, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank, self._scratch,
-                     factors=sseg, block_cache=self._blocks_seg)
+        P = K.shrink(x, A, None, blocks, m.nblk, m.grid_blocks, m.block_m, m.slot_rank, pool.max_rank,
+                     self._scratch, factors=sseg, block_cache=self._blocks_seg)
         K.expand(P, B, None, sc, None, out, blocks, m.grid_blocks, m.block_m, m.slot_rank, x.dtype,
                  pool.max_rank, factors=eseg, block_cache=self._blocks_seg)
 
@@ -154,6 +154,7 @@ class TritonBackend:
             K.fused(x, A, B, sc, out, blocks, nblk, nb, bm, m.slot_rank, pool.max_rank, expert=True, scratch=None,
                     factors=seg, block_cache=segs)
             return
-        P = K.shrink(x, A, A.stride(1), blocks, nb, bm, m.slot_rank, pool.max_rank, factors=sseg, block_cache=segs)
+        P = K.shrink(x, A, A.stride(1), blocks, nblk, nb, bm, m.slot_rank, pool.max_rank, factors=sseg,
+                     block_cache=segs)
         K.expand(P, B, B.stride(1), sc, sc.stride(1), out, blocks, nb, bm, m.slot_rank, x.dtype, pool.max_rank,
                  factors=eseg, block_cache=segs)

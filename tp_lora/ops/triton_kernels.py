@@ -138,10 +138,14 @@ FUSED_STAGES_MAX_RT = 64   # num_stages above 3 only up to this rank tile, 2-byt
 # 2026-12-03b, 2048 tokens, per module in a 32-layer graph: 1.5-4% faster on all eight cases (the shrink
 # too as a dependent of the kernel before it, waiting first: no faster, sweep 2026-12-03d).
 # Defaults from the H200 sweep of 2026-12-02q (docs/KERNELS.md): reduce + p_low + 4 prefill splits + 4 shrink
-# stages, 2048 tokens: q 2-3% faster, down r16 / r64 / mixed 12 / 17 / 13%.
-TWO_LAUNCH_CONFIG = Tuning(shrink_block_k=(256, 128), shrink_warps=4, shrink_stages=4, expand_block_n=128,
-                         expand_block_n_wide=128, expand_warps=4, prefill_split=0, shrink_rows=0, p_low=True,
-                         reduce=True, reduce_unroll=False, prefill_splits=4, pdl=True)
+# stages, 2048 tokens: q 2-3% faster, down r16 / r64 / mixed 12 / 17 / 13%. shrink_warps / expand_warps: for
+# pools of rank tile 16, the ``_wide`` ones for wider tiles (H200 sweep 2026-12-03f, groups 6-7, 2048 tokens,
+# per module in a 32-layer graph: 8 shrink warps at rank tile 16 and 8 expand warps at the wide tiles
+# 0.6-1.5 us faster on all eight cases; 8 shrink warps at the wide tiles or 8 expand warps at 16 slower).
+TWO_LAUNCH_CONFIG = Tuning(shrink_block_k=(256, 128), shrink_warps=8, shrink_warps_wide=4, shrink_stages=4,
+                         expand_block_n=128, expand_block_n_wide=128, expand_warps=4, expand_warps_wide=8,
+                         prefill_split=0, shrink_rows=0, p_low=True, reduce=True, reduce_unroll=False,
+                         prefill_splits=4, pdl=True)
 
 
 
@@ -398,29 +402,40 @@ def _shrink_tile(x_ptr, sxm, sxk, a_base, sar, sak, p_ptr, sps, spm, spr, q_ptr,
 
 @triton.jit
 def _shrink_kernel(x_ptr, sxm, sxk, a_ptr, sas, sae, sar, sak, p_ptr, sps, spm, spr, q_ptr, sqm, sqr, cnt_ptr,
-                   perm_ptr, blk_start_ptr, blk_len_ptr, blk_slot_ptr, blk_exp_ptr, rank_ptr,
-                   K, K_PER_SPLIT,
+                   perm_ptr, blk_start_ptr, blk_len_ptr, blk_slot_ptr, blk_exp_ptr, rank_ptr, nblk_ptr,
+                   K, K_PER_SPLIT, GB, RTILES,
                    HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                    SUB: tl.constexpr, RT: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
                    REDUCE: tl.constexpr, UNROLL: tl.constexpr, GDC: tl.constexpr):
-    # SUB programs share a block along its rows (BLOCK_M rows each): more programs for the same bytes of x
+    # One program per work item (rank tile, block, sub-block, K split) of the *used* blocks (the first
+    # ``nblk`` of the table, read on the device), numbered from program 0 with the split fastest; programs
+    # past the last item return. The grid stays the table's static bound (CUDA graphs), but the items are
+    # its first programs, which the hardware places one per SM before it doubles any up: a grid with the
+    # used blocks' programs scattered among unused ones put two working programs on some SMs and none on
+    # others (H200, q 2048 tokens: the SMs active 38% of the kernel's time). SUB programs share a block
+    # along its rows (BLOCK_M rows each): more programs for the same bytes of x.
     if GDC:   # the expand (a programmatic dependent) may start once every program of this grid got here
         tl.extra.cuda.gdc_launch_dependents()
-    pid_r = tl.program_id(0)
-    pid_b = tl.program_id(1) // SUB
-    pid_s = tl.program_id(2)
+    w = tl.program_id(0)
+    per_r = tl.load(nblk_ptr) * (SUB * SPLITS)           # items per rank tile
+    if w >= per_r * RTILES:
+        return
+    pid_r = w // per_r
+    rem = w % per_r
+    pid_s = rem % SPLITS
+    sub = (rem // SPLITS) % SUB
+    pid_b = rem // (SPLITS * SUB)
     slot, rank = _block_slot_rank(blk_slot_ptr, rank_ptr, pid_b)
     r0 = pid_r * RT
     if r0 >= rank:
         return                 # every split of this (rank tile, block) returns: its counter is never touched
-    rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, pid_b, (tl.program_id(1) % SUB) * BLOCK_M,
-                             BLOCK_M)
+    rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, pid_b, sub * BLOCK_M, BLOCK_M)
     a_base = a_ptr + slot.to(tl.int64) * sas
     if HAS_EXPERT:
         a_base += tl.load(blk_exp_ptr + pid_b).to(tl.int64) * sae
     k_lo = pid_s * K_PER_SPLIT
     k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
-    cnt = cnt_ptr + pid_r * tl.num_programs(1) + tl.program_id(1)
+    cnt = cnt_ptr + pid_r * (GB * SUB) + pid_b * SUB + sub     # one counter per (rank tile, sub-block)
     if RT <= R16:
         _shrink_tile(x_ptr, sxm, sxk, a_base, sar, sak, p_ptr, sps, spm, spr, q_ptr, sqm, sqr, cnt, rows, mrow,
                      rank, r0, k_lo, k_hi, pid_s, IEEE, UPCAST, BLOCK_M, BLOCK_K, R16, SPLITS, REDUCE, UNROLL)
@@ -881,8 +896,8 @@ def _fused_geometry(K: int, N: int, grid_blocks: int, block_m: int, max_rank: in
     return g
 
 
-def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, grid_blocks: int,
-           block_m: int, slot_rank: torch.Tensor, max_rank: int,
+def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, nblk: torch.Tensor,
+           grid_blocks: int, block_m: int, slot_rank: torch.Tensor, max_rank: int,
            scratch: "FusedScratch | None" = None, factors: Segment | None = None,
            block_cache: dict | None = None) -> torch.Tensor:
     """P ``[splits, rows, R_pad]`` float32 with ``P.sum(0)[row, :rank] = x[row] @ A[slot(, e), :rank]^T``
@@ -892,8 +907,10 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, 
     the expand then reads P once instead of once per split, for each of its N tiles.
 
     x ``[rows, K]``; A ``[S, R, K]`` or ``[S, E, R, K]`` (any strides; ``expert_stride`` is A.stride(1) for
-    the expert form, None for dense). One program per (rank tile, block or sub-block of ``shrink_rows``
-    rows, K split); the rank tile is the pool's (``rank_tile``), 16 wide where the slot's rest of rank fits.
+    the expert form, None for dense); ``nblk`` a 1-element int32 device tensor: the used blocks (a prefix
+    of the table of ``grid_blocks``). One program per (rank tile, used block or sub-block of
+    ``shrink_rows`` rows, K split), the first programs of the static grid; the rank tile is the pool's
+    (``rank_tile``), 16 wide where the slot's rest of rank fits.
     Entries of P outside the blocks' rows or above a slot's rank are never written (and never read by
     ``expand``). ``factors`` (``shrink_factor_segment``) and ``block_cache``: as for ``fused``.
     """
@@ -908,12 +925,12 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert_stride: int | None, blocks, 
     cnt = scratch.reduce_counters(grid[0] * grid[1], dev) if reduce else slot_rank
     if factors is None:
         factors = shrink_factor_segment(A, expert_stride)
-    tables = _tables(blocks, slot_rank, block_cache)
+    tables = _tables(blocks, slot_rank, block_cache, nblk)
     xs = (x, x.stride(0), x.stride(1))
     pq = (P, rows * r_pad, r_pad, 1, Q, r_pad, 1, cnt)      # P, Q contiguous: their strides from the shape
-    rest = (K, ks)
-    _shrink(grid, xs + factors.args + pq + tables.args + rest, consts, num_warps=tail[1], num_stages=tail[2],
-            pdl=tail[3], tail=tail,
+    rest = (K, ks, grid_blocks, grid[0])
+    _shrink((grid[0] * grid[1] * grid[2],), xs + factors.args + pq + tables.args + rest, consts,
+            num_warps=tail[1], num_stages=tail[2], pdl=tail[3], tail=tail,
             key=_key(xs) + factors.key + _key(pq) + tables.key + _key(rest) if DIRECT else None)
     return Q
 
@@ -937,7 +954,8 @@ def _shrink_geometry(K: int, grid_blocks: int, block_m: int, max_rank: int, expe
                   BLOCK_M=sub_m, SUB=block_m // sub_m, RT=rt,
                   BLOCK_K=bk, SPLITS=splits, REDUCE=reduce, UNROLL=bool(TWO_LAUNCH_CONFIG["reduce_unroll"]),
                   GDC=pdl_ok(device))
-    warps, stages = TWO_LAUNCH_CONFIG["shrink_warps"], shrink_stages(dtype, sub_m, bk, rt)
+    warps = TWO_LAUNCH_CONFIG["shrink_warps" if rt <= BLOCK_R else "shrink_warps_wide"]
+    stages = shrink_stages(dtype, sub_m, bk, rt)
     g = (grid, ks, splits, r_pad, reduce, low_dt if splits == 1 else torch.float32, low_dt, consts,
          (tuple(consts.values()), warps, stages, False))
     _memo_geometry(key, g)
@@ -962,12 +980,15 @@ def _cached(cache: dict | None, key: tuple, make) -> Segment:
     return seg
 
 
-def _tables(blocks: tuple, slot_rank: torch.Tensor, cache: dict | None) -> Segment:
-    """The block tables and the slots' ranks as the two-launch kernels take them."""
+def _tables(blocks: tuple, slot_rank: torch.Tensor, cache: dict | None,
+            nblk: torch.Tensor | None = None) -> Segment:
+    """The block tables and the slots' ranks as the two-launch kernels take them (and the used blocks'
+    count after them, for the shrink)."""
     def make() -> Segment:
-        args = (*blocks, slot_rank)
+        args = (*blocks, slot_rank) + ((nblk,) if nblk is not None else ())
         return Segment(args, _key(args))
-    return _cached(cache, ("tables", id(blocks[0]), id(blocks[3]), id(blocks[4]), id(slot_rank)), make)
+    return _cached(cache, ("tables", id(blocks[0]), id(blocks[3]), id(blocks[4]), id(slot_rank),
+                           None if nblk is None else id(nblk)), make)
 
 
 def shrink_grid(K: int, grid_blocks: int, block_m: int, max_rank: int) -> tuple[tuple, int, int, int]:
@@ -1043,7 +1064,7 @@ def _expand_geometry(N: int, grid_blocks: int, block_m: int, max_rank: int, spli
                   UPCAST=INTERPRET, CDT=_CDT[dtype], BLOCK_M=block_m, BLOCK_N=bn, RT=rt, GDC=gdc)
     # one stage: one rank tile per slot, nothing to pipeline (and the split partials' stages of a
     # 64-row, 64-rank tile would exceed the shared memory)
-    warps = TWO_LAUNCH_CONFIG["expand_warps"]
+    warps = TWO_LAUNCH_CONFIG["expand_warps" if rt <= BLOCK_R else "expand_warps_wide"]
     g = ((-(-N // bn), grid_blocks), consts, (tuple(consts.values()), warps, 1, gdc))
     _memo_geometry(key, g)
     return g
