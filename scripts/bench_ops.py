@@ -611,16 +611,20 @@ def host_cases(path: Path) -> None:
 # with the two-launch tiles. Config keys starting with "_" set module constants of tp_lora.ops.triton_kernels,
 # "two." keys TWO_LAUNCH_CONFIG, the others FUSED_CONFIG.
 _RED = {"two.reduce": True, "two.p_low": True}   # the shrink sums its K splits; P in the compute dtype
+_DECODE_CASES = [("q", "16", 1, 32), ("q", "16", 8, 32), ("q", "16", 32, 32), ("q", "mixed", 8, 32),
+                 ("q", "64", 32, 32), ("down", "16", 1, 32), ("down", "16", 8, 32), ("down", "mixed", 32, 32),
+                 ("down", "64", 32, 32)]
+_PREFILL_CASES = [("q", "16", 1, 2048), ("q", "16", 8, 2048), ("q", "16", 32, 2048), ("q", "mixed", 8, 2048),
+                  ("q", "64", 8, 2048), ("down", "16", 8, 2048), ("down", "64", 8, 2048),
+                  ("down", "mixed", 32, 2048)]
 SWEEP_GROUPS = [
-    ([("q", "16", 1, 32), ("q", "16", 8, 32), ("q", "16", 32, 32), ("q", "mixed", 8, 32), ("q", "64", 32, 32),
-      ("down", "16", 1, 32), ("down", "16", 8, 32), ("down", "mixed", 32, 32), ("down", "64", 32, 32)],
+    (_DECODE_CASES,
      [dict(), dict(max_chunks=64), dict(max_chunks=32, chunk_k=128), dict(max_chunks=64, chunk_k=128)]),
     ([("moe", "16", 8, 32), ("moe", "16", 32, 512), ("moe", "64", 8, 512), ("moe", "16", 8, 2048),
       ("moe", "64", 1, 2048), ("moe", "64", 8, 2048)],
      [dict(), dict(_EXPERT_WIDE_BLOCK_M=32), dict(_EXPERT_FUSED_ROWS=1 << 30), dict(expert_stages=4),
       dict(expert_warps=8), dict(expert_block_n=128)]),
-    ([("q", "16", 1, 2048), ("q", "16", 8, 2048), ("q", "16", 32, 2048), ("q", "mixed", 8, 2048),
-      ("q", "64", 8, 2048), ("down", "16", 8, 2048), ("down", "64", 8, 2048), ("down", "mixed", 32, 2048)],
+    (_PREFILL_CASES,
      [dict(), {**_RED, "two.reduce_unroll": True}, _RED, {**_RED, "two.prefill_splits": 4},
       {**_RED, "two.prefill_splits": 4, "two.shrink_stages": 4},
       {**_RED, "two.prefill_splits": 4, "two.shrink_stages": 4, "two.shrink_rows": 32},
@@ -632,26 +636,21 @@ SWEEP_GROUPS = [
       dict(expert_block_n=128, expert_prefetch=False)]),
     # 4: the prefill regime's two launches: the expand a programmatic dependent of the shrink (Hopper PDL, the
     # default) against plain stream order
-    ([("q", "16", 1, 2048), ("q", "16", 8, 2048), ("q", "16", 32, 2048), ("q", "mixed", 8, 2048),
-      ("q", "64", 8, 2048), ("down", "16", 8, 2048), ("down", "64", 8, 2048), ("down", "mixed", 32, 2048)],
-     [dict(), {"two.pdl": False}]),
+    (_PREFILL_CASES, [dict(), {"two.pdl": False}]),
     # 5: decode: the fused kernel a programmatic dependent of the kernel before it (waiting before any read;
     # the default) against plain stream order
-    ([("q", "16", 1, 32), ("q", "16", 8, 32), ("q", "16", 32, 32), ("q", "mixed", 8, 32), ("q", "64", 32, 32),
-      ("down", "16", 1, 32), ("down", "16", 8, 32), ("down", "mixed", 32, 32), ("down", "64", 32, 32),
-      ("moe", "16", 8, 32)],
-     [dict(), {"pdl": False}]),
+    (_DECODE_CASES + [("moe", "16", 8, 32)], [dict(), {"pdl": False}]),
     # 6: the prefill shrink's programs per SM (its work items are the grid's first programs since 2026-12-03f):
-    # more K splits, sub-blocks, warps, fewer stages (more programs resident)
-    ([("q", "16", 1, 2048), ("q", "16", 8, 2048), ("q", "16", 32, 2048), ("q", "mixed", 8, 2048),
-      ("q", "64", 8, 2048), ("down", "16", 8, 2048), ("down", "64", 8, 2048), ("down", "mixed", 32, 2048)],
+    # more K splits, sub-blocks, warps, fewer stages (more programs resident); timed against the 4-warp
+    # defaults of the day (docs/bench/ops_h200_sweep_2026-12-03f-g6.txt)
+    (_PREFILL_CASES,
      [dict(), {"two.prefill_splits": 8}, {"two.shrink_rows": 32}, {"two.shrink_warps": 8},
       {"two.prefill_splits": 8, "two.shrink_stages": 3}, {"two.prefill_splits": 16},
       {"two.shrink_rows": 32, "two.prefill_splits": 8}, {"two.expand_block_n": 256},
       {"two.expand_block_n": 256, "two.expand_warps": 8}]),
-    # 7: warps by rank tile (group 6: 8 shrink warps faster at rank tile 16, 8 expand warps at the wide ones)
-    ([("q", "16", 1, 2048), ("q", "16", 8, 2048), ("q", "16", 32, 2048), ("q", "mixed", 8, 2048),
-      ("q", "64", 8, 2048), ("down", "16", 8, 2048), ("down", "64", 8, 2048), ("down", "mixed", 32, 2048)],
+    # 7: warps by rank tile (group 6: 8 shrink warps faster at rank tile 16, 8 expand warps at the wide ones;
+    # its second configuration is the default since)
+    (_PREFILL_CASES,
      [dict(), {"two.shrink_warps": 8, "two.expand_warps_wide": 8},
       {"two.shrink_warps": 8, "two.expand_warps_wide": 8, "two.shrink_rows": 32},
       {"two.shrink_warps": 16, "two.expand_warps_wide": 8},

@@ -141,7 +141,8 @@ FUSED_STAGES_MAX_RT = 64   # num_stages above 3 only up to this rank tile, 2-byt
 # stages, 2048 tokens: q 2-3% faster, down r16 / r64 / mixed 12 / 17 / 13%. shrink_warps / expand_warps: for
 # pools of rank tile 16, the ``_wide`` ones for wider tiles (H200 sweep 2026-12-03f, groups 6-7, 2048 tokens,
 # per module in a 32-layer graph: 8 shrink warps at rank tile 16 and 8 expand warps at the wide tiles
-# 0.6-1.5 us faster on all eight cases; 8 shrink warps at the wide tiles or 8 expand warps at 16 slower).
+# 0.6-1.5 us faster on all eight cases; 8 shrink warps at the wide tiles or 8 expand warps at 16 slower;
+# pools above FUSED_MAX_RANK, whose decode-regime ops take these launches too, were not timed).
 TWO_LAUNCH_CONFIG = Tuning(shrink_block_k=(256, 128), shrink_warps=8, shrink_warps_wide=4, shrink_stages=4,
                          expand_block_n=128, expand_block_n_wide=128, expand_warps=4, expand_warps_wide=8,
                          prefill_split=0, shrink_rows=0, p_low=True, reduce=True, reduce_unroll=False,
