@@ -993,7 +993,8 @@ def _tables(blocks: tuple, slot_rank: torch.Tensor, cache: dict | None,
 
 
 def shrink_grid(K: int, grid_blocks: int, block_m: int, max_rank: int) -> tuple[tuple, int, int, int]:
-    """The shrink's grid ``(rank tiles, blocks x sub-blocks, K splits)``, its K columns per split, rows per
+    """The shrink's work-item bounds ``(rank tiles, blocks x sub-blocks, K splits)`` (the launch is their
+    product, one program per item, items over the used blocks first), its K columns per split, rows per
     program and rank tile, for an op of K columns over ``grid_blocks`` blocks of ``block_m`` rows."""
     prefill = block_m > 16
     ks = split_size(K, prefill)
