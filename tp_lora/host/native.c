@@ -29,7 +29,7 @@
 #define TPL_OP_READV 1u
 
 /* Keep in step with native.py (_Ring, _Table, ABI). */
-#define TPL_ABI 2
+#define TPL_ABI 3
 
 struct tpl_ring {
     uint32_t *sq_tail;  /* the SQ ring's tail (we write it) */
@@ -176,6 +176,11 @@ int64_t tpl_read_part(struct tpl_ring *r, int32_t fd, const struct tpl_table *t,
  *               ring failed on it: the caller reads it again; this thread's call returns -errno too)
  *   done        futex word: parts with a status, for tpl_wait
  *   cancel      set by tpl_cancel: readers stop before their next part
+ *   claim       atomic word: low 32 bits the next position readers take, high 32 bits the limit they
+ *               stop at. Readers take positions from the front; another thread may take whole runs
+ *               from the back (tpl_claim_back: the parts it copies to the device by other means) and
+ *               publishes their status itself (tpl_complete). One CAS moves either end, so every
+ *               position is taken exactly once.
  */
 #define TPL_PENDING INT64_MIN
 
@@ -193,7 +198,7 @@ struct tpl_batch {
     int64_t *t_start;     /* [n] CLOCK_MONOTONIC ns, the trace */
     int64_t *t_end;       /* [n] */
     int32_t *worker;      /* [n] which call read it */
-    int64_t next;         /* atomic: the next part to take */
+    uint64_t claim;       /* atomic: next position (low 32 bits) and limit (high 32 bits): see above */
     int64_t ring_reads;   /* atomic: reads that went through a ring */
     int32_t avail;        /* futex word: parts whose buffers are set */
     int32_t done;         /* futex word: parts with a status */
@@ -248,9 +253,17 @@ int64_t tpl_read_batch(struct tpl_batch *b, struct tpl_ring *r, int32_t fd, uint
     for (;;) {
         if (__atomic_load_n(&b->cancel, __ATOMIC_ACQUIRE))
             return 0;
-        int64_t i = __atomic_fetch_add(&b->next, 1, __ATOMIC_ACQ_REL);
-        if (i >= b->n)
-            return 0;
+        uint64_t w = __atomic_load_n(&b->claim, __ATOMIC_ACQUIRE);
+        int64_t i;
+        for (;;) {
+            uint64_t nx = w & 0xffffffffu, lim = w >> 32;
+            if (nx >= lim || (int64_t)nx >= b->n)
+                return 0;
+            if (__atomic_compare_exchange_n(&b->claim, &w, w + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+                i = (int64_t)nx;
+                break;
+            }
+        }
         if (b->order)
             i = b->order[i];
         for (;;) {
@@ -277,6 +290,34 @@ int64_t tpl_read_batch(struct tpl_batch *b, struct tpl_ring *r, int32_t fd, uint
         if (v < 0 && ring)
             return v;
     }
+}
+
+/* Another thread takes positions [lo, limit) from the back, if no reader has taken `lo` yet: returns the
+ * old limit (> lo), or -1 when a reader got there first (or nothing is left above lo). */
+int64_t tpl_claim_back(struct tpl_batch *b, int64_t lo) {
+    uint64_t w = __atomic_load_n(&b->claim, __ATOMIC_ACQUIRE);
+    for (;;) {
+        uint64_t nx = w & 0xffffffffu, lim = w >> 32;
+        if (lo < 0 || (uint64_t)lo < nx || (uint64_t)lo >= lim)
+            return -1;
+        uint64_t nw = ((uint64_t)lo << 32) | nx;
+        if (__atomic_compare_exchange_n(&b->claim, &w, nw, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return (int64_t)lim;
+    }
+}
+
+/* The thread that claimed positions [lo, hi) gives them status `v` (its worker id `wid` in the trace) and
+ * wakes the loader. */
+void tpl_complete(struct tpl_batch *b, int64_t lo, int64_t hi, int64_t v, int32_t wid) {
+    int64_t t = now_ns();
+    for (int64_t p = lo; p < hi; p++) {
+        int64_t i = b->order ? b->order[p] : p;
+        b->t_start[i] = b->t_end[i] = t;
+        b->worker[i] = wid;
+        __atomic_store_n(&b->status[i], v, __ATOMIC_RELEASE);
+    }
+    __atomic_add_fetch(&b->done, (int32_t)(hi - lo), __ATOMIC_SEQ_CST);
+    wake_all(&b->done, &b->waiters);
 }
 
 /* The loader: block until more than `seen` parts have a status (or `ns` elapse, or cancel); returns the

@@ -36,7 +36,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
-ABI = 2  # native.c's TPL_ABI
+ABI = 3  # native.c's TPL_ABI
 _ENV = "TP_LORA_NATIVE"
 
 
@@ -69,7 +69,7 @@ class _Batch(ctypes.Structure):
     _fields_ = [("parts", ctypes.c_void_p), ("n", ctypes.c_int64), ("order", ctypes.c_void_p),
                 ("scratch", ctypes.c_uint64),
                 ("status", ctypes.c_void_p), ("t_start", ctypes.c_void_p), ("t_end", ctypes.c_void_p),
-                ("worker", ctypes.c_void_p), ("next", ctypes.c_int64), ("ring_reads", ctypes.c_int64),
+                ("worker", ctypes.c_void_p), ("claim", ctypes.c_uint64), ("ring_reads", ctypes.c_int64),
                 ("avail", ctypes.c_int32), ("done", ctypes.c_int32), ("cancel", ctypes.c_int32),
                 ("waiters", ctypes.c_int32), ("avail_waiters", ctypes.c_int32), ("short_every", ctypes.c_int32),
                 ("fd", ctypes.c_int32), ("active", ctypes.c_int32), ("active_waiters", ctypes.c_int32),
@@ -85,6 +85,14 @@ class _Pool(ctypes.Structure):
 
 
 PENDING = np.iinfo(np.int64).min  # native.c's TPL_PENDING: a part not read yet
+#: the status of parts another thread copied to the device itself (``Batch.claim_back``, ``complete``): no
+#: host bytes were read for them
+ON_DEVICE = np.iinfo(np.int64).max
+
+
+def _claim(start: int, limit: int) -> int:
+    """native.c's claim word: readers take positions [start, limit)."""
+    return (limit << 32) | start
 
 
 class Batch:
@@ -111,19 +119,22 @@ class Batch:
             assert sorted(self.order.tolist()) == list(range(n)), "order must be a permutation of the parts"
         self._c = _Batch(ctypes.addressof(self._parts), n, 0 if self.order is None else self.order.ctypes.data,
                          scratch, self.status.ctypes.data, self.t_start.ctypes.data, self.t_end.ctypes.data,
-                         self.worker.ctypes.data, 0, 0, 0, 0, 0, 0, 0, short_every, fd, 0, 0, 0)
+                         self.worker.ctypes.data, _claim(0, n), 0, 0, 0, 0, 0, 0, short_every, fd, 0, 0, 0)
         self.addr = ctypes.addressof(self._c)
         self._set = 0
 
-    def reset(self, scratch: int, fd: int, short_every: int = 0, order: list[int] | None = None) -> "Batch":
+    def reset(self, scratch: int, fd: int, short_every: int = 0, order: list[int] | None = None,
+              start: int = 0) -> "Batch":
         """The same parts' batch for another load (a plan's batch is kept: building one costs ~0.1 ms of
-        Python at the start of a load). Only when no pool thread is in it."""
+        Python at the start of a load), readers taking positions from ``start`` (the parts before it are
+        not read: a refill of the last ones). Only when no pool thread is in it."""
         assert self._c.active == 0, "a batch still being read cannot be reset"
         self.status.fill(PENDING)
         self.worker.fill(-1)
         c = self._c
         c.scratch, c.fd, c.short_every = scratch, fd, short_every
-        c.next = c.ring_reads = 0
+        c.claim = _claim(start, self.n)
+        c.ring_reads = 0
         c.avail = c.done = c.cancel = c.ring_failed = 0
         self.order = None if order is None else np.asarray(order, dtype=np.int64)
         c.order = 0 if self.order is None else self.order.ctypes.data
@@ -148,6 +159,16 @@ class Batch:
         """Parts [0, avail) may be read now."""
         self._lib._publish(self.addr, avail)
         self._set = avail
+
+    def claim_back(self, lo: int) -> int:
+        """Take positions [lo, limit) from the back of the batch (no reader will read them) if no reader
+        has taken ``lo`` yet: the old limit, or -1. The caller gives them a status (``complete``)."""
+        return self._lib._claim_back(self.addr, lo)
+
+    def complete(self, lo: int, hi: int, status: int, wid: int = -2) -> None:
+        """Positions [lo, hi), claimed by ``claim_back``, get ``status`` (``ON_DEVICE``, or 1: the loader
+        reads them itself); the loader is woken."""
+        self._lib._complete(self.addr, lo, hi, status, wid)
 
     def run(self, ring_addr: int | None, fd: int, iov: int, res: int, wid: int) -> int:
         """A reader thread's share (returns when no part is left): 0, or -errno when the ring failed."""
@@ -264,6 +285,8 @@ _SIGNATURES = (  # native.c's entry points: (name without "tpl_", argument types
     ("read_part", [_P, _I32, _P, _U64, _U64, _P, _P], _I64),
     ("read_batch", [_P, _P, _I32, _P, _P, _I32], _I64),
     ("wait", [_P, _I32, _I64], _I32),
+    ("claim_back", [_P, _I64], _I64),
+    ("complete", [_P, _I64, _I64, _I64, _I32], None),
     ("publish", [_P, _I32], None),
     ("cancel", [_P], None),
     ("serve", [_P, _P, _I32], _I64),
