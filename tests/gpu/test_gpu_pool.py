@@ -171,3 +171,33 @@ def test_batch_parts_out_of_order_on_cuda(tmp_path, monkeypatch, order):
     if native.load() is None:
         pytest.skip("the native read loop cannot be built here")
     check_out_of_order_batch(tmp_path, monkeypatch, "tiny-dense", dict(targets=ALL_DENSE), order, device="cuda")
+
+
+@pytest.mark.parametrize("src", ["bf16", "fp32"])
+def test_chunks_copied_straight_from_the_page_cache(adir, src):
+    """``map_reads="on"``: the mapper pins the file's cached pages in place (read-only cudaHostRegister)
+    and copies its chunks H2D from them, cast on the device: the slot is the reference's, and the cache
+    entry, refilled after the load, equals one the readers filled (so a warm load lands the same slot)."""
+    from tp_lora.host import native
+
+    if native.load() is None:
+        pytest.skip("no C compiler")
+    path = make_adapter(adir, f"mapped-{src}", "tiny-dense", rank=8, dtype=src, seed=7, targets=ALL_DENSE)
+    entries = {}
+    for mode in ("off", "on"):
+        with _gpu_manager("tiny-dense", 1, 0, 1, max_loras=1, read_mode="exact", chunk_bytes=1 << 13,
+                          part_bytes=4096, read_workers=1, map_reads=mode) as mgr:
+            mgr.engine.mapper.head_start = 2
+            mgr.register("a", path)
+            mgr.activate("a")
+            ls = mgr.stats().load_stats[-1]
+            if mode == "on":
+                assert mgr.engine.mapper.disabled is None, mgr.engine.mapper.disabled
+                assert ls["mapped_chunks"] >= 2 and ls["bytes_mapped"] > 0
+            assert slot_diff(mgr.pool, 0, expected_slot(path, mgr.model, 1, 0, 1, mgr.pool)) == []
+            mgr.engine.settle_fill()
+            e = mgr.cache._entries["a"]
+            assert e.complete
+            entries[mode] = [b.clone() for b in e.buffers]
+            assert mgr.engine.mapper._free.qsize() == 2
+    assert all(torch.equal(a, b) for a, b in zip(entries["on"], entries["off"]))

@@ -33,6 +33,12 @@ class LoadStats:
     issue_s: float = 0.0  # loader thread issuing H2D + placement copies
     h2d_calls: int = 0  # H2D copies a cold load issued (parts already read are copied together)
     place_s: float = 0.0  # of issue_s: issuing the placements (one kernel launch per chunk on CUDA)
+    bytes_mapped: int = 0  # copied to the device straight from the page cache (device/mapper.py), no host copy
+    mapped_chunks: int = 0
+    map_s: float = 0.0  # the mapper thread's time in this load (map, check residency, pin, issue copies)
+    map_wait_s: float = 0.0  # of map_s: waiting for a staging buffer (the loader had not placed from it yet)
+    map_register_s: float = 0.0  # of map_s: pinning the page-cache pages in place
+    map_issue_s: float = 0.0  # of map_s: issuing the copies
 
     @property
     def h2d_gbps(self) -> float:

@@ -48,6 +48,8 @@ from ..plan.memo import PerPlan
 from ..plan.packing import (DEFAULT_COST, RING_COST, Chunk, Part, ReadMode, check_read_mode, pack, read_counts,
                              stream_units)
 from ..plan.planner import SlicePlan
+from ..host.pagecache import copies_of
+from .mapper import Mapper, MapReads, MapRun
 from .place import LoadCheck, PlacementMode, Placer
 from .pool import GpuPool
 from .stats import LoadStats
@@ -213,7 +215,7 @@ class TransferEngine:
                  ring_slots: int, read_workers: int | None, pin_workers: int, part_bytes: int | None,
                  read_mode: ReadMode, arena: HostArena | None = None, placement: PlacementMode = "auto",
                  read_ahead: int | None = None, read_backend: uring.ReadBackend = "auto",
-                 native_reads: bool = True):
+                 native_reads: bool = True, map_reads: MapReads = "auto"):
         # the knobs come from a LoRAConfig, which holds their defaults and checked their bounds (the one
         # place for both); these asserts guard the internal contract only
         assert chunk_bytes >= 1 and ring_slots >= 2 and pin_workers >= 1, (chunk_bytes, ring_slots, pin_workers)
@@ -265,6 +267,13 @@ class TransferEngine:
         self.peak_inflight_bytes = 0  # host bytes in flight beyond the cache, high-water mark
         # benchmarks: a list makes every cold load append its timeline (``LoadTrace``); None costs nothing
         self.trace: list[LoadTrace] | None = None
+        # a cached cold load's last chunks copied to the device straight from the page cache, beside the
+        # readers (device/mapper.py); the cache entry's copy of them is read after the load (``_refill``)
+        self.mapper = Mapper(device, chunk_bytes, map_reads)
+        self._filler = cf.ThreadPoolExecutor(1, thread_name_prefix="tp_lora-refill")
+        self._fill: cf.Future | None = None
+        # refills after loads (``_refill``): how many, their bytes and seconds, and how many failed
+        self.refills = {"refills": 0, "bytes": 0, "seconds": 0.0, "failed": 0}
         self._spawn_readers()
         if device.is_cuda:
             self._warm_up()
@@ -278,7 +287,18 @@ class TransferEngine:
         if self.native is not None:
             self.batch_pool = self.native.pool(self.read_workers, self.rings)
 
+    def settle_fill(self) -> None:
+        """Wait for the last load's refill (its cache entry's chunks that were copied to the device
+        straight from the page cache): the reader pool reads one batch at a time."""
+        f = self._fill
+        if f is not None:
+            f.result()
+            self._fill = None
+
     def close(self) -> None:
+        self.settle_fill()
+        self._filler.shutdown(wait=True)
+        self.mapper.close()
         self._preparer.shutdown(wait=True, cancel_futures=True)
         if self.batch_pool is not None:
             self.batch_pool.close()  # before the rings: its threads read through theirs
@@ -407,6 +427,7 @@ class TransferEngine:
 
     # -- the load --------------------------------------------------------------------------------
     def run(self, job: LoadJob) -> LoadResult:
+        self.settle_fill()
         t0 = time.perf_counter()
         plan, header = job.plan, job.header
         chunks = self.chunks(plan)
@@ -549,14 +570,19 @@ class TransferEngine:
 
     def _copy_batch(self, job: LoadJob, rd: SliceReader, sink: "_CacheSink", units: list, chk: LoadCheck,
                     pos: dict, stats: LoadStats, t0: float, trace: LoadTrace | None,
-                    cancelled: threading.Event, after_post) -> None:
+                    cancelled: threading.Event, after_post) -> MapRun | None:
         """A cached cold load through the C batch (host/native.c): the reader pool's threads, which stay
         in C between loads, take parts in order and read them without the GIL; this thread takes each
         chunk's buffer from the arena and publishes its parts (the pool starts on the first chunk's), then
         copies parts H2D in the order they complete (adjacent ones in one copy) into one of ``STAGINGS``
         device buffers, and places a chunk once all its parts are there. Parts whose reads came back short
         are read again here, piece by piece (raising at EOF). ``after_post``: the work that must precede
-        the first placement but not the reads (the slot's zeroing and scalings, the header check)."""
+        the first placement but not the reads (the slot's zeroing and scalings, the header check).
+
+        With the mapper on (``Mapper.wanted``), its thread takes whole chunks from the back of the batch
+        and copies them to the device straight from the page cache; their parts come back with status
+        ``native.ON_DEVICE`` and are placed from its staging buffer. Returns its ``MapRun`` (None: it did
+        not run): the caller refills the cache entry's buffers of the chunks it copied."""
         header = job.header
         stats.batched = True
         pool = self.batch_pool
@@ -567,6 +593,7 @@ class TransferEngine:
             mark("batch")
         t0_ns = time.monotonic_ns() - int((time.perf_counter() - t0) * 1e9)
         posted = False
+        mrun: MapRun | None = None
 
         def err(e: BaseException) -> BaseException:
             if isinstance(e, AdapterError):
@@ -596,6 +623,11 @@ class TransferEngine:
                         mark("published")
                     # posted once the first chunk's parts are out: woken earlier, the readers would spin
                     # for parts on the cores this thread needs to publish them (measured slower)
+                    if self.mapper.wanted(job.plan.nbytes) and pb.batch.order is None:
+                        # before the readers: its first claim, the last chunk, is then its own
+                        mrun = self.mapper.start(pb.batch, rd.fd, header.file_size,
+                                                 self._map_ranges(job.plan, units, members),
+                                                 self._map_copies(job.plan, sink.chunks), cancelled)
                     pool.post(pb.batch, pb.max_pieces, pb.max_k)
                     posted = True
                     if mark:
@@ -626,7 +658,9 @@ class TransferEngine:
                 if trace is not None:
                     trace.loader.append(("wait", tw - t0, te - t0, -1))
                 if now == seen and not waiting:
-                    if (pb.batch.active == 0 or not pool.usable()) and pb.batch.wait(seen, 0) == seen:
+                    mapping = mrun is not None and not mrun.future.done()
+                    if (not mapping and (pb.batch.active == 0 or not pool.usable())
+                            and pb.batch.wait(seen, 0) == seen):
                         raise AdapterDataError(f"the reader threads stopped with {n - seen} of {n} parts "
                                                f"unread", adapter=header.name, path=header.weights_path)
                     continue
@@ -642,6 +676,12 @@ class TransferEngine:
                 for k, js in by_chunk.items():
                     c = units[js[0]][0]
                     buf = bufs[k]
+                    if status[js[0]] == native.ON_DEVICE:  # the mapper's: already on the device
+                        left[k] -= len(js)
+                        copied += len(js)
+                        if left[k] == 0:
+                            self._place_mapped(job, chk, pos[id(c)], c, mrun, stats)
+                        continue
                     if k not in staged:
                         if cuda and not free:
                             waiting.extend(js)
@@ -687,6 +727,8 @@ class TransferEngine:
         finally:
             st = pb.batch
             st.cancel()
+            if mrun is not None:
+                self._end_map(mrun, stats)
             stuck = posted and pool.wait_idle(60.0)
             if stuck:
                 # a reader stuck in a read for a minute: the batch stays posted (its buffers alive), and
@@ -699,6 +741,67 @@ class TransferEngine:
         if stuck:
             raise AdapterDataError("reader threads did not finish their reads within 60 s",
                                    adapter=header.name, path=header.weights_path)
+        return mrun
+
+    # -- the mapper's chunks (device/mapper.py) --------------------------------------------------
+    def _map_ranges(self, plan: SlicePlan, units: list, members: dict) -> list:
+        """[(first position, end position, chunk)] of a cached load's chunks in the batch, once per plan."""
+        def build() -> list:
+            out = []
+            for c in dict.fromkeys(u[0] for u in units):
+                idx = members[id(c)]
+                assert idx == list(range(idx[0], idx[-1] + 1)), "a chunk's parts are adjacent in a batch"
+                out.append((idx[0], idx[-1] + 1, c))
+            return out
+        return self._memo.get(plan, ("map_ranges", id(units)), build)
+
+    def _map_copies(self, plan: SlicePlan, chunks: list[Chunk]) -> dict:
+        """chunk index -> its copies out of the file (``host/pagecache.copies_of``) or None, once per plan."""
+        tables = self._memo.table(plan, "iov")
+        return self._memo.get(plan, ("map_copies", id(chunks)), lambda: {
+            c.index: copies_of(c.nbytes, [SliceReader.table_of(p, tables) for p in c.units()]) for c in chunks})
+
+    def _place_mapped(self, job: LoadJob, chk: LoadCheck, pos: int, chunk: Chunk, mrun: MapRun,
+                      stats: LoadStats) -> None:
+        """Place a chunk the mapper copied to its staging buffer (after its copies' event), then give the
+        buffer back to the mapper (after this placement)."""
+        buf, ev = mrun.placed.pop(id(chunk))
+        if job.fault is not None:
+            job.fault("read", chunk.index)
+            job.fault("h2d", chunk.index)
+        tp = time.perf_counter()
+        src = buf[:chunk.nbytes]
+        if self.device.is_cuda:
+            ps = self.place_stream if self.overlap_place else self.device.copy_stream
+            ps.wait_stream(self.device.copy_stream)  # the slot's zeroing first
+            ps.wait_event(ev)
+            with torch.cuda.stream(ps):
+                self.placer.place(chk, pos, chunk, src, job.slot, chk.check)
+            done = torch.cuda.Event()
+            done.record(ps)
+        else:
+            self.placer.place(chk, pos, chunk, src, job.slot, chk.check)
+            done = None
+        stats.place_s += time.perf_counter() - tp
+        stats.bytes_mapped += chunk.nbytes
+        stats.mapped_chunks += 1
+        self.mapper.give_back(buf, done)
+
+    def _end_map(self, mrun: MapRun, stats: LoadStats) -> None:
+        """The mapper is done with this load (cancelled when the load failed): its staging buffers not
+        placed go back to it."""
+        assert mrun.future is not None
+        try:
+            mrun.future.result()
+        except BaseException:  # noqa: BLE001 - it marks what it claimed; a failure here is its own bug
+            log.exception("adapter %r: the mapper failed", stats.adapter)
+        for buf, ev in list(mrun.placed.values()):
+            if ev is not None:
+                ev.synchronize()
+            self.mapper.give_back(buf, None)
+        mrun.placed.clear()
+        stats.map_s, stats.map_wait_s = mrun.seconds, mrun.wait_s
+        stats.map_register_s, stats.map_issue_s = mrun.register_s, mrun.issue_s
 
     def _batch_done(self, pb, units: list, stats: LoadStats, t0_ns: int, trace: LoadTrace | None,
                     rd: SliceReader) -> None:
@@ -830,6 +933,7 @@ class TransferEngine:
         pending: deque = deque()
         cancelled = threading.Event()
         ok = False
+        mrun: MapRun | None = None
         try:
             entry = self.cache.begin(header.name, header.fingerprint, sizes, job.plan.cache_keys())
             stats.streamed = entry is None
@@ -861,8 +965,8 @@ class TransferEngine:
             stats.syscalls, stats.span_ops = counts.syscalls, counts.span_ops
             if (self.batch_reads and self.batch_pool is not None and isinstance(sink, _CacheSink)
                     and self.batch_pool.usable() and rd.batchable(self._pairs(job.plan, chunks, units))):
-                self._copy_batch(job, rd, sink, units, chk, pos, stats, t0, trace, cancelled,
-                                 lambda: (setup(), check_header()))
+                mrun = self._copy_batch(job, rd, sink, units, chk, pos, stats, t0, trace, cancelled,
+                                        lambda: (setup(), check_header()))
             else:
                 check_header()
                 self._copy_parts(job, rd, sink, units, chk, pos, stats, t0, trace, cancelled, setup,
@@ -890,7 +994,60 @@ class TransferEngine:
             stats.bytes_read += rd.bytes_read
             stats.ring_reads += rd.ring_reads
             stats.native_parts += rd.native_parts
+            if ok and mrun is not None and mrun.chunks and isinstance(sink, _CacheSink):
+                # the cache entry's buffers of the chunks the mapper copied are read now, after the load
+                # (the activation does not wait for them): the entry is complete once they are
+                sink.entry.filling = threading.Event()
+                self._fill = self._filler.submit(self._refill, rd, sink, mrun)
+            else:
+                if mrun is not None:
+                    mrun.release()
+                rd.close()
+                if sink is not None:
+                    sink.finish(ok)
+
+    def _refill(self, rd: SliceReader, sink: _CacheSink, mrun: MapRun) -> None:
+        """The refill thread, after a load whose mapper copied chunks to the device straight from the page
+        cache: the C batch reads those chunks' parts (positions [mrun.low, n)) into the cache entry's
+        buffers while the mappings are unpinned; the entry is complete if every part was read and the
+        file did not change since the load opened it (else it is dropped, and a later load reads the
+        file again; the slot the load filled is not touched)."""
+        t = time.perf_counter()
+        ok = False
+        pool = self.batch_pool
+        pb = rd.last_batch
+        try:
+            if pool is None or not pool.usable() or pb is None:
+                raise AdapterDataError("no reader pool to refill the cache entry", adapter=rd.header.name)
+            rd.restart_batch(pb, mrun.low)
+            pool.post(pb.batch, pb.max_pieces, pb.max_k)
+            mrun.release()  # unpin while the readers read
+            if pool.wait_idle(60.0):
+                self.batch_pool = None
+                raise AdapterDataError("reader threads did not finish the refill within 60 s",
+                                       adapter=rd.header.name)
+            status = pb.batch.status
+            for j in range(mrun.low, pb.n):
+                if status[j] != 0:
+                    c = pb.units[j][0]
+                    rd.redo(pb, j, sink.entry.buffers[c.index])
+            rd.finish_batch(pb)
+            rd.verify_unchanged()
+            ok = True
+        except BaseException as e:  # noqa: BLE001 - the slot is loaded; only the cache entry is lost
+            log.warning("adapter %r: refilling its cache entry failed (%s: %s); the entry is dropped and a "
+                        "later load reads the file again", rd.header.name, type(e).__name__, e)
+            if pb is not None and pb.scratch is not None:
+                rd.finish_batch(pb)
+        finally:
+            mrun.release()
+            with self._stat_lock:
+                self.refills["refills"] += 1
+                self.refills["bytes"] += mrun.bytes if ok else 0
+                self.refills["seconds"] += time.perf_counter() - t
+                self.refills["failed"] += not ok
             rd.close()
-            if sink is not None:
-                sink.finish(ok)
+            sink.finish(ok)
+            assert sink.entry.filling is not None
+            sink.entry.filling.set()
 

@@ -30,6 +30,9 @@ class CacheEntry:
     inflight: int = 0
     last_used: int = 0
     last_event: Any = None  # device event of the last H2D that read these buffers
+    # set while the engine fills some of its buffers after the load that began it (device/mapper.py):
+    # the entry is in flight until then; ``evict`` waits for it
+    filling: threading.Event | None = None
 
     @property
     def nbytes(self) -> int:
@@ -134,8 +137,15 @@ class PinnedCache:
         self.finish(entry, True, event)
 
     # -- eviction --------------------------------------------------------------------------------
-    def evict(self, name: str) -> bool:
-        """Drop ``name`` if cached and not in flight (unregister, or a file that changed)."""
+    def evict(self, name: str, fill_wait_s: float = 60.0) -> bool:
+        """Drop ``name`` if cached and not in flight (unregister, or a file that changed). An entry whose
+        buffers are still being filled after its load (``filling``) is waited for first, up to
+        ``fill_wait_s`` (outside the lock: the fill ends by ``finish``)."""
+        with self._lock:
+            e = self._entries.get(name)
+            filling = e.filling if e is not None else None
+        if filling is not None and not filling.is_set():
+            filling.wait(fill_wait_s)
         with self._lock:
             e = self._entries.get(name)
             if e is None or e.inflight:

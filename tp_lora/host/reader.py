@@ -246,6 +246,7 @@ class SliceReader:
         self.settled = False  # fstat equals the registered settled identity: the header check is not needed
         self.bytes_read = 0
         self.syscalls = 0
+        self.last_batch: PartBatch | None = None  # the batch of this reader's last start_batch
         self._lock = threading.Lock()
         try:
             fd = os.open(self.path, _OPEN_FLAGS)
@@ -357,7 +358,22 @@ class SliceReader:
         else:
             b = self._native.batch(len(units), sptr, self.fd, _BATCH_SHORT_EVERY, order)
             kept.append(b)
-        return PartBatch(units, tabs, b, scratch, pieces, k, ends, addrs, need)
+        self.last_batch = pb = PartBatch(units, tabs, b, scratch, pieces, k, ends, addrs, need)
+        return pb
+
+    def restart_batch(self, pb: PartBatch, start: int) -> None:
+        """``pb`` again, readers taking only positions [start, n) (a refill of the parts the mapper
+        copied to the device: device/mapper.py): its scratch taken again, every part published (their
+        buffers are the ones its load set). Once no reader thread is in it."""
+        pb.scratch = self._scratch_pool.take(pb.scratch_need) if pb.scratch_need else None
+        sptr = 0 if pb.scratch is None else pb.scratch.data_ptr()
+        pb.batch.reset(sptr, self.fd, 0, None, start=start)
+        pb.batch.publish(pb.n)
+
+    @staticmethod
+    def table_of(u: Part, tables: dict) -> "_IovTable":
+        """A unit's iovec table from a plan's ``tables`` (built at first use)."""
+        return _table(u, tables)
 
     def set_buffers(self, pb: PartBatch, idx: list[int], buf: torch.Tensor) -> None:
         """The chunk buffer of parts ``idx`` (their iovecs become raw pointers in C: checked here, once
@@ -382,7 +398,8 @@ class SliceReader:
     def finish_batch(self, pb: PartBatch) -> None:
         """The batch's stats (the parts read), and its scratch back to the pool. Once no reader thread is
         in the batch any more."""
-        done = np.flatnonzero(pb.batch.status != native_mod.PENDING).tolist()
+        st = pb.batch.status
+        done = np.flatnonzero((st != native_mod.PENDING) & (st != native_mod.ON_DEVICE)).tolist()
         with self._lock:
             for i in done:
                 t, u = pb.tables[i], pb.units[i][1]

@@ -146,7 +146,8 @@ class LoRAManager:
                                      pin_workers=config.pin_workers, part_bytes=config.part_bytes,
                                      read_mode=config.read_mode, arena=self.arena,
                                      placement=config.placement, read_ahead=config.read_ahead,
-                                     read_backend=config.read_backend, native_reads=config.native_reads)
+                                     read_backend=config.read_backend, native_reads=config.native_reads,
+                                     map_reads=config.map_reads)
         self.collective = Collective(group, self.device.device, config.activation_timeout_s)
         self.rank = self.collective.rank
         self._adapters: dict[str, _Adapter] = {}
