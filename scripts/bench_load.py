@@ -238,9 +238,12 @@ def _manager(c: dict, args: argparse.Namespace, **over) -> LoRAManager:
               host_cache_bytes=64 << 30, chunk_bytes=args.chunk_bytes, pin_mode=args.pin_mode,
               read_workers=args.read_workers, pin_workers=args.pin_workers, part_bytes=args.part_bytes,
               read_mode=args.read_mode, placement=args.placement, read_ahead=args.read_ahead,
-              read_backend=args.read_backend)
+              read_backend=args.read_backend, map_reads=getattr(args, "map_reads", "auto"))
     kw.update(over)
-    return LoRAManager(LoRAConfig(**kw), spec, par)
+    mgr = LoRAManager(LoRAConfig(**kw), spec, par)
+    if getattr(args, "map_stagings", None):
+        mgr.engine.mapper.stagings = args.map_stagings
+    return mgr
 
 
 def _last_phases(mgr: LoRAManager) -> dict:
@@ -306,6 +309,7 @@ def reads_only(mgr: LoRAManager, path: Path, name: str, repeats: int, rings=_ENG
     (the readers' Python loop)."""
     from tp_lora.host.reader import SliceReader
     eng = mgr.engine
+    eng.settle_fill()  # a refill after the last load would read beside these
     a = mgr._adapters[name]  # noqa: SLF001 - the registered plan and header
     chunks = eng.chunks(a.plan)
     bufs = [eng.device.alloc_host(max(c.nbytes, 1)) for c in chunks]
@@ -386,6 +390,9 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
         "placement": "kernel" if mgr.engine.placer.kernel else "copies",
         "read_backend": "io_uring" if mgr.engine.rings is not None else "preadv",
         "native_reads": mgr.engine.native is not None,
+        # copied to the device straight from the page cache (device/mapper.py), and refilled after
+        "map_reads": args.map_reads, "bytes_mapped": med([x["bytes_mapped"] for x in cold_ls]),
+        "first_bytes_mapped": first_ls["bytes_mapped"], "refills": dict(mgr.engine.refills),
         "cold_load_stats": cold_ls[-1],
         "first_load_stats": first_ls, "cold_alloc_s": med([x["alloc_s"] for x in cold_ls]),
         "cold_device_span_s": med([x["h2d_s"] for x in cold_ls]),
@@ -678,6 +685,7 @@ def case_run(name: str, c: dict, path: Path, args: argparse.Namespace) -> dict:
     r["floor_threads"] = threads
     r["peak"] = measure_peak(3)
     r["cold_s"], r["first_cold_s"], r["warm_s"] = o["cold_s"], o["first_cold_s"], o["warm_s"]
+    r["bytes_mapped"] = o["bytes_mapped"]
     r["cold_over_floor"] = o["cold_s"] / r["floor_s"]
     r["first_over_cold"] = o["first_cold_s"] / o["cold_s"]
     peak = r["peak"]["h2d_pinned_1GiB_GBps"]
@@ -715,6 +723,8 @@ def case_run(name: str, c: dict, path: Path, args: argparse.Namespace) -> dict:
     serial_warm: list[float] = []
     if args.serial_place:  # placements on the copy stream (no overlap with the next chunk's H2D)
         variants.append(("cold_serial_place_s", dict(overlap_place=False, warm_out=serial_warm)))
+    if args.map_ab:  # the readers alone: no chunk copied straight from the page cache (device/mapper.py)
+        variants.append(("cold_nomap_s", dict(map_reads="off")))
     if args.python_reads:  # the readers' Python loop instead of the C one (host/native.py)
         variants.append(("cold_python_reads_s", dict(native_reads=False)))
     if args.ring_exact_rows:  # the io_uring readers, one request per owned row range (no junk-gap joins)
@@ -762,6 +772,11 @@ def main() -> int:
     ap.add_argument("--read-ahead", type=int, default=None, help="LoRAConfig.read_ahead")
     ap.add_argument("--read-backend", default="auto", choices=["auto", "io_uring", "preadv"])
     ap.add_argument("--ring-exact-rows", action="store_true", help="also time io_uring with one request per owned row range (rows not joined through junk gaps)")
+    ap.add_argument("--map-reads", default="auto", choices=["auto", "on", "off"], help="LoRAConfig.map_reads")
+    ap.add_argument("--map-stagings", type=int, default=None, help="the mapper's staging buffers")
+    ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (probe)")
+    ap.add_argument("--map-ab", action="store_true",
+                    help="also time later cold loads with map_reads='off' (the readers alone)")
     ap.add_argument("--python-reads", action="store_true",
                     help="also time cold loads with the readers' Python loop (native_reads=False)")
     ap.add_argument("--read-backends", default="", help="also time later cold loads with these read backends")
@@ -786,6 +801,8 @@ def main() -> int:
     args = ap.parse_args()
     table = TINY_CASES if args.tiny else CASES
     root = Path(args.adapters)
+    if args.switch_interval:  # probe: how much of a load is threads waiting for the GIL
+        sys.setswitchinterval(args.switch_interval)
     if args.case_run:  # child: one case in a fresh process
         c = table[args.case_run]
         r = case_run(args.case_run, c, make_adapter(root, args.case_run, c), args)
