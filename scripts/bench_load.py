@@ -243,6 +243,8 @@ def _manager(c: dict, args: argparse.Namespace, **over) -> LoRAManager:
     mgr = LoRAManager(LoRAConfig(**kw), spec, par)
     if getattr(args, "map_stagings", None):
         mgr.engine.mapper.stagings = args.map_stagings
+    if getattr(args, "map_python", False):
+        mgr.engine.mapper.c_chunks = False
     return mgr
 
 
@@ -393,6 +395,7 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
         # copied to the device straight from the page cache (device/mapper.py), and refilled after
         "map_reads": args.map_reads, "bytes_mapped": med([x["bytes_mapped"] for x in cold_ls]),
         "first_bytes_mapped": first_ls["bytes_mapped"], "refills": dict(mgr.engine.refills),
+        "map_in_c": mgr.engine.mapper.c_chunks, "map_disabled": mgr.engine.mapper.disabled,
         "cold_load_stats": cold_ls[-1],
         "first_load_stats": first_ls, "cold_alloc_s": med([x["alloc_s"] for x in cold_ls]),
         "cold_device_span_s": med([x["h2d_s"] for x in cold_ls]),
@@ -774,6 +777,7 @@ def main() -> int:
     ap.add_argument("--ring-exact-rows", action="store_true", help="also time io_uring with one request per owned row range (rows not joined through junk gaps)")
     ap.add_argument("--map-reads", default="auto", choices=["auto", "on", "off"], help="LoRAConfig.map_reads")
     ap.add_argument("--map-stagings", type=int, default=None, help="the mapper's staging buffers")
+    ap.add_argument("--map-python", action="store_true", help="the mapper's chunks issued from Python")
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (probe)")
     ap.add_argument("--map-ab", action="store_true",
                     help="also time later cold loads with map_reads='off' (the readers alone)")

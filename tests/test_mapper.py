@@ -286,3 +286,70 @@ def test_config_checks_map_reads():
         LoRAConfig(map_reads="yes")
     with new_manager("tiny-dense") as mgr:  # CPU: "auto" maps nothing
         assert not mgr.engine.mapper.wanted(1 << 40)
+
+
+@needs_native
+@pytest.mark.parametrize("fail", [None, "register", "copy"])
+def test_map_chunk_in_c_claims_pins_copies_and_completes(tmp_path, fail):
+    """native.c ``tpl_map_chunk`` with stand-ins for the CUDA runtime (copies as host memmoves): the
+    chunk's bytes land in place and its positions are ON_DEVICE; a refused registration or copy gives
+    them status 1 (the loader reads them), nothing stays registered; a chunk a reader already took, or
+    pages not in the page cache, are not taken."""
+    import ctypes
+
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, 5 * pagecache.PAGE + 123, dtype=np.uint8)
+    f = tmp_path / "f.bin"
+    f.write_bytes(data.tobytes())
+    f.read_bytes()  # in the page cache
+    calls = {"register": 0, "copy": 0, "record": 0, "wait": 0}
+    REG = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)
+    CPY = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                           ctypes.c_void_p)
+    WAIT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint)
+    REC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+    def reg(p, n, flags):
+        calls["register"] += 1
+        assert flags == 8 and n % pagecache.PAGE == 0
+        return 1 if fail == "register" else 0
+
+    def cpy(d, s, n, kind, stream):
+        calls["copy"] += 1
+        assert kind == 1
+        if fail == "copy":
+            return 700
+        ctypes.memmove(d, s, n)
+        return 0
+
+    fns = [REG(reg), CPY(cpy), WAIT(lambda s, e, fl: calls.__setitem__("wait", calls["wait"] + 1) or 0),
+           REC(lambda e, s: calls.__setitem__("record", calls["record"] + 1) or 0)]
+    cuda = native._Cuda(*[ctypes.cast(fn, ctypes.c_void_p).value for fn in fns])
+    n = 6
+    b = NAT.batch(n, 0, -1)
+    out = np.zeros(300, dtype=np.uint8)
+    dst = np.array([0, 100], dtype=np.int64)
+    src = np.array([pagecache.PAGE + 7, 3 * pagecache.PAGE + 50], dtype=np.int64)
+    ln = np.array([100, 200], dtype=np.int64)
+    lo_off, map_len = pagecache.PAGE, 4 * pagecache.PAGE + 123
+    vec = np.zeros(8, dtype=np.uint8)
+    rc, addr = NAT.map_chunk(b, cuda, os.open(f, os.O_RDONLY), 4, 6, lo_off, map_len,
+                             5 * pagecache.PAGE, dst, src, ln, out.ctypes.data, 0, 1234, 5678, vec)
+    st = b.status
+    if fail is None:
+        assert rc == 1 and addr != 0
+        assert np.array_equal(out[:100], data[src[0]:src[0] + 100])
+        assert np.array_equal(out[100:], data[src[1]:src[1] + 200])
+        assert (st[4:] == native.ON_DEVICE).all() and (st[:4] == native.PENDING).all()
+        assert calls["wait"] == 1 and calls["record"] == 1
+        pagecache._libc.munmap(addr, map_len)
+    else:
+        assert rc <= -100000 and (st[4:] == 1).all()
+        assert calls["record"] == 0
+        if addr:
+            pagecache._libc.munmap(addr, map_len)
+    assert b.wait(1, 0.0) == 2  # the loader was told
+    # positions [4, 6) are gone: a second claim of them is refused and maps nothing
+    rc2, addr2 = NAT.map_chunk(b, cuda, os.open(f, os.O_RDONLY), 4, 6, lo_off, map_len, 5 * pagecache.PAGE,
+                               dst, src, ln, out.ctypes.data, 0, 0, 5678, vec)
+    assert rc2 == 0 and addr2 == 0

@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import os
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from ..host import native
-from ..host.pagecache import ChunkCopies, Span, read_into
+from ..host.pagecache import PAGE, ChunkCopies, MappedRange, Span, read_into
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,13 @@ class Mapper:
         self.stream = torch.cuda.Stream(device=device.device) if device.is_cuda else None
         self._made = False
         self.stagings = MAP_STAGINGS  # staging buffers, made at the first mapped load (benchmarks vary it)
+        # on CUDA, a chunk is one C call without the GIL (native.c ``tpl_map_chunk``) where the C loop is
+        # built and the process's CUDA runtime is found; else the same steps in Python
+        self.native = native.load() if device.is_cuda else None
+        self.cuda = native.cuda_runtime() if self.native is not None else None
+        self.c_chunks = self.cuda is not None
+        self._done: dict[int, Any] = {}  # staging buffer address -> its copies' event (reused)
+        self._vec = np.zeros(0, dtype=np.uint8)
         # tests: ``start`` returns once the mapper has claimed this many chunks (or stopped), so that a
         # tiny load's readers cannot take every part first
         self.head_start = 0
@@ -106,6 +115,9 @@ class Mapper:
             if self.device.is_cuda:
                 with torch.cuda.stream(self.stream):
                     buf = torch.empty(self.chunk_bytes, dtype=torch.uint8, device=self.device.device)
+                    ev = torch.cuda.Event()
+                    ev.record(self.stream)  # made now: the C call records it by its handle
+                    self._done[buf.data_ptr()] = ev
             else:
                 buf = torch.empty(self.chunk_bytes, dtype=torch.uint8)
             self._free.put((buf, None))
@@ -154,6 +166,10 @@ class Mapper:
                 cc: ChunkCopies | None = copies.get(chunk.index)
                 if cc is None or chunk.nbytes > self.chunk_bytes:
                     return
+                if cuda and self.c_chunks:
+                    if not self._chunk_in_c(run, batch, fd, file_size, lo, hi, chunk, cc, cancelled):
+                        return
+                    continue
                 try:
                     span = Span(fd, cc.lo, cc.hi, file_size)
                 except (OSError, ValueError) as e:  # a file system that cannot map it
@@ -215,6 +231,45 @@ class Mapper:
             if ctx is not None:
                 ctx.__exit__(None, None, None)
             run.seconds = time.perf_counter() - t0
+
+    def _chunk_in_c(self, run: MapRun, batch, fd: int, file_size: int, lo: int, hi: int, chunk, cc: ChunkCopies,
+                    cancelled: threading.Event) -> bool:
+        """One chunk through native.c ``tpl_map_chunk`` (a staging buffer taken first); False: stop."""
+        tw = time.perf_counter()
+        got = self._take(batch, cancelled)
+        run.wait_s += time.perf_counter() - tw
+        if got is None:
+            return False
+        buf, ev = got
+        map_len = min(cc.hi, file_size) - cc.lo
+        reg_len = -(-map_len // PAGE) * PAGE
+        if len(self._vec) < reg_len // PAGE:
+            self._vec = np.zeros(reg_len // PAGE, dtype=np.uint8)
+        done = self._done[buf.data_ptr()]
+        tr = time.perf_counter()
+        rc, addr = self.native.map_chunk(batch, self.cuda, fd, lo, hi, cc.lo, map_len, reg_len, cc.dst, cc.src,
+                                         cc.nbytes, buf.data_ptr(), self.stream.cuda_stream,
+                                         0 if ev is None else ev.cuda_event, done.cuda_event, self._vec)
+        run.register_s += time.perf_counter() - tr
+        if rc == 1:
+            run.spans.append(MappedRange(addr, map_len))
+            run.placed[id(chunk)] = (buf, done)
+            run.event = done
+            run.low = lo
+            run.bytes += chunk.nbytes
+            run.chunks += 1
+            return True
+        if rc < 0 and addr:
+            self.stream.synchronize()  # copies issued before the failure may read the mapping still
+            MappedRange(addr, map_len).close()
+        self._free.put(got)
+        if rc <= -100000:
+            run.claimed_failed = True
+            self._disable(OSError(f"CUDA error {-rc - 100000} pinning or copying a page-cache range"),
+                          self._stopped(batch, cancelled))
+        elif rc < 0:
+            self._disable(OSError(-rc, os.strerror(-rc)), self._stopped(batch, cancelled))
+        return False
 
     def _disable(self, e: BaseException, stopped: bool) -> None:
         if stopped:

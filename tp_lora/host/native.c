@@ -416,3 +416,76 @@ void tpl_stop(struct tpl_pool *p) {
     __atomic_store_n(&p->stop, 1, __ATOMIC_SEQ_CST);
     futex(&p->seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL);
 }
+
+/* ---------------------------------------------------------------------------------------------------
+ * The mapper's chunk (device/mapper.py): one call, without the GIL, for what would otherwise be a dozen
+ * Python steps each queueing for the GIL behind the loader thread.
+ *
+ * Maps bytes [span_off, span_off + map_len) of `fd` read-only, checks with mincore that every page is in
+ * the page cache (`vec`: one byte per page, the caller's), takes positions [lo, hi) from the back of the
+ * batch, pins the pages in place (the CUDA runtime's cudaHostRegister, read-only, `reg_len` bytes: whole
+ * pages), makes `stream` wait for `wait_ev` (if any), issues the k copies into the device buffer `buf`
+ * and records `done_ev`, then gives the positions the status `on_device`.
+ * Returns 1 (done: *addr is the mapping, to unpin and unmap once done_ev is reached), 0 (not taken: not
+ * resident, or a reader got there first; nothing is left mapped), -errno (mmap failed; nothing claimed),
+ * or -(100000 + CUDA error) (claimed and failed: the positions have status 1 and the loader reads them;
+ * *addr is the mapping when copies may be in flight, else 0).
+ */
+struct tpl_cuda {
+    int (*host_register)(void *, size_t, unsigned int);
+    int (*memcpy_async)(void *, const void *, size_t, int, void *);
+    int (*stream_wait_event)(void *, void *, unsigned int);
+    int (*event_record)(void *, void *);
+};
+
+#include <sys/mman.h>
+
+int64_t tpl_map_chunk(struct tpl_batch *b, const struct tpl_cuda *cu, int32_t fd, int64_t lo, int64_t hi,
+                      int64_t span_off, int64_t map_len, int64_t reg_len, const int64_t *dst, const int64_t *src,
+                      const int64_t *len, int64_t k, uint64_t buf, void *stream, void *wait_ev, void *done_ev,
+                      int64_t on_device, uint8_t *vec, uint64_t *addr) {
+    *addr = 0;
+    void *m = mmap(NULL, (size_t)map_len, PROT_READ, MAP_SHARED, fd, (off_t)span_off);
+    if (m == MAP_FAILED)
+        return -(int64_t)errno;
+    int64_t pages = (reg_len + 4095) / 4096;
+    if (mincore(m, (size_t)map_len, vec) != 0) {
+        munmap(m, (size_t)map_len);
+        return 0;
+    }
+    for (int64_t i = 0; i < pages; i++) {
+        if (!(vec[i] & 1)) {
+            munmap(m, (size_t)map_len);
+            return 0;
+        }
+    }
+    if (tpl_claim_back(b, lo) != hi) {
+        munmap(m, (size_t)map_len);
+        return 0;
+    }
+    int rc = cu->host_register(m, (size_t)reg_len, 0x08u /* cudaHostRegisterReadOnly */);
+    if (rc != 0) {
+        munmap(m, (size_t)map_len);
+        tpl_complete(b, lo, hi, 1, -2);
+        return -(100000 + (int64_t)rc);
+    }
+    *addr = (uint64_t)(uintptr_t)m;
+    if (wait_ev && (rc = cu->stream_wait_event(stream, wait_ev, 0)) != 0) {
+        tpl_complete(b, lo, hi, 1, -2);
+        return -(100000 + (int64_t)rc);
+    }
+    for (int64_t j = 0; j < k; j++) {
+        rc = cu->memcpy_async((void *)(uintptr_t)(buf + (uint64_t)dst[j]), (const char *)m + (src[j] - span_off),
+                              (size_t)len[j], 1 /* cudaMemcpyHostToDevice */, stream);
+        if (rc != 0) {
+            tpl_complete(b, lo, hi, 1, -2);
+            return -(100000 + (int64_t)rc);
+        }
+    }
+    if ((rc = cu->event_record(done_ev, stream)) != 0) {
+        tpl_complete(b, lo, hi, 1, -2);
+        return -(100000 + (int64_t)rc);
+    }
+    tpl_complete(b, lo, hi, on_device, -2);
+    return 1;
+}

@@ -195,6 +195,35 @@ class Batch:
         return self._c.active
 
 
+class _Cuda(ctypes.Structure):
+    """native.c's ``struct tpl_cuda``: the CUDA runtime's entry points the mapper's chunk calls."""
+
+    _fields_ = [("host_register", ctypes.c_void_p), ("memcpy_async", ctypes.c_void_p),
+                ("stream_wait_event", ctypes.c_void_p), ("event_record", ctypes.c_void_p)]
+
+
+def cuda_runtime() -> "_Cuda | None":
+    """The entry points of the CUDA runtime this process loaded (torch's ``libcudart``, found in
+    ``/proc/self/maps``), or None where there is none to find (a static runtime, not Linux): the mapper
+    then issues its chunk from Python."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {ln.split()[-1] for ln in f if "libcudart.so" in ln}
+    except OSError:
+        return None
+    for p in sorted(paths):
+        try:
+            lib = ctypes.CDLL(p)
+            fns = [ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in
+                   ("cudaHostRegister", "cudaMemcpyAsync", "cudaStreamWaitEvent", "cudaEventRecord")]
+        except (OSError, AttributeError):
+            continue
+        view = _Cuda(*fns)
+        view._lib = lib  # keep the library loaded as long as its entry points are used
+        return view
+    return None
+
+
 class ReaderPool:
     """Reader threads kept inside C between loads (native.c ``tpl_serve``): each sleeps on a futex until
     the loader ``post``s a batch, reads its share of the parts, and sleeps again; so a load starts every
@@ -287,6 +316,8 @@ _SIGNATURES = (  # native.c's entry points: (name without "tpl_", argument types
     ("wait", [_P, _I32, _I64], _I32),
     ("claim_back", [_P, _I64], _I64),
     ("complete", [_P, _I64, _I64, _I64, _I32], None),
+    ("map_chunk", [_P, _P, _I32, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _U64, _P, _P, _P, _I64, _P, _P],
+     _I64),
     ("publish", [_P, _I32], None),
     ("cancel", [_P], None),
     ("serve", [_P, _P, _I32], _I64),
@@ -312,6 +343,20 @@ class NativeReads:
         """A batch of ``n`` parts of the file ``fd`` (see ``Batch``); ``scratch``: the gap pieces' junk
         buffer's address; ``order``: the order parts are taken in (tests)."""
         return Batch(self, n, scratch, fd, short_every, order)
+
+    def map_chunk(self, batch: Batch, cuda: "_Cuda", fd: int, lo: int, hi: int, span_off: int, map_len: int,
+                  reg_len: int, dst: np.ndarray, src: np.ndarray, nbytes: np.ndarray, buf: int, stream: int,
+                  wait_ev: int, done_ev: int, vec: np.ndarray) -> tuple[int, int]:
+        """native.c ``tpl_map_chunk``: (result, mapping address); see there. ``dst`` / ``src`` / ``nbytes``
+        int64 [k]; ``vec`` uint8, at least one byte per page of ``reg_len``."""
+        for a in (dst, src, nbytes):
+            assert a.dtype == np.int64 and a.flags.c_contiguous and len(a) == len(dst)
+        assert vec.dtype == np.uint8 and len(vec) >= -(-reg_len // 4096) and reg_len >= map_len > 0
+        addr = ctypes.c_uint64(0)
+        rc = self._map_chunk(batch.addr, ctypes.addressof(cuda), fd, lo, hi, span_off, map_len, reg_len,
+                             dst.ctypes.data, src.ctypes.data, nbytes.ctypes.data, len(dst), buf, stream or None,
+                             wait_ev or None, done_ev, int(ON_DEVICE), vec.ctypes.data, ctypes.byref(addr))
+        return int(rc), int(addr.value)
 
     def pool(self, threads: int, rings=None) -> ReaderPool:
         """``threads`` reader threads kept in C (see ``ReaderPool``)."""

@@ -43,6 +43,8 @@ MAX_SPAN_RATIO = 1.5
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _libc.mincore.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munmap.restype = ctypes.c_int
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,23 @@ class Span:
             self._mm.close()
         except BufferError:  # a view of it is still alive somewhere: the mapping goes with it
             pass
+
+
+class MappedRange:
+    """A mapping made and pinned by native.c's ``tpl_map_chunk``: ``close`` unpins and unmaps it (once
+    every copy reading it is done: the caller's job)."""
+
+    def __init__(self, addr: int, length: int, registered: bool = True):
+        self.addr, self.length, self.registered = addr, length, registered
+
+    def close(self) -> None:
+        if self.addr:
+            if self.registered:
+                rc = int(torch.cuda.cudart().cudaHostUnregister(self.addr))
+                if rc != 0:
+                    log.warning("cudaHostUnregister of a file mapping failed with CUDA error %d", rc)
+            _libc.munmap(self.addr, self.length)
+            self.addr = 0
 
 
 def read_into(fd: int, cc: ChunkCopies, buf: torch.Tensor) -> None:
