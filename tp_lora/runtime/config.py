@@ -62,13 +62,14 @@ class LoRAConfig:
     with the system C compiler at first use, cached under ``$TP_LORA_CACHE_DIR`` or ``~/.cache/tp_lora``),
     one call per part without the GIL; where it cannot be built (no compiler, ``TP_LORA_NATIVE=0``) the
     readers' Python loop reads the same bytes. False: always the Python loop."""
-    map_reads: MapReads = "auto"
+    map_reads: MapReads = "off"
     """Copy a cached cold load's last chunks to the GPU straight from the page cache (their pages pinned
     in place with a read-only ``cudaHostRegister``, no CPU copy) while the readers take the first ones
     (``tp_lora/device/mapper.py``); the cache's copy of those chunks is read after the load. "auto": on
     CUDA, for plans of at least 512 MiB whose chunks are few large file ranges in the page cache; "on":
     every cached cold load through the C batch (on CPU the same claims run with ``preadv``: tests);
-    "off": the readers read every byte. A driver or file system that refuses turns it off (one warning)."""
+    "off" (the default until it is measured faster on the device: docs/PERF_NOTES.md rows 53-55): the
+    readers read every byte. A driver or file system that refuses turns it off (one warning)."""
     read_ahead: int | None = None
     """Parts of a cached cold load read ahead of the copy (their buffers are the cache entry's, so this
     bounds no memory, only how far readers run past a slow part); None: read_workers + 1 (1..65536)."""
