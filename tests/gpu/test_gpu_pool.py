@@ -193,11 +193,12 @@ def test_chunks_copied_straight_from_the_page_cache(adir, src):
             ls = mgr.stats().load_stats[-1]
             if mode == "on":
                 assert mgr.engine.mapper.disabled is None, mgr.engine.mapper.disabled
-                assert ls["mapped_chunks"] >= 2 and ls["bytes_mapped"] > 0
+                assert ls["mapped_chunks"] >= 1 and ls["bytes_mapped"] > 0
             assert slot_diff(mgr.pool, 0, expected_slot(path, mgr.model, 1, 0, 1, mgr.pool)) == []
             mgr.engine.settle_fill()
             e = mgr.cache._entries["a"]
             assert e.complete
             entries[mode] = [b.clone() for b in e.buffers]
-            assert mgr.engine.mapper._free.qsize() == 2
+            if mode == "on":
+                assert mgr.engine.mapper._free.qsize() == 2 and mgr.engine.mapper.c_chunks
     assert all(torch.equal(a, b) for a, b in zip(entries["on"], entries["off"]))

@@ -246,6 +246,8 @@ class Mapper:
         if len(self._vec) < reg_len // PAGE:
             self._vec = np.zeros(reg_len // PAGE, dtype=np.uint8)
         done = self._done[buf.data_ptr()]
+        # before the call: the loader looks the chunk up as soon as its statuses say ON_DEVICE
+        run.placed[id(chunk)] = (buf, done)
         tr = time.perf_counter()
         rc, addr = self.native.map_chunk(batch, self.cuda, fd, lo, hi, cc.lo, map_len, reg_len, cc.dst, cc.src,
                                          cc.nbytes, buf.data_ptr(), self.stream.cuda_stream,
@@ -253,12 +255,12 @@ class Mapper:
         run.register_s += time.perf_counter() - tr
         if rc == 1:
             run.spans.append(MappedRange(addr, map_len))
-            run.placed[id(chunk)] = (buf, done)
             run.event = done
             run.low = lo
             run.bytes += chunk.nbytes
             run.chunks += 1
             return True
+        del run.placed[id(chunk)]
         if rc < 0 and addr:
             self.stream.synchronize()  # copies issued before the failure may read the mapping still
             MappedRange(addr, map_len).close()
