@@ -141,6 +141,16 @@ def _mgr(map_reads, **kw):
     return mgr
 
 
+def _hold_refill(monkeypatch, eng, gate: threading.Event) -> None:
+    """The engine's refills wait for ``gate`` (at most 5 s) before they start."""
+    real = eng._refill
+
+    def held(*a):
+        gate.wait(5)
+        real(*a)
+    monkeypatch.setattr(eng, "_refill", held)
+
+
 def _entry(mgr, name="a"):
     e = mgr.cache._entries[name]
     assert e.complete
@@ -184,12 +194,7 @@ def test_evict_waits_for_the_refill(adir, monkeypatch):
     gate = threading.Event()
     with _mgr("on") as mgr:
         eng = mgr.engine
-        real = eng._refill
-
-        def slow(*a):
-            gate.wait(5)
-            real(*a)
-        monkeypatch.setattr(eng, "_refill", slow)
+        _hold_refill(monkeypatch, eng, gate)
         mgr.register("a", path)
         mgr.activate("a")
         assert mgr.stats().load_stats[-1]["mapped_chunks"] >= 1
@@ -239,12 +244,7 @@ def test_a_failed_refill_drops_the_entry_and_keeps_the_slot(adir, monkeypatch, c
     gate = threading.Event()
     with _mgr("on") as mgr, caplog.at_level(logging.WARNING, logger="tp_lora.device.transfer"):
         eng = mgr.engine
-        real = eng._refill
-
-        def late(*a):
-            gate.wait(5)
-            real(*a)
-        monkeypatch.setattr(eng, "_refill", late)
+        _hold_refill(monkeypatch, eng, gate)
         mgr.register("a", path)
         mgr.activate("a")
         assert mgr.stats().load_stats[-1]["mapped_chunks"] >= 1
