@@ -51,6 +51,8 @@ from tp_lora.plan.parallel import ParallelSpec  # noqa: E402
 from tp_lora.plan.planner import plan_rank  # noqa: E402
 from tp_lora.job.synthetic import write_synthetic_adapter  # noqa: E402
 from tp_lora.device.transfer import default_read_workers  # noqa: E402
+from tp_lora.device.mapper import MAP_READS  # noqa: E402
+from tp_lora.runtime.config import DEFAULTS  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda", 0) if CUDA else torch.device("cpu")
@@ -238,7 +240,7 @@ def _manager(c: dict, args: argparse.Namespace, **over) -> LoRAManager:
               host_cache_bytes=64 << 30, chunk_bytes=args.chunk_bytes, pin_mode=args.pin_mode,
               read_workers=args.read_workers, pin_workers=args.pin_workers, part_bytes=args.part_bytes,
               read_mode=args.read_mode, placement=args.placement, read_ahead=args.read_ahead,
-              read_backend=args.read_backend, map_reads=getattr(args, "map_reads", "auto"))
+              read_backend=args.read_backend, map_reads=getattr(args, "map_reads", DEFAULTS["map_reads"]))
     kw.update(over)
     mgr = LoRAManager(LoRAConfig(**kw), spec, par)
     if getattr(args, "map_stagings", None):
@@ -775,10 +777,9 @@ def main() -> int:
     ap.add_argument("--read-ahead", type=int, default=None, help="LoRAConfig.read_ahead")
     ap.add_argument("--read-backend", default="auto", choices=["auto", "io_uring", "preadv"])
     ap.add_argument("--ring-exact-rows", action="store_true", help="also time io_uring with one request per owned row range (rows not joined through junk gaps)")
-    ap.add_argument("--map-reads", default="auto", choices=["auto", "on", "off"], help="LoRAConfig.map_reads")
+    ap.add_argument("--map-reads", default=DEFAULTS["map_reads"], choices=list(MAP_READS), help="LoRAConfig.map_reads")
     ap.add_argument("--map-stagings", type=int, default=None, help="the mapper's staging buffers")
     ap.add_argument("--map-python", action="store_true", help="the mapper's chunks issued from Python")
-    ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (probe)")
     ap.add_argument("--map-ab", action="store_true",
                     help="also time later cold loads with map_reads='off' (the readers alone)")
     ap.add_argument("--python-reads", action="store_true",
@@ -805,8 +806,6 @@ def main() -> int:
     args = ap.parse_args()
     table = TINY_CASES if args.tiny else CASES
     root = Path(args.adapters)
-    if args.switch_interval:  # probe: how much of a load is threads waiting for the GIL
-        sys.setswitchinterval(args.switch_interval)
     if args.case_run:  # child: one case in a fresh process
         c = table[args.case_run]
         r = case_run(args.case_run, c, make_adapter(root, args.case_run, c), args)

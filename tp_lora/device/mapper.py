@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from ..host.pagecache import PAGE, ChunkCopies, MappedRange, Span, read_into
 log = logging.getLogger(__name__)
 
 MapReads = Literal["auto", "on", "off"]
-MAP_READS: tuple[str, ...] = ("auto", "on", "off")
+MAP_READS: tuple[str, ...] = get_args(MapReads)
 #: "auto" maps only plans at least this large (below it, the readers alone finish in a few ms and the
 #: registration, the refill and the unregistration cost more than they save)
 MAP_MIN_BYTES = 512 << 20
@@ -65,6 +65,15 @@ class MapRun:
     register_s: float = 0.0  # pinning the spans' pages
     issue_s: float = 0.0  # issuing the copies
     future: cf.Future | None = None
+
+    def took(self, lo: int, chunk, span, event: Any) -> None:
+        """Chunk ``chunk`` (positions from ``lo``) is the mapper's: ``span`` to release after ``event``."""
+        self.spans.append(span)
+        if event is not None:
+            self.event = event
+        self.low = lo
+        self.bytes += chunk.nbytes
+        self.chunks += 1
 
     def release(self) -> None:
         """Wait for the copies that read the spans, then unpin and unmap them."""
@@ -202,7 +211,6 @@ class Mapper:
                             buf[d:d + n].copy_(src[s - base:s - base + n], non_blocking=True)
                         done = torch.cuda.Event()
                         done.record(self.stream)
-                        run.event = done
                         run.issue_s += time.perf_counter() - ti
                     else:
                         read_into(fd, cc, buf)
@@ -217,11 +225,8 @@ class Mapper:
                     batch.complete(lo, hi, 1)
                     self._disable(e, self._stopped(batch, cancelled))
                     return
-                run.spans.append(span)
                 run.placed[id(chunk)] = (buf, done)
-                run.low = lo
-                run.bytes += chunk.nbytes
-                run.chunks += 1
+                run.took(lo, chunk, span, done)
                 batch.complete(lo, hi, native.ON_DEVICE)
                 if ready is not None and run.chunks >= self.head_start:
                     ready.set()
@@ -254,11 +259,7 @@ class Mapper:
                                          0 if ev is None else ev.cuda_event, done.cuda_event, self._vec)
         run.register_s += time.perf_counter() - tr
         if rc == 1:
-            run.spans.append(MappedRange(addr, map_len))
-            run.event = done
-            run.low = lo
-            run.bytes += chunk.nbytes
-            run.chunks += 1
+            run.took(lo, chunk, MappedRange(addr, map_len), done)
             return True
         del run.placed[id(chunk)]
         if rc < 0 and addr:

@@ -215,7 +215,7 @@ class TransferEngine:
                  ring_slots: int, read_workers: int | None, pin_workers: int, part_bytes: int | None,
                  read_mode: ReadMode, arena: HostArena | None = None, placement: PlacementMode = "auto",
                  read_ahead: int | None = None, read_backend: uring.ReadBackend = "auto",
-                 native_reads: bool = True, map_reads: MapReads = "auto"):
+                 native_reads: bool = True, map_reads: MapReads = "off"):
         # the knobs come from a LoRAConfig, which holds their defaults and checked their bounds (the one
         # place for both); these asserts guard the internal contract only
         assert chunk_bytes >= 1 and ring_slots >= 2 and pin_workers >= 1, (chunk_bytes, ring_slots, pin_workers)

@@ -153,16 +153,20 @@ class Span:
     def close(self) -> None:
         """Unpin (once every copy that reads the span is done: the caller's job) and unmap."""
         if self.registered:
-            rc = int(torch.cuda.cudart().cudaHostUnregister(self.ptr))
+            _unregister(self.ptr)
             self.registered = False
-            if rc != 0:
-                log.warning("cudaHostUnregister of a file mapping failed with CUDA error %d", rc)
         self._tensor = None
         self._arr = None  # type: ignore[assignment]
         try:
             self._mm.close()
         except BufferError:  # a view of it is still alive somewhere: the mapping goes with it
             pass
+
+
+def _unregister(ptr: int) -> None:
+    rc = int(torch.cuda.cudart().cudaHostUnregister(ptr))
+    if rc != 0:
+        log.warning("cudaHostUnregister of a file mapping failed with CUDA error %d", rc)
 
 
 class MappedRange:
@@ -175,9 +179,7 @@ class MappedRange:
     def close(self) -> None:
         if self.addr:
             if self.registered:
-                rc = int(torch.cuda.cudart().cudaHostUnregister(self.addr))
-                if rc != 0:
-                    log.warning("cudaHostUnregister of a file mapping failed with CUDA error %d", rc)
+                _unregister(self.addr)
             _libc.munmap(self.addr, self.length)
             self.addr = 0
 
