@@ -20,6 +20,11 @@ batch, a pool of 32 slots, bf16. Per case, medians (``triton.testing.do_bench``)
   others, divided by ``layers_in_step``; ``step_over_base`` = ours_step_s / base_step_s. The one-op graphs
   above each carry the graph-launch floor (~4.3 us here); an engine replays a whole decode step, which pays it
   once.
+* ``module_step_s``: the module as an engine runs it, in the same kind of graph: each layer's base matmul
+  into its out, then the delta added to that out; measured alternately with ``base_step_s``
+  (``MODULE_ROUNDS`` times each, medians). ``module_marginal_over_base`` = (module_step_s - base_step_s) /
+  base_step_s: what the delta adds to the module, which is below ``step_over_base`` where the delta's reads
+  of x and out hit the L2 the base matmul just filled and its launch overlaps the matmul's tail.
 
 MoE cases (Qwen3-30B-A3B: 128 experts, top-8, hidden 2048, expert intermediate 768): the LoRA of one
 layer's experts (w1, w3, w2 over all routed rows, incl. building the (expert, slot) blocks) vs the base
@@ -64,6 +69,7 @@ from tp_lora.runtime.batch import build_batch  # noqa: E402
 
 SLOTS = 32
 DT = torch.bfloat16
+MODULE_ROUNDS = 3   # alternations of base_step_s and module_step_s
 
 
 def bench(fn: Callable[[], Any], rep_ms: int = 60) -> float:
@@ -259,9 +265,19 @@ def dense_cases(args: argparse.Namespace, sg: Any) -> list[dict]:
                         bos = [torch.empty(T, N, device=dev, dtype=DT) for _ in range(L)]
                         base_fns = [lambda l=l: torch.matmul(xs[l], Ws[l].t(), out=bos[l]) for l in range(L)]
                         ours_fns = [lambda l=l: ops_g.column(l, module, xs[l], outs[l]) for l in range(L)]
+                        module_fns = [lambda l=l: (torch.matmul(xs[l], Ws[l].t(), out=bos[l]),
+                                                   ops_g.column(l, module, xs[l], bos[l])) for l in range(L)]
                         row["layers_in_step"] = L
-                        row["base_step_s"] = bench(step(base_fns), rep_ms=100) / L
                         row["ours_step_s"] = bench(step(ours_fns), rep_ms=100) / L
+                        # base alone and base + delta (the module) alternately, medians: their difference
+                        # is small beside either, so both are sampled in the same stretch of the run
+                        g_base, g_module = step(base_fns), step(module_fns)
+                        bs, ms = [], []
+                        for _ in range(MODULE_ROUNDS):
+                            bs.append(bench(g_base, rep_ms=100) / L)
+                            ms.append(bench(g_module, rep_ms=100) / L)
+                        row["base_step_s"] = sorted(bs)[len(bs) // 2]
+                        row["module_step_s"] = sorted(ms)[len(ms) // 2]
                         del xs, outs, bos
                     finish(row)
                     rows.append(row)
@@ -398,6 +414,8 @@ def finish(row: dict) -> None:
     row["graph_over_base"] = row["ours_graph_s"] / row["base_graph_s"]
     if row.get("base_step_s"):
         row["step_over_base"] = row["ours_step_s"] / row["base_step_s"]
+    if row.get("module_step_s"):
+        row["module_marginal_over_base"] = (row["module_step_s"] - row["base_step_s"]) / row["base_step_s"]
     row["speedup_vs_torch_path"] = (row["torch_path_s"] / row["ours_s"]) if row.get("torch_path_s") else None
     row["sglang_over_ours"] = (row["sglang_s"] / row["ours_s"]) if row.get("sglang_s") else None
     row["sglang_graph_over_ours_graph"] = (row["sglang_graph_s"] / row["ours_graph_s"]
@@ -408,7 +426,7 @@ def finish(row: dict) -> None:
 
 HEAD = (f"{'kind':5} {'module':16} {'rank':5} {'ad':>3} {'tokens':>6} {'base us':>8} {'ours us':>8} "
         f"{'ours/base':>9} {'graph/base':>10} {'vs torch':>9} {'sglang us':>9} {'sg/ours':>7} {'rel':>8} "
-        f"{'g-torch/g-ours':>14} {'g-sg/g-ours':>11} {'step b us':>9} {'step o us':>9} {'step/base':>9}")
+        f"{'g-torch/g-ours':>14} {'g-sg/g-ours':>11} {'step b us':>9} {'step o us':>9} {'step/base':>9} {'module us':>9} {'marginal':>8}")
 
 
 def print_row(r: dict) -> None:
@@ -419,7 +437,8 @@ def print_row(r: dict) -> None:
           f"{(r['sglang_over_ours'] or float('nan')):7.2f} {r['rel_diff_vs_torch']:8.1e} "
           f"{(r['graph_speedup_vs_torch_path'] or float('nan')):14.1f} "
           f"{(r['sglang_graph_over_ours_graph'] or float('nan')):11.2f} {us(r.get('base_step_s'))} "
-          f"{us(r.get('ours_step_s'))} {(r.get('step_over_base') or float('nan')):9.3f}", flush=True)
+          f"{us(r.get('ours_step_s'))} {(r.get('step_over_base') or float('nan')):9.3f} "
+          f"{us(r.get('module_step_s')):>9} {r.get('module_marginal_over_base', float('nan')):8.3f}", flush=True)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -440,6 +459,8 @@ def plot(rows: list[dict], path: Path) -> None:
         if kind == "dense":
             ax.bar([i + 0.1 for i in xs], [(r["sglang_s"] or 0) / r["base_s"] for r in sel], 0.2,
                    label="sglang eager / base eager")
+            ax.bar([i + 0.3 for i in xs], [max(r.get("module_marginal_over_base") or 0, 1e-3) for r in sel], 0.2,
+                   label="(base + ours) - base, in the step / base")
         ax.set_yscale("log")
         ax.set_xticks(list(xs))
         ax.set_xticklabels(labels, rotation=90, fontsize=6)
