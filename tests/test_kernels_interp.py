@@ -28,9 +28,10 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 from support import kernel_checks as kc  # noqa: E402
-from test_ops import DENSE, MOE, QWEN2_MOE, make_batch, make_pool, check_dense_ops, check_embedding  # noqa: E402
+from test_ops import DENSE, MOE, QWEN2_MOE, SLOT_RANKS, make_batch, make_pool, check_dense_ops, check_embedding  # noqa: E402
 from test_ops import check_expert_ops  # noqa: E402
 
+from tp_lora.device.pool import GpuPool  # noqa: E402
 from tp_lora.ops import triton_kernels  # noqa: E402
 from tp_lora.ops.layer import LoRAOps, TorchBackend  # noqa: E402
 from tp_lora.ops.meta import expert_blocks, plan_dense_blocks  # noqa: E402
@@ -373,11 +374,12 @@ def test_shrink_stages_fit_the_shared_memory():
 
 PREFILL_CONFIGS = [dict(), dict(reduce=False, p_low=False, prefill_splits=0), dict(shrink_rows=16),
                    dict(shrink_rows=32, prefill_split=1 << 20, p_low=True),
-                   dict(prefill_split=16, reduce=True, p_low=True)]
+                   dict(prefill_split=16, reduce=True, p_low=True),
+                   dict(expand_tiles=3, expand_tiles_wide=3, expand_block_n=16, expand_block_n_wide=16)]
 
 
 @pytest.mark.parametrize("cfg", PREFILL_CONFIGS, ids=["defaults", "expand-sums-splits", "sub16",
-                                                      "sub32-one-split-low", "reduce-4-splits"])
+                                                      "sub32-one-split-low", "reduce-4-splits", "expand-walk"])
 def test_prefill_two_launch_tunings_match_torch_path(monkeypatch, cfg: dict) -> None:
     """The dense prefill regime (``PREFILL_TOKENS`` lowered to 8, so random batches of up to 40-token
     requests take 64-row blocks and the two launches) with each shrink tuning the benchmark sweeps: shrink
@@ -426,6 +428,51 @@ def test_prefill_shrink_sub_blocks_and_low_p_keep_the_bits(monkeypatch, split: i
     assert not torch.equal(got[0], out)
     for o in got[1:]:
         assert torch.equal(o, got[0])
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["rank-tile-16", "rank-tile-64-mixed"])
+def test_prefill_expand_walk_keeps_the_bits(monkeypatch, wide: bool) -> None:
+    """The expand walking several N tiles a program (``expand_tiles``; P loaded once, the next tile's loads
+    ahead) computes each tile as one program a tile does. Under the interpreter (its elementwise product) that
+    is the same bits, bf16 and fp32, for a rank-16 pool
+    and a mixed pool of rank tile 64 (slots of rank 40, 3 and 24: both of its kernel branches), with tile
+    counts that leave the last program a partial walk; base-only rows unchanged."""
+    from tp_lora.ops import meta
+    monkeypatch.setattr(meta, "PREFILL_TOKENS", 8)
+    monkeypatch.setitem(triton_kernels.TWO_LAUNCH_CONFIG, "expand_block_n", 16)
+    monkeypatch.setitem(triton_kernels.TWO_LAUNCH_CONFIG, "expand_block_n_wide", 16)
+    ranks = (40, 3, 24) if wide else SLOT_RANKS
+    for dtype in (torch.bfloat16, torch.float32):
+        pool = GpuPool(DENSE, ParallelSpec(), max_loras=3, max_rank=max(ranks), modules=("q", "down"),
+                       dtype=dtype, device=DEV)
+        g = torch.Generator().manual_seed(5)
+        for m in pool.modules:
+            for s, r in enumerate(ranks):
+                pool.A[m][s][..., :r, :] = (torch.randn(pool.A[m][s][..., :r, :].shape, generator=g) * 0.3).to(dtype)
+                pool.B[m][s][..., :r] = (torch.randn(pool.B[m][s][..., :r].shape, generator=g) * 0.3).to(dtype)
+                pool.scaling[m][s].fill_(0.5 + s)
+        slots, toks = [0, -1, 1, 2], [37, 5, 20, 50]
+        batch = build_batch(slots, [None if s < 0 else f"ad{s}" for s in slots], toks,
+                            {s: ranks[s] for s in slots if s >= 0}, torch.device(DEV), None)
+        for module in ("q", "down"):
+            shape = pool.shapes[module]
+            N = shape.b_shape[0]
+            assert -(-N // 16) % 3 != 0          # three tiles a program: the last walk is partial
+            x = torch.randn(batch.num_tokens, shape.a_shape[1], generator=g).to(dtype)
+            out = torch.randn(batch.num_tokens, N, generator=g).to(dtype)
+            got = []
+            for nt in (1, 2, 3, 64):
+                monkeypatch.setitem(triton_kernels.TWO_LAUNCH_CONFIG, "expand_tiles", nt)
+                monkeypatch.setitem(triton_kernels.TWO_LAUNCH_CONFIG, "expand_tiles_wide", nt)
+                ops = LoRAOps(pool, batch, TritonBackend())
+                assert ops.backend.meta.prefill
+                o = out.clone()
+                ops.column(0, module, x, o)
+                got.append(o)
+            base = batch.token_slots < 0
+            assert not torch.equal(got[0], out) and torch.equal(got[0][base], out[base])
+            for o in got[1:]:
+                assert torch.equal(o, got[0]), (module, dtype)
 
 
 def test_prefill_shrink_items_of_the_used_blocks_only(monkeypatch) -> None:
@@ -514,10 +561,11 @@ def build(fn, consts, ptrs, **opts):
     return ptx.count("griddepcontrol.wait"), ptx.count("griddepcontrol.launch_dependents"), bool(k.metadata.launch_pdl)
 
 for gdc in (False, True):
-    e = build(K._expand_kernel, dict(SPLITS=1, HAS_EXPERT=False, IEEE=False, UPCAST=False, CDT=tl.bfloat16,
-              BLOCK_M=64, BLOCK_N=128, RT=16, GDC=gdc), {"p_ptr": "*bf16", "b_ptr": "*bf16", "sc_ptr": "*fp32",
-              "out_ptr": "*bf16"}, num_warps=4, num_stages=1, launch_pdl=gdc)
-    print("expand", gdc, *e)
+    for nt in (1, 4):
+        e = build(K._expand_kernel, dict(SPLITS=1, HAS_EXPERT=False, IEEE=False, UPCAST=False, CDT=tl.bfloat16,
+                  BLOCK_M=64, BLOCK_N=128, RT=16, GDC=gdc, NT=nt), {"p_ptr": "*bf16", "b_ptr": "*bf16",
+                  "sc_ptr": "*fp32", "out_ptr": "*bf16"}, num_warps=4, num_stages=1, launch_pdl=gdc)
+        print("expand" if nt == 1 else "expand-walk", gdc, *e)
     s = build(K._shrink_kernel, dict(HAS_EXPERT=False, IEEE=False, UPCAST=False, BLOCK_M=64, SUB=1, RT=16,
               BLOCK_K=256, SPLITS=4, REDUCE=True, UNROLL=False, GDC=gdc), {"x_ptr": "*bf16", "a_ptr": "*bf16",
               "p_ptr": "*fp32", "q_ptr": "*bf16"}, num_warps=4, num_stages=4)
@@ -541,3 +589,4 @@ def test_pdl_launches_compile_for_sm90_with_grid_dependency_control() -> None:
     lines = r.stdout.split("\n")
     assert "expand False 0 0 False" in lines and "shrink False 0 0 False" in lines, r.stdout
     assert "expand True 1 0 True" in lines and "shrink True 0 1 False" in lines, r.stdout
+    assert "expand-walk False 0 0 False" in lines and "expand-walk True 1 0 True" in lines, r.stdout

@@ -366,11 +366,12 @@ def test_fused_split_bits_do_not_depend_on_the_batch(monkeypatch) -> None:
 
 PREFILL_TUNINGS = [dict(), dict(shrink_rows=16), dict(prefill_split=1 << 20, shrink_rows=16, p_low=True),
                    dict(prefill_split=16, reduce=True, p_low=True), dict(prefill_split=16, reduce=True,
-                                                                          shrink_rows=32), dict(pdl=False)]
+                                                                          shrink_rows=32), dict(pdl=False),
+                   dict(expand_tiles=3, expand_tiles_wide=3, expand_block_n=16, expand_block_n_wide=16)]
 
 
 @pytest.mark.parametrize("cfg", PREFILL_TUNINGS, ids=["block", "sub16", "one-split-low", "reduce-low",
-                                                      "reduce-sub32", "stream-order"])
+                                                      "reduce-sub32", "stream-order", "expand-walk"])
 def test_prefill_two_launch_tunings_cuda(monkeypatch, cfg: dict) -> None:
     """The dense prefill regime (``PREFILL_TOKENS`` lowered to 8: 64-row blocks, shrink + expand) with each
     shrink tuning the benchmark sweeps: fp32 and bf16 against the torch path on random batches of up to
@@ -482,6 +483,71 @@ def test_prefill_full_size_shapes_fit_and_match(dtype, max_rank: int) -> None:
         assert rel <= (1e-5 if dtype == torch.float32 else 2e-2), (m, rel)
         base = batch.token_slots < 0
         assert torch.equal(ok[base], out[base])
+
+
+@pytest.mark.parametrize("max_rank", [16, 64], ids=["r16", "mixed-r64"])
+def test_prefill_expand_walk_cuda(monkeypatch, max_rank: int) -> None:
+    """Llama-3-8B q / down at 600 tokens with the expand walking 1, 2, 4 or 8 N tiles a program
+    (``expand_tiles`` / ``expand_tiles_wide``), bf16 and fp32: the torch path's result (fp32 1e-5 relative,
+    bf16 2e-2), base-only rows unchanged, a CUDA graph's replay equal to the eager call bit for bit, and a
+    request alone equal bit for bit to the same request in the batch (the tile count is the shape's, never
+    the batch's). Across tile counts the bits may differ (the compiler may choose another MMA form)."""
+    import dataclasses
+    from tp_lora.device.pool import GpuPool
+    from tp_lora.plan.model import ModelSpec
+    from tp_lora.ops import triton_kernels as K
+    spec = dataclasses.replace(ModelSpec.from_preset("llama-3-8b"), num_hidden_layers=1)
+    dev = torch.device("cuda")
+    ranks = [max_rank, 16, 5] if max_rank == 16 else [max_rank, 16, 37]
+    for dtype in (torch.bfloat16, torch.float32):
+        pool = GpuPool(spec, ParallelSpec(), max_loras=3, max_rank=max_rank, modules=("q", "down"),
+                       dtype=dtype, device=dev)
+        g = torch.Generator(device="cuda").manual_seed(4)
+        for m in pool.modules:
+            for s_, r in enumerate(ranks):
+                A, B = pool.A[m][s_], pool.B[m][s_]
+                A[..., :r, :] = torch.randn(A[..., :r, :].shape, generator=g, device=dev).to(dtype) * 0.02
+                B[..., :r] = torch.randn(B[..., :r].shape, generator=g, device=dev).to(dtype) * 0.02
+            pool.scaling[m].uniform_(0.5, 2.0, generator=g)
+        slots = [0, 1, -1, 2, 0, 1]
+        lens = [130, 70, 50, 200, 90, 60]
+        batch = build_batch(slots, [None] * 6, lens, {s_: ranks[s_] for s_ in slots if s_ >= 0}, dev, None)
+        # the request of slot 2 with a base-only one (600 tokens: the same prefill regime)
+        alone = build_batch([2, -1], [None, None], [200, 400], {2: ranks[2]}, dev, None)
+        first = sum(lens[:3])                   # request 3 (slot 2) starts here
+        for m in ("q", "down"):
+            Kd, N = pool.shapes[m].a_shape[1], pool.shapes[m].b_shape[0]
+            x = torch.randn(batch.num_tokens, Kd, device=dev, generator=g).to(dtype)
+            out = torch.randn(batch.num_tokens, N, device=dev, generator=g).to(dtype)
+            ot = out.clone()
+            LoRAOps(pool, batch, TorchBackend()).column(0, m, x, ot)
+            for nt in (1, 2, 4, 8):
+                monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "expand_tiles", nt)
+                monkeypatch.setitem(K.TWO_LAUNCH_CONFIG, "expand_tiles_wide", nt)
+                ops = LoRAOps(pool, batch, TritonBackend(max_tokens=batch.num_tokens))
+                assert ops.backend.meta.prefill
+                o = out.clone()
+                ops.column(0, m, x, o)
+                d = (o.double() - out.double()), (ot.double() - out.double())
+                rel = float((d[0] - d[1]).norm() / d[1].norm())
+                assert rel <= (1e-5 if dtype == torch.float32 else 2e-2), (m, dtype, nt, rel)
+                base = batch.token_slots < 0
+                assert torch.equal(o[base], out[base])
+                og = out.clone()
+                graph = torch.cuda.CUDAGraph()
+                torch.cuda.synchronize()
+                with torch.cuda.graph(graph):
+                    ops.column(0, m, x, og)
+                og.copy_(out)
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(og, o), (m, dtype, nt, "graph")
+                oa = torch.cat([out[first:first + 200], out[:400]])
+                ops_a = LoRAOps(pool, alone, TritonBackend())
+                assert ops_a.backend.meta.prefill
+                ops_a.column(0, m, torch.cat([x[first:first + 200], x[:400]]), oa)
+                assert torch.equal(oa[:200], o[first:first + 200]), (m, dtype, nt, "alone")
+        del pool
 
 
 @pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])

@@ -143,10 +143,15 @@ FUSED_STAGES_MAX_RT = 64   # num_stages above 3 only up to this rank tile, 2-byt
 # per module in a 32-layer graph: 8 shrink warps at rank tile 16 and 8 expand warps at the wide tiles
 # 0.6-1.5 us faster on all eight cases; 8 shrink warps at the wide tiles or 8 expand warps at 16 slower;
 # pools above FUSED_MAX_RANK, whose decode-regime ops take these launches too, were not timed).
+# expand_tiles / expand_tiles_wide: N tiles one expand program walks (P and the block's metadata read once,
+# the next tile's loads ahead; pools up to FUSED_MAX_RANK); H200 sweep 2026-12-04b, group 9, 2048 tokens, per
+# module in a 32-layer graph: 4 tiles with 4 warps at the wide rank tiles 3.7-4.9 us faster (q r64 37.3 ->
+# 32.9, down mixed 32 adapters 57.2 -> 53.0), 1 tile at rank tile 16 (2-8 tiles 0.2-4 us slower there);
+# expand_warps_wide 8 -> 4 with it.
 TWO_LAUNCH_CONFIG = Tuning(shrink_block_k=(256, 128), shrink_warps=8, shrink_warps_wide=4, shrink_stages=4,
-                         expand_block_n=128, expand_block_n_wide=128, expand_warps=4, expand_warps_wide=8,
+                         expand_block_n=128, expand_block_n_wide=128, expand_warps=4, expand_warps_wide=4,
                          prefill_split=0, shrink_rows=0, p_low=True, reduce=True, reduce_unroll=False,
-                         prefill_splits=4, pdl=True)
+                         prefill_splits=4, pdl=True, expand_tiles=1, expand_tiles_wide=4)
 
 
 
@@ -490,17 +495,79 @@ def _expand_acc(p_ptr, sps, spm, spr, b_base, sbn, sbr, rows, mrow, rank, offs_n
 
 
 @triton.jit
+def _expand_walk(p_ptr, sps, spm, spr, b_base, sbn, sbr, sc, out_ptr, som, son, rows, mrow, rank, n0, N,
+                 SPLITS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, CDT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BR: tl.constexpr, NT: tl.constexpr):
+    """``out[rows, n0 : n0 + NT * BLOCK_N] += sc * p @ B^T`` tile by tile, for a slot whose rank fits one
+    ``BR``-wide rank tile (``rank <= BR``): the block's P ``[BLOCK_M, BR]`` is loaded once, and each tile's
+    product, scaling and rounding are those of ``_expand_acc`` (the same bits). The next tile's B and out
+    loads are issued before this tile's product and store (the tiles are disjoint)."""
+    offs_r = tl.arange(0, BR)
+    mr = offs_r < rank
+    pmask = mrow[:, None] & mr[None, :]
+    p = tl.zeros((BLOCK_M, BR), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        p += tl.load(p_ptr + s * sps + rows[:, None] * spm + offs_r[None, :] * spr, mask=pmask, other=0.0)
+    p = p.to(CDT)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mn = offs_n < N
+    bt = tl.load(b_base + offs_n[None, :] * sbn + offs_r[:, None] * sbr, mask=mr[:, None] & mn[None, :], other=0.0)
+    o = tl.load(out_ptr + rows[:, None] * som + offs_n[None, :] * son, mask=mrow[:, None] & mn[None, :], other=0.0)
+    for j in tl.static_range(NT):
+        if j + 1 < NT:
+            offs_n2 = n0 + (j + 1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mn2 = offs_n2 < N
+            bt2 = tl.load(b_base + offs_n2[None, :] * sbn + offs_r[:, None] * sbr, mask=mr[:, None] & mn2[None, :],
+                          other=0.0)
+            o2 = tl.load(out_ptr + rows[:, None] * som + offs_n2[None, :] * son, mask=mrow[:, None] & mn2[None, :],
+                         other=0.0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc += _mm(p, bt.to(CDT), IEEE, UPCAST)
+        acc = acc * sc
+        tl.store(out_ptr + rows[:, None] * som + offs_n[None, :] * son, (o.to(tl.float32) + acc).to(o.dtype),
+                 mask=mrow[:, None] & mn[None, :])
+        if j + 1 < NT:
+            offs_n = offs_n2
+            mn = mn2
+            bt = bt2
+            o = o2
+
+
+@triton.jit
 def _expand_kernel(p_ptr, sps, spm, spr, b_ptr, sbs, sbe, sbn, sbr, sc_ptr, scs, sce, out_ptr, som, son,
                    perm_ptr, blk_start_ptr, blk_len_ptr, blk_slot_ptr, blk_exp_ptr, rank_ptr, N,
                    SPLITS: tl.constexpr, HAS_EXPERT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                    CDT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RT: tl.constexpr,
-                   GDC: tl.constexpr):
+                   GDC: tl.constexpr, NT: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
     slot, rank = _block_slot_rank(blk_slot_ptr, rank_ptr, pid_b)
     if rank <= 0:
         return
     rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, pid_b, 0, BLOCK_M)
+    if NT > 1:
+        # NT N tiles a program (``expand_tiles``): the block's metadata and P read once, the next tile's B
+        # and out loads issued before this tile's product and store
+        b_base = b_ptr + slot.to(tl.int64) * sbs
+        sc_off = slot.to(tl.int64) * scs
+        if HAS_EXPERT:
+            e = tl.load(blk_exp_ptr + pid_b).to(tl.int64)
+            b_base += e * sbe
+            sc_off += e * sce
+        if GDC:
+            tl.extra.cuda.gdc_wait()
+        sc = tl.load(sc_ptr + sc_off)
+        if RT <= R16:
+            _expand_walk(p_ptr, sps, spm, spr, b_base, sbn, sbr, sc, out_ptr, som, son, rows, mrow, rank,
+                         pid_n * NT * BLOCK_N, N, SPLITS, IEEE, UPCAST, CDT, BLOCK_M, BLOCK_N, R16, NT)
+        else:
+            if rank <= R16:
+                _expand_walk(p_ptr, sps, spm, spr, b_base, sbn, sbr, sc, out_ptr, som, son, rows, mrow, rank,
+                             pid_n * NT * BLOCK_N, N, SPLITS, IEEE, UPCAST, CDT, BLOCK_M, BLOCK_N, R16, NT)
+            else:
+                _expand_walk(p_ptr, sps, spm, spr, b_base, sbn, sbr, sc, out_ptr, som, son, rows, mrow, rank,
+                             pid_n * NT * BLOCK_N, N, SPLITS, IEEE, UPCAST, CDT, BLOCK_M, BLOCK_N, RT, NT)
+        return
     b_base = b_ptr + slot.to(tl.int64) * sbs
     sc_off = slot.to(tl.int64) * scs
     if HAS_EXPERT:
@@ -1067,7 +1134,12 @@ def _expand_geometry(N: int, grid_blocks: int, block_m: int, max_rank: int, spli
     # one stage: one rank tile per slot, nothing to pipeline (and the split partials' stages of a
     # 64-row, 64-rank tile would exceed the shared memory)
     warps = TWO_LAUNCH_CONFIG["expand_warps" if rt <= BLOCK_R else "expand_warps_wide"]
-    g = ((-(-N // bn), grid_blocks), consts, (tuple(consts.values()), warps, 1, gdc))
+    # N tiles a program: only where every slot's rank fits one rank tile (the walk loads P once)
+    nt = (max(1, int(TWO_LAUNCH_CONFIG["expand_tiles" if rt <= BLOCK_R else "expand_tiles_wide"]))
+          if max_rank <= FUSED_MAX_RANK else 1)
+    nt = min(nt, -(-N // bn))
+    consts["NT"] = nt
+    g = ((-(-N // (bn * nt)), grid_blocks), consts, (tuple(consts.values()), warps, 1, gdc))
     _memo_geometry(key, g)
     return g
 
