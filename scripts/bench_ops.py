@@ -677,6 +677,22 @@ SWEEP_GROUPS = [
       {"two.shrink_warps": 16, "two.expand_warps_wide": 8},
       {"two.shrink_warps": 8, "two.expand_warps_wide": 8, "two.expand_block_n_wide": 256},
       {"two.shrink_warps": 8, "two.expand_warps_wide": 8, "two.shrink_warps_wide": 8}]),
+    # 8: the prefill expand's N tile, narrower than the default 128 (more programs, fewer out bytes each; 256
+    # was slower at the wide rank tiles: group 7)
+    (_PREFILL_CASES,
+     [dict(), {"two.expand_block_n_wide": 64}, {"two.expand_block_n_wide": 64, "two.expand_warps_wide": 4},
+      {"two.expand_block_n": 64}, {"two.expand_block_n": 64, "two.expand_block_n_wide": 64}]),
+    # 9: the prefill expand walking several N tiles a program (metadata and P read once, the next tile's loads
+    # ahead of this tile's store): ncu 2026-12-04b, q at 2048 tokens, 8 adapters: the expand at 0.9-1.35 TB/s,
+    # 2-4 programs per SM by registers, every program's loads one dependent chain
+    (_PREFILL_CASES,
+     [dict(), {"two.expand_tiles": 2}, {"two.expand_tiles": 4}, {"two.expand_tiles": 8},
+      {"two.expand_tiles": 4, "two.expand_warps_wide": 4}]),
+    # 10: the wide rank tiles' walk (group 9: 4 tiles, 4 warps kept) against its neighbours and the one-tile
+    # expand of 2026-12-03f (8 warps)
+    (_PREFILL_CASES,
+     [dict(), {"two.expand_tiles_wide": 2}, {"two.expand_tiles_wide": 2, "two.expand_warps_wide": 8},
+      {"two.expand_tiles_wide": 8}, {"two.expand_tiles_wide": 1, "two.expand_warps_wide": 8}]),
 ]
 
 
