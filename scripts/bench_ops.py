@@ -693,6 +693,11 @@ SWEEP_GROUPS = [
     (_PREFILL_CASES,
      [dict(), {"two.expand_tiles_wide": 2}, {"two.expand_tiles_wide": 2, "two.expand_warps_wide": 8},
       {"two.expand_tiles_wide": 8}, {"two.expand_tiles_wide": 1, "two.expand_warps_wide": 8}]),
+    # 11: the prefill shrink's stages (ncu 2026-12-03f, rank tile 64: 4 stages of 32 KiB leave one program an
+    # SM by shared memory, 6% occupancy)
+    (_PREFILL_CASES,
+     [dict(), {"two.shrink_stages": 3}, {"two.shrink_stages": 2}, {"two.shrink_stages": 2, "two.shrink_warps_wide": 8},
+      {"two.shrink_block_k": (256, 64)}]),
 ]
 
 
