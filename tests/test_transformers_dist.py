@@ -64,6 +64,13 @@ def _prompts(vocab: int) -> torch.Tensor:
     return p
 
 
+def _plans_tp_experts(base: str) -> bool:
+    """Whether this transformers' default TP plan of the model shards its fused experts (<= 5.24)."""
+    import transformers
+    cfg = transformers.AutoConfig.from_pretrained(base)
+    return "layers.*.mlp.experts" in (getattr(cfg, "base_model_tp_plan", None) or {})
+
+
 # -- per rank (spawned: no peft here) -----------------------------------------------------------------
 def _rank(rank: int, world: int, fams: dict[str, dict[str, Any]]) -> dict[str, Any]:
     import transformers
@@ -81,6 +88,12 @@ def _rank(rank: int, world: int, fams: dict[str, dict[str, Any]]) -> dict[str, A
         if ep > 1:
             from transformers.distributed import DistributedConfig
             load = dict(distributed_config=DistributedConfig(tp_size=world, ep_size=ep))
+        elif fam == "moe" and not _plans_tp_experts(f["base"]):
+            # transformers >= 5.25: the default plan replicates the experts; shard them over TP explicitly
+            from transformers.distributed import DistributedConfig
+
+            from tp_lora.integrations.transformers import MOE_TP_PLAN
+            load = dict(distributed_config=DistributedConfig(tp_size=world, tp_plan=MOE_TP_PLAN))
         else:
             load = dict(tp_plan="auto")
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -194,6 +207,15 @@ def test_sharding_check_names_each_mismatching_module() -> None:
         assert path in msg, (path, msg)
     assert "q_proj" not in msg
     assert "replicated" in msg and "num_key_value_heads=2" in msg
+    # replicated fused experts (transformers >= 5.25's default plan): the error says how to load instead
+    moe = ModelSpec.from_preset("tiny-moe")
+    mpar = ParallelSpec(tp_size=2, tp_rank=0, vocab_pad_to=1)
+    E, I, H = moe.num_experts, moe.moe_intermediate_size, moe.hidden_size
+    rep = TargetModule("model.layers.0.mlp.experts", "experts", 0, None,
+                       {"gate_up_proj": (E, 2 * I, H), "down_proj": (E, H, I)})
+    with pytest.raises(LayoutError) as e:
+        check_sharding([rep], {"experts.w1": (I // 2, H), "experts.w2": (H, I // 2)}, mpar, moe)
+    assert "model.layers.0.mlp.experts" in str(e.value) and "MOE_TP_PLAN" in str(e.value)
 
 
 # -- the main job on the transformers engine (one rank, in process) ----------------------------------------

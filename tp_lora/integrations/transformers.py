@@ -70,6 +70,16 @@ _ROW_STYLES = ("rowwise",)
 _LM_HEAD_STYLES = ("colwise_gather_output", "colwise_rep", "colwise")
 _EMBED_STYLES = ("embedding_rowwise",)
 _EXPERT_STYLES = ("moe_tp_experts",)
+MOE_TP_PLAN: dict[str, str] = {"model.layers.*.mlp.experts": "moe_tp_experts",
+                               "model.layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+                               "model.layers.*.mlp.experts.down_proj": "rowwise"}
+"""A ``tp_plan`` override (names of an ``AutoModelForCausalLM``) that shards the fused experts of a Mixtral /
+Qwen-MoE model over TP (every expert on
+every rank, its intermediate split), the layout tp_lora slices expert LoRA in without EP. transformers 5.25
+dropped these rules from the models' default plans (``tp_plan="auto"`` then replicates the experts, which
+tp_lora refuses); pass ``DistributedConfig(tp_size=n, tp_plan=MOE_TP_PLAN)``, or use expert parallelism
+(``DistributedConfig(tp_size=n, ep_size=n)``). transformers deprecates ``moe_tp_experts`` for removal in
+5.28."""
 _EXPERT_PARAM_STYLES = {"gate_up_proj": ("packed_colwise",), "down_proj": ("rowwise",)}
 _EP_EXPERT_STYLES = ("ep_dispatch_experts",)
 _EP_PARAM_STYLES = {"gate_up_proj": ("grouped_gemm",), "down_proj": ("grouped_gemm",)}
@@ -268,8 +278,13 @@ def check_sharding(targets: Sequence[TargetModule], expected: dict[str, tuple[in
         if tp == 1:
             return True
         if t.style not in allowed:
+            hint = "pass a tp_plan override"
+            if t.kind == "experts" and t.style is None:
+                hint = ("the experts are replicated, as transformers >= 5.25 leaves them under tp_plan='auto'; "
+                        "load with DistributedConfig(tp_size=n, tp_plan=tp_lora.integrations.transformers."
+                        "MOE_TP_PLAN) or DistributedConfig(tp_size=n, ep_size=n)")
             problems.append(f"{t.path}: transformers style {t.style!r}, tp_lora slices its LoRA {what} "
-                            f"(needs one of {list(allowed)}; pass a tp_plan override)")
+                            f"(needs one of {list(allowed)}; {hint})")
             return False
         return True
 
