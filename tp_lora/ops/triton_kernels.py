@@ -545,15 +545,15 @@ def _expand_kernel(p_ptr, sps, spm, spr, b_ptr, sbs, sbe, sbn, sbr, sc_ptr, scs,
     if rank <= 0:
         return
     rows, mrow = _block_rows(perm_ptr, blk_start_ptr, blk_len_ptr, pid_b, 0, BLOCK_M)
+    b_base = b_ptr + slot.to(tl.int64) * sbs
+    sc_off = slot.to(tl.int64) * scs
+    if HAS_EXPERT:
+        e = tl.load(blk_exp_ptr + pid_b).to(tl.int64)
+        b_base += e * sbe
+        sc_off += e * sce
     if NT > 1:
         # NT N tiles a program (``expand_tiles``): the block's metadata and P read once, the next tile's B
         # and out loads issued before this tile's product and store
-        b_base = b_ptr + slot.to(tl.int64) * sbs
-        sc_off = slot.to(tl.int64) * scs
-        if HAS_EXPERT:
-            e = tl.load(blk_exp_ptr + pid_b).to(tl.int64)
-            b_base += e * sbe
-            sc_off += e * sce
         if GDC:
             tl.extra.cuda.gdc_wait()
         sc = tl.load(sc_ptr + sc_off)
@@ -568,12 +568,6 @@ def _expand_kernel(p_ptr, sps, spm, spr, b_ptr, sbs, sbe, sbn, sbr, sc_ptr, scs,
                 _expand_walk(p_ptr, sps, spm, spr, b_base, sbn, sbr, sc, out_ptr, som, son, rows, mrow, rank,
                              pid_n * NT * BLOCK_N, N, SPLITS, IEEE, UPCAST, CDT, BLOCK_M, BLOCK_N, RT, NT)
         return
-    b_base = b_ptr + slot.to(tl.int64) * sbs
-    sc_off = slot.to(tl.int64) * scs
-    if HAS_EXPERT:
-        e = tl.load(blk_exp_ptr + pid_b).to(tl.int64)
-        b_base += e * sbe
-        sc_off += e * sce
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = offs_n < N
     omask = mrow[:, None] & mn[None, :]
