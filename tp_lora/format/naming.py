@@ -188,3 +188,19 @@ def base_embedding_module(key: str) -> str | None:
         if key == suffix or key.endswith("." + suffix):
             return module
     return None
+
+
+TRAINING_STATE = {"velora_config": (".lora_velora_embed",), "monteclora_config": (".lora_monteclora_sampler.",)}
+"""Tensors peft saves for LoRA variants whose eval forward is plain LoRA (VeLoRA's activation-compression
+embedding, MonteCLoRA's sampler state; peft 0.18-0.21), by the config field that enables the variant: used
+only in training, skipped at register (never read). Without that field such a key is refused as unknown."""
+
+
+def training_state_variant(key: str, enabled: frozenset[str]) -> str | None:
+    """The variant field (``TRAINING_STATE``, one of ``enabled``) whose training-only tensor ``key`` is, else
+    None: e.g. ``...q_proj.lora_velora_embed`` when the config sets ``velora_config``."""
+    for variant in enabled:
+        for mark in TRAINING_STATE.get(variant, ()):
+            if key.endswith(mark) if not mark.endswith(".") else mark in key:
+                return variant
+    return None

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AdapterConfigError, UnsupportedAdapterError
+from .naming import TRAINING_STATE
 from .safetensors_header import no_duplicates, open_regular
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
@@ -43,6 +47,9 @@ class AdapterConfig:
     use_dora: bool = False
     bias: str = "none"
     modules_to_save: tuple[str, ...] | None = None
+    training_variants: frozenset[str] = frozenset()
+    """Enabled variants whose eval forward is plain LoRA and whose saved training-only tensors are skipped
+    (``naming.TRAINING_STATE``: ``velora_config``, ``monteclora_config``)."""
 
     def rank_for(self, module_path: str) -> int:
         key = self._rank_matcher.first(module_path)
@@ -170,6 +177,26 @@ class PatternMatcher:
         return None if best is None else self.keys[best]
 
 
+_FORWARD_VARIANTS = (
+    ("alora_invocation_tokens", "aLoRA (activated LoRA: the delta only from the invocation tokens on)"),
+    ("use_qalora", "QALoRA (A applied to the input pooled over groups)"),
+    ("arrow_config", "Arrow (per-token routing among task adapters)"),
+    ("use_bdlora", "BD-LoRA (block-diagonal A or B)"),
+    ("kasa_config", "KaSA (a singular-value diagonal between A and B, on an SVD-truncated base)"),
+)
+"""peft LoRA variants (``LoraConfig`` fields, peft 0.17-0.21) whose inference forward differs from plain LoRA:
+refused. The variants whose eval forward is plain LoRA (VeLoRA, MonteCLoRA, MiCA) load; their training-only
+tensors are skipped (``naming.TRAINING_STATE``)."""
+_RESIDUAL_INITS = frozenset({"pissa", "olora", "corda", "loftq", "lora_ga"})
+
+
+def _residual_init(init: str) -> bool:
+    """Whether ``init_lora_weights`` names an init that also rewrites the base weights (PiSSA, including
+    ``pissa_niter_<n>``, OLoRA, CorDA, LoftQ, LoRA-GA): an adapter saved without peft's conversion to plain
+    LoRA expects that rewritten base (logged, not refused: peft itself loads it onto any base the same way)."""
+    name = init.lower()
+    return name in _RESIDUAL_INITS or name.startswith("pissa_niter_")
+
 _F32_MAX = 3.4028234663852886e38  # scalings live in a float32 tensor; |alpha / r| <= |alpha| for r >= 1
 
 
@@ -264,7 +291,8 @@ def parse_adapter_config(path: str, *, adapter: str | None = None) -> tuple[Adap
         target_modules=tuple(tm) if isinstance(tm, list) else tm,
         target_parameters=tuple(tp) if tp is not None else None,
         fan_in_fan_out=get("fan_in_fan_out", (bool,), False), use_dora=get("use_dora", (bool,), False),
-        bias=get("bias", (str,), "none"), modules_to_save=tuple(mts) if mts else None)
+        bias=get("bias", (str,), "none"), modules_to_save=tuple(mts) if mts else None,
+        training_variants=frozenset(k for k in TRAINING_STATE if d.get(k) is not None))
     if cfg.use_dora:
         raise UnsupportedAdapterError("DoRA (use_dora=true) is not supported", adapter=adapter, path=path)
     if cfg.bias != "none" or d.get("lora_bias"):
@@ -275,6 +303,16 @@ def parse_adapter_config(path: str, *, adapter: str | None = None) -> tuple[Adap
                                       adapter=adapter, path=path)
     if d.get("layer_replication"):
         raise UnsupportedAdapterError("layer_replication is not supported", adapter=adapter, path=path)
+    for key, what in _FORWARD_VARIANTS:
+        if d.get(key):
+            raise UnsupportedAdapterError(f"{what} ({key}={d[key]!r:.80}) is not supported: its forward is not "
+                                          f"x @ A^T @ B^T * scaling, so loading it as plain LoRA would give outputs "
+                                          f"other than peft's (refused, never ignored)", adapter=adapter, path=path)
+    init = d.get("init_lora_weights")
+    if isinstance(init, str) and _residual_init(init):
+        log.warning("adapter %r: init_lora_weights=%r was saved without peft's conversion "
+                    "(path_initial_model_for_weight_conversion): its A/B were trained on a base whose weights "
+                    "that init changed; its outputs match peft's only on that modified base", adapter, init)
     if d.get("trainable_token_indices"):
         raise UnsupportedAdapterError(
             "trainable_token_indices is not supported: added or retrained token embeddings (peft trainable "

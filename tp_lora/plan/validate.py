@@ -16,7 +16,7 @@ from ..errors import AdapterFormatError, AdapterShapeError, UnsupportedAdapterEr
 from ..format.adapter import AdapterFiles, AdapterHeader, LoRATarget, read_adapter_files
 from ..format.dtypes import SAFETENSORS_FLOAT
 from ..format.modules import FUSED_SOURCES, SOURCES, Scope
-from ..format.naming import ParsedKey, UnknownKey, base_embedding_module, parse_peft_key
+from ..format.naming import ParsedKey, UnknownKey, base_embedding_module, parse_peft_key, training_state_variant
 from ..format.peft_config import CONFIG_NAME
 from ..format.safetensors_header import TensorInfo
 from .model import ModelSpec
@@ -63,7 +63,7 @@ def validate_targets(files: AdapterFiles, model: ModelSpec, *, max_rank: int | N
     chk = _Check(files.name, files.weights_path)
     if not files.tensors:
         raise AdapterFormatError("the adapter holds no tensors (empty adapter)", adapter=chk.name, path=chk.path)
-    pairs = _pair_tensors(files.tensors, model, chk)
+    pairs = _pair_tensors(files.tensors, model, chk, files.config.training_variants)
     if not pairs:
         raise AdapterFormatError("the adapter holds no LoRA tensors (only base weights)", adapter=chk.name,
                                  path=chk.path)
@@ -81,11 +81,16 @@ def validate_targets(files: AdapterFiles, model: ModelSpec, *, max_rank: int | N
     return tuple(targets)
 
 
-def _pair_tensors(tensors: dict[str, TensorInfo], model: ModelSpec, chk: _Check
-                  ) -> dict[_Ident, dict[str, tuple[ParsedKey, TensorInfo]]]:
-    """Every tensor named and paired (A with B); base embeddings peft saved beside the LoRA are skipped."""
+def _pair_tensors(tensors: dict[str, TensorInfo], model: ModelSpec, chk: _Check,
+                  variants: frozenset[str] = frozenset()) -> dict[_Ident, dict[str, tuple[ParsedKey, TensorInfo]]]:
+    """Every tensor named and paired (A with B); base embeddings peft saved beside the LoRA, and the
+    training-only tensors of the config's ``variants`` (``naming.TRAINING_STATE``), are skipped."""
     pairs: dict[_Ident, dict[str, tuple[ParsedKey, TensorInfo]]] = {}
     for key, t in tensors.items():
+        if variants and training_state_variant(key, variants) is not None:
+            log.debug("adapter %r: %s is training state of %s: skipped, not read", chk.name, key,
+                      training_state_variant(key, variants))
+            continue
         base = base_embedding_module(key)
         if base is not None:
             _check_base_embedding(key, t, base, model, chk)
