@@ -698,6 +698,19 @@ SWEEP_GROUPS = [
     (_PREFILL_CASES,
      [dict(), {"two.shrink_stages": 3}, {"two.shrink_stages": 2}, {"two.shrink_stages": 2, "two.shrink_warps_wide": 8},
       {"two.shrink_block_k": (256, 64)}]),
+    # 12: the prefill shrink's items without the split reduction (ncu 2026-12-04d, q r64 8 adapters: one warp
+    # a scheduler, DRAM 27%, the kernel one latency chain: metadata -> rows -> 8 K tiles -> partial store ->
+    # arrival -> the last split's sum): the same 128 items as rows x K instead of K splits
+    (_PREFILL_CASES,
+     [dict(), {"two.prefill_splits": 1, "two.shrink_rows": 16}, {"two.prefill_splits": 2, "two.shrink_rows": 32},
+      {"two.prefill_splits": 1, "two.shrink_rows": 32}, {"two.reduce_unroll": True},
+      {"two.prefill_splits": 2, "two.shrink_rows": 32, "two.shrink_warps_wide": 8}]),
+    # 13: the prefill shrink's K tile of 256 (half the loop's iterations, barriers and address set-ups; group
+    # 12's profile: the loop ~44% of the kernel's stall samples, one warp a scheduler issuing every ~8 cycles)
+    (_PREFILL_CASES,
+     [dict(), {"two.shrink_block_k": (256, 256)}, {"two.shrink_block_k": (256, 256), "two.prefill_splits": 2},
+      {"two.shrink_block_k": (256, 256), "two.shrink_warps_wide": 8},
+      {"two.shrink_block_k": (256, 256), "two.prefill_splits": 2, "two.shrink_warps_wide": 8}]),
 ]
 
 
