@@ -41,12 +41,19 @@ MIXED = (("a1", 0), (None, 1), ("a2", 2), ("a3", 3), ("a1", 4))   # a1 twice, no
 REUSE_BEFORE = (("a2", 0), ("a1", 1), (None, 2))                  # a2 (rank 16, every module) -> slot 0
 REUSE_AFTER = (("small", 3), (None, 4), ("a1", 0))                # small (rank 2) evicts a2 into slot 0
 
-# (family, ep) per world size; tp = world size
-LAYOUTS: dict[int, list[tuple[str, int]]] = {
+# (family, ep) per world size; tp = world size. ep "rep": every expert whole on every rank
+# (``ParallelSpec(moe_replicated=True)``, transformers' default from 5.25), attention and the shared expert TP
+LAYOUTS: dict[int, list[tuple[str, int | str]]] = {
     1: [("dense", 1), ("moe", 1)],
-    2: [("dense", 1), ("moe", 1), ("moe", 2)],
-    4: [("dense", 1), ("moe", 1), ("moe", 2), ("moe", 4)],   # tp=4 > 2 kv heads: replicated kv heads
+    2: [("dense", 1), ("moe", 1), ("moe", 2), ("moe", "rep")],
+    4: [("dense", 1), ("moe", 1), ("moe", 2), ("moe", 4), ("moe", "rep")],   # tp=4 > 2 kv heads: replicated kv
 }
+
+
+def _parallel(world: int, rank: int, ep: int | str) -> ParallelSpec:
+    if ep == "rep":
+        return ParallelSpec(tp_size=world, tp_rank=rank, moe_replicated=True)
+    return ParallelSpec(tp_size=world, tp_rank=rank, ep_size=ep)
 
 
 def _seqs(vocab: int) -> list[torch.Tensor]:
@@ -89,7 +96,7 @@ def _slot_problems(mgr: LoRAManager, name: str) -> list[str]:
     return out
 
 
-def _rank_run(rank: int, world: int, jobs: list[tuple[str, int, str, dict[str, str]]],
+def _rank_run(rank: int, world: int, jobs: list[tuple[str, int | str, str, dict[str, str]]],
               device: str = "cpu") -> dict:
     """``device="cuda"``: the same on the GPU (tests/gpu/test_gpu_conformance.py), default LoRA backend
     there being the Triton kernels."""
@@ -98,7 +105,7 @@ def _rank_run(rank: int, world: int, jobs: list[tuple[str, int, str, dict[str, s
     res: dict[tuple[str, int], dict[str, Any]] = {}
     for fam, ep, base_dir, dirs in jobs:
         spec = ModelSpec.from_preset(PRESETS[fam])
-        par = ParallelSpec(tp_size=world, tp_rank=rank, ep_size=ep)
+        par = _parallel(world, rank, ep)
         model = TPModel.from_pretrained(base_dir, par, group, spec=spec, device=device)
         seqs = _seqs(spec.vocab_size)
         out: dict[str, Any] = {}

@@ -154,7 +154,8 @@ def reference_bytes(header: AdapterHeader, ref: RefRank) -> int:
     n_local = m.num_experts // ref.ep if m.is_moe else 0
     padded = math.ceil(m.vocab_size / VOCAB_PAD) * VOCAB_PAD
     v_loc = max(0, min(m.vocab_size, (ref.rank + 1) * (padded // tp)) - min(m.vocab_size, ref.rank * (padded // tp)))
-    local = set(range((ref.rank // ref.moe_tp) * n_local, (ref.rank // ref.moe_tp + 1) * n_local))
+    group = 0 if ref.replicated else ref.rank // ref.moe_tp   # replicated: one group of every expert
+    local = set(range(group * n_local, (group + 1) * n_local))
     total = 0
     for t in header.targets:
         r = t.rank
@@ -257,12 +258,15 @@ def check_chunks(plan: SlicePlan) -> None:
             assert len(chunks) == 1
 
 
-def check_layout(header: AdapterHeader, model: ModelSpec, tp: int, ep: int, src: Source) -> None:
+def check_layout(header: AdapterHeader, model: ModelSpec, tp: int, ep: int | str, src: Source) -> None:
+    """``ep`` "rep": the experts replicated (``moe_replicated``), checked against the reference's own rule."""
     covered = {k: torch.zeros(v.shape, dtype=torch.bool) for k, v in src.tensors.items()}
-    base = ParallelSpec(tp_size=tp, ep_size=ep)
+    rep = ep == "rep"
+    ep = 1 if rep else ep
+    base = ParallelSpec(tp_size=tp, ep_size=ep, moe_replicated=rep)
     for rank in range(tp):
-        par = ParallelSpec(tp_size=tp, tp_rank=rank, ep_size=ep)
-        ref = RefRank(model, tp, ep, rank)
+        par = base.for_rank(rank)
+        ref = RefRank(model, tp, ep, rank, replicated=rep)
         plan = plan_rank(header, model, par)
         assert plan.tp_rank == rank and plan.ep_rank == rank // (tp // ep)
         assert plan.full_bytes == sum(v.numel() * v.element_size() for v in src.tensors.values())
@@ -443,6 +447,8 @@ def test_synthetic_adapter_all_layouts(model_name, kind):
     header, src = synthetic_adapter(model_name, kind)
     layouts = legal_layouts(model)
     assert len(layouts) >= 3
+    if model.is_moe:   # the experts replicated over the TP ranks of each legal TP size
+        layouts += [(tp, "rep") for tp in sorted({tp for tp, _ in layouts}) if tp > 1]
     for tp, ep in layouts:
         check_layout(header, model, tp, ep, src)
 

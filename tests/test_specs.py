@@ -245,6 +245,8 @@ MOE = ModelSpec.from_preset("tiny-moe")             # 4 heads, 2 kv, 8 experts, 
     (dict(tp_size=0), r"tp_size must be an integer >= 1, got 0"),
     (dict(tp_size=4, tp_rank=3, ep_size=2, ep_rank=0), r"ep_rank=0 does not match tp_rank=3.*must be 1"),
     (dict(vocab_pad_to=0), r"vocab_pad_to must be an integer >= 1, got 0"),
+    (dict(tp_size=4, ep_size=2, moe_replicated=True), r"moe_replicated=True with ep_size=2"),
+    (dict(tp_size=2, moe_replicated=1), r"moe_replicated must be a bool, got 1"),
 ])
 def test_parallel_spec_errors(kw, match):
     with pytest.raises(LayoutError, match=match):
@@ -265,9 +267,11 @@ def test_parallel_spec_errors(kw, match):
     (dataclasses.replace(ModelSpec.from_preset("tiny-qwen2-moe"), shared_expert_intermediate_size=6), 4, 1,
      [r"shared_expert_intermediate_size=6 is not divisible by tp_size=4"]),
     (TINY, 2, 2, [r"ep_size=2 > 1 for dense model 'tiny-dense'"]),
+    (TINY, 2, "rep", [r"moe_replicated=True for dense model 'tiny-dense'"]),
+    (dataclasses.replace(MOE, moe_intermediate_size=6), 4, "rep", []),   # experts whole: nothing to divide
 ])
 def test_parallel_validate_names_the_numbers(model, tp, ep, matches):
-    par = ParallelSpec(tp_size=tp, ep_size=ep)
+    par = (ParallelSpec(tp_size=tp, moe_replicated=True) if ep == "rep" else ParallelSpec(tp_size=tp, ep_size=ep))
     if not matches:
         par.validate(model)
         return
@@ -300,6 +304,16 @@ def test_ownership_ranges():
     # for_rank keeps the layout
     p = ParallelSpec(tp_size=8, ep_size=2, vocab_pad_to=128).for_rank(6)
     assert (p.tp_size, p.tp_rank, p.ep_size, p.ep_rank, p.vocab_pad_to) == (8, 6, 2, 1, 128)
+    # replicated experts: every expert whole on every rank; attention and the shared expert still split
+    ranks = ParallelSpec(tp_size=4, moe_replicated=True).all_ranks()
+    assert all(p.moe_replicated and p.local_experts(MOE) == range(8) for p in ranks)
+    assert all((p.ep_rank, p.moe_tp_rank, p.moe_tp_size) == (0, 0, 1) for p in ranks)
+    assert [p.heads_range(MOE) for p in ranks] == [range(i, i + 1) for i in range(4)]
+    from tp_lora.plan.layout import RankLayout
+    qwen2 = ModelSpec.from_preset("tiny-qwen2-moe")
+    lay = RankLayout(qwen2, ranks[3])
+    assert lay.span("moe") == (0, qwen2.moe_intermediate_size)
+    assert lay.span("shared") == (3 * qwen2.shared_expert_intermediate_size // 4, qwen2.shared_expert_intermediate_size)
 
 
 def test_vocab_padding():

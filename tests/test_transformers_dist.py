@@ -36,8 +36,11 @@ MIXED = (("a1", 0), (None, 1), ("a2", 2), ("a3", 3), ("a1", 4))
 PAD_LENS = (6, 3, 5, 2, 4)
 # (family, ep_size) per world size (tp = world). Each spawned rank imports transformers (the slow part on a
 # shared 2-core CI box) and then loads every case of its world; the MoE at world 4 covers the attention path
-# of both families. EP: DistributedConfig(tp_size=world, ep_size=world), whole experts per rank.
-CASES = {2: (("dense", 1), ("moe", 1), ("moe", 2)), 4: (("moe", 1), ("moe", 4))}
+# of both families. EP: DistributedConfig(tp_size=world, ep_size=world), whole experts per rank. "rep": the
+# experts replicated on every rank, as transformers >= 5.25 loads them under tp_plan="auto" (on older
+# transformers, whose default plan shards them, that case is not run); ep 1 of the MoE: the experts sharded
+# over TP (the default plan up to 5.24, MOE_TP_PLAN from 5.25).
+CASES = {2: (("dense", 1), ("moe", 1), ("moe", 2), ("moe", "rep")), 4: (("moe", 1), ("moe", 4))}
 
 
 def _spec(family: str) -> ModelSpec:
@@ -85,7 +88,12 @@ def _rank(rank: int, world: int, fams: dict[str, dict[str, Any]]) -> dict[str, A
     out: dict[str, Any] = {}
     for fam, ep in CASES[world]:
         f = fams[fam]
-        if ep > 1:
+        if ep == "rep":
+            if _plans_tp_experts(f["base"]):
+                out[(fam, ep)] = None     # this transformers shards the experts under tp_plan="auto"
+                continue
+            load = dict(tp_plan="auto")
+        elif ep > 1:
             from transformers.distributed import DistributedConfig
             load = dict(distributed_config=DistributedConfig(tp_size=world, ep_size=ep))
         elif fam == "moe" and not _plans_tp_experts(f["base"]):
@@ -118,7 +126,8 @@ def _rank(rank: int, world: int, fams: dict[str, dict[str, Any]]) -> dict[str, A
         with torch.no_grad():
             base = model(input_ids=ids).logits
         out[(fam, ep)] = {"logits": logits, "tokens": tokens, "padded": padded, "base_after_detach": base,
-                          "tp": mgr.parallel.tp_size, "ep": mgr.parallel.ep_size}
+                          "tp": mgr.parallel.tp_size, "ep": mgr.parallel.ep_size,
+                          "replicated": mgr.parallel.moe_replicated}
         mgr.close()
     return out
 
@@ -157,7 +166,10 @@ def test_transformers_tp_matches_peft(families: dict[str, dict[str, Any]], world
     results = run_distributed(_rank, world, send, timeout=300)
     for fam, ep in CASES[world]:
         f, r0 = families[fam], results[0][(fam, ep)]
-        assert (r0["tp"], r0["ep"]) == (world, ep)
+        if r0 is None:     # replicated experts need transformers >= 5.25's default plan
+            assert ep == "rep" and _plans_tp_experts(f["base"]), (fam, ep)
+            continue
+        assert (r0["tp"], r0["ep"], r0["replicated"]) == (world, 1 if ep == "rep" else ep, ep == "rep")
         for r in results[1:]:   # every rank ends with the same (gathered / all-reduced) logits and tokens
             assert torch.equal(r[(fam, ep)]["tokens"], r0["tokens"])
             assert torch.equal(r[(fam, ep)]["padded"], r0["padded"])
@@ -216,6 +228,16 @@ def test_sharding_check_names_each_mismatching_module() -> None:
     with pytest.raises(LayoutError) as e:
         check_sharding([rep], {"experts.w1": (I // 2, H), "experts.w2": (H, I // 2)}, mpar, moe)
     assert "model.layers.0.mlp.experts" in str(e.value) and "MOE_TP_PLAN" in str(e.value)
+    assert "build_manager" in str(e.value)
+    # ... and pass against a manager that plans them whole (what build_manager makes of such a model)
+    rpar = ParallelSpec(tp_size=2, tp_rank=1, moe_replicated=True, vocab_pad_to=1)
+    check_sharding([rep], {"experts.w1": (I, H), "experts.w2": (H, I)}, rpar, moe)
+    # a replicated manager against experts transformers did shard: refused, saying which
+    tp_sharded = TargetModule("model.layers.0.mlp.experts", "experts", 0, "moe_tp_experts",
+                              {"gate_up_proj": (E, I, H), "down_proj": (E, H, I // 2)},
+                              (("gate_up_proj", "packed_colwise"), ("down_proj", "rowwise")))
+    with pytest.raises(LayoutError, match="moe_replicated=True"):
+        check_sharding([tp_sharded], {"experts.w1": (I, H), "experts.w2": (H, I)}, rpar, moe)
 
 
 # -- the main job on the transformers engine (one rank, in process) ----------------------------------------

@@ -22,10 +22,11 @@ class RefRank:
     tp: int
     ep: int
     rank: int
+    replicated: bool = False  # every expert whole on every rank (transformers >= 5.25's default)
 
     @property
     def moe_tp(self) -> int:
-        return self.tp // self.ep
+        return 1 if self.replicated else self.tp // self.ep
 
     @property
     def moe_tp_rank(self) -> int:
@@ -67,6 +68,8 @@ class RefRank:
     def local_experts(self) -> list[int]:
         """Expert group ``rank // moe_tp`` holds the contiguous block of E/ep experts."""
         e_all = self.model.num_experts
+        if self.replicated:
+            return list(range(e_all))
         group = self.rank // self.moe_tp
         return [e for e in range(e_all) if e // (e_all // self.ep) == group]
 

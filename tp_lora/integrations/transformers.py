@@ -29,6 +29,9 @@ This module attaches a ``LoRAManager`` to such a model:
   carries per-request adapters (greedy / sampling with one sequence per row; beam search and
   ``num_return_sequences > 1`` change the rows and are refused by the row-count check).
 
+Replicated experts (transformers >= 5.25 under ``tp_plan="auto"``: every expert whole on every rank, no
+reduction after them) are detected by ``layout`` and planned whole (``ParallelSpec(moe_replicated=True)``).
+
 Expert parallelism (transformers 5.24 ``DistributedConfig(tp_size=n, ep_size=n)``: whole experts
 ``[r*E/n, (r+1)*E/n)`` on rank r, the batch shared by the group): the EP implementation's
 ``experts_forward`` (``AllReduceEP``) is wrapped, the partial expert output rides its all-reduce. An EP
@@ -82,6 +85,8 @@ tp_lora refuses); pass ``DistributedConfig(tp_size=n, tp_plan=MOE_TP_PLAN)``, or
 5.28."""
 _EXPERT_PARAM_STYLES = {"gate_up_proj": ("packed_colwise",), "down_proj": ("rowwise",)}
 _EP_EXPERT_STYLES = ("ep_dispatch_experts",)
+_REPLICATED_PARAM_STYLES = {"gate_up_proj": (None,), "down_proj": (None,)}
+_LAYER_RE = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
 _EP_PARAM_STYLES = {"gate_up_proj": ("grouped_gemm",), "down_proj": ("grouped_gemm",)}
 _ROW_MODULES = ("o", "down", "shared.down")
 
@@ -184,10 +189,24 @@ def layout(model: torch.nn.Module) -> Layout:
                                   f"{ep_mesh.get_local_rank()}) is not the TP group (size {tp}, this rank {rank}); tp_lora supports EP over the "
                                   f"TP group (ep_size == tp_size, the batch shared), where whole experts "
                                   f"[rank*E/ep, (rank+1)*E/ep) sit on each rank")
-        parallel = ParallelSpec(tp_size=tp, tp_rank=rank, ep_size=ep, vocab_pad_to=1)
+        replicated = ep == 1 and spec.is_moe and _experts_replicated(model, spec.family)
+        parallel = ParallelSpec(tp_size=tp, tp_rank=rank, ep_size=ep, moe_replicated=replicated, vocab_pad_to=1)
         group = mesh.get_group()
     parallel.validate(spec)
     return Layout(spec, parallel, group)
+
+
+def _experts_replicated(model: torch.nn.Module, family: str) -> bool:
+    """Whether transformers left this TP-sharded model's fused experts whole on every rank: the first
+    experts module has no TP style (transformers >= 5.25 under ``tp_plan="auto"``, which dropped the
+    ``moe_tp_experts`` rules). A model whose layers disagree is refused later by ``check_sharding``."""
+    table = FAMILY_TABLES[family]
+    plan = dict(getattr(model, "tp_plan", None) or getattr(model, "_tp_plan", None) or {})
+    for name, mod in model.named_modules():
+        m = _LAYER_RE.match(name)
+        if m and m.group(2) == table.fused_expert_module and hasattr(mod, "gate_up_proj"):
+            return not (_hooked(mod) and _style(plan, name) is not None)
+    return False
 
 
 def build_manager(model: torch.nn.Module, config: LoRAConfig) -> LoRAManager:
@@ -224,7 +243,7 @@ def discover(model: torch.nn.Module, family: str, pool_modules: Sequence[str]) -
     plan = plan if sharded else {}
     ep_plan = dict(getattr(model, "ep_plan", None) or getattr(model, "_ep_plan", None) or {})
     ep_plan = ep_plan if _ep_mesh(model) is not None else {}
-    layer_re = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
+    layer_re = _LAYER_RE
     out: list[TargetModule] = []
     pool = set(pool_modules)
     for name, mod in model.named_modules():
@@ -280,9 +299,13 @@ def check_sharding(targets: Sequence[TargetModule], expected: dict[str, tuple[in
         if t.style not in allowed:
             hint = "pass a tp_plan override"
             if t.kind == "experts" and t.style is None:
-                hint = ("the experts are replicated, as transformers >= 5.25 leaves them under tp_plan='auto'; "
-                        "load with DistributedConfig(tp_size=n, tp_plan=tp_lora.integrations.transformers."
-                        "MOE_TP_PLAN) or DistributedConfig(tp_size=n, ep_size=n)")
+                hint = ("the experts are replicated, as transformers >= 5.25 leaves them under tp_plan='auto': "
+                        "build the manager with build_manager(model, config), which plans them whole "
+                        "(ParallelSpec(moe_replicated=True)), or shard them with DistributedConfig(tp_size=n, "
+                        "tp_plan=tp_lora.integrations.transformers.MOE_TP_PLAN)")
+            elif t.kind == "experts" and parallel.moe_replicated:
+                hint = ("the manager plans the experts whole (moe_replicated=True) but transformers shards "
+                        "them; build the manager with build_manager(model, config)")
             problems.append(f"{t.path}: transformers style {t.style!r}, tp_lora slices its LoRA {what} "
                             f"(needs one of {list(allowed)}; {hint})")
             return False
@@ -292,9 +315,14 @@ def check_sharding(targets: Sequence[TargetModule], expected: dict[str, tuple[in
     for t in targets:
         if t.kind == "experts":
             ep = parallel.ep_size > 1
-            styles, pstyles = (_EP_EXPERT_STYLES, _EP_PARAM_STYLES) if ep else (_EXPERT_STYLES, _EXPERT_PARAM_STYLES)
-            if not want_style(t, styles, "as expert-parallel experts over the TP group" if ep
-                              else "as tensor-parallel experts (every expert on every rank)"):
+            if parallel.moe_replicated:
+                styles, pstyles, what = (None,), _REPLICATED_PARAM_STYLES, "whole on every rank (replicated experts)"
+            elif ep:
+                styles, pstyles, what = _EP_EXPERT_STYLES, _EP_PARAM_STYLES, "as expert-parallel experts over the TP group"
+            else:
+                styles, pstyles, what = (_EXPERT_STYLES, _EXPERT_PARAM_STYLES,
+                                         "as tensor-parallel experts (every expert on every rank)")
+            if not want_style(t, styles, what):
                 continue
             for p, st in t.param_styles:
                 if tp > 1 and st not in pstyles[p]:
@@ -567,7 +595,8 @@ def _experts_forward(module: torch.nn.Module, layer: int, ops: LoRAOps, hidden: 
     deltas of each expert's gate, up and down. Runs inside transformers' context, where ``gate_up_proj``
     ``[E, 2*I_local, H]`` (gate rows then up rows of this rank's shard) and ``down_proj``
     ``[E, H, I_local]`` are this rank's local tensors; the output is the partial sum that the
-    ``moe_tp_experts`` all-reduce completes. ``hidden`` ``[T, H]``, ``top_k_*`` ``[T, k]``.
+    ``moe_tp_experts`` all-reduce completes, or, with the experts replicated (``moe_replicated``: whole
+    tensors, no reduction), the whole output. ``hidden`` ``[T, H]``, ``top_k_*`` ``[T, k]``.
 
     Under EP, ``top_k_index`` holds local expert ids (``E_local`` = a route to another rank, weight 0) and
     global expert ``offset + i`` is local expert ``i``."""
@@ -604,8 +633,9 @@ def attach(model: torch.nn.Module, manager: LoRAManager, *, backend: LoRABackend
     if lay.spec.to_dict() | {"name": ""} != manager.model.to_dict() | {"name": ""}:
         raise ConfigError(f"the manager's ModelSpec {manager.model.name!r} is not the model's shape "
                           f"({type(model).__name__}); build it with build_manager(model, config)")
-    if (manager.parallel.tp_size, manager.parallel.tp_rank, manager.parallel.ep_size, manager.parallel.vocab_pad_to) \
-            != (lay.parallel.tp_size, lay.parallel.tp_rank, lay.parallel.ep_size, 1):
+    mp = manager.parallel
+    if (mp.tp_size, mp.tp_rank, mp.ep_size, mp.moe_replicated, mp.vocab_pad_to) \
+            != (lay.parallel.tp_size, lay.parallel.tp_rank, lay.parallel.ep_size, lay.parallel.moe_replicated, 1):
         raise LayoutError(f"the manager's ParallelSpec {manager.parallel} is not this rank's place in the model's "
                           f"mesh {lay.parallel}; build it with build_manager(model, config)")
     pool = manager.pool

@@ -5,6 +5,8 @@ The rules are written once, here; ``plan/layout.py``'s ``RankLayout`` applies th
 EP sits inside the TP group as in SGLang: ``moe_tp_size = tp_size // ep_size``; rank ``tp_rank`` serves
 expert group ``ep_rank = tp_rank // moe_tp_size`` and MoE-TP shard ``moe_tp_rank = tp_rank % moe_tp_size``.
 Experts are placed in contiguous blocks: expert group g holds experts ``[g*E/ep, (g+1)*E/ep)``.
+With ``moe_replicated`` (transformers' default from 5.25) every rank holds every expert whole:
+``moe_tp_size`` is 1 and nothing of an expert is split.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ class ParallelSpec:
     """Expert-parallel degree inside the TP group (1: every rank holds every expert, MoE-TP = TP)."""
     ep_rank: int | None = None
     """Derived from tp_rank when None; when given it must match ``tp_rank // moe_tp_size``."""
+    moe_replicated: bool = False
+    """Every rank holds every routed expert whole (gate/up rows and down columns unsharded) and computes
+    their full output, with no reduction after them: transformers >= 5.25 under ``tp_plan="auto"``. The
+    expert LoRA is then planned whole on every rank (``moe_tp_size`` 1); attention, dense MLPs and the
+    shared expert stay TP-sharded. Needs ``ep_size == 1``."""
     vocab_pad_to: int = 64
     """Vocab-parallel layers pad the vocabulary to a multiple of ``vocab_pad_to`` and split the padded size
     evenly over the TP ranks (as vLLM/SGLang ``VocabParallelEmbedding``: ``pad_vocab_size(V, 64) / tp``)."""
@@ -37,6 +44,11 @@ class ParallelSpec:
         if self.tp_size % self.ep_size:
             raise LayoutError(f"ep_size={self.ep_size} does not divide tp_size={self.tp_size} "
                               f"(EP sits inside the TP group)")
+        if not isinstance(self.moe_replicated, bool):
+            raise LayoutError(f"moe_replicated must be a bool, got {self.moe_replicated!r}")
+        if self.moe_replicated and self.ep_size != 1:
+            raise LayoutError(f"moe_replicated=True with ep_size={self.ep_size}: replicated experts are on every "
+                              f"rank, expert parallelism splits them (one or the other)")
         derived = self.tp_rank // (self.tp_size // self.ep_size)
         if self.ep_rank is None:
             object.__setattr__(self, "ep_rank", derived)
@@ -46,7 +58,8 @@ class ParallelSpec:
 
     @property
     def moe_tp_size(self) -> int:
-        return self.tp_size // self.ep_size
+        """Ranks that split one routed expert (1 when the experts are replicated)."""
+        return 1 if self.moe_replicated else self.tp_size // self.ep_size
 
     @property
     def moe_tp_rank(self) -> int:
@@ -54,7 +67,7 @@ class ParallelSpec:
 
     def for_rank(self, tp_rank: int) -> "ParallelSpec":
         return ParallelSpec(tp_size=self.tp_size, tp_rank=tp_rank, ep_size=self.ep_size,
-                            vocab_pad_to=self.vocab_pad_to)
+                            moe_replicated=self.moe_replicated, vocab_pad_to=self.vocab_pad_to)
 
     def all_ranks(self) -> list["ParallelSpec"]:
         return [self.for_rank(r) for r in range(self.tp_size)]
@@ -85,6 +98,8 @@ class ParallelSpec:
                                 f" is not divisible by tp_size={tp}")
         elif self.ep_size != 1:
             problems.append(f"ep_size={self.ep_size} > 1 for dense model {model.name!r}")
+        elif self.moe_replicated:
+            problems.append(f"moe_replicated=True for dense model {model.name!r}")
         if problems:
             raise LayoutError(f"illegal layout for model {model.name!r} (tp_size={tp}, "
                               f"ep_size={self.ep_size}): " + "; ".join(problems))

@@ -18,6 +18,7 @@ TP rules (``RankLayout`` holds every range; nothing here re-derives ranks):
 | router (mlp.gate) | replicated | - |
 | experts w1/w3 | ``local_experts``; rows ``shard(I_moe, moe_tp, moe_tp_rank)`` | - |
 | experts w2 | ``local_experts``; columns of the same shard | one all-reduce for the whole MoE block |
+| experts, ``moe_replicated`` | every expert whole on every rank | not reduced (only the shared expert is) |
 | shared expert | like gate/up/down over the full TP group | the same MoE all-reduce |
 """
 
@@ -419,6 +420,9 @@ class TPModel:
                 if lora is not None:
                     lora.expert_row(i, "experts.w2", e, he, token_index, y)
                 out.index_add_(0, token_index, y * top_w[token_index, slot, None])
+        routed = None
+        if self.parallel.moe_replicated:   # every rank computed every expert whole: nothing to sum
+            routed, out = out, torch.zeros_like(x)
         if m.shared is not None:
             shared = self._mlp_partial(i, m.shared, x, lora, "shared.")
             if m.shared.down.bias is not None and self.parallel.tp_rank == 0:
@@ -426,7 +430,8 @@ class TPModel:
             # the sigmoid gate is a per-token scalar, so it commutes with the all-reduce's sum
             out += torch.sigmoid(F.linear(x, m.shared_gate)) * shared
         # one all-reduce covers EP (other ranks' experts), MoE-TP (other shards) and the shared expert
-        return self._all_reduce(out)
+        out = self._all_reduce(out)
+        return out if routed is None else out + routed
 
     def _moe_fused(self, i: int, m: _MoE, x: torch.Tensor, top_w: torch.Tensor, top_e: torch.Tensor,
                    lora: LoRALayerOps, out: torch.Tensor) -> None:
