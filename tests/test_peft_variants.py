@@ -194,3 +194,28 @@ def test_unconverted_residual_init_is_logged(made: dict, tmp_path: Path, caplog:
     with mgr, caplog.at_level(logging.WARNING, logger="tp_lora"):
         mgr.register("pissa", str(d))
     assert any("pissa_niter_4" in r.getMessage() and "modified base" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("preset,module", [("tiny-moe", "mlp.gate"), ("tiny-qwen2-moe", "mlp.shared_expert_gate")])
+def test_all_linear_moe_adapter_names_the_unsupported_module(tmp_path: Path, preset: str, module: str) -> None:
+    """peft's target_modules='all-linear' on a MoE also adapts the router (Qwen3-MoE) or the shared expert's
+    scalar gate (Qwen2-MoE): refused as unsupported, naming the module (not as an unknown tensor name)."""
+    from support import peft_fixtures as pf
+    transformers, peft = pf.require_hf()
+    from tp_lora.reference.checkpoint import hf_config_dict
+    spec = ModelSpec.from_preset(preset)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf_config_dict(spec)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules="all-linear"))
+        pm.save_pretrained(tmp_path / "a")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "pt") as f:
+        if not any(f".{module}.lora_A" in k for k in f.keys()):
+            pytest.skip(f"peft {peft.__version__} does not adapt {module} under 'all-linear'")
+    with LoRAManager(LoRAConfig(max_loras=1, max_lora_rank=8, dtype="float32"), spec, ParallelSpec()) as mgr:
+        with pytest.raises(UnsupportedAdapterError, match=module.replace(".", r"\.")) as ei:
+            mgr.register("a", str(tmp_path / "a"))
+        assert "not supported" in str(ei.value) and "'a'" in str(ei.value)
+        assert not mgr.registered()
