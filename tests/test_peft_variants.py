@@ -197,25 +197,59 @@ def test_unconverted_residual_init_is_logged(made: dict, tmp_path: Path, caplog:
 
 
 @pytest.mark.parametrize("preset,module", [("tiny-moe", "mlp.gate"), ("tiny-qwen2-moe", "mlp.shared_expert_gate")])
-def test_all_linear_moe_adapter_names_the_unsupported_module(tmp_path: Path, preset: str, module: str) -> None:
-    """peft's target_modules='all-linear' on a MoE also adapts the router (Qwen3-MoE) or the shared expert's
-    scalar gate (Qwen2-MoE): refused as unsupported, naming the module (not as an unknown tensor name)."""
+def test_all_linear_moe_adapter_matches_peft(tmp_path: Path, preset: str, module: str) -> None:
+    """peft's target_modules='all-linear' on a MoE also adapts the router (Qwen3-MoE, through
+    target_parameters 'gate.weight') and the shared expert's scalar gate (Qwen2-MoE): served as the
+    replicated ``router`` / ``shared_gate`` modules, the logits equal peft's (TP=1 here; the router at TP 2 / 4
+    in tests/test_conformance.py)."""
     from support import peft_fixtures as pf
     transformers, peft = pf.require_hf()
     from tp_lora.reference.checkpoint import hf_config_dict
+    transformers.utils.logging.disable_progress_bar()
     spec = ModelSpec.from_preset(preset)
     torch.manual_seed(0)
-    base = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf_config_dict(spec)))
+    cfg = transformers.AutoConfig.for_model(**hf_config_dict(spec), initializer_range=0.05)
+    transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").save_pretrained(tmp_path / "base")
+
+    def load_base() -> Any:
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", attn_implementation="eager", dtype=torch.float32).eval()
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules="all-linear"))
+        pm = peft.get_peft_model(load_base(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                               init_lora_weights=False))
+        with torch.no_grad():   # the router's and the gate's deltas large enough to move the logits
+            for n, p in pm.named_parameters():
+                if f".{module}." in n and (".lora_A." in n or ".lora_B." in n):
+                    p.mul_(4.0)
         pm.save_pretrained(tmp_path / "a")
     from safetensors import safe_open
     with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "pt") as f:
-        if not any(f".{module}.lora_A" in k for k in f.keys()):
-            pytest.skip(f"peft {peft.__version__} does not adapt {module} under 'all-linear'")
-    with LoRAManager(LoRAConfig(max_loras=1, max_lora_rank=8, dtype="float32"), spec, ParallelSpec()) as mgr:
-        with pytest.raises(UnsupportedAdapterError, match=module.replace(".", r"\.")) as ei:
-            mgr.register("a", str(tmp_path / "a"))
-        assert "not supported" in str(ei.value) and "'a'" in str(ei.value)
-        assert not mgr.registered()
+        keys = list(f.keys())
+    if not any(f".{module}.lora_A" in k for k in keys):
+        pytest.skip(f"peft {peft.__version__} does not adapt {module} under 'all-linear'")
+    seq = torch.randint(0, spec.vocab_size, (9,), generator=torch.Generator().manual_seed(5))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        ref = peft.PeftModel.from_pretrained(load_base(), tmp_path / "a").eval()(input_ids=seq[None]).logits[0]
+        # the same adapter without the module's LoRA: it does change the logits
+        d = tmp_path / "without"
+        shutil.copytree(tmp_path / "a", d)
+        from safetensors.torch import load_file, save_file
+        t = {k: v for k, v in load_file(str(d / "adapter_model.safetensors")).items() if f".{module}." not in k}
+        save_file(t, str(d / "adapter_model.safetensors"))
+    par = ParallelSpec()
+    model = TPModel.from_pretrained(str(tmp_path / "base"), par, None, spec=spec, device="cpu")
+    got = {}
+    with LoRAManager(LoRAConfig(max_loras=2, max_lora_rank=8, dtype="float32"), spec, par) as mgr:
+        mgr.register("a", str(tmp_path / "a"))
+        mgr.register("without", str(d))
+        assert ("router" if module == "mlp.gate" else "shared_gate") in mgr.plan("a").modules
+        mgr.activate(["a", "without"])
+        for name in ("a", "without"):
+            with mgr.prepare_batch([name], [len(seq)]) as batch:
+                got[name] = model(seq, torch.arange(len(seq)), [len(seq)], lora=LoRAOps(mgr.pool, batch))
+    scale = max(1.0, float(ref.abs().max()))
+    assert float((got["a"] - ref).abs().max()) < TOL * scale
+    assert float((got["without"] - ref).abs().max()) > 100 * TOL * scale

@@ -82,9 +82,9 @@ def _batch(spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
 def _lora_modules(spec: ModelSpec, layer: int) -> list[str]:
     mods = ["q", "k", "v", "o"]
     if spec.is_moe_layer(layer):
-        mods += ["experts.w1", "experts.w3", "experts.w2"]
+        mods += ["router", "experts.w1", "experts.w3", "experts.w2"]
         if spec.has_shared_expert(layer):
-            mods += ["shared.gate", "shared.up", "shared.down"]
+            mods += ["shared.gate", "shared.up", "shared.down", "shared_gate"]
     else:
         mods += ["gate", "up", "down"]
     return mods
@@ -128,6 +128,10 @@ def _merge_into_hf(model: Any, spec: ModelSpec, deltas: dict[tuple, torch.Tensor
             getattr(blk.self_attn, attn_names[module]).weight += dw
         elif module in mlp_names:
             getattr(blk.mlp, mlp_names[module]).weight += dw
+        elif module == "router":       # the routing logits (transformers 5: a TopKRouter's weight)
+            blk.mlp.gate.weight += dw
+        elif module == "shared_gate":
+            blk.mlp.shared_expert_gate.weight += dw
         elif module.startswith("shared."):
             getattr(blk.mlp.shared_expert, mlp_names[module[7:]]).weight += dw
         else:
@@ -166,6 +170,8 @@ class DeltaLoRA:
             return p.shard(s.moe_intermediate_size, p.moe_tp_size, p.moe_tp_rank)
         if module == "lm_head":
             return p.vocab_range(s)
+        if module in ("router", "shared_gate"):   # replicated: the whole output on every rank
+            return 0, s.num_experts if module == "router" else 1
         raise AssertionError(module)
 
     def column(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None:

@@ -26,6 +26,7 @@ DENSE_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 ATTN_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 GLOBALS = ["embed_tokens", "lm_head"]
 MOE_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+ROUTER_PARAM = "mlp.gate.weight"   # the router's weight (transformers 5's TopKRouter is not an nn.Linear)
 
 
 def require_hf() -> tuple[Any, Any]:
@@ -70,7 +71,8 @@ def recipes(spec: ModelSpec) -> dict[str, Recipe]:
     a1: plain alpha/r. On the MoE it targets gate_proj/up_proj/down_proj by module name, the transformers-4
         way: peft converts that to ``target_parameters`` on the fused experts, with a rank_pattern/alpha_pattern
         of 2r/2alpha on gate_up_proj (what such adapters look like in practice).
-    a2: rsLoRA alpha/sqrt(r), the largest rank (16); MoE experts through explicit ``target_parameters``.
+    a2: rsLoRA alpha/sqrt(r), the largest rank (16); MoE experts and the router through explicit
+        ``target_parameters``.
     a3: rank_pattern / alpha_pattern on some modules, some per layer.
     small: rank 2, a subset of the modules (no v_proj, lm_head, up_proj / expert gate_up): loaded into the
         slot a2 (rank 16, every module) used before, it must add nothing where it is not a target.
@@ -91,7 +93,7 @@ def recipes(spec: ModelSpec) -> dict[str, Recipe]:
         }
     return {
         "a1": Recipe("a1", 21, 8, 16, dense_t),   # gate/up/down_proj converted by peft to the fused experts
-        "a2": Recipe("a2", 22, 16, 8, attn_t, tuple(MOE_PARAMS), use_rslora=True),
+        "a2": Recipe("a2", 22, 16, 8, attn_t, (*MOE_PARAMS, ROUTER_PARAM), use_rslora=True),
         "a3": Recipe("a3", 23, 4, 32, attn_t, tuple(MOE_PARAMS),
                      rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.o_proj": 8, "lm_head": 6,
                                    "embed_tokens": 12, r"layers\.1\.mlp\.experts\.down_proj": 10,
@@ -151,6 +153,10 @@ def _build_family(spec: ModelSpec, root: Path, seqs: list[torch.Tensor]) -> Fami
         # (save_embedding_layers=True), which tp_lora must skip
         pm.save_pretrained(d)
         adapter_dirs[rec.name] = str(d)
+        if ROUTER_PARAM in (rec.target_parameters or ()):   # the router's LoRA is really in the file
+            from safetensors import safe_open
+            with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
+                assert any(".mlp.gate.lora_A" in k for k in f.keys()), f"{rec.name}: no router LoRA saved"
 
     ref: dict[tuple[str | None, int], torch.Tensor] = {}
     base = load_base()

@@ -15,6 +15,9 @@ TP kinds (base linear ``y = x W^T`` with ``W [out, in]``; LoRA ``A [r, in]``, ``
 | vocab-column (lm_head) | vocabulary rows | A full, B rows of its vocab range; pool padded to ``vocab_per_rank`` |
 | vocab-row (embed) | vocabulary columns of A | A columns of its vocab range, B full |
 
+A column kind over a dimension TP never splits (the router's ``experts``, the shared gate's ``one``) is
+replicated: every rank holds A and B whole and adds the whole delta (no reduction follows).
+
 Which slice of a dimension a rank owns (heads, kv-head replication, MoE-TP, expert blocks, vocab padding)
 is ``plan/layout.py``'s job; this table only names the dimensions.
 
@@ -48,11 +51,14 @@ class Scope(enum.Enum):
     DENSE_MLP = "dense MLP"
     SHARED_EXPERT = "shared expert"
     EXPERTS = "routed experts"
+    ROUTER = "router"  # the routing linear of an MoE layer (once per layer, not per expert)
     GLOBAL = "model"  # once per model (embed, lm_head), stored at layer index 0
 
 
 #: Model dimensions a module maps between (``ModelSpec.dim`` gives the full size, ``RankLayout`` the slice).
-DIMS = ("hidden", "q", "kv", "intermediate", "shared", "moe", "vocab")
+#: "experts" (the router's logits, one per routed expert) and "one" (the shared expert's scalar gate) are
+#: never split: engines replicate those linears on every rank, so a column kind over them is replicated.
+DIMS = ("hidden", "q", "kv", "intermediate", "shared", "moe", "vocab", "experts", "one")
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,8 @@ MODULES: dict[str, ModuleKind] = _kinds(
     ModuleKind("shared.gate", _C, _S, "shared", "hidden"),
     ModuleKind("shared.up", _C, _S, "shared", "hidden"),
     ModuleKind("shared.down", _R, _S, "hidden", "shared"),
+    ModuleKind("shared_gate", _C, _S, "one", "hidden"),       # Qwen2-MoE shared_expert_gate [1, hidden]
+    ModuleKind("router", _C, Scope.ROUTER, "experts", "hidden"),  # mlp.gate [E, hidden]: routing logits
     ModuleKind("experts.w1", _C, _E, "moe", "hidden"),
     ModuleKind("experts.w3", _C, _E, "moe", "hidden"),
     ModuleKind("experts.w2", _R, _E, "hidden", "moe"),

@@ -14,7 +14,7 @@ gate_up or the down parameter is decided from the tensor shapes by the adapter r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .modules import GLOBAL_MODULES
 
@@ -38,14 +38,10 @@ _QWEN_SHARED = {
     "mlp.shared_expert.gate_proj": "shared.gate",
     "mlp.shared_expert.up_proj": "shared.up",
     "mlp.shared_expert.down_proj": "shared.down",
+    "mlp.shared_expert_gate": "shared_gate",
 }
+_ROUTERS = {"mlp.gate": "router"}   # peft's 'all-linear' adapts it (transformers 5: through target_parameters)
 
-
-_ROUTER = ("LoRA on the MoE router (its routing logits) is not supported; save the adapter without it, e.g. "
-           "with explicit target_modules instead of 'all-linear'")
-_SHARED_GATE = ("LoRA on the shared expert's gate (shared_expert_gate, the [1, hidden] scalar gate) is not "
-                "supported; save the adapter without it, e.g. with exclude_modules=['shared_expert_gate']")
-_MOE_UNSUPPORTED = {"mlp.gate": _ROUTER}
 
 
 @dataclass(frozen=True)
@@ -54,9 +50,6 @@ class FamilyTable:
     expert_prefixes: tuple[str, ...]  # "mlp.experts" / "block_sparse_moe.experts" per-expert layouts
     expert_names: dict[str, str]
     fused_expert_module: str | None  # module holding fused 3-D expert params (target_parameters)
-    unsupported: dict[str, str] = field(default_factory=dict)
-    """Modules of the family that PEFT adapters target (peft's 'all-linear' picks them) but tp_lora does
-    not serve: path inside a decoder layer -> why (refused as unsupported, not as an unknown name)."""
 
 
 FAMILY_TABLES: dict[str, FamilyTable] = {
@@ -64,13 +57,12 @@ FAMILY_TABLES: dict[str, FamilyTable] = {
     "mistral": FamilyTable({**_ATTN, **_DENSE_MLP}, (), {}, None),
     "qwen2": FamilyTable({**_ATTN, **_DENSE_MLP}, (), {}, None),
     "qwen3": FamilyTable({**_ATTN, **_DENSE_MLP}, (), {}, None),
-    "qwen3_moe": FamilyTable({**_ATTN, **_DENSE_MLP}, ("mlp.experts",), _QWEN_EXPERT, "mlp.experts",
-                             _MOE_UNSUPPORTED),
-    "qwen2_moe": FamilyTable({**_ATTN, **_DENSE_MLP, **_QWEN_SHARED}, ("mlp.experts",), _QWEN_EXPERT,
-                             "mlp.experts", {**_MOE_UNSUPPORTED, "mlp.shared_expert_gate": _SHARED_GATE}),
-    "mixtral": FamilyTable({**_ATTN}, ("block_sparse_moe.experts", "mlp.experts"),
-                           {**_MIXTRAL_EXPERT, **_QWEN_EXPERT}, "mlp.experts",
-                           {**_MOE_UNSUPPORTED, "block_sparse_moe.gate": _ROUTER}),
+    "qwen3_moe": FamilyTable({**_ATTN, **_DENSE_MLP, **_ROUTERS}, ("mlp.experts",), _QWEN_EXPERT, "mlp.experts"),
+    "qwen2_moe": FamilyTable({**_ATTN, **_DENSE_MLP, **_QWEN_SHARED, **_ROUTERS}, ("mlp.experts",), _QWEN_EXPERT,
+                             "mlp.experts"),
+    "mixtral": FamilyTable({**_ATTN, **_ROUTERS, "block_sparse_moe.gate": "router"},
+                           ("block_sparse_moe.experts", "mlp.experts"), {**_MIXTRAL_EXPERT, **_QWEN_EXPERT},
+                           "mlp.experts"),
 }
 
 _KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
@@ -103,10 +95,6 @@ def canonical_name(module: str, side: str, layer: int, expert: int | None = None
 
 class UnknownKey(Exception):
     """Internal: a key that is not a LoRA tensor of a known module (the reader turns it into an error)."""
-
-
-class UnsupportedKey(UnknownKey):
-    """Internal: a LoRA tensor of a module the family has but tp_lora does not serve (``FamilyTable.unsupported``)."""
 
 
 def _index(token: str) -> int | None:
@@ -177,9 +165,6 @@ def parse_peft_key(key: str, family: str) -> ParsedKey:
     table = FAMILY_TABLES[family]
     if mod in table.layer_modules:
         return ParsedKey(key, table.layer_modules[mod], side, layer, None, module_path)
-    why = table.unsupported.get(mod.replace(".base_layer", ""))
-    if why is not None:
-        raise UnsupportedKey(f"module {mod!r}: {why}")
     for pref in table.expert_prefixes:
         rest = mod[len(pref) + 1:].split(".") if mod.startswith(pref + ".") else []
         if len(rest) == 2 and rest[1] in table.expert_names:

@@ -89,6 +89,30 @@ _REPLICATED_PARAM_STYLES = {"gate_up_proj": (None,), "down_proj": (None,)}
 _LAYER_RE = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
 _EP_PARAM_STYLES = {"gate_up_proj": ("grouped_gemm",), "down_proj": ("grouped_gemm",)}
 _ROW_MODULES = ("o", "down", "shared.down")
+_REPLICATED_MODULES = ("router", "shared_gate")   # out dimensions TP never splits (format.modules.DIMS)
+
+
+def _qwen_route(module: torch.nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``Qwen2MoeTopKRouter`` / ``Qwen3MoeTopKRouter.forward`` after its logits (transformers 5)."""
+    probs = F.softmax(logits, dtype=torch.float, dim=-1)
+    top, index = torch.topk(probs, module.top_k, dim=-1)
+    if module.norm_topk_prob:
+        top /= top.sum(dim=-1, keepdim=True)
+    return logits, top.to(logits.dtype), index
+
+
+def _mixtral_route(module: torch.nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``MixtralTopKRouter.forward`` after its logits (transformers 5)."""
+    probs = F.softmax(logits.float(), dim=-1)
+    top, index = torch.topk(probs, module.top_k, dim=-1)
+    top /= top.sum(dim=-1, keepdim=True)
+    return logits, top, index
+
+
+#: transformers' router modules (not ``nn.Linear``: their forward returns logits, top-k weights and experts)
+#: whose forward tp_lora runs itself with the router's LoRA added to the logits, by class name.
+_ROUTERS: dict[str, Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, ...]]] = {
+    "Qwen2MoeTopKRouter": _qwen_route, "Qwen3MoeTopKRouter": _qwen_route, "MixtralTopKRouter": _mixtral_route}
 
 
 @dataclass(frozen=True)
@@ -263,6 +287,14 @@ def discover(model: torch.nn.Module, family: str, pool_modules: Sequence[str]) -
             continue
         layer, rest = int(m.group(1)), m.group(2)
         canon = table.layer_modules.get(rest)
+        if canon == "router" and not isinstance(mod, torch.nn.Linear):
+            if "router" in pool:
+                if type(mod).__name__ not in _ROUTERS:
+                    raise LayoutError(f"{name}: router {type(mod).__name__} is not one whose forward tp_lora runs "
+                                      f"with the router's LoRA (known: {sorted(_ROUTERS)}); leave 'router' out of "
+                                      f"LoRAConfig.target_modules to serve adapters without router LoRA")
+                out.append(TargetModule(name, "router", layer, style, _local_shape(mod.weight)))
+            continue
         if canon is not None and isinstance(mod, torch.nn.Linear):
             if canon in ("qkv", "gate_up"):
                 raise LayoutError(f"{name}: merged {canon} projections are not supported by the transformers "
@@ -347,6 +379,11 @@ def check_sharding(targets: Sequence[TargetModule], expected: dict[str, tuple[in
             if want_style(t, styles, what) and shape != (vocab_local, spec.hidden_size):
                 problems.append(f"{t.path}: local weight {list(shape)}, tp_lora expects vocab rows "
                                 f"{list(parallel.vocab_range(spec))} x {spec.hidden_size}")
+            continue
+        if t.module in _REPLICATED_MODULES:   # the router / the shared expert's gate: whole on every rank
+            if want_style(t, (None,), "whole on every rank (replicated)") and shape != (out_l, in_l):
+                problems.append(f"{t.path}: local weight {list(shape)}, tp_lora's {t.module} LoRA is "
+                                f"[{out_l}, {in_l}] (replicated)")
             continue
         if t.kind == "row":
             if want_style(t, _ROW_STYLES, "row-parallel (input columns)") and shape[1] != in_l:
@@ -573,6 +610,25 @@ class TransformersLoRA:
             return forward
         return make
 
+    def _router(self, t: TargetModule, module: torch.nn.Module) -> Callable[[Callable], Callable]:
+        """transformers' TopKRouter (``_ROUTERS``): its logits ``F.linear(h, weight)`` with the router's LoRA
+        added (whole on every rank), then its own top-k steps; without adapters its forward as it is."""
+        lora, layer, route = self, t.layer, _ROUTERS[type(module).__name__]
+
+        def make(orig: Callable) -> Callable:
+            def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+                if not lora._active or args or kwargs:
+                    return orig(hidden, *args, **kwargs)
+                h = _local(hidden).reshape(-1, module.weight.shape[-1])
+                ops = lora._ops_for(h.shape[0], t.path)
+                if ops is None:
+                    return orig(hidden)
+                logits = F.linear(h, _local(module.weight))
+                ops.column(layer, "router", h, logits)
+                return route(module, logits)
+            return forward
+        return make
+
     def _experts(self, t: TargetModule, module: torch.nn.Module) -> Callable[[Callable], Callable]:
         lora, layer = self, t.layer
 
@@ -658,6 +714,8 @@ def attach(model: torch.nn.Module, manager: LoRAManager, *, backend: LoRABackend
                 lora._install(t, mod, lora._experts(t, mod))
             elif t.kind == "embed":
                 lora._install(t, mod, lora._embedding(t))
+            elif t.module == "router" and not isinstance(mod, torch.nn.Linear):
+                lora._install(t, mod, lora._router(t, mod))
             else:
                 lora._install(t, mod, lora._linear(t))
     except BaseException:

@@ -54,6 +54,8 @@ class RankLayout:
                        if m.is_moe else (0, 0)),
             "moe": (p.shard(m.moe_intermediate_size, p.moe_tp_size, p.moe_tp_rank) if m.is_moe else (0, 0)),
             "vocab": vocab,
+            "experts": (0, m.num_experts if m.is_moe else 0),   # never split (format.modules.DIMS)
+            "one": (0, 1),
         })
 
     @classmethod

@@ -115,7 +115,8 @@ class ModelSpec:
         """Full size of a model dimension named in the module table (``format.modules.DIMS``)."""
         return {"hidden": self.hidden_size, "q": self.q_size, "kv": self.kv_size,
                 "intermediate": self.intermediate_size, "shared": self.shared_expert_intermediate_size,
-                "moe": self.moe_intermediate_size, "vocab": self.vocab_size}[name]
+                "moe": self.moe_intermediate_size, "vocab": self.vocab_size, "experts": self.num_experts,
+                "one": 1}[name]
 
     def has_scope(self, scope: Scope, layer: int | None = None) -> bool:
         """Whether the model (``layer`` None: any layer) has modules of ``scope`` (e.g. a dense MLP)."""
@@ -124,10 +125,10 @@ class ModelSpec:
         if layer is None:
             if scope is Scope.DENSE_MLP:
                 return any(not self.is_moe_layer(i) for i in range(self.num_hidden_layers))
-            return self.is_moe if scope is Scope.EXPERTS else self.shared_expert_intermediate_size > 0
+            return self.is_moe if scope in (Scope.EXPERTS, Scope.ROUTER) else self.shared_expert_intermediate_size > 0
         if scope is Scope.DENSE_MLP:
             return not self.is_moe_layer(layer)
-        return self.is_moe_layer(layer) if scope is Scope.EXPERTS else self.has_shared_expert(layer)
+        return self.is_moe_layer(layer) if scope in (Scope.EXPERTS, Scope.ROUTER) else self.has_shared_expert(layer)
 
     def linear_shape(self, module: str, layer: int = 0) -> tuple[int, int]:
         """(out_features, in_features) of the base linear a LoRA ``module`` (a source module) adapts."""

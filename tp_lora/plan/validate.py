@@ -16,8 +16,7 @@ from ..errors import AdapterFormatError, AdapterShapeError, UnsupportedAdapterEr
 from ..format.adapter import AdapterFiles, AdapterHeader, LoRATarget, read_adapter_files
 from ..format.dtypes import SAFETENSORS_FLOAT
 from ..format.modules import FUSED_SOURCES, SOURCES, Scope
-from ..format.naming import (ParsedKey, UnknownKey, UnsupportedKey, base_embedding_module, parse_peft_key,
-                              training_state_variant)
+from ..format.naming import ParsedKey, UnknownKey, base_embedding_module, parse_peft_key, training_state_variant
 from ..format.peft_config import CONFIG_NAME
 from ..format.safetensors_header import TensorInfo
 from .model import ModelSpec
@@ -103,8 +102,6 @@ def _pair_tensors(tensors: dict[str, TensorInfo], model: ModelSpec, chk: _Check,
                 f"trained, save with save_pretrained(..., save_embedding_layers=False))")
         try:
             pk = parse_peft_key(key, model.family)
-        except UnsupportedKey as e:
-            raise chk.unsupported(f"tensor {key!r}: {e} (refused, never ignored)") from None
         except UnknownKey as e:
             raise chk.shape(f"tensor {key!r}: {e}") from None
         if t.dtype not in SAFETENSORS_FLOAT:
@@ -162,6 +159,7 @@ def _check_layer(module: str, layer: int, expert: int | None, a: TensorInfo, mod
                             f"(model {model.name!r} has {model.num_experts} experts)")
         return
     missing = {Scope.EXPERTS: "has no experts", Scope.SHARED_EXPERT: "has no shared expert",
+               Scope.ROUTER: "has no router (not an MoE layer)",
                Scope.DENSE_MLP: "is an MoE layer without a dense MLP"}[scope]
     raise chk.shape(f"tensor {a.key!r}: layer {layer} of model {model.name!r} {missing}")
 

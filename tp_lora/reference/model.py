@@ -15,7 +15,8 @@ TP rules (``RankLayout`` holds every range; nothing here re-derives ranks):
 | down_proj | columns of the same shard | LoRA ``row`` then all-reduce |
 | embed_tokens | rows of ``vocab_range``, zero-padded to ``vocab_per_rank`` | LoRA ``embedding`` then all-reduce |
 | lm_head | rows of ``vocab_range``, zero-padded | LoRA ``column`` then all-gather, trim to vocab |
-| router (mlp.gate) | replicated | - |
+| router (mlp.gate) | replicated | LoRA ``column`` (whole: the "experts" dimension is never split) |
+| shared_expert_gate | replicated | LoRA ``column`` (whole) |
 | experts w1/w3 | ``local_experts``; rows ``shard(I_moe, moe_tp, moe_tp_rank)`` | - |
 | experts w2 | ``local_experts``; columns of the same shard | one all-reduce for the whole MoE block |
 | experts, ``moe_replicated`` | every expert whole on every rank | not reduced (only the shared expert is) |
@@ -396,7 +397,10 @@ class TPModel:
 
     def _moe(self, i: int, m: _MoE, x: torch.Tensor, lora: LoRALayerOps | None) -> torch.Tensor:
         s = self.spec
-        probs = torch.softmax(F.linear(x, m.router), dim=-1, dtype=torch.float32)   # [T, E]
+        logits = F.linear(x, m.router)                                             # [T, E], replicated
+        if lora is not None:
+            lora.column(i, "router", x, logits)      # the whole delta on every rank (dimension never split)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)                 # [T, E]
         top_w, top_e = torch.topk(probs, s.num_experts_per_tok, dim=-1)            # [T, k]
         if s.norm_topk_prob:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
@@ -428,7 +432,10 @@ class TPModel:
             if m.shared.down.bias is not None and self.parallel.tp_rank == 0:
                 shared += m.shared.down.bias   # once, before the gate, as HF's shared_expert(x)
             # the sigmoid gate is a per-token scalar, so it commutes with the all-reduce's sum
-            out += torch.sigmoid(F.linear(x, m.shared_gate)) * shared
+            gate = F.linear(x, m.shared_gate)                                      # [T, 1], replicated
+            if lora is not None:
+                lora.column(i, "shared_gate", x, gate)
+            out += torch.sigmoid(gate) * shared
         # one all-reduce covers EP (other ranks' experts), MoE-TP (other shards) and the shared expert
         out = self._all_reduce(out)
         return out if routed is None else out + routed
