@@ -48,14 +48,12 @@ def _peft_field(peft: Any, kw: dict) -> str | None:
     return missing[0] if missing else None
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def _base(spec: ModelSpec, root: Path) -> tuple[Any, Any]:
+    """(peft, load_base): a random HF checkpoint of ``spec`` saved under ``root / "base"`` and its loader."""
     from support import peft_fixtures as pf
     transformers, peft = pf.require_hf()
     from tp_lora.reference.checkpoint import hf_config_dict
     transformers.utils.logging.disable_progress_bar()
-    spec = ModelSpec.from_preset("tiny-dense")
-    root = tmp_path_factory.mktemp("variants")
     torch.manual_seed(0)
     cfg = transformers.AutoConfig.for_model(**hf_config_dict(spec), initializer_range=0.05)
     transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").save_pretrained(root / "base")
@@ -63,6 +61,14 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     def load_base() -> Any:
         return transformers.AutoModelForCausalLM.from_pretrained(
             root / "base", attn_implementation="eager", dtype=torch.float32).eval()
+    return peft, load_base
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    spec = ModelSpec.from_preset("tiny-dense")
+    root = tmp_path_factory.mktemp("variants")
+    peft, load_base = _base(spec, root)
 
     seq = torch.randint(0, spec.vocab_size, (7,), generator=torch.Generator().manual_seed(3))
     dirs, ref, skipped = {}, {}, {}
@@ -202,18 +208,8 @@ def test_all_linear_moe_adapter_matches_peft(tmp_path: Path, preset: str, module
     target_parameters 'gate.weight') and the shared expert's scalar gate (Qwen2-MoE): served as the
     replicated ``router`` / ``shared_gate`` modules, the logits equal peft's (TP=1 here; the router at TP 2 / 4
     in tests/test_conformance.py)."""
-    from support import peft_fixtures as pf
-    transformers, peft = pf.require_hf()
-    from tp_lora.reference.checkpoint import hf_config_dict
-    transformers.utils.logging.disable_progress_bar()
     spec = ModelSpec.from_preset(preset)
-    torch.manual_seed(0)
-    cfg = transformers.AutoConfig.for_model(**hf_config_dict(spec), initializer_range=0.05)
-    transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").save_pretrained(tmp_path / "base")
-
-    def load_base() -> Any:
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path / "base", attn_implementation="eager", dtype=torch.float32).eval()
+    peft, load_base = _base(spec, tmp_path)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
