@@ -443,28 +443,36 @@ def test_prefill_split_reduction_in_a_cuda_graph(monkeypatch, pdl: bool) -> None
     assert int(backend._scratch.red.abs().sum()) == 0
 
 
-@pytest.mark.parametrize("dtype,max_rank", [(torch.float32, 128), (torch.float32, 64), (torch.bfloat16, 128)],
-                         ids=["fp32-r128", "fp32-r64", "bf16-r128"])
-def test_prefill_full_size_shapes_fit_and_match(dtype, max_rank: int) -> None:
-    """Llama-3-8B q / down at 600 tokens (the real prefill regime) with the default tuning: the shrink's
-    pipeline stages fit the shared memory for every dtype and rank tile (float32 at rank tile 128 takes
-    96 KiB a stage), and the result is the torch path's (fp32 1e-5 relative, bf16 2e-2)."""
+def _llama_q_down_pool(max_rank: int, dtype: torch.dtype, ranks: list[int], seed: int):
+    """(pool, generator): a one-layer Llama-3-8B pool of q and down, slot s holding a random rank-``ranks[s]``
+    adapter (zero padding above it) and random scalings in [0.5, 2]; the generator continues for the inputs."""
     import dataclasses
     from tp_lora.device.pool import GpuPool
     from tp_lora.plan.model import ModelSpec
-    from tp_lora.ops import triton_kernels as K
     spec = dataclasses.replace(ModelSpec.from_preset("llama-3-8b"), num_hidden_layers=1)
     dev = torch.device("cuda")
-    pool = GpuPool(spec, ParallelSpec(), max_loras=3, max_rank=max_rank, modules=("q", "down"), dtype=dtype,
-                   device=dev)
-    g = torch.Generator(device="cuda").manual_seed(2)
-    ranks = [max_rank, 16, max_rank // 2 + 3]
+    pool = GpuPool(spec, ParallelSpec(), max_loras=len(ranks), max_rank=max_rank, modules=("q", "down"),
+                   dtype=dtype, device=dev)
+    g = torch.Generator(device="cuda").manual_seed(seed)
     for m in pool.modules:
         for s, r in enumerate(ranks):
             A, B = pool.A[m][s], pool.B[m][s]
             A[..., :r, :] = torch.randn(A[..., :r, :].shape, generator=g, device=dev).to(dtype) * 0.02
             B[..., :r] = torch.randn(B[..., :r].shape, generator=g, device=dev).to(dtype) * 0.02
         pool.scaling[m].uniform_(0.5, 2.0, generator=g)
+    return pool, g
+
+
+@pytest.mark.parametrize("dtype,max_rank", [(torch.float32, 128), (torch.float32, 64), (torch.bfloat16, 128)],
+                         ids=["fp32-r128", "fp32-r64", "bf16-r128"])
+def test_prefill_full_size_shapes_fit_and_match(dtype, max_rank: int) -> None:
+    """Llama-3-8B q / down at 600 tokens (the real prefill regime) with the default tuning: the shrink's
+    pipeline stages fit the shared memory for every dtype and rank tile (float32 at rank tile 128 takes
+    96 KiB a stage), and the result is the torch path's (fp32 1e-5 relative, bf16 2e-2)."""
+    from tp_lora.ops import triton_kernels as K
+    dev = torch.device("cuda")
+    ranks = [max_rank, 16, max_rank // 2 + 3]
+    pool, g = _llama_q_down_pool(max_rank, dtype, ranks, seed=2)
     slots = [0, 1, -1, 2, 0, 1]
     lens = [130, 70, 50, 200, 90, 60]
     batch = build_batch(slots, [None] * 6, lens, {s: ranks[s] for s in slots if s >= 0}, dev, None)
@@ -492,23 +500,11 @@ def test_prefill_expand_walk_cuda(monkeypatch, max_rank: int) -> None:
     bf16 2e-2), base-only rows unchanged, a CUDA graph's replay equal to the eager call bit for bit, and a
     request alone equal bit for bit to the same request in the batch (the tile count is the shape's, never
     the batch's). Across tile counts the bits may differ (the compiler may choose another MMA form)."""
-    import dataclasses
-    from tp_lora.device.pool import GpuPool
-    from tp_lora.plan.model import ModelSpec
     from tp_lora.ops import triton_kernels as K
-    spec = dataclasses.replace(ModelSpec.from_preset("llama-3-8b"), num_hidden_layers=1)
     dev = torch.device("cuda")
     ranks = [max_rank, 16, 5] if max_rank == 16 else [max_rank, 16, 37]
     for dtype in (torch.bfloat16, torch.float32):
-        pool = GpuPool(spec, ParallelSpec(), max_loras=3, max_rank=max_rank, modules=("q", "down"),
-                       dtype=dtype, device=dev)
-        g = torch.Generator(device="cuda").manual_seed(4)
-        for m in pool.modules:
-            for s_, r in enumerate(ranks):
-                A, B = pool.A[m][s_], pool.B[m][s_]
-                A[..., :r, :] = torch.randn(A[..., :r, :].shape, generator=g, device=dev).to(dtype) * 0.02
-                B[..., :r] = torch.randn(B[..., :r].shape, generator=g, device=dev).to(dtype) * 0.02
-            pool.scaling[m].uniform_(0.5, 2.0, generator=g)
+        pool, g = _llama_q_down_pool(max_rank, dtype, ranks, seed=4)
         slots = [0, 1, -1, 2, 0, 1]
         lens = [130, 70, 50, 200, 90, 60]
         batch = build_batch(slots, [None] * 6, lens, {s_: ranks[s_] for s_ in slots if s_ >= 0}, dev, None)
