@@ -43,7 +43,6 @@ _QWEN_SHARED = {
 _ROUTERS = {"mlp.gate": "router"}   # peft's 'all-linear' adapts it (transformers 5: through target_parameters)
 
 
-
 @dataclass(frozen=True)
 class FamilyTable:
     layer_modules: dict[str, str]

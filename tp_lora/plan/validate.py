@@ -87,9 +87,9 @@ def _pair_tensors(tensors: dict[str, TensorInfo], model: ModelSpec, chk: _Check,
     training-only tensors of the config's ``variants`` (``naming.TRAINING_STATE``), are skipped."""
     pairs: dict[_Ident, dict[str, tuple[ParsedKey, TensorInfo]]] = {}
     for key, t in tensors.items():
-        if variants and training_state_variant(key, variants) is not None:
-            log.debug("adapter %r: %s is training state of %s: skipped, not read", chk.name, key,
-                      training_state_variant(key, variants))
+        variant = training_state_variant(key, variants) if variants else None
+        if variant is not None:
+            log.debug("adapter %r: %s is training state of %s: skipped, not read", chk.name, key, variant)
             continue
         base = base_embedding_module(key)
         if base is not None:
