@@ -115,6 +115,9 @@ def test_merged_and_fused_and_mixtral_layouts(tmp_path):
     h = AdapterSource.open(make(tmp_path, mixtral, name="x"), mixtral)
     assert any(t.module == "experts.w1" and t.expert == 7 and "block_sparse_moe.experts.7.w1" in t.A.key
                for t in h.targets)
+    h = AdapterSource.open(make(tmp_path, mixtral, name="xr", targets=["router"]), mixtral)
+    assert {(t.module, t.B.shape) for t in h.targets} == {("router", (8, 4))}
+    assert all("block_sparse_moe.gate.lora_A" in t.A.key for t in h.targets)
 
 
 # ==================================================================================================

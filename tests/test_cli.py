@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from tp_lora.job import cli
 from tp_lora.plan.validate import AdapterSource
@@ -51,6 +52,43 @@ def test_write_adapter_then_plan_json(tmp_path, capsys):
     assert t["planned_bytes"] == sum(r["planned_bytes"] for r in rep["ranks"])
     assert t["full_bytes"] == 4 * header.data_bytes
     assert t["saved_bytes"] == t["full_bytes"] - t["planned_bytes"]
+
+
+def test_router_and_shared_gate_targets_and_plan_of_replicated_experts(tmp_path, capsys):
+    """write-adapter's router / shared_gate targets are the modules peft's all-linear adds on a MoE (the
+    router through target_parameters); ``plan --moe-replicated`` plans every expert whole on every rank."""
+    out = tmp_path / "q2"
+    assert cli.main(["write-adapter", str(out), "--model", "tiny-qwen2-moe", "--rank", "4",
+                     "--targets", "q,experts,router,shared_gate"]) == 0
+    capsys.readouterr()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == ["mlp.gate.weight"] and "shared_expert_gate" in cfg["target_modules"]
+    spec = ModelSpec.from_preset("tiny-qwen2-moe")
+    header = AdapterSource.open(out, spec)
+    assert {"router", "shared_gate", "experts.w1", "q"} <= set(header.modules)
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert shapes["base_model.model.model.layers.0.mlp.gate.lora_B.weight"] == (spec.num_experts, 4)
+    assert shapes["base_model.model.model.layers.0.mlp.shared_expert_gate.lora_B.weight"] == (1, 4)
+
+    reps = {}
+    for flag in ([], ["--moe-replicated"]):
+        assert cli.main(["plan", str(out), "--model", "tiny-qwen2-moe", "--tp", "2", "--json", *flag]) == 0
+        reps[bool(flag)] = json.loads(capsys.readouterr().out)
+    rep, shard = reps[True], reps[False]
+    assert (rep["moe_replicated"], rep["moe_tp_size"], shard["moe_replicated"], shard["moe_tp_size"]) == \
+        (True, 1, False, 2)
+    for r in rep["ranks"]:
+        plan = plan_rank(header, spec, ParallelSpec(tp_size=2, tp_rank=r["tp_rank"], moe_replicated=True))
+        assert r["planned_bytes"] == plan.nbytes > shard["ranks"][r["tp_rank"]]["planned_bytes"]
+    assert cli.main(["plan", str(out), "--model", "tiny-qwen2-moe", "--tp", "2"] + ["--moe-replicated"]) == 0
+    assert "(experts replicated: whole on every rank)" in capsys.readouterr().out
+    assert cli.main(["plan", str(out), "--model", "tiny-qwen2-moe", "--tp", "2", "--ep", "2",
+                     "--moe-replicated"]) == 2
+    assert "moe_replicated=True with ep_size=2" in capsys.readouterr().err
+    assert cli.main(["write-adapter", str(tmp_path / "d"), "--model", "tiny-moe", "--rank", "2",
+                     "--targets", "q,shared_gate"]) == 2
+    assert "shared_gate (the model has no shared expert" in capsys.readouterr().err
 
 
 def test_plan_table(tmp_path, capsys):

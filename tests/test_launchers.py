@@ -253,6 +253,27 @@ def test_main_job_torchrun_two_ranks(tmp_path: Path) -> None:
     _check_report(res.stdout, 2)
 
 
+@pytest.mark.parametrize("engine,layout", [
+    ("reference", ["ep_size=2"]), ("reference", ["ep_size=1"]), ("reference", ["ep_size=1", "moe_replicated=true"]),
+    ("transformers", ["ep_size=1"]), ("transformers", ["ep_size=1", "moe_replicated=true"])])
+def test_main_job_moe_layouts_with_router_lora(tmp_path: Path, engine: str, layout: list[str]) -> None:
+    """The MoE demo (its adapters adapt the router too) at world 2 in each layout of the experts: EP groups,
+    sharded over TP, whole on every rank; on tp_lora's reference model and on transformers' TP model (whose
+    plan follows the config: MOE_TP_PLAN or its default). Every batch matches the single-process reference."""
+    if engine == "transformers":
+        pytest.importorskip("transformers")
+    env = _env(NPROC="2", TP_LORA_ENTRY=MAIN_ENTRY, CONFIG="configs/demo-moe.yaml")
+    sets = [f"--set={x}" for x in (f"engine={engine}", *layout)]
+    res = _run(["launch/torchrun.sh", *_main_args(tmp_path / "cache"), "--set=workload.verify_every=1",
+                "--set=synthetic.count=3", *sets], env, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    ep = 2 if "ep_size=2" in layout else 1
+    rep = "experts replicated" if "moe_replicated=true" in layout else None
+    assert f"world=2 (tp=2, ep={ep}{', ' + rep if rep else ''})" in res.stdout, res.stdout
+    assert re.search(r"verification vs single-process reference: [1-9]\d* batches checked, 0 failed", res.stdout), \
+        res.stdout
+
+
 def test_main_job_two_local_nodes_c10d(tmp_path: Path) -> None:
     port = _free_port()
     procs = []

@@ -39,6 +39,8 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("adapters: [a, b]\n", "adapters: expected a mapping"),
     ("synthetic: {targets: q}\n", "synthetic.targets: expected a list"),
     ("synthetic: {targets: [q, qq]}\n", "synthetic.targets: unknown or none ['qq']"),
+    ("ep_size: 2\nmoe_replicated: true\n", "moe_replicated: true needs ep_size 1"),
+    ("moe_replicated: 1\n", "moe_replicated: expected true/false"),
     ("- just\n- a list\n", "expected a mapping"),
     ("a: [unclosed\n", "not valid YAML"),
 ])
@@ -113,6 +115,17 @@ def test_layout_error_on_one_process_says_tp_is_the_world_size(tmp_path: Path,
     assert err.startswith("tp_lora.run: error: ep_size=2 does not divide tp_size=1") and err.count("\n") == 1, err
     assert "the job's tp_size is its world size, the number of processes: 1 (one process here; start N with " \
            "torchrun --nproc-per-node N)" in err, err
+
+
+def test_replicated_experts_on_a_dense_model_is_a_layout_error(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from tp_lora.job.run import main
+
+    assert main(["demo", "--set", "moe_replicated=true", "--set", f"cache_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "moe_replicated=True for dense model 'tiny-dense'" in err and "moe_replicated=True come from the " \
+        "run config" in err and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())
 
 
 def test_layout_error_under_torchrun_is_one_line_per_rank(tmp_path: Path) -> None:
@@ -244,7 +257,7 @@ def test_synthetic_targets_that_adapt_nothing_stop_the_job_before_it_starts(
     assert main(["demo-moe", "--set", "model=tiny-dense", "--set", "ep_size=1", "--set", f"cache_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err == ("tp_lora.run: error: synthetic.targets: nothing to adapt in model 'tiny-dense' for experts "
-                   "(the model is dense: no routed experts)\n"), err
+                   "(the model is dense: no routed experts); router (the model is dense: no routed experts)\n"), err
     assert not any(tmp_path.iterdir())
 
 

@@ -64,7 +64,7 @@ from ..runtime.manager import LoRAConfig, LoRAManager
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_VERSIONS = ("5.17", "5.24")
+SUPPORTED_VERSIONS = ("5.17", "5.24", "5.25")
 """transformers versions this integration is tested with (the TP forward closure it hooks into)."""
 
 # transformers TP styles per kind of module, as tp_lora slices that module's LoRA tensors
@@ -78,9 +78,10 @@ MOE_TP_PLAN: dict[str, str] = {"model.layers.*.mlp.experts": "moe_tp_experts",
                                "model.layers.*.mlp.experts.down_proj": "rowwise"}
 """A ``tp_plan`` override (names of an ``AutoModelForCausalLM``) that shards the fused experts of a Mixtral /
 Qwen-MoE model over TP (every expert on
-every rank, its intermediate split), the layout tp_lora slices expert LoRA in without EP. transformers 5.25
-dropped these rules from the models' default plans (``tp_plan="auto"`` then replicates the experts, which
-tp_lora refuses); pass ``DistributedConfig(tp_size=n, tp_plan=MOE_TP_PLAN)``, or use expert parallelism
+every rank, its intermediate split), vLLM's and SGLang's layout without EP. transformers 5.25 dropped these
+rules from the models' default plans (``tp_plan="auto"`` then replicates the experts, which tp_lora plans as
+``ParallelSpec(moe_replicated=True)``: every expert's LoRA whole on every rank); pass
+``DistributedConfig(tp_size=n, tp_plan=MOE_TP_PLAN)`` to shard them, or use expert parallelism
 (``DistributedConfig(tp_size=n, ep_size=n)``). transformers deprecates ``moe_tp_experts`` for removal in
 5.28."""
 _EXPERT_PARAM_STYLES = {"gate_up_proj": ("packed_colwise",), "down_proj": ("rowwise",)}

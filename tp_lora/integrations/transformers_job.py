@@ -3,8 +3,9 @@
 Same run as the reference engine (``tp_lora.job.run``): the same inputs (a local HF model folder in
 ``base_weights``, or the seeded tiny checkpoint written once; PEFT adapter folders or synthetic ones),
 the same seeded workload, activations, report and verification, but every rank loads the model with
-``from_pretrained(distributed_config=DistributedConfig(tp_size=world))`` (``ep_size=ep_size`` with EP) and
-tp_lora is attached to it (``tp_lora.integrations.transformers``). Every ``verify_every``-th batch is
+``from_pretrained(distributed_config=DistributedConfig(tp_size=world))`` (``ep_size=ep_size`` with EP;
+``tp_plan=MOE_TP_PLAN`` when the config's ``moe_replicated: false`` asks for TP-sharded experts and this
+transformers' default plan replicates them, as from 5.25) and tp_lora is attached to it (``tp_lora.integrations.transformers``). Every ``verify_every``-th batch is
 checked on rank 0 against tp_lora's single-process reference model: two engines, one answer.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import TPLoRAError
+from ..errors import ConfigError, LayoutError, TPLoRAError
 from ..format.modules import POOL_MODULES
 from ..job.report import build_report, format_report
 from ..job.run import _barrier, _gather_nodes, init_distributed, prepare_inputs, serve
@@ -31,22 +32,40 @@ from ..plan.model import load_model_spec
 from ..plan.parallel import ParallelSpec
 from ..runtime.activation import LOCAL
 from ..runtime.manager import LoRAConfig, LoRAManager
-from .transformers import attach, build_manager
+from .transformers import MOE_TP_PLAN, attach, build_manager
 
 
 
-def _load(base: Path, world: int, ep: int, dtype: torch.dtype, dev: torch.device) -> Any:
+def _load(base: Path, world: int, cfg: RunConfig, moe: bool, dtype: torch.dtype, dev: torch.device) -> Any:
+    """The base model in transformers' TP over ``world`` ranks, its MoE experts laid out as the config says:
+    EP groups (``ep_size`` > 1), whole on every rank (``moe_replicated``: transformers >= 5.25's default
+    plan), or sharded over TP (``MOE_TP_PLAN`` where the default plan no longer shards them)."""
     import transformers
 
     kw: dict[str, Any] = dict(dtype=dtype, attn_implementation="eager")
     if world > 1:
         from transformers.distributed import DistributedConfig
-        kw["distributed_config"] = (DistributedConfig(tp_size=world, ep_size=ep) if ep > 1
-                                    else DistributedConfig(tp_size=world))
+        if cfg.ep_size > 1:
+            kw["distributed_config"] = DistributedConfig(tp_size=world, ep_size=cfg.ep_size)
+        elif moe and _default_plan_shards_experts(base) == cfg.moe_replicated:
+            if cfg.moe_replicated:
+                raise ConfigError(f"moe_replicated: true: transformers {transformers.__version__}'s default "
+                                  f"TP plan of {base} shards the experts over TP (replicated experts are its "
+                                  f"default from 5.25); set moe_replicated: false, or use ep_size")
+            kw["distributed_config"] = DistributedConfig(tp_size=world, tp_plan=MOE_TP_PLAN)
+        else:
+            kw["distributed_config"] = DistributedConfig(tp_size=world)
     model = transformers.AutoModelForCausalLM.from_pretrained(base, **kw)
     if world == 1:
         model = model.to(dev)
     return model.eval()
+
+
+def _default_plan_shards_experts(base: Path) -> bool:
+    """Whether this transformers' default TP plan of the model shards its fused experts over TP (<= 5.24)."""
+    import transformers
+    conf = transformers.AutoConfig.from_pretrained(base)
+    return any(k.endswith("mlp.experts") for k in (getattr(conf, "base_model_tp_plan", None) or {}))
 
 
 def _forward(model: Any, lora: Any, batch: list[Any], dev: torch.device) -> torch.Tensor:
@@ -77,12 +96,17 @@ def run_transformers(cfg: RunConfig, *, json_path: str | None = None,
         spec = load_model_spec(cfg.model if not cfg.base_weights else cfg.base_weights)
         base, adapters = prepare_inputs(cfg, spec, local_rank, world, dev)
         dtype = serving_dtype(cfg.dtype)
-        model = _load(base, world, cfg.ep_size, dtype, dev)
+        model = _load(base, world, cfg, spec.is_moe, dtype, dev)
         lcfg = LoRAConfig(max_loras=cfg.max_loras, max_lora_rank=cfg.max_lora_rank,
                           target_modules=tuple(cfg.target_modules or POOL_MODULES),
                           host_cache_bytes=cfg.host_cache_bytes, dtype=cfg.dtype, device=str(dev),
                           chunk_bytes=cfg.chunk_bytes, activation_timeout_s=cfg.activation_timeout_s)
         mgr = build_manager(model, lcfg)
+        if world > 1 and spec.is_moe and mgr.parallel.moe_replicated != cfg.moe_replicated:
+            mgr.close()
+            how = "whole on every rank" if mgr.parallel.moe_replicated else "sharded over TP"
+            raise LayoutError(f"transformers laid the experts out {how} but the run config says "
+                              f"moe_replicated={cfg.moe_replicated}")
         lora = attach(model, mgr)
         ref = ref_mgr = None
         if rank == 0 and cfg.workload.verify_every > 0:
@@ -102,7 +126,8 @@ def run_transformers(cfg: RunConfig, *, json_path: str | None = None,
             report = build_report(cfg=cfg, spec=mgr.model, world=world, device=dev, stats=stats,
                                   plans={n: mgr.plan(n) for n in adapters}, verify=verify,
                                   serve_s=serve_s, tokens=tokens, batches=len(batches),
-                                  wall_s=time.perf_counter() - t_start, tolerance=tol, nodes=nodes)
+                                  wall_s=time.perf_counter() - t_start, tolerance=tol, nodes=nodes,
+                                  parallel=mgr.parallel)
             report["engine"] = "transformers"
             print(format_report(report), flush=True)
             if json_path:

@@ -36,7 +36,8 @@ from . import console
 from .atomic import check_new_folder, write_folder
 from .runconfig import TARGETS, check_adapter_folder
 
-#: Modules ``write-adapter --targets`` accepts (canonical names plus ``experts``, ``embed``, ``lm_head``).
+#: Modules ``write-adapter --targets`` accepts (canonical names plus ``experts``, ``router``, ``shared_gate``,
+#: ``embed``, ``lm_head``).
 TARGET_CHOICES = TARGETS
 
 
@@ -91,11 +92,13 @@ def _experts_str(r: range) -> str:
 # plan
 # --------------------------------------------------------------------------------------------------
 def plan_report(adapter_dir: str, model: ModelSpec, tp: int, ep: int = 1, *,
-                max_rank: int | None = None, allow_pickle: bool = False) -> dict[str, Any]:
-    """The data ``tp-lora plan`` prints: one entry per rank plus totals (a JSON-ready dict)."""
+                max_rank: int | None = None, allow_pickle: bool = False,
+                moe_replicated: bool = False) -> dict[str, Any]:
+    """The data ``tp-lora plan`` prints: one entry per rank plus totals (a JSON-ready dict).
+    ``moe_replicated``: every routed expert whole on every rank (``ParallelSpec.moe_replicated``)."""
     check_adapter_folder(adapter_dir, "ADAPTER_DIR")
     header = AdapterSource.open(adapter_dir, model, max_rank=max_rank, allow_pickle=allow_pickle)
-    base = ParallelSpec(tp_size=tp, ep_size=ep)
+    base = ParallelSpec(tp_size=tp, ep_size=ep, moe_replicated=moe_replicated)
     ranks = []
     for par in base.all_ranks():
         layout = RankLayout(model, par)
@@ -120,6 +123,7 @@ def plan_report(adapter_dir: str, model: ModelSpec, tp: int, ep: int = 1, *,
         "model": model.name,
         "tp_size": tp,
         "ep_size": ep,
+        "moe_replicated": moe_replicated,
         "moe_tp_size": base.moe_tp_size if model.is_moe else None,
         "adapter_tensors": 2 * len(header.targets),
         "adapter_bytes": header.data_bytes,
@@ -142,7 +146,8 @@ def _print_plan(rep: dict[str, Any], out: Any) -> None:
     p(f"adapter {rep['adapter']!r} ({rep['path']}): {rep['adapter_tensors']} tensors, "
       f"{format_bytes(rep['adapter_bytes'])}, max rank {rep['max_rank']}, modules {', '.join(rep['modules'])}")
     p(f"model {rep['model']!r}, tp_size={rep['tp_size']}, ep_size={rep['ep_size']}"
-      + (f", moe_tp_size={rep['moe_tp_size']}" if moe else " (dense)"))
+      + (f", moe_tp_size={rep['moe_tp_size']}" if moe else " (dense)")
+      + (" (experts replicated: whole on every rank)" if rep.get("moe_replicated") else ""))
     cols = ["rank"] + (["ep"] if moe else []) + ["tensors", "slices", "planned"] + \
         (["local experts"] if moe else []) + ["saved vs full", "saved %"]
     rows = []
@@ -178,6 +183,9 @@ def _add_plan(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     ap.add_argument("--tp", type=positive_int, required=True, metavar="N", help="tensor-parallel size")
     ap.add_argument("--ep", type=positive_int, default=1, metavar="N",
                     help="expert-parallel size inside TP (default 1)")
+    ap.add_argument("--moe-replicated", action="store_true",
+                    help="every routed expert whole on every rank (transformers >= 5.25's default TP plan); "
+                         "needs --ep 1 and a MoE model")
     ap.add_argument("--max-rank", type=positive_int, default=None, metavar="R",
                     help="reject adapters of a LoRA rank above R (the pool's max_lora_rank)")
     ap.add_argument("--allow-pickle", action="store_true",
@@ -190,7 +198,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     console.setup_logging(args.log_level)
     model = load_model_spec(args.model)
     rep = plan_report(args.adapter_dir, model, args.tp, args.ep, max_rank=args.max_rank,
-                      allow_pickle=args.allow_pickle)
+                      allow_pickle=args.allow_pickle, moe_replicated=args.moe_replicated)
     if args.json:
         print(json.dumps(rep, indent=2))
     else:
@@ -220,7 +228,7 @@ def add_write_adapter_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2*r)")
     ap.add_argument("--targets", type=target_list, action="append", default=None, metavar="M1,M2,...",
                     help="comma-separated modules to adapt (repeatable; default: every linear module of the "
-                         f"model); choose from {','.join(TARGET_CHOICES)}")
+                         f"model but the router and the shared-expert gate); choose from {','.join(TARGET_CHOICES)}")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--merged", action="store_true",

@@ -16,6 +16,7 @@ import torch
 
 from ..runtime.manager import ManagerStats
 from ..plan.model import ModelSpec
+from ..plan.parallel import ParallelSpec
 from ..plan.planner import SlicePlan
 from .console import format_table
 
@@ -44,9 +45,14 @@ def node_name(index: int) -> str:
 def build_report(*, cfg: Any, spec: ModelSpec, world: int, device: torch.device,
                  stats: list[ManagerStats] | None, plans: dict[str, SlicePlan], verify: list[dict[str, Any]],
                  serve_s: float, tokens: int, batches: int, wall_s: float, tolerance: float,
-                 nodes: Sequence[tuple[int, str]] | None = None) -> dict[str, Any]:
+                 nodes: Sequence[tuple[int, str]] | None = None,
+                 parallel: ParallelSpec | None = None) -> dict[str, Any]:
     """The report of one run. ``stats``: every rank's ManagerStats (rank 0 gathers them); ``nodes``: (node
-    index, host) of each rank; ``verify``: one entry per checked batch (``run._verify``)."""
+    index, host) of each rank; ``verify``: one entry per checked batch (``run._verify``); ``parallel``: the
+    layout the managers ran (default: the config's ``ep_size`` / ``moe_replicated``; the transformers engine
+    passes the one it detected)."""
+    ep_size = cfg.ep_size if parallel is None else parallel.ep_size
+    moe_replicated = bool(cfg.moe_replicated if parallel is None else parallel.moe_replicated)
     stats = stats or []
     nodes = list(nodes or [])
     cuda = device.type == "cuda"
@@ -90,7 +96,8 @@ def build_report(*, cfg: Any, spec: ModelSpec, world: int, device: torch.device,
         "host": platform.node(), "torch": torch.__version__,
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if cuda else ""),
         "device_type": device.type,
-        "model": spec.name, "world_size": world, "tp_size": world, "ep_size": cfg.ep_size,
+        "model": spec.name, "world_size": world, "tp_size": world, "ep_size": ep_size,
+        "moe_replicated": moe_replicated,
         "max_loras": cfg.max_loras, "adapters": len(plans), "batches": batches, "tokens": tokens,
         "serve_s": serve_s, "wall_s": wall_s, "tokens_per_s": tokens / serve_s if serve_s > 0 else None,
         "per_adapter_rank0": per_adapter, "ranks": ranks, "nodes": by_node,
@@ -126,7 +133,8 @@ def format_report(r: dict[str, Any]) -> str:
     nodes = "  ".join(f"{n} ({v['host']}): {v['ranks']}" for n, v in r.get("nodes", {}).items())
     lines = [
         f"tp_lora serving report  {r['date']}  device={r['device']}  torch={r['torch']}",
-        f"model={r['model']}  world={r['world_size']} (tp={r['tp_size']}, ep={r['ep_size']})  "
+        f"model={r['model']}  world={r['world_size']} (tp={r['tp_size']}, ep={r['ep_size']}"
+        f"{', experts replicated' if r.get('moe_replicated') else ''})  "
         f"slots={r['max_loras']}  adapters={r['adapters']}  batches={r['batches']}  tokens={r['tokens']}  "
         f"serve={r['serve_s']:.2f}s ({_f(r['tokens_per_s'], '.0f')} tok/s)",
         f"ranks per node: {nodes}",

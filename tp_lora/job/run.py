@@ -198,12 +198,14 @@ def job_layout(cfg: RunConfig, spec: ModelSpec, world: int, rank: int) -> RankLa
     """This rank's layout: TP over every process (tp_size = world size), EP from the config. Checked before
     any process group exists, so a bad layout is one clean error on every rank."""
     try:
-        layout = RankLayout(spec, ParallelSpec(tp_size=world, tp_rank=rank, ep_size=cfg.ep_size))
+        layout = RankLayout(spec, ParallelSpec(tp_size=world, tp_rank=rank, ep_size=cfg.ep_size,
+                                               moe_replicated=cfg.moe_replicated))
     except LayoutError as e:
         how = ("torchrun --nproc-per-node N" if "RANK" in os.environ
                else "one process here; start N with torchrun --nproc-per-node N")
         raise LayoutError(f"{e}; the job's tp_size is its world size, the number of processes: {world} "
-                          f"({how}); ep_size={cfg.ep_size} comes from the run config") from None
+                          f"({how}); ep_size={cfg.ep_size} and moe_replicated={cfg.moe_replicated} come from the "
+                          f"run config") from None
     return layout
 
 

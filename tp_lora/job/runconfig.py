@@ -29,7 +29,7 @@ DEFAULT_VERIFY_TOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 #: Modules a synthetic adapter can target (``write_synthetic_adapter``, ``write-adapter --targets``): the
 #: pool's names plus ``experts`` (every routed expert), ``embed`` and ``lm_head``.
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "shared.gate", "shared.up", "shared.down", "experts",
-           "embed", "lm_head")
+           "router", "shared_gate", "embed", "lm_head")
 
 
 @dataclass(kw_only=True)
@@ -39,7 +39,8 @@ class SyntheticAdapters:
     ranks: list[int] = field(default_factory=lambda: [4, 8, 16])
     """Ranks cycled over the generated adapters."""
     targets: list[str] | None = None
-    """Canonical targets (q k v o gate up down experts embed lm_head ...); None = all linear modules."""
+    """Canonical targets (q k v o gate up down experts router shared_gate embed lm_head ...); None = all
+    linear modules but the router and the shared-expert gate (``default_targets``)."""
     dtype: str = "bf16"
     seed: int = 0
 
@@ -69,6 +70,11 @@ class RunConfig:
     base_weights: str | None = None
     """HF save_pretrained folder of the base model; None = seeded random weights in cache_dir."""
     ep_size: int = 1
+    """Expert-parallel groups inside TP (divides the world size): each group holds 1/ep of the experts."""
+    moe_replicated: bool = False
+    """Every routed expert whole on every rank (attention, dense MLP and shared expert still TP): the layout
+    of transformers >= 5.25's default ``tp_plan="auto"``. False (the default): experts sharded over TP
+    inside their EP group, vLLM's and SGLang's layout. Needs ep_size 1 and a MoE model."""
     device: str = "auto"
     """auto (cuda if present: NCCL, one GPU per rank; else CPU: gloo), cpu, or cuda."""
     dtype: str = "float32"
@@ -91,6 +97,9 @@ class RunConfig:
             raise ConfigError(f"engine must be reference or transformers, got {self.engine!r}")
         if self.ep_size < 1:
             raise ConfigError(f"ep_size must be >= 1, got {self.ep_size}")
+        if self.moe_replicated and self.ep_size != 1:
+            raise ConfigError(f"moe_replicated: true needs ep_size 1 (replicated experts are on every rank), "
+                              f"got ep_size={self.ep_size}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in serving_names(aliases=False):

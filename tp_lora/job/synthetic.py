@@ -40,7 +40,9 @@ def unused_targets(model: ModelSpec, targets: Sequence[str],
             out[t] = "every layer is an MoE layer: no dense MLP"
         elif t.startswith("shared.") and not any(model.has_shared_expert(i) for i in ids):
             out[t] = "the model has no shared expert"
-        elif t == "experts" and not any(model.is_moe_layer(i) for i in ids):
+        elif t == "shared_gate" and not any(model.has_shared_expert(i) for i in ids):
+            out[t] = "the model has no shared expert (no shared_expert_gate)"
+        elif t in ("experts", "router") and not any(model.is_moe_layer(i) for i in ids):
             out[t] = "the model is dense: no routed experts" if not model.is_moe else "no MoE layer chosen"
         elif t in ("q", "k", "v", "o") and not ids:
             out[t] = "no layer chosen"
@@ -76,7 +78,10 @@ def write_synthetic_adapter(out_dir: str | os.PathLike[str], model: ModelSpec, *
                             std: float = 0.02, layers: Iterable[int] | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``out_dir``; return the folder.
 
-    ``targets`` uses canonical module names plus ``experts`` (all routed experts), ``embed``, ``lm_head``.
+    ``targets`` uses canonical module names plus ``experts`` (all routed experts), ``embed``, ``lm_head``;
+    ``router`` (``[num_experts, hidden]``, as peft's ``target_parameters=["mlp.gate.weight"]`` saves it on
+    transformers 5's router; Mixtral's ``block_sparse_moe.gate`` linear) and ``shared_gate`` (Qwen2-MoE's
+    ``mlp.shared_expert_gate``, ``[1, hidden]``) are written on MoE layers only.
     ``merged`` stores q/k/v as one ``qkv_proj`` and gate/up as one ``gate_up_proj`` (Phi-3 style).
     ``fused_experts`` stores experts as peft ``target_parameters`` LoRA on the fused 3-D parameters
     (transformers 5 layout) instead of one LoRA per expert linear.
@@ -134,6 +139,17 @@ def write_synthetic_adapter(out_dir: str | os.PathLike[str], model: ModelSpec, *
                 shape = model.linear_shape(m)
             linear(f"{lp}.{_PEFT_PATH[m]}", *shape)
             target_modules.add(_PEFT_PATH[m].split(".")[-1])
+        if "router" in targets and moe:
+            if model.family == "mixtral":
+                linear(f"{lp}.block_sparse_moe.gate", model.num_experts, model.hidden_size)
+                target_modules.add("gate")
+            else:
+                linear(f"{lp}.mlp.gate", model.num_experts, model.hidden_size)
+                if "mlp.gate.weight" not in target_parameters:
+                    target_parameters.append("mlp.gate.weight")
+        if "shared_gate" in targets and model.has_shared_expert(i):
+            linear(f"{lp}.mlp.shared_expert_gate", 1, model.hidden_size)
+            target_modules.add("shared_expert_gate")
         if "experts" in targets and moe:
             E, h, im = model.num_experts, model.hidden_size, model.moe_intermediate_size
             if fused_experts:
@@ -143,7 +159,8 @@ def write_synthetic_adapter(out_dir: str | os.PathLike[str], model: ModelSpec, *
                 tensors[f"{base}.base_layer.lora_B.weight"] = rnd(2 * im, E * r)
                 tensors[f"{base}.lora_A.weight"] = rnd(E * r, im)
                 tensors[f"{base}.lora_B.weight"] = rnd(h, E * r)
-                target_parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+                target_parameters += [p for p in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+                                      if p not in target_parameters]
             else:
                 ex = "block_sparse_moe.experts" if model.family == "mixtral" else "mlp.experts"
                 names = (("w1", "w3", "w2") if model.family == "mixtral"
