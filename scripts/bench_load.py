@@ -17,7 +17,9 @@ arrive), ``cold_over_floor``, ``<peer>_s`` for each peer loading the whole file 
 ``safetensors_s`` (``load_file(device=cuda)``), ``instanttensor_<backend>_s`` (its default O_DIRECT
 backend, MMAP, URING_BUFFERED), ``fastsafetensors_s`` (``nogds=True``), ``runai_s`` (Run:ai model
 streamer), beside the eager / lazy (SGLang PR #20876) baselines; with ``--drop-caches`` (root): the disk's
-read bandwidth and our cold load with the page cache dropped, measured in the same process.
+read bandwidth and our cold load with the page cache dropped, measured in the same process. Under
+``ours``: ``arena_huge_first_bytes`` / ``arena_huge_bytes`` (the pinned arena's bytes on transparent huge
+pages before the first load and at the end, of ``arena_reserved_bytes``) and ``thp_mode``.
 
 Cases (synthetic PEFT adapters, bf16, real shapes from configs/models; a rank of a larger layout is
 measured alone: the load path has no collective before activation):
@@ -333,6 +335,15 @@ def reads_only(mgr: LoRAManager, path: Path, name: str, repeats: int, rings=_ENG
     return med(ts)
 
 
+def _thp_mode() -> str | None:
+    """The kernel's transparent huge page setting (the bracketed word of ``enabled``), or None."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
+
+
 def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     mgr = _manager(c, args)
@@ -343,6 +354,7 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
     mgr.engine.wait_prepared()  # reported apart: a server registers well before the first activation
     reserve_wait_s = time.perf_counter() - t
     reserve_s = mgr.arena.snapshot().reserve_s
+    huge_first = mgr.arena.huge_page_bytes()   # THP backing of the arena before the first load
     page_cache(path)
     if args.trace:
         mgr.engine.trace = []
@@ -405,6 +417,10 @@ def bench_ours(path: Path, c: dict, args: argparse.Namespace) -> dict:
         "pinned_in_use": st.pinned_bytes_now, "pinned_planned": st.pinned_planned_now,
         "pinned_reserved": st.pinned_reserved_bytes, "pinned_free": st.pinned_free_bytes,
         "arena_grow_in_load": ar.grow_in_load, "part_bytes": mgr.engine.part_for(plan),
+        # the arena's bytes on transparent huge pages before the first load and at the end (a first load
+        # slower than later ones from the same slabs would show here if the kernel collapsed pages later)
+        "arena_reserved_bytes": ar.reserved_bytes, "arena_huge_first_bytes": huge_first,
+        "arena_huge_bytes": mgr.arena.huge_page_bytes(), "thp_mode": _thp_mode(),
         "units": sum(len(ch.units()) for ch in mgr.engine.chunks(plan)),
         # where each activation's time went (ActivationPhases; medians over the cold / warm repeats)
         "first_phases": first_ph, "cold_phases": _median_phases(cold_ph), "warm_phases": _median_phases(warm_ph),

@@ -29,6 +29,7 @@ def test_bench_load_tiny_with_trace(tmp_path):
     assert o["reads_only_s"] > 0 and o["bytes_read"] >= o["bytes_owned"] == o["bytes"]
     t = o["trace"]
     assert t["units"] == o["units"] == len(t["raw"]["reads"]) and 0 < t["reader_busy_frac"] <= 1
+    assert 0 <= o["arena_huge_bytes"] <= o["arena_reserved_bytes"] and "thp_mode" in o
 
 
 def test_bench_reads_and_node_tiny(tmp_path):

@@ -141,3 +141,24 @@ def test_a_stuck_background_reservation_does_not_stall_alloc(monkeypatch):
     assert a.snapshot().slabs == 2
     a.free(x)
     a.close()
+
+
+def test_smaps_huge_bytes_counts_only_the_ranges_share() -> None:
+    """The arena's THP diagnostics: AnonHugePages of the mappings that overlap its slabs, each scaled by
+    the share of the mapping inside them; other mappings and malformed lines are not counted."""
+    from tp_lora.host.memory import smaps_huge_bytes
+
+    text = "\n".join([
+        "7f0000000000-7f0000400000 rw-p 00000000 00:00 0 ",   # 4 MiB: the slab, 2 MiB of it huge
+        "Size:               4096 kB",
+        "AnonHugePages:      2048 kB",
+        "7f0000400000-7f0000c00000 rw-p 00000000 00:00 0 ",   # 8 MiB, half inside the second range
+        "AnonHugePages:      8192 kB",
+        "7f1000000000-7f1000200000 rw-p 00000000 00:00 0 ",   # outside every range
+        "AnonHugePages:      2048 kB",
+        "zzzz-yyyy rw-p 00000000 00:00 0 ",
+        "AnonHugePages:      2048 kB",
+    ])
+    ranges = [(0x7f0000000000, 4 << 20), (0x7f0000400000, 4 << 20)]
+    assert smaps_huge_bytes(text, ranges) == (2 << 20) + (4 << 20)
+    assert smaps_huge_bytes(text, []) == 0

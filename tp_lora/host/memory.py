@@ -357,8 +357,42 @@ class HostArena:
         with self._lock:
             return ArenaStats(**vars(self.stats))
 
+    def huge_page_bytes(self) -> int | None:
+        """Bytes of the slabs backed by transparent huge pages now (``/proc/self/smaps``; None where it
+        cannot be read). Diagnostics, not on any load's path (it reads the whole smaps file): registering
+        and reading 4 KiB pages costs more than 2 MiB ones, and whether the kernel gave the arena huge pages
+        depends on its THP mode and on how fragmented memory was when the slab was faulted in."""
+        with self._lock:
+            ranges = [(sl.base, sl.size) for sl in self._slabs]
+        try:
+            with open("/proc/self/smaps") as f:
+                text = f.read()
+        except OSError:
+            return None
+        return smaps_huge_bytes(text, ranges)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def smaps_huge_bytes(smaps: str, ranges: list[tuple[int, int]]) -> int:
+    """``AnonHugePages`` of the mappings in ``smaps`` (``/proc/<pid>/smaps`` text) that overlap the address
+    ranges ``[(start, nbytes)]``, each mapping's count scaled by the share of it inside the ranges (a slab
+    mapped with ``MADV_HUGEPAGE`` merges only with mappings advised alike, such as other slabs)."""
+    total, cur = 0.0, None
+    for line in smaps.splitlines():
+        head = line.split(None, 1)[0] if line else ""
+        if "-" in head and ":" not in head:
+            try:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+            except ValueError:
+                cur = None
+                continue
+            inside = sum(max(0, min(hi, a + n) - max(lo, a)) for a, n in ranges)
+            cur = inside / (hi - lo) if inside and hi > lo else None
+        elif cur is not None and head == "AnonHugePages:":
+            total += cur * int(line.split()[1]) * 1024
+    return int(total)
 
 
 def _round_up(n: int, a: int) -> int:
