@@ -7,7 +7,7 @@ IndexError, a RecursionError, an AssertionError in the transfer, a hang) is a bu
 accepted must also be self-consistent: every planned slice lies inside its source tensor and fits its pool
 block, every slice can be read, and unregistering it leaves zero pinned bytes.
 
-Four targets share a time budget: ``TP_LORA_FUZZ_SECONDS`` (default 40 s in total, CI); set it higher to
+Four targets share a time budget: ``TP_LORA_FUZZ_SECONDS`` (default 30 s in total, CI); set it higher to
 fuzz longer, e.g. ``TP_LORA_FUZZ_SECONDS=3600 pytest tests/test_fuzz.py -s``. Inputs that found bugs are
 kept as ``@example`` regression cases (REGRESSIONS below) and run on every call.
 """
@@ -43,7 +43,7 @@ from tp_lora.device.pool import module_shapes
 from tp_lora.job.synthetic import write_synthetic_adapter
 from tp_lora.device.transfer import SliceReader
 
-FUZZ_SECONDS = float(os.environ.get("TP_LORA_FUZZ_SECONDS", "40"))
+FUZZ_SECONDS = float(os.environ.get("TP_LORA_FUZZ_SECONDS", "30"))
 MAX_RANK = 16
 RUN_EXAMPLES = 25  # examples per hypothesis run; runs repeat until the target's share of the budget is spent
 COUNTS: dict[str, dict[str, int]] = {}

@@ -716,7 +716,7 @@ def test_stats_is_safe_from_another_thread(adir):
         t = threading.Thread(target=poll)
         t.start()
         try:
-            for rep in range(15):
+            for rep in range(8):
                 for i, s in enumerate(srcs):
                     mgr.register(f"n{rep}_{i}", s)
                 mgr.activate([f"n{rep}_0", f"n{rep}_1"])
